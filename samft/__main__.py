@@ -1,0 +1,3 @@
+from samft.cli import main
+
+main()

@@ -1,0 +1,200 @@
+"""The ``samft`` command line: thin wrappers that parse arguments and call the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from samft.errors import SamftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune Segment Anything for semantic segmentation with Conv-LoRA and other PEFT methods.")
+
+
+def _console():
+    from samft.engine.progress import console
+
+    return console
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _console().print(f"[yellow]warning:[/] {message}")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print a user error as one line (no traceback) and exit non-zero."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        warnings.showwarning = _show_warning
+        try:
+            return fn(*args, **kwargs)
+        except SamftError as e:
+            _console().print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(130 if type(e).__name__ == "TrainingInterrupted" else 2) from None
+        except KeyboardInterrupt:
+            _console().print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _parse_named(items: Optional[List[str]], option: str) -> dict[str, str]:
+    named = {}
+    for item in items or []:
+        if "=" not in item or not item.split("=", 1)[0]:
+            raise SamftError(f"{option} {item!r}: expected NAME=PATH")
+        name, path = item.split("=", 1)
+        named[name] = path
+    return named
+
+
+@app.command()
+@user_errors
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=3e-4"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
+) -> None:
+    """Fine-tune SAM on a dataset; writes a run directory (config, adapter, state, metrics, plots)."""
+    from samft.config import load_config
+    from samft.engine.runs import read_run_config
+    from samft.engine.train import train as run_training
+
+    if resume is not None:
+        if config is not None:
+            _console().print(f"note: --resume uses {resume}/config.yaml; --config {config} is not read")
+        cfg = read_run_config(resume, overrides)
+        cfg.output.dir = str(resume)
+    elif config is not None:
+        cfg = load_config(config, overrides)
+    else:
+        raise SamftError("train needs --config FILE (or --resume RUN_DIR)")
+    if no_progress:
+        cfg.train.progress = False
+    run_dir = run_training(cfg, resume=resume is not None, show_progress=cfg.train.progress)
+    _console().print(f"[green]done:[/] {run_dir}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH test set (folder or CSV); repeatable"),
+    as_json: bool = typer.Option(False, "--json", help="print eval.json to stdout"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+) -> None:
+    """Evaluate a run at each image's original resolution; writes RUN/eval.json."""
+    from samft.engine.evaluate import evaluate_run
+    from samft.engine.runs import newest_run
+
+    run_dir = run or newest_run()
+    results = evaluate_run(run_dir, _parse_named(data, "--data") or None, device, show_progress=not as_json)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.table import Table
+
+    sets = results["sets"]
+    names = list(next(iter(sets.values()))["metrics"])
+    table = Table(title=f"{run_dir} (config {results['config_hash']})")
+    table.add_column("test set")
+    table.add_column("images", justify="right")
+    for n in names:
+        table.add_column(n, justify="right")
+    for set_name, r in sets.items():
+        table.add_row(set_name, str(r["n_images"]), *(f"{r['metrics'][n]:.4f}" for n in names))
+    from rich.console import Console
+
+    Console().print(table)
+    _console().print(f"written: {Path(run_dir) / 'eval.json'}")
+
+
+@app.command()
+@user_errors
+def predict(
+    inputs: List[str] = typer.Argument(..., help="images, folders or glob patterns"),
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/predictions)"),
+    with_overlay: bool = typer.Option(False, "--overlay", help="also write image+mask overlays to OUT/overlays/"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+) -> None:
+    """Predict masks (0/255 PNG at the original size, named after each input)."""
+    from samft.engine.predict import predict_run
+    from samft.engine.runs import newest_run
+
+    run_dir = run or newest_run()
+    written = predict_run(run_dir, inputs, out, with_overlay, device)
+    _console().print(f"[green]wrote {len(written)} mask(s)[/] to {written[0].parent if written else out}")
+
+
+@app.command()
+@user_errors
+def info(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
+) -> None:
+    """Show the model, PEFT method, adapted modules and parameter counts of a config."""
+    from samft.config import load_config
+    from samft.model import build_model, count_params
+
+    cfg = load_config(config, overrides)
+    built = build_model(cfg, meta=True)  # structure only: counting needs no weights
+    counts = count_params(built.model)
+    result = {
+        "model": cfg.model.type,
+        "img_size": cfg.model.img_size,
+        "checkpoint": cfg.model.checkpoint,
+        "peft_method": cfg.peft.method,
+        "peft_options": {k: v for k, v in vars(cfg.method_cfg).items()},
+        "adapted_modules": built.adapted,
+        **counts,
+        "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4),
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    c = _console()
+    c.print(f"model          {cfg.model.type} @ {cfg.model.img_size}px (checkpoint: {cfg.model.checkpoint})")
+    c.print(f"peft           {cfg.peft.method} {result['peft_options']}")
+    c.print(f"adapted        {len(built.adapted)} modules" + (f": {built.adapted[0]} ... {built.adapted[-1]}"
+                                                              if built.adapted else ""))
+    c.print(f"trainable      {counts['trainable_params']:,} ({result['trainable_percent']}%) = "
+            f"adapters {counts['adapter_params']:,} + decoder {counts['decoder_params']:,}")
+    c.print(f"total          {counts['total_params']:,}")
+
+
+@app.command("demo-data")
+@user_errors
+def demo_data(
+    out_dir: Path = typer.Argument(..., help="folder to create (images/ and masks/)"),
+    n: int = typer.Option(64, "--n", min=2, help="number of image/mask pairs"),
+    seed: int = typer.Option(0, "--seed", help="random seed"),
+) -> None:
+    """Write a synthetic binary-segmentation dataset for a first run."""
+    from samft.data.synthetic import write_dataset
+
+    write_dataset(out_dir, n, seed)
+    _console().print(f"wrote {n} pairs to {out_dir}/images and {out_dir}/masks")
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except SamftError as e:  # raised outside a command body (should not happen, but never show a traceback)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

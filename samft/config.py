@@ -1,0 +1,373 @@
+"""Typed configuration: a tree of dataclasses, strict YAML loading and ``key=value`` overrides.
+
+Every field has a default and one line of help (``samft.fields.opt``). Loading rejects unknown keys and
+suggests the nearest valid name; values are coerced to the field's type, and a value that cannot be
+coerced is an error naming the dotted key, the value and the expected type.
+
+The ``peft`` section is built from the PEFT registry: ``peft.method`` picks a method and each method
+has its own sub-section (``peft.conv_lora.rank``, ``peft.lora.alpha`` ...), defined in that method's
+module. Only the active method's section is written to a run's ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from samft import peft as _peft
+from samft.errors import ConfigError
+from samft.fields import opt, section
+
+MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the small SAM built from the real classes for CPU tests and the demo."""
+
+    embed_dim: int = opt(64, "encoder width (ViT embedding dimension)", minimum=8)
+    depth: int = opt(2, "number of encoder blocks", minimum=1)
+    num_heads: int = opt(2, "encoder attention heads (must divide embed_dim)", minimum=1)
+    window_size: int = opt(4, "window size of the windowed encoder blocks", minimum=1)
+    global_attn_indexes: list[int] = opt([1], "encoder blocks that use global attention")
+    out_chans: int = opt(64, "encoder output = prompt encoder = mask decoder width (divisible by 8)", minimum=8)
+    decoder_depth: int = opt(2, "two-way transformer depth in the mask decoder", minimum=1)
+    decoder_mlp_dim: int = opt(256, "two-way transformer MLP width", minimum=1)
+    decoder_heads: int = opt(4, "two-way transformer heads ((out_chans / 2) must be divisible by it)", minimum=1)
+
+
+@dataclass
+class ModelConfig:
+    type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", MODEL_TYPES)
+    checkpoint: Optional[str] = opt(
+        None, "official SAM checkpoint (e.g. sam_vit_b_01ec64.pth); null = random weights (a warning is shown)"
+    )
+    img_size: int = opt(1024, "square input side (multiple of 16); pos_embed is interpolated when not 1024", minimum=16)
+    seed: int = opt(0, "seed of the random base weights when checkpoint is null")
+    tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
+
+
+@dataclass
+class DataConfig:
+    format: str = opt("auto", "split layout: auto (CSV when the path ends in .csv, else folders), folders, csv",
+                      ("auto", "folders", "csv"))
+    root: str = opt(".", "base folder; relative split paths are resolved against it")
+    train: str = opt("train", "training split: a folder holding image_dir/ and mask_dir/, or a CSV list")
+    val: Optional[str] = opt(None, "validation split; null = hold out val_fraction of the training split")
+    val_fraction: float = opt(0.1, "fraction of train held out for validation when val is null", minimum=0.0)
+    test: dict[str, str] = opt({}, "named test sets {name: folder or CSV}; empty = evaluate the validation split")
+    image_dir: str = opt("images", "sub-folder of a split folder holding the images")
+    mask_dir: str = opt("masks", "sub-folder of a split folder holding the masks")
+    mask_suffix: str = opt("", "added to an image's stem to name its mask (e.g. _segmentation for ISIC)")
+    split_seed: int = opt(0, "seed of the train/validation hold-out split")
+    num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(20, "number of passes over the training split", minimum=1)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = run all epochs)", minimum=0)
+    batch_size: int = opt(4, "images per forward pass (per process)", minimum=1)
+    accum_steps: int = opt(1, "forward passes accumulated per optimizer step", minimum=1)
+    lr: float = opt(1e-4, "peak AdamW learning rate", minimum=0.0)
+    weight_decay: float = opt(1e-4, "AdamW weight decay", minimum=0.0)
+    warmup_steps: int = opt(0, "linear warm-up steps before the linear decay", minimum=0)
+    min_lr_ratio: float = opt(0.0, "learning rate at the end of the linear decay, as a fraction of lr", minimum=0.0)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", minimum=0.0)
+    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with GradScaler) or fp32",
+                         ("auto", "bf16", "fp16", "fp32"))
+    device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    seed: int = opt(42, "seed of weights init, data order, augmentation and gate noise")
+    metric: str = opt("sm", "validation metric that picks the best checkpoint (dice, iou, sm, em, wfm, mae or "
+                      "its eval.json name)", ("dice", "iou", "sm", "em", "wfm", "mae",
+                                              "dice@0.5", "iou@0.5", "Sm", "meanEm", "wFm", "MAE"))
+    val_every: int = opt(1, "validate every N epochs (the last epoch is always validated)", minimum=1)
+    save_every: int = opt(100, "also save the resumable state every N optimizer steps (0 = epoch ends only)",
+                          minimum=0)
+    log_every: int = opt(10, "write a metrics.csv row every N optimizer steps", minimum=1)
+    hflip: float = opt(0.5, "probability of the random horizontal flip", minimum=0.0)
+    num_threads: int = opt(0, "CPU threads for torch (0 = torch's default)", minimum=0)
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class LossConfig:
+    bce: str = opt("mean", "BCE term of the structure loss: mean (paper/reference) or weighted (PraNet weights)",
+                   ("mean", "weighted"))
+    balance_weight: float = opt(1.0, "weight of the Conv-LoRA expert balance loss", minimum=0.0)
+    ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
+
+
+@dataclass
+class EvalConfig:
+    threshold: float = opt(0.5, "probability threshold for dice/iou and predicted masks", minimum=0.0)
+    batch_size: int = opt(4, "images per forward pass during evaluation and prediction", minimum=1)
+
+
+@dataclass
+class OutputConfig:
+    dir: Optional[str] = opt(None, "run directory (default runs/<config file name>)")
+    overwrite: bool = opt(False, "allow training into a run directory that already holds a run")
+
+
+def _peft_section_cls() -> type:
+    specs = _peft.registry.all_methods()
+    cls_fields: list[tuple[str, Any, Any]] = [
+        ("method", str, opt("conv_lora", "PEFT method: " + ", ".join(specs), tuple(specs)))
+    ]
+    for name, spec in specs.items():
+        cls_fields.append((name, spec.config_cls, section(spec.config_cls, f"options of {name}")))
+    return dataclasses.make_dataclass("PeftConfig", cls_fields)
+
+
+PeftConfig = _peft_section_cls()
+
+
+@dataclass
+class Config:
+    model: ModelConfig = section(ModelConfig, "SAM size, checkpoint and input size")
+    peft: PeftConfig = section(PeftConfig, "parameter-efficient fine-tuning method and its options")
+    data: DataConfig = section(DataConfig, "dataset layout and splits")
+    train: TrainConfig = section(TrainConfig, "optimisation and schedule")
+    loss: LossConfig = section(LossConfig, "loss terms")
+    eval: EvalConfig = section(EvalConfig, "evaluation")
+    output: OutputConfig = section(OutputConfig, "where the run is written")
+
+    @property
+    def method_cfg(self) -> Any:
+        """The options section of the active PEFT method."""
+        return getattr(self.peft, self.peft.method)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, coercion and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, args[0], key)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _from_dict(tp, value, key)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in a config dataclass
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"unknown config key '{dotted}'{hint}; valid keys here: {valid}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(obj: Any, prefix: str = "") -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        if is_dataclass(value):
+            _validate(value, dotted)
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        minimum = f.metadata.get("minimum")
+        if minimum is not None and value is not None and value < minimum:
+            raise ConfigError(f"{dotted}: {value!r} is below the minimum {minimum}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices, minimums and the rules that tie fields together."""
+    _validate(cfg)
+    if cfg.model.img_size % 16:
+        raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of 16 (the patch size)")
+    if cfg.data.val is None and not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be between 0 and 1 when data.val is null")
+    if cfg.model.type == "tiny":
+        t = cfg.model.tiny
+        if t.embed_dim % t.num_heads:
+            raise ConfigError(f"model.tiny.num_heads: {t.num_heads} does not divide embed_dim {t.embed_dim}")
+        if t.out_chans % 8:
+            raise ConfigError(f"model.tiny.out_chans: {t.out_chans} is not divisible by 8")
+        if (t.out_chans // 2) % t.decoder_heads:
+            raise ConfigError(f"model.tiny.decoder_heads: {t.decoder_heads} does not divide out_chans/2 = "
+                              f"{t.out_chans // 2}")
+        bad = [i for i in t.global_attn_indexes if not 0 <= i < t.depth]
+        if bad:
+            raise ConfigError(f"model.tiny.global_attn_indexes: {bad} outside 0..{t.depth - 1}")
+    for name, spec in _peft.registry.all_methods().items():
+        spec.validate(getattr(cfg.peft, name), f"peft.{name}")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``key=value`` into the nested mapping ``data`` (validated later with the rest)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    data = apply_overrides(json.loads(json.dumps(data or {})), overrides or [])
+    return validate(_from_dict(Config, data))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config strictly, apply overrides, validate, and default ``output.dir``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, peft:, ...), got {type(data).__name__}")
+    try:
+        cfg = config_from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if cfg.output.dir is None:
+        cfg.output.dir = str(Path("runs") / path.stem)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain mapping of the config; ``peft`` keeps only the active method's section."""
+    out = dataclasses.asdict(cfg)
+    out["peft"] = {"method": cfg.peft.method, cfg.peft.method: out["peft"][cfg.peft.method]}
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: Config) -> str:
+    """Short hash of the resolved config (recorded in eval.json)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field, for docs and ``samft info``."""
+    rows = []
+    for f in fields(cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if is_dataclass(default):
+            rows.extend(describe_fields(type(default), dotted))
+        else:
+            rows.append((dotted, repr(default), f.metadata.get("help", "")))
+    return rows

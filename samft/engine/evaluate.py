@@ -1,0 +1,82 @@
+"""Evaluation at each image's original resolution, per named test set."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from samft import __version__
+from samft.config import Config, config_hash
+from samft.data.datasets import EvalDataset, Pair, collate, test_sets
+from samft.engine.checkpoint import atomic_write_text
+from samft.engine.progress import progress
+from samft.engine.runtime import autocast, pick_device, resolve_precision
+from samft.engine.runs import ADAPTER_FILE, EVAL_FILE, load_run
+from samft.metrics import BinaryMetrics
+from samft.model.semantic import SemanticSAM, logits_to_original
+
+
+@torch.no_grad()
+def iter_probabilities(model: SemanticSAM, pairs: list[Pair], batch_size: int, device: torch.device,
+                       precision: str = "fp32", num_workers: int = 0,
+                       ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
+    """Yield (pair, foreground probability (H, W) float32 at the original size, ground truth or None)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(EvalDataset(pairs, model.img_size), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate)
+    try:
+        for batch in loader:
+            with autocast(device, precision):
+                out = model(batch["image"].to(device, non_blocking=True))
+            for j, index in enumerate(batch["index"].tolist()):
+                logits = logits_to_original(out.masks[j], model.img_size, batch["valid_hw"][j].tolist(),
+                                            batch["orig_hw"][j].tolist())
+                prob = torch.sigmoid(logits[0]).cpu().numpy().astype(np.float32)
+                yield pairs[index], prob, batch["gt"][j]
+    finally:
+        model.train(was_training)
+
+
+def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, precision: str,
+                   description: str = "eval", show_progress: bool = True) -> BinaryMetrics:
+    metrics = BinaryMetrics(cfg.eval.threshold)
+    with progress(description, len(pairs), show_progress) as advance:
+        for pair, prob, gt in iter_probabilities(model, pairs, cfg.eval.batch_size, device, precision,
+                                                 cfg.data.num_workers):
+            metrics.update(prob, gt.astype(bool), pair.name)
+            advance()
+    return metrics
+
+
+def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, device: str = "auto",
+                 show_progress: bool = True, write: bool = True) -> dict:
+    """Evaluate a run's best adapter on its test sets (or ``data``) and write ``eval.json``."""
+    dev = pick_device(device)
+    run = load_run(run_dir, dev)
+    cfg = run.cfg
+    precision = resolve_precision(cfg.train.precision, dev)
+    sets = test_sets(cfg.data, data)
+    checkpoint = str(Path(run_dir) / ADAPTER_FILE)
+    chash = config_hash(cfg)
+    results: dict = {"samft_version": __version__, "run": str(run_dir), "checkpoint": checkpoint,
+                     "config_hash": chash, "sets": {}}
+    for name, pairs in sets.items():
+        t0 = time.perf_counter()
+        metrics = evaluate_pairs(run.model, pairs, cfg, dev, precision, f"eval {name}", show_progress)
+        results["sets"][name] = {
+            "n_images": len(metrics),
+            "metrics": metrics.compute(),
+            "checkpoint": checkpoint,
+            "config_hash": chash,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    if write:
+        atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(results, indent=2))
+    return results

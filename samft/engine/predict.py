@@ -1,0 +1,95 @@
+"""Prediction on new images: binary masks (0/255 PNG) at each image's original size, optional overlays."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from samft.data.datasets import Pair, unique_names
+from samft.data.io import is_image_name, read_image
+from samft.engine.checkpoint import atomic_write_bytes
+from samft.engine.evaluate import iter_probabilities
+from samft.engine.progress import progress
+from samft.engine.runtime import pick_device, resolve_precision
+from samft.engine.runs import load_run
+from samft.errors import SamftError
+
+OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Expand files, folders (their images, sorted) and glob patterns; each input must match something."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and is_image_name(f) and not f.name.startswith("."))
+            if not files:
+                raise SamftError(f"{p}: folder holds no images")
+            found.extend(files)
+        elif p.is_file():
+            found.append(p)
+        elif any(ch in item for ch in "*?["):
+            files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            if not files:
+                raise SamftError(f"{item}: pattern matched no files")
+            found.extend(files)
+        else:
+            raise SamftError(f"{item}: no such file, folder or pattern")
+    seen, unique = set(), []
+    for f in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with the mask tinted red and its outline drawn."""
+    import cv2
+
+    out = image.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * OVERLAY_COLOUR
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    out = out.astype(np.uint8)
+    cv2.drawContours(out, contours, -1, (255, 255, 0), max(1, round(max(mask.shape) / 400)))
+    return out
+
+
+def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
+                with_overlay: bool = False, device: str = "auto", show_progress: bool = True) -> list[Path]:
+    """Write ``out_dir/<name>.png`` (0/255) for every input image; overlays go to ``out_dir/overlays/``."""
+    files = collect_inputs(inputs)
+    dev = pick_device(device)
+    run = load_run(run_dir, dev)
+    out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
+    out.mkdir(parents=True, exist_ok=True)
+    if with_overlay:
+        (out / "overlays").mkdir(exist_ok=True)
+    pairs = unique_names([Pair(f, None, f.stem) for f in files])
+    precision = resolve_precision(run.cfg.train.precision, dev)
+    written = []
+    with progress("predict", len(pairs), show_progress) as advance:
+        for pair, prob, _ in iter_probabilities(run.model, pairs, run.cfg.eval.batch_size, dev, precision,
+                                                run.cfg.data.num_workers):
+            mask = prob >= run.cfg.eval.threshold
+            target = out / f"{pair.name}.png"
+            atomic_write_bytes(target, _png_bytes(mask.astype(np.uint8) * 255))
+            written.append(target)
+            if with_overlay:
+                atomic_write_bytes(out / "overlays" / f"{pair.name}.png", _png_bytes(overlay(read_image(pair.image), mask)))
+            advance()
+    return written

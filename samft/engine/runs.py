@@ -1,0 +1,68 @@
+"""Locating and loading run directories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from samft.config import Config, config_from_dict
+from samft.engine.checkpoint import load_adapter
+from samft.errors import SamftError
+from samft.model import SemanticSAM, build_model
+
+CONFIG_FILE = "config.yaml"
+ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
+LAST_ADAPTER_FILE = "adapter_last.safetensors"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.csv"
+EVAL_FILE = "eval.json"
+PLOT_FILE = "curves.png"
+
+
+def newest_run(root: str | Path = "runs") -> Path:
+    """The most recently modified run directory (one holding an adapter) under ``root``."""
+    root = Path(root)
+    runs = [p.parent for p in root.glob(f"*/{ADAPTER_FILE}")] if root.is_dir() else []
+    if not runs:
+        raise SamftError(f"no run found under {root}/ (a run directory holds {ADAPTER_FILE}); pass --run DIR")
+    return max(runs, key=lambda p: (p / ADAPTER_FILE).stat().st_mtime)
+
+
+def read_run_config(run_dir: str | Path, overrides: Optional[list[str]] = None) -> Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise SamftError(f"{run_dir}: not a run directory ({CONFIG_FILE} not found)")
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return config_from_dict(data, overrides)
+    except SamftError as e:
+        raise SamftError(f"{path}: {e}") from None
+
+
+def adapter_expectations(cfg: Config, base_sha256: str) -> dict[str, str]:
+    return {"sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method}
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: Config
+    model: SemanticSAM
+    meta: dict
+
+
+def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_FILE) -> LoadedRun:
+    """Rebuild a run's model from its config and load its adapter (checked against the base)."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    adapter_path = run_dir / adapter
+    if not adapter_path.is_file():
+        raise SamftError(f"{run_dir}: no {adapter} yet (has the run finished an epoch?)")
+    built = build_model(cfg)
+    meta = load_adapter(built.model, adapter_path, adapter_expectations(cfg, built.base_sha256))
+    model = built.model.to(device).eval()
+    return LoadedRun(run_dir, cfg, model, meta)

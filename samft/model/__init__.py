@@ -1,0 +1,48 @@
+"""Model construction: SAM + SemanticSAM head + the configured PEFT method."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from samft import peft
+from samft.config import Config
+from samft.model.sam import base_fingerprint, build_sam
+from samft.model.semantic import SegOutput, SemanticSAM
+
+
+@dataclass
+class BuiltModel:
+    model: SemanticSAM
+    adapted: list[str] = field(default_factory=list)  # module names the PEFT method adapted
+    base_sha256: str = ""  # identity of the frozen base weights
+
+
+def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
+    """Build SAM, wrap it as SemanticSAM, freeze the base and apply ``cfg.peft.method``.
+
+    Afterwards exactly the PEFT parameters and the mask decoder require grad. ``meta=True`` builds the
+    structure only (no weights, no checkpoint read), for counting parameters.
+    """
+    sam = build_sam(cfg.model, meta=meta)
+    sha = "" if meta else base_fingerprint(cfg.model, sam)
+    spec = peft.get(cfg.peft.method)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = SemanticSAM(sam)
+        model.freeze_base()
+        adapted = spec.apply(model.image_encoder, cfg.method_cfg)
+    model.refresh_aux_modules()
+    return BuiltModel(model, adapted, sha)
+
+
+def count_params(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    decoder = sum(p.numel() for p in model.decoder.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "total_params": total, "decoder_params": decoder,
+            "adapter_params": trainable - decoder}
+
+
+__all__ = ["BuiltModel", "SegOutput", "SemanticSAM", "build_model", "count_params"]

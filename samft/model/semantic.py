@@ -1,0 +1,147 @@
+"""SemanticSAM: SAM as an end-to-end semantic-segmentation model with a constant prompt.
+
+    image (B, 3, H, W), normalised, H and W multiples of 16
+      -> image encoder (frozen, PEFT-adapted)           -> embeddings (B, C, H/16, W/16)
+      -> constant prompt: no points/boxes (sparse (B, 0, C)), dense = the prompt encoder's no_mask_embed
+      -> mask decoder, batched over images               -> mask logits (B, Q, H/4, W/4)
+                                                           (+ class logits (B, Q, K+1) when multi-class)
+
+SAM's ``MaskDecoder.predict_masks`` repeats the image embeddings once per prompt (one image, many
+prompts); here every image has exactly one constant prompt, so :class:`SemanticMaskDecoder` runs the
+decoder's own sub-modules (two-way transformer, upscaling, a hypernetwork MLP) on the whole batch.
+The IoU token is kept as an input token (it takes part in the token attention, as in SAM) but SAM's
+IoU head and the other multimask tokens are dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.modeling.mask_decoder import MaskDecoder
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from samft.model.sam import interpolate_pos_embed
+
+
+class SegOutput(NamedTuple):
+    masks: torch.Tensor  # (B, Q, H/4, W/4) mask logits
+    class_logits: Optional[torch.Tensor]  # (B, Q, K+1) or None for binary models
+    aux_loss: torch.Tensor  # scalar: sum of the PEFT layers' auxiliary losses (0 when none)
+
+
+class SemanticMaskDecoder(nn.Module):
+    """SAM's mask decoder decoding a batch of images with ``num_queries`` mask tokens.
+
+    Every mask token starts as SAM's mask token 0 and all share one hypernetwork MLP (initialised from
+    SAM's hypernetwork 0). With ``num_classes > 1`` a Linear on each output mask token gives
+    ``num_classes + 1`` class scores (the last is "no object").
+    """
+
+    def __init__(self, decoder: MaskDecoder, num_queries: int = 1, num_classes: int = 1) -> None:
+        super().__init__()
+        dim = decoder.transformer_dim
+        self.num_queries = num_queries
+        self.transformer = decoder.transformer
+        self.iou_token = decoder.iou_token
+        self.mask_tokens = nn.Embedding(num_queries, dim)
+        with torch.no_grad():
+            self.mask_tokens.weight.copy_(decoder.mask_tokens.weight[0].expand(num_queries, -1))
+        self.output_upscaling = decoder.output_upscaling
+        self.hypernetwork = copy.deepcopy(decoder.output_hypernetworks_mlps[0])
+        self.class_head = nn.Linear(dim, num_classes + 1) if num_classes > 1 else None
+
+    def forward(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """embeddings (B, C, h, w), pe (1, C, h, w), dense (1, C, 1, 1) -> masks (B, Q, 4h, 4w), classes."""
+        b, c, h, w = image_embeddings.shape
+        tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = tokens.unsqueeze(0).expand(b, -1, -1)
+        src = image_embeddings + dense_embeddings
+        pos = image_pe.expand(b, -1, -1, -1)
+        hs, src = self.transformer(src, pos, tokens)
+        mask_tokens_out = hs[:, 1 : 1 + self.num_queries, :]
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        upscaled = self.output_upscaling(src)
+        hyper = self.hypernetwork(mask_tokens_out)  # (B, Q, C/8)
+        _, c8, uh, uw = upscaled.shape
+        masks = (hyper @ upscaled.reshape(b, c8, uh * uw)).reshape(b, self.num_queries, uh, uw)
+        class_logits = self.class_head(mask_tokens_out) if self.class_head is not None else None
+        return masks, class_logits
+
+
+class SemanticSAM(nn.Module):
+    """SAM turned into a semantic-segmentation model (see the module docstring)."""
+
+    def __init__(self, sam: Sam, num_queries: int = 1, num_classes: int = 1) -> None:
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+        self.prompt_encoder = sam.prompt_encoder
+        self.decoder = SemanticMaskDecoder(sam.mask_decoder, num_queries, num_classes)
+        self.num_classes = num_classes
+        self.grad_checkpointing = False
+        self._aux_modules: list[nn.Module] = []
+
+    @property
+    def img_size(self) -> int:
+        return self.image_encoder.img_size
+
+    def freeze_base(self) -> None:
+        """Freeze the image and prompt encoders; the decoder stays trainable."""
+        self.image_encoder.requires_grad_(False)
+        self.prompt_encoder.requires_grad_(False)
+        self.decoder.requires_grad_(True)
+
+    def refresh_aux_modules(self) -> None:
+        """Remember which modules produce an auxiliary loss (call after a PEFT method is applied)."""
+        self._aux_modules = [m for m in self.image_encoder.modules() if hasattr(m, "aux_loss")]
+
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, H/16, W/16), with pos_embed interpolated to any token grid."""
+        enc = self.image_encoder
+        x = enc.patch_embed(images)
+        if enc.pos_embed is not None:
+            x = x + interpolate_pos_embed(enc.pos_embed, tuple(x.shape[1:3]))
+        for blk in enc.blocks:
+            x = self._block(blk, x)
+        return enc.neck(x.permute(0, 3, 1, 2))
+
+    def collect_aux_loss(self, like: torch.Tensor) -> torch.Tensor:
+        """Sum and clear the auxiliary losses the PEFT layers stored during the last forward."""
+        total = like.new_zeros((), dtype=torch.float32)
+        for m in self._aux_modules:
+            if m.aux_loss is not None:
+                total = total + m.aux_loss.float()
+                m.aux_loss = None
+        return total
+
+    def forward(self, images: torch.Tensor) -> SegOutput:
+        emb = self.encode(images)
+        h, w = emb.shape[-2:]
+        pe = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).to(emb.dtype)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(emb.dtype)
+        masks, class_logits = self.decoder(emb, pe, dense)
+        return SegOutput(masks, class_logits, self.collect_aux_loss(masks))
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, Q, h, w) logits to ``size``."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def logits_to_original(logits: torch.Tensor, input_size: int, valid_hw: tuple[int, int],
+                       orig_hw: tuple[int, int]) -> torch.Tensor:
+    """One image's (Q, h, w) logits -> (Q, H, W) at its original size: upsample, crop padding, resize."""
+    x = upsample_logits(logits.unsqueeze(0), (input_size, input_size))
+    x = x[..., : valid_hw[0], : valid_hw[1]]
+    return upsample_logits(x, tuple(orig_hw))[0]

@@ -1,0 +1,217 @@
+"""``conv_lora``: Conv-LoRA (Zhong et al., ICLR 2024, arXiv 2401.17868).
+
+``h = W0 x + s * Wd (z + E_g(z))`` with ``z = We x`` and ``s = alpha / r``.
+
+``We`` (r x in) is kaiming-uniform and ``Wd`` (out x r) zero, so the layer starts as the frozen base
+layer. ``E_g`` is a mixture of convolutional experts on the low-rank feature map: expert ``i`` upsamples
+``z`` bicubically by its scale, applies a 3x3 convolution r -> r (bias zero-initialised) and GELU, and
+resizes back. A noisy top-k gate (Shazeer et al. 2017) on the globally average-pooled ``z`` picks the
+expert(s) of each sample; its balance loss ``coef * (cv^2(importance) + cv^2(load))`` is stored in
+``aux_loss`` and collected after the forward pass.
+
+SAM's windowed blocks call ``qkv`` on (B * windows, 14, 14, C) tensors, so the convolution and the
+gate act per window; global blocks see the whole map, as in the reference implementation. As in the
+reference, the chosen experts' outputs are summed without multiplying by the gate
+(``gate_scales_output=False``): with top-1 the gate of the chosen expert is exactly 1, so only the
+balance loss trains the router. Unlike the reference, experts are combined with a plain sum (no
+``exp``/``log`` round trip, which overflows in fp16) and samples are dispatched to experts in groups.
+Conv-LoRA cannot be merged into ``W0``: its branch is non-linear.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samft.errors import ConfigError
+from samft.fields import opt
+from samft.peft.inject import AdapterLayer, check_targets, linear_targets, replace_modules
+from samft.peft.lora import init_low_rank
+from samft.peft.registry import register
+
+
+@dataclass
+class ConvLoRAConfig:
+    targets: list[str] = opt(["qkv"], "encoder linears to adapt in every block: qkv, proj, lin1, lin2")
+    rank: int = opt(3, "rank r of the low-rank feature z", minimum=1)
+    alpha: float = opt(32.0, "scale numerator: the update is multiplied by alpha / rank", minimum=0.0)
+    dropout: float = opt(0.0, "dropout on the adapter's input", minimum=0.0)
+    experts: int = opt(8, "number of convolutional experts", minimum=1)
+    scales: list[float] = opt([], "upsampling factor of each expert (empty = 1, 2, ..., experts)")
+    top_k: int = opt(1, "experts chosen per sample by the gate", minimum=1)
+    gate_scales_output: bool = opt(False, "multiply expert outputs by their gate (the reference does not)")
+    noisy_gating: bool = opt(True, "add learned Gaussian noise to the gate logits in training")
+    noise_eps: float = opt(1e-2, "minimum standard deviation of the gate noise", minimum=0.0)
+    balance_coef: float = opt(1e-2, "coefficient of the per-layer expert balance loss", minimum=0.0)
+
+    def check(self, prefix: str) -> None:
+        check_targets(self.targets, prefix)
+        if self.scales and len(self.scales) != self.experts:
+            raise ConfigError(f"{prefix}.scales: {len(self.scales)} scales for {self.experts} experts")
+        if any(s <= 0 for s in self.scales):
+            raise ConfigError(f"{prefix}.scales: {self.scales} must all be positive")
+        if self.top_k > self.experts:
+            raise ConfigError(f"{prefix}.top_k: {self.top_k} is more than the {self.experts} experts")
+        if self.dropout >= 1.0:
+            raise ConfigError(f"{prefix}.dropout: {self.dropout} must be below 1")
+
+    def expert_scales(self) -> list[float]:
+        return list(self.scales) if self.scales else [float(i) for i in range(1, self.experts + 1)]
+
+
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation (unbiased variance / mean^2); 0 for a single value."""
+    x = x.float()
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var() / (x.mean() ** 2 + 1e-10)
+
+
+class NoisyTopKGate(nn.Module):
+    """Noisy top-k gating on the global average of a (N, r, H, W) map.
+
+    Returns ``(indices (N, k), gates (N, k), balance_loss)``. ``w_gate`` and ``w_noise`` start at zero,
+    as in the reference: the first choices are made by the noise alone.
+    """
+
+    def __init__(self, dim: int, experts: int, top_k: int = 1, noisy: bool = True, noise_eps: float = 1e-2,
+                 coef: float = 1e-2) -> None:
+        super().__init__()
+        self.experts, self.top_k, self.noisy, self.noise_eps, self.coef = experts, top_k, noisy, noise_eps, coef
+        self.w_gate = nn.Parameter(torch.zeros(dim, experts))
+        self.w_noise = nn.Parameter(torch.zeros(dim, experts))
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pooled = z.float().mean(dim=(2, 3))
+        clean = pooled @ self.w_gate.float()
+        noisy = self.noisy and self.training
+        if noisy:
+            std = F.softplus(pooled @ self.w_noise.float()) + self.noise_eps
+            logits = clean + torch.randn_like(clean) * std
+        else:
+            logits = clean
+        k = self.top_k
+        top_vals, top_idx = logits.topk(min(k + 1, self.experts), dim=1)
+        idx = top_idx[:, :k]
+        gate_k = torch.softmax(top_vals[:, :k], dim=1)
+        gates = torch.zeros_like(logits).scatter(1, idx, gate_k)
+        if noisy and k < self.experts:
+            load = self._prob_in_top_k(clean, logits, std, top_vals).sum(0)
+        else:
+            load = (gates > 0).sum(0).float()
+        loss = self.coef * (cv_squared(gates.sum(0)) + cv_squared(load))
+        return idx, gate_k, loss
+
+    def _prob_in_top_k(self, clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor,
+                       top_vals: torch.Tensor) -> torch.Tensor:
+        """P(expert in the top k | the noise of the others), differentiable in clean and std."""
+        k = self.top_k
+        threshold_if_in = top_vals[:, k : k + 1]  # the (k+1)-th value: what an expert must beat to stay in
+        threshold_if_out = top_vals[:, k - 1 : k]  # the k-th value: what an outside expert must beat
+        is_in = noisy > threshold_if_in
+        prob_if_in = torch.special.ndtr((clean - threshold_if_in) / std)
+        prob_if_out = torch.special.ndtr((clean - threshold_if_out) / std)
+        return torch.where(is_in, prob_if_in, prob_if_out)
+
+
+class ConvLoRALinear(AdapterLayer):
+    """Conv-LoRA around a frozen ``nn.Linear``.
+
+    Input (N, H, W, in) — SAM's attention layout — or (N, L, in) with a square L; output (..., out).
+    """
+
+    def __init__(self, base_layer: nn.Linear, cfg: ConvLoRAConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        r = cfg.rank
+        self.rank = r
+        self.scaling = cfg.alpha / r
+        self.scales = cfg.expert_scales()
+        self.gate_scales_output = cfg.gate_scales_output
+        self.lora_A, self.lora_B = init_low_rank(base_layer.in_features, base_layer.out_features, r,
+                                                 base_layer.weight)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.experts = nn.ModuleList()
+        for _ in self.scales:
+            conv = nn.Conv2d(r, r, kernel_size=3, padding=1, bias=True,
+                             device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+            nn.init.zeros_(conv.bias)
+            self.experts.append(conv)
+        self.gate = NoisyTopKGate(r, len(self.scales), cfg.top_k, cfg.noisy_gating, cfg.noise_eps, cfg.balance_coef)
+        self.gate.to(device=base_layer.weight.device)
+        self.aux_loss = None
+
+    def expert(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        """Expert ``i`` on (n, r, H, W): upsample by its scale, conv 3x3, GELU, resize back."""
+        h, w = z.shape[-2:]
+        scale = self.scales[i]
+        if scale != 1:
+            z = F.interpolate(z, scale_factor=scale, mode="bicubic")
+        z = F.gelu(self.experts[i](z))
+        if scale != 1:
+            z = F.interpolate(z, size=(h, w), mode="bicubic")
+        return z
+
+    def mixture(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E_g(z)`` for z (N, r, H, W), grouped by expert; returns (output, balance loss)."""
+        idx, gates, loss = self.gate(z)
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.scales)).tolist()  # one host sync per layer
+        rows_sorted = order // k
+        out = None
+        start = 0
+        for i, count in enumerate(counts):
+            if count == 0:
+                continue
+            pos = order[start : start + count]
+            rows = rows_sorted[start : start + count]
+            start += count
+            y = self.expert(i, z.index_select(0, rows))
+            if self.gate_scales_output:
+                y = y * gates.reshape(-1)[pos].to(y.dtype).view(-1, 1, 1, 1)
+            if out is None:
+                out = torch.zeros(z.shape, dtype=y.dtype, device=z.device)
+            out = out.index_add(0, rows, y)
+        return out, loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(self.dropout(x), self.lora_A)
+        if z.dim() == 4:
+            z_map = z.permute(0, 3, 1, 2)
+        elif z.dim() == 3:
+            n, length, r = z.shape
+            side = math.isqrt(length)
+            if side * side != length:
+                raise ValueError(f"Conv-LoRA needs a square token grid, got {length} tokens")
+            z_map = z.transpose(1, 2).reshape(n, r, side, side)
+        else:
+            raise ValueError(f"Conv-LoRA expects (N, H, W, C) or (N, L, C) input, got shape {tuple(x.shape)}")
+        mixed, self.aux_loss = self.mixture(z_map)
+        if z.dim() == 4:
+            mixed = mixed.permute(0, 2, 3, 1)
+        else:
+            mixed = mixed.flatten(2).transpose(1, 2)
+        update = F.linear(z + mixed.to(z.dtype), self.lora_B)
+        return self.base_layer(x) + update * self.scaling
+
+
+@register(
+    "conv_lora",
+    ConvLoRAConfig,
+    help="Conv-LoRA: LoRA with a mixture of multi-scale convolutional experts (the paper's method)",
+    unused_params=True,
+)
+def apply(encoder: nn.Module, cfg: ConvLoRAConfig) -> list[str]:
+    return replace_modules(
+        encoder,
+        linear_targets(cfg.targets),
+        lambda m: ConvLoRALinear(m, cfg),
+        "conv_lora",
+        f"targets {cfg.targets}",
+    )

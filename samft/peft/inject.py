@@ -1,0 +1,73 @@
+"""Finding and wrapping the modules a PEFT method adapts."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from samft.errors import ConfigError
+
+
+class AdapterLayer(nn.Module):
+    """Base of every wrapper: the wrapped original module is ``self.base_layer`` (frozen).
+
+    A layer that produces an auxiliary loss (Conv-LoRA's expert balance loss) stores it in
+    ``self.aux_loss`` during forward; the model collects and clears it after the forward pass.
+    """
+
+    base_layer: nn.Module
+    aux_loss: torch.Tensor | None = None
+
+
+def replace_modules(
+    root: nn.Module,
+    match: Callable[[str, nn.Module], bool],
+    build: Callable[[nn.Module], nn.Module],
+    method: str,
+    wanted: str,
+) -> list[str]:
+    """Replace every sub-module of ``root`` for which ``match(name, module)`` holds by ``build(module)``.
+
+    Returns the replaced names; raises a ConfigError naming ``wanted`` when nothing matched.
+    """
+    names = [name for name, module in root.named_modules() if name and match(name, module)]
+    if not names:
+        raise ConfigError(f"PEFT method {method}: no module of the image encoder matched {wanted}")
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, build(getattr(parent, attr)))
+    return names
+
+
+LINEAR_TARGETS = ("qkv", "proj", "lin1", "lin2")
+
+
+def linear_targets(targets: Iterable[str]) -> Callable[[str, nn.Module], bool]:
+    """Match the encoder blocks' ``nn.Linear`` layers whose attribute name is in ``targets``.
+
+    ``qkv``/``proj`` are the attention projections, ``lin1``/``lin2`` the MLP layers of every block.
+    """
+    wanted = set(targets)
+    unknown = wanted - set(LINEAR_TARGETS)
+    if unknown:
+        raise ConfigError(f"unknown target(s) {sorted(unknown)}; choose from {', '.join(LINEAR_TARGETS)}")
+
+    def match(name: str, module: nn.Module) -> bool:
+        return (
+            isinstance(module, nn.Linear)
+            and name.startswith("blocks.")
+            and name.rsplit(".", 1)[-1] in wanted
+        )
+
+    return match
+
+
+def check_targets(targets: list[str], prefix: str) -> None:
+    if not targets:
+        raise ConfigError(f"{prefix}.targets: empty; choose from {', '.join(LINEAR_TARGETS)}")
+    unknown = sorted(set(targets) - set(LINEAR_TARGETS))
+    if unknown:
+        raise ConfigError(f"{prefix}.targets: unknown {unknown}; choose from {', '.join(LINEAR_TARGETS)}")

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny SAM configs, synthetic data, the real samples in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from samft.config import Config, config_from_dict
+from samft.data.synthetic import write_dataset
+from samft.peft import all_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+METHODS = sorted(all_methods())
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test saying why."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real sample data not available: {path} is absent (see ../shared/data/SOURCES.md)")
+    return path
+
+
+TINY = {"type": "tiny", "img_size": 64,
+        "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 2, "global_attn_indexes": [1],
+                 "out_chans": 32, "decoder_depth": 2, "decoder_mlp_dim": 64, "decoder_heads": 2}}
+
+
+def tiny_config(method: str = "conv_lora", **sections) -> Config:
+    """A tiny-SAM config (img 64, width 32) with ``method``; ``sections`` are merged in."""
+    data = {"model": dict(TINY), "peft": {"method": method},
+            "train": {"epochs": 1, "batch_size": 2, "progress": False, "device": "cpu"},
+            "data": {"num_workers": 0}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return config_from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """24 synthetic image/mask pairs (images/ and masks/)."""
+    return write_dataset(tmp_path_factory.mktemp("synthetic"), n=24, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMFT_CACHE", str(tmp_path / "cache"))
+    warnings.filterwarnings("ignore", message=".*random weights.*")

@@ -1,0 +1,166 @@
+import copy
+
+import pytest
+import torch
+from segment_anything.modeling import MaskDecoder
+
+from samft.config import ModelConfig, TinyConfig
+from samft.errors import CheckpointError
+from samft.model import build_model, count_params
+from samft.model.sam import build_sam, build_tiny, interpolate_pos_embed, load_checkpoint, set_image_size
+from samft.model.semantic import SemanticSAM, logits_to_original
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = build_model(tiny_config("decoder_only")).model.eval()
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_output_shapes(tiny_model, batch):
+    out = tiny_model(torch.randn(batch, 3, 64, 64))
+    assert out.masks.shape == (batch, 1, 16, 16)
+    assert out.class_logits is None
+    assert out.aux_loss.shape == ()
+
+
+@pytest.mark.parametrize("hw", [(64, 96), (96, 48), (128, 128)])
+def test_non_square_and_other_sizes(tiny_model, hw):
+    out = tiny_model(torch.randn(2, 3, *hw))
+    assert out.masks.shape == (2, 1, hw[0] // 4, hw[1] // 4)
+    assert torch.isfinite(out.masks).all()
+
+
+def test_batched_decoding_matches_sams_own_decoder(tiny_model):
+    """Our batch routine against segment_anything's predict_masks run one image at a time."""
+    dec = tiny_model.decoder
+    ref = MaskDecoder(transformer_dim=32, transformer=dec.transformer, num_multimask_outputs=0,
+                      iou_head_hidden_dim=32)
+    with torch.no_grad():
+        ref.iou_token.weight.copy_(dec.iou_token.weight)
+        ref.mask_tokens.weight.copy_(dec.mask_tokens.weight)
+        ref.output_upscaling = dec.output_upscaling
+        ref.output_hypernetworks_mlps[0] = dec.hypernetwork
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ours = tiny_model(images).masks
+        pe = tiny_model.prompt_encoder
+        for i in range(3):
+            emb = tiny_model.encode(images[i : i + 1])
+            sparse, dense = pe(points=None, boxes=None, masks=None)
+            masks, _ = ref.predict_masks(emb, pe.get_dense_pe(), sparse, dense)
+            torch.testing.assert_close(ours[i : i + 1], masks, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_equals_single_images(tiny_model):
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batched = tiny_model(images).masks
+        single = torch.cat([tiny_model(images[i : i + 1]).masks for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_token_and_hypernetwork_start_from_sams_token_0():
+    cfg = tiny_config("decoder_only")
+    sam = build_sam(cfg.model)
+    model = SemanticSAM(copy.deepcopy(sam), num_queries=4, num_classes=3)
+    for q in range(4):
+        torch.testing.assert_close(model.decoder.mask_tokens.weight[q], sam.mask_decoder.mask_tokens.weight[0])
+    for a, b in zip(model.decoder.hypernetwork.parameters(), sam.mask_decoder.output_hypernetworks_mlps[0].parameters()):
+        torch.testing.assert_close(a, b)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.masks.shape == (2, 4, 16, 16) and out.class_logits.shape == (2, 4, 4)
+
+
+def test_random_base_is_reproducible_from_the_seed():
+    a = build_sam(ModelConfig(type="tiny", img_size=64, tiny=TinyConfig(embed_dim=32, out_chans=32, decoder_heads=2)))
+    b = build_sam(ModelConfig(type="tiny", img_size=64, tiny=TinyConfig(embed_dim=32, out_chans=32, decoder_heads=2)))
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_logits_to_original_crops_padding_then_resizes():
+    logits = torch.zeros(1, 16, 16)
+    logits[:, :12, :] = 5.0  # valid region is the top 48 of 64 rows
+    out = logits_to_original(logits, 64, (48, 64), (30, 40))
+    assert out.shape == (1, 30, 40)
+    assert (out > 0).all()
+
+
+def test_pos_embed_interpolation_for_other_input_sizes():
+    cfg = ModelConfig(type="vit_b", img_size=512)
+    sam = build_sam(cfg, meta=True)
+    assert sam.image_encoder.pos_embed.shape == (1, 32, 32, 768)
+    assert sam.prompt_encoder.image_embedding_size == (32, 32)
+    pos = torch.randn(1, 4, 4, 8)
+    same = interpolate_pos_embed(pos, (4, 4))
+    assert same is pos
+    assert interpolate_pos_embed(pos, (8, 6)).shape == (1, 8, 6, 8)
+
+
+def test_vit_b_at_256_runs_end_to_end():
+    cfg = tiny_config("conv_lora", model={"type": "vit_b", "img_size": 256})
+    model = build_model(cfg).model.eval()
+    assert model.image_encoder.pos_embed.shape == (1, 16, 16, 768)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 256))
+    assert out.masks.shape == (1, 1, 64, 64)
+    assert count_params(model)["trainable_params"] == 3_624_768
+
+
+@pytest.mark.parametrize("sam_type, method, expected", [
+    ("vit_h", "conv_lora", 4_020_096),
+    ("vit_h", "lora", 3_997_056),
+    ("vit_h", "decoder_only", 3_505_536),
+    ("vit_b", "conv_lora", 3_624_768),
+])
+def test_paper_trainable_parameter_counts(sam_type, method, expected):
+    cfg = tiny_config(method, model={"type": sam_type, "img_size": 1024})
+    assert count_params(build_model(cfg, meta=True).model)["trainable_params"] == expected
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    cfg = tiny_config("decoder_only")
+    sam = build_tiny(cfg.model)
+    path = tmp_path / "tiny.pth"
+    torch.save(sam.state_dict(), path)
+    other = build_tiny(cfg.model)
+    load_checkpoint(other, path, "tiny")
+    for a, b in zip(sam.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(CheckpointError, match="file not found"):
+        load_checkpoint(other, tmp_path / "missing.pth", "tiny")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.pth: not a readable PyTorch checkpoint"):
+        load_checkpoint(other, junk, "tiny")
+    partial = tmp_path / "partial.pth"
+    state = sam.state_dict()
+    state.pop("mask_decoder.iou_token.weight")
+    torch.save(state, partial)
+    with pytest.raises(CheckpointError, match=r"1 missing keys \['mask_decoder.iou_token.weight'\]"):
+        load_checkpoint(other, partial, "tiny")
+
+
+def test_checkpoint_of_another_sam_type_is_named(tmp_path):
+    """A vit_l file given for vit_b: the error says which type the file is."""
+    fake = {"image_encoder.pos_embed": torch.zeros(1, 64, 64, 1024)}
+    fake.update({f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(24)})
+    path = tmp_path / "sam_vit_l_0b3195.pth"
+    torch.save(fake, path)
+    sam = build_sam(ModelConfig(type="vit_b", img_size=1024), meta=True)
+    with pytest.raises(CheckpointError, match=r"this is a vit_l checkpoint \(encoder width 1024, 24 blocks\) but "
+                                              r"model.type is vit_b"):
+        load_checkpoint(sam, path, "vit_b")
+
+
+def test_set_image_size_updates_prompt_encoder():
+    sam = build_sam(ModelConfig(type="vit_b"), meta=True)
+    set_image_size(sam, 320)
+    assert sam.image_encoder.img_size == 320
+    assert sam.prompt_encoder.input_image_size == (320, 320)
+    assert sam.image_encoder.pos_embed.shape[1:3] == (20, 20)
