@@ -96,7 +96,8 @@ def eval_(
     from samft.engine.runs import newest_run
 
     run_dir = run or newest_run()
-    results = evaluate_run(run_dir, _parse_named(data, "--data") or None, device, show_progress=not as_json)
+    named = {k: str(Path(v).expanduser().resolve()) for k, v in _parse_named(data, "--data").items()}  # from cwd
+    results = evaluate_run(run_dir, named or None, device, show_progress=not as_json)
     if as_json:
         print(json.dumps(results, indent=2))
         return

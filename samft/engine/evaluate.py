@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from samft import __version__
 from samft.config import Config, config_hash
-from samft.data.datasets import EvalDataset, Pair, collate, test_sets
+from samft.data.datasets import EvalDataset, Pair, collate, eval_sets
 from samft.engine.checkpoint import atomic_write_text
 from samft.engine.progress import progress
 from samft.engine.runtime import autocast, pick_device, resolve_precision
@@ -62,7 +62,7 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
     run = load_run(run_dir, dev)
     cfg = run.cfg
     precision = resolve_precision(cfg.train.precision, dev)
-    sets = test_sets(cfg.data, data)
+    sets = eval_sets(cfg.data, data)
     checkpoint = str(Path(run_dir) / ADAPTER_FILE)
     chash = config_hash(cfg)
     results: dict = {"samft_version": __version__, "run": str(run_dir), "checkpoint": checkpoint,

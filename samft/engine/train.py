@@ -166,6 +166,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     best_value: Optional[float] = None
     best_epoch: int = -1
+    epoch_loss_sum: float = 0.0  # running sum/count of this epoch's step losses (survives a resume)
+    epoch_loss_count: int = 0
     rng: dict = field(default_factory=dict)  # RNG state right after the last completed step
 
 
@@ -173,6 +175,32 @@ def _better(value: float, best: Optional[float], metric: str) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
     return value > best if higher_is_better(metric) else value < best
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two trainings never write into the same run."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.path, self.enabled, self.handle = run_dir / ".lock", enabled, None
+
+    def __enter__(self) -> "RunLock":
+        if not self.enabled:
+            return self
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            raise SamftError(f"{self.path.parent}: another samft process is training into this run directory") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()
 
 
 def prepare_run_dir(cfg: Config, resume: bool, info: D.DistInfo) -> Path:
@@ -226,7 +254,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Path
     """Train ``cfg`` into ``cfg.output.dir`` (or continue the run there when ``resume``); returns the run dir."""
     info = D.setup(cfg.train.device)
     try:
-        with _StopSignal():
+        with _StopSignal(), RunLock(Path(cfg.output.dir or "runs/run"), info.is_main):
             return _train(cfg, resume, show_progress, info)
     finally:
         D.cleanup()
@@ -339,7 +367,6 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
             ddp_model.train()
             remaining = micro_per_epoch - state.micro_in_epoch
             steps_left_epoch = min(math.ceil(remaining / tc.accum_steps), total_steps - state.step)
-            epoch_losses: list[float] = []
             with progress(f"epoch {state.epoch + 1}/{tc.epochs}", steps_left_epoch, show_progress and main) as advance:
                 micro_iter = iter(loader)
                 while state.step < total_steps:
@@ -353,7 +380,8 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
                     state.micro_in_epoch += len(chunk)
                     last_rng = rng_state()
                     window.append(stats["loss"])
-                    epoch_losses.append(stats["loss"])
+                    state.epoch_loss_sum += stats["loss"]
+                    state.epoch_loss_count += 1
                     images_since += stats["images"]
                     advance(1, f"loss {stats['loss']:.4f}")
                     if state.step % tc.log_every == 0 or state.step == total_steps:
@@ -371,7 +399,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
             if epoch_done or finished:
                 epoch_no = state.epoch + 1
                 row: dict[str, Any] = {"kind": "epoch", "epoch": epoch_no, "step": state.step,
-                                       "loss": sum(epoch_losses) / max(1, len(epoch_losses))}
+                                       "loss": state.epoch_loss_sum / max(1, state.epoch_loss_count)}
                 if finished or epoch_no % tc.val_every == 0:
                     results = validate(epoch_no)
                     row.update({f"val_{k}": v for k, v in results.items()})
@@ -389,6 +417,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
                 if epoch_done:
                     state.epoch += 1
                     state.micro_in_epoch = 0
+                    state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
                 log.write(row)
                 save_state(last_rng)
                 if main:

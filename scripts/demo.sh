@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Quick start on a CPU, no downloads: install, make the synthetic demo data, then
+# train Conv-LoRA on a tiny SAM (configs/demo.yaml) -> evaluate -> predict.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/_env.sh
+samft demo-data runs/demo-data --n 512
+samft train --config configs/demo.yaml output.overwrite=true "$@"
+samft eval --run runs/demo
+samft predict 'runs/demo-data/images/00[0-1]?.png' --run runs/demo --out runs/demo/predictions --overlay
+echo "demo finished: run in runs/demo, masks in runs/demo/predictions, overlays in runs/demo/predictions/overlays"

@@ -1,0 +1,126 @@
+import math
+
+import numpy as np
+import py_sod_metrics as sod
+import pytest
+import torch
+
+from samft.data.io import read_binary_mask
+from samft.losses import structure_loss
+from samft.metrics import BinaryMetrics, canonical, dice_iou, higher_is_better
+
+from conftest import shared
+
+
+def _bce(x, t):
+    return math.log1p(math.exp(x)) - t * x
+
+
+def test_structure_loss_hand_computed_mean_bce():
+    """2x2 target [[1,0],[0,0]], logits 0: avgpool31 (zero padded) is 1/961 everywhere."""
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    logits = torch.zeros_like(target)
+    w1, w0 = 1 + 5 * (960 / 961), 1 + 5 * (1 / 961)
+    inter = 0.5 * w1
+    union = 1.5 * w1 + 3 * 0.5 * w0
+    expected = math.log(2) + 1 - (inter + 1) / (union - inter + 1)
+    assert float(structure_loss(logits, target)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_structure_loss_hand_computed_weighted_bce_and_padding():
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    logits = torch.tensor([[[[2.0, -1.0], [0.0, 3.0]]]])
+    pooled = 2 / 961
+    w = {1.0: 1 + 5 * (1 - pooled), 0.0: 1 + 5 * pooled}
+    px = [(2.0, 1.0), (-1.0, 0.0), (0.0, 0.0), (3.0, 1.0)]
+    weights = [w[t] for _, t in px]
+    sig = [1 / (1 + math.exp(-x)) for x, _ in px]
+    inter = sum(p * t * wi for p, (_, t), wi in zip(sig, px, weights))
+    union = sum((p + t) * wi for p, (_, t), wi in zip(sig, px, weights))
+    wiou = 1 - (inter + 1) / (union - inter + 1)
+    wbce = sum(wi * _bce(x, t) for (x, t), wi in zip(px, weights)) / sum(weights)
+    assert float(structure_loss(logits, target, bce="weighted")) == pytest.approx(wbce + wiou, rel=1e-6)
+    mean_bce = sum(_bce(x, t) for x, t in px) / 4
+    assert float(structure_loss(logits, target, bce="mean")) == pytest.approx(mean_bce + wiou, rel=1e-6)
+
+    # only the left column is valid: the right column (padding) must not count
+    valid = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    keep = [0, 2]
+    inter_v = sum(sig[i] * px[i][1] * weights[i] for i in keep)
+    union_v = sum((sig[i] + px[i][1]) * weights[i] for i in keep)
+    expected_v = sum(_bce(*px[i]) for i in keep) / 2 + 1 - (inter_v + 1) / (union_v - inter_v + 1)
+    assert float(structure_loss(logits, target, valid)) == pytest.approx(expected_v, rel=1e-6)
+
+
+def test_structure_loss_prefers_the_right_answer():
+    target = torch.zeros(2, 1, 32, 32)
+    target[:, :, 8:20, 10:24] = 1
+    good = structure_loss(target * 12 - 6, target)
+    bad = structure_loss(6 - target * 12, target)
+    assert float(good) < 0.05 < float(bad)
+
+
+def test_dice_iou_hand_cases():
+    a = np.array([[1, 1, 0, 0]], bool)
+    b = np.array([[1, 0, 1, 0]], bool)
+    assert dice_iou(a, b) == (0.5, 1 / 3)
+    empty = np.zeros((2, 2), bool)
+    assert dice_iou(empty, empty) == (1.0, 1.0)
+    assert dice_iou(a, np.zeros_like(a)) == (0.0, 0.0)
+
+
+def test_metric_names_and_directions():
+    assert canonical("sm") == "Sm" and canonical("dice") == "dice@0.5" and canonical("wFm") == "wFm"
+    assert higher_is_better("dice") and not higher_is_better("mae")
+
+
+def test_perfect_prediction():
+    gt = np.zeros((40, 50), bool)
+    gt[10:30, 5:25] = True
+    m = BinaryMetrics()
+    m.update(gt.astype(np.float32), gt, "a")
+    r = m.compute()
+    assert r["dice@0.5"] == 1 and r["iou@0.5"] == 1 and r["MAE"] == 0
+    assert r["Sm"] == pytest.approx(1.0) and r["wFm"] == pytest.approx(1.0)
+    assert r["meanEm"] > 0.99  # the curve's top threshold (255) selects nothing for a 0/1 map
+
+
+def test_metrics_equal_pysodmetrics_on_real_masks():
+    """Our accumulator against pysodmetrics called directly, on real EM masks with degraded predictions."""
+    root = shared("em-cells")
+    rng = np.random.default_rng(0)
+    ours = BinaryMetrics()
+    sm, em, wfm, mae = sod.Smeasure(), sod.Emeasure(), sod.WeightedFmeasure(), sod.MAE()
+    dices = []
+    for i in range(4):
+        gt = read_binary_mask(root / "Labels" / f"{i}.png")
+        prob = np.clip(gt * 0.7 + rng.uniform(0, 0.5, gt.shape), 0, 1).astype(np.float32)
+        ours.update(prob, gt, str(i))
+        pred = np.clip(np.round(prob * 255), 0, 255).astype(np.uint8)
+        for metric in (sm, em, wfm, mae):
+            metric.step(pred, gt.astype(np.uint8) * 255)
+        inter = np.logical_and(prob >= 0.5, gt).sum()
+        dices.append(2 * inter / ((prob >= 0.5).sum() + gt.sum()))
+    r = ours.compute()
+    assert r["Sm"] == pytest.approx(sm.get_results()["sm"], abs=1e-12)
+    assert r["meanEm"] == pytest.approx(em.get_results()["em"]["curve"].mean(), abs=1e-12)
+    assert r["wFm"] == pytest.approx(wfm.get_results()["wfm"], abs=1e-12)
+    assert r["MAE"] == pytest.approx(mae.get_results()["mae"], abs=1e-12)
+    assert r["dice@0.5"] == pytest.approx(np.mean(dices))
+
+
+def test_merge_equals_one_pass():
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(5):
+        gt = rng.uniform(size=(20, 24)) > 0.6
+        items.append((rng.uniform(size=gt.shape).astype(np.float32), gt, str(i)))
+    whole = BinaryMetrics()
+    parts = [BinaryMetrics(), BinaryMetrics()]
+    for i, (p, g, n) in enumerate(items):
+        whole.update(p, g, n)
+        parts[i % 2].update(p, g, n)
+    parts[0].merge(parts[1])
+    assert len(parts[0]) == 5
+    for k, v in whole.compute().items():
+        assert parts[0].compute()[k] == pytest.approx(v)
