@@ -1,0 +1,56 @@
+"""SAM-style preprocessing with albumentations.
+
+Resize the longest side to ``img_size`` (aspect ratio kept), optionally flip, normalise with SAM's pixel
+mean/std, then pad bottom/right with zeros to ``img_size`` x ``img_size`` (zero = the mean colour after
+normalisation, as SAM pads). The valid (unpadded) size is returned so predictions can be cropped.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from samft.model.sam import PIXEL_MEAN, PIXEL_STD
+
+
+class SamTransform:
+    """(H, W, 3) uint8 image [+ (H, W) uint8 mask] -> normalised padded tensors and the valid size."""
+
+    def __init__(self, img_size: int, hflip: float = 0.0) -> None:
+        self.img_size = img_size
+        geometric = [A.LongestMaxSize(max_size=img_size)]
+        if hflip > 0:
+            geometric.append(A.HorizontalFlip(p=hflip))
+        self.geometric = A.Compose(geometric)
+        self.finish = A.Compose([
+            A.Normalize(mean=[m / 255 for m in PIXEL_MEAN], std=[s / 255 for s in PIXEL_STD], max_pixel_value=255.0),
+            A.PadIfNeeded(min_height=img_size, min_width=img_size, position="top_left",
+                          border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+        ])
+
+    def __call__(self, image: np.ndarray, mask: Optional[np.ndarray] = None, seed: Optional[int] = None) -> dict:
+        if seed is not None:
+            self.geometric.set_random_seed(seed)
+        args = {"image": image} if mask is None else {"image": image, "mask": mask}
+        out = self.geometric(**args)
+        valid = out["image"].shape[:2]
+        out = self.finish(**out)
+        result = {
+            "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))).float(),
+            "valid_hw": torch.tensor(valid, dtype=torch.long),
+        }
+        if mask is not None:
+            result["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"]))
+        return result
+
+
+def valid_mask(valid_hw: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 2) valid sizes -> (B, 1, size, size) float mask, 1 inside the unpadded region."""
+    rows = torch.arange(size, device=valid_hw.device)
+    inside_h = rows[None, :] < valid_hw[:, :1]
+    inside_w = rows[None, :] < valid_hw[:, 1:]
+    return (inside_h[:, :, None] & inside_w[:, None, :]).unsqueeze(1).float()
