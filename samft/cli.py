@@ -138,6 +138,21 @@ def predict(
 
 @app.command()
 @user_errors
+def export(
+    merged: Path = typer.Option(..., "--merged", help="output file, e.g. model.pth"),
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+) -> None:
+    """Fold the adapters into SAM's weights (LoRA, SSF, BitFit ...) and write a plain SAM checkpoint plus
+    the decoder head; for methods that cannot be merged, say so and write the unmerged model."""
+    from samft.engine.export import export_run
+    from samft.engine.runs import newest_run
+
+    result = export_run(run or newest_run(), merged)
+    _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
+
+
+@app.command()
+@user_errors
 def info(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
     config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
