@@ -36,7 +36,7 @@ def encoder_biases(encoder: nn.Module) -> list[str]:
 @register(
     "bitfit",
     BitFitConfig,
-    help="BitFit: only the encoder's bias terms train (mergeable: nothing to fold)",
+    help="BitFit: only the encoder's bias terms train",
     mergeable=True,
     merge=lambda encoder: 0,
     trains_base=encoder_biases,

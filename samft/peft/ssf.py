@@ -91,7 +91,7 @@ def merge(encoder: nn.Module) -> int:
     return merge_layers(encoder, SSFLayer)
 
 
-@register("ssf", SSFConfig, help="SSF: learnable scale and shift after the block linears and norms (mergeable)",
+@register("ssf", SSFConfig, help="SSF: learnable scale and shift after the block linears and norms",
           mergeable=True, merge=merge)
 def apply(encoder: nn.Module, cfg: SSFConfig) -> list[str]:
     return replace_modules(encoder, _match(cfg.targets), lambda m: SSFLayer(m, _channels(m)), "ssf",
