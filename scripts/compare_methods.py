@@ -9,13 +9,15 @@ run), then is evaluated with ``samft eval``'s evaluation on the config's test se
 split). The script writes
 
 - ``OUT`` (Markdown): per test set, each metric's mean ± standard error over the seeds, the trainable
-  parameters, the median time per optimizer step and the peak memory (CUDA: max allocated; CPU: the
-  run process's peak resident set size, which includes the Python/torch baseline), plus the command;
+  parameters, the median wall time and the CPU time per optimizer step, and the peak memory (CUDA: max
+  allocated; CPU: the run process's peak resident set size, which includes the Python/torch baseline),
+  plus the command;
 - ``OUT`` with ``.png``: a chart of the first metric (mean ± standard error) and of the metric against
   the trainable parameters;
 - ``OUT`` with ``.json``: every run's raw numbers.
 
-Runs are independent: a run whose ``result.json`` was made from the same config file content and
+Hand-written notes survive a regeneration: everything from the line ``NOTES_MARKER`` on in an existing
+``OUT`` is kept. Runs are independent: a run whose ``result.json`` was made from the same config file content and
 overrides is reused (an interrupted comparison continues), unless ``--fresh``.
 """
 
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULT_FILE = "result.json"
+NOTES_MARKER = "<!-- notes: everything from this line on is kept when the file is regenerated -->"
 DEFAULT_METRICS = "dice@0.5,iou@0.5,Sm,meanEm,MAE"
 
 
@@ -64,9 +67,9 @@ def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_p
     cfg.train.log_every = 1  # one metrics.csv row per step: its "seconds" is that step's time
     if device != "auto":
         cfg.train.device = device
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train(cfg, show_progress=False)
-    train_seconds = time.perf_counter() - t0
+    train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     evaluation = evaluate_run(run_dir, device=device, show_progress=False)
     steps = [r for r in read_metrics(run_dir / METRICS_FILE) if r["kind"] == "step" and r["seconds"]]
     step_seconds = [float(r["seconds"]) for r in steps]
@@ -83,7 +86,8 @@ def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_p
         "n_images": {name: s["n_images"] for name, s in evaluation["sets"].items()},
         "trainable_params": counts["trainable_params"], "adapter_params": counts["adapter_params"],
         "steps": len(step_seconds), "step_seconds_median": statistics.median(step_seconds) if step_seconds else math.nan,
-        "train_seconds": train_seconds, "peak_mib": peak, "peak_kind": peak_kind,
+        "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
+        "cpu_seconds_per_step": train_cpu_seconds / max(1, len(step_seconds)), "peak_mib": peak, "peak_kind": peak_kind,
     }
     result["request"] = request_key(config, overrides)
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
@@ -134,6 +138,7 @@ def summarise(results: list[dict], methods: list[str], metrics: list[str]) -> di
             row["trainable_params"] = runs[0]["trainable_params"]
             row["adapter_params"] = runs[0]["adapter_params"]
             row["step_ms"] = mean_se([1000 * r["step_seconds_median"] for r in runs])
+            row["cpu_step_ms"] = mean_se([1000 * r.get("cpu_seconds_per_step", math.nan) for r in runs])
             row["peak_mib"] = max(r["peak_mib"] for r in runs)
             row["peak_kind"] = runs[0]["peak_kind"]
             out[set_name][m] = row
@@ -146,12 +151,13 @@ def markdown(summary: dict, metrics: list[str], header: str) -> str:
         first = next(iter(rows.values()))
         lines += [f"### Test set `{set_name}` ({first['n_images']} images, {first['seeds']} seed(s) per method)", ""]
         cols = ["method", *metrics, "trainable params", "of which encoder", "time / step (ms)",
-                f"peak memory (MiB, {first['peak_kind']})"]
+                "CPU time / step (ms)", f"peak memory (MiB, {first['peak_kind']})"]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|---|" + "---:|" * (len(cols) - 1))
         for m, row in rows.items():
             cells = [f"`{m}`", *(_fmt(*row[k]) for k in metrics), f"{row['trainable_params']:,}",
-                     f"{row['adapter_params']:,}", _fmt(*row["step_ms"], digits=0), f"{row['peak_mib']:,.0f}"]
+                     f"{row['adapter_params']:,}", _fmt(*row["step_ms"], digits=0), _fmt(*row["cpu_step_ms"], digits=0),
+                     f"{row['peak_mib']:,.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -204,7 +210,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="compare.md", help="Markdown output (the chart is OUT with .png, raw runs .json)")
     p.add_argument("--workdir", default="runs/compare", help="where the runs are written")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--note", default="", help="Markdown text written under the command in OUT")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already have a result")
     p.add_argument("--in-process", action="store_true",
                    help="run every training in this process (quicker for small runs; CPU peak memory is then "
@@ -282,12 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU ({os.cpu_count()} cores visible)"
     header = (f"Command: `{command}`\n\nsamft {__version__}, torch {torch.__version__}, {device}; "
               f"{len(methods)} methods x {len(seeds)} seeds, {sum(r['train_seconds'] for r in results):.0f} s of "
-              f"training in total. Metrics: mean ± standard error over seeds; time / step: median per run, mean ± "
-              f"s.e. over seeds.")
-    if args.note:
-        header += "\n\n" + args.note
+              f"training in total. Metrics: mean ± standard error over seeds. Time / step: the median wall time of a "
+              f"training step (metrics.csv), mean ± s.e. over seeds; CPU time / step: the run process's CPU time "
+              f"(all threads) over its whole training (model building and the final validation included) per "
+              f"step, which other processes on the machine disturb much less than the wall time.")
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(summary, metrics, header))
+    kept = out.read_text().partition(NOTES_MARKER)[1:] if out.is_file() else ("", "")
+    out.write_text(markdown(summary, metrics, header) + ("\n" + "".join(kept) if kept[0] else ""))
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     chart(summary, metrics[0], out.with_suffix(".png"))
     print(out.read_text())

@@ -32,13 +32,14 @@ def test_summary_table():
     cm = _script()
     runs = [{"method": m, "seed": s, "sets": {"val": {"dice@0.5": d}}, "n_images": {"val": 6},
              "trainable_params": p, "adapter_params": p - 100, "step_seconds_median": 0.1 * (s + 1),
+             "cpu_seconds_per_step": 0.2,
              "peak_mib": 500.0 + s, "peak_kind": "CPU peak RSS"}
             for m, p, ds in (("lora", 150, (0.8, 0.6)), ("decoder_only", 100, (0.5, 0.5)))
             for s, d in enumerate(ds)]
     summary = cm.summarise(runs, ["lora", "decoder_only"], ["dice@0.5"])
     text = cm.markdown(summary, ["dice@0.5"], "header")
-    assert "| `lora` | 0.7000 ± 0.1000 | 150 | 50 | 150 ± 50 | 501 |" in text
-    assert "| `decoder_only` | 0.5000 ± 0.0000 | 100 | 0 | 150 ± 50 | 501 |" in text
+    assert "| `lora` | 0.7000 ± 0.1000 | 150 | 50 | 150 ± 50 | 200 ± 0 | 501 |" in text
+    assert "| `decoder_only` | 0.5000 ± 0.0000 | 100 | 0 | 150 ± 50 | 200 ± 0 | 501 |" in text
     assert "### Test set `val` (6 images, 2 seed(s) per method)" in text
 
 
@@ -62,8 +63,14 @@ def test_compare_methods_end_to_end(synthetic_dir, tmp_path, monkeypatch, capsys
     assert [(r["method"], r["seed"], r["n_images"]["val"]) for r in raw] == [("decoder_only", 3, 6), ("lora", 3, 6)]
     assert raw[1]["request"]["overrides"] == ["train.lr=1e-3", "peft.method=lora", "train.seed=3"]
     assert raw[0]["adapter_params"] == 0 and raw[1]["adapter_params"] > 0 and raw[1]["steps"] == 3
+    assert all(r["cpu_seconds_per_step"] > 0 and r["step_seconds_median"] > 0 for r in raw)
 
+    with open(tmp_path / "docs" / "cmp.md", "a") as f:
+        f.write(f"{cm.NOTES_MARKER}\nmy notes\n")
     assert cm.main(args) == 0 and " -> " not in capsys.readouterr().out  # finished runs are reused, not retrained
+    regenerated = (tmp_path / "docs" / "cmp.md").read_text()
+    assert regenerated.startswith("Command:") and regenerated.endswith(f"{cm.NOTES_MARKER}\nmy notes\n")
+    assert regenerated.count("| `lora` |") == 1
     assert cm.main([*args[:3], "decoder_only,loraa", *args[4:]]) == 2
     assert "unknown PEFT method 'loraa' (did you mean 'lora'?)" in capsys.readouterr().err
 
