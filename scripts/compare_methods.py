@@ -99,8 +99,7 @@ def request_key(config: str, overrides: list[str]) -> dict:
     only when this is unchanged."""
     import hashlib
 
-    return {"config": str(Path(config).resolve()), "config_sha256": hashlib.sha256(Path(config).read_bytes()).hexdigest(),
-            "overrides": list(overrides)}
+    return {"config_sha256": hashlib.sha256(Path(config).read_bytes()).hexdigest(), "overrides": list(overrides)}
 
 
 # ------------------------------------------------------------------------------------------------ aggregate
@@ -176,21 +175,21 @@ def chart(summary: dict, metric: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     axes[0].bar(range(len(names)), means, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
     axes[0].set_xticks(range(len(names)), names, rotation=30, ha="right")
-    finite = [v for v in means if not math.isnan(v)]
+    finite = [(v, e) for v, e in zip(means, errs) if not math.isnan(v)]
     if finite:
-        lo, hi = min(finite), max(finite)
-        pad = max(0.02, (hi - lo) * 0.5)
+        lo, hi = min(v - e for v, e in finite), max(v + e for v, e in finite)
+        pad = max(0.01, (hi - lo) * 0.15)
         axes[0].set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
     axes[0].set_ylabel(f"{metric} (mean ± s.e.)")
     axes[0].set_title(f"{metric} on '{set_name}'")
-    params = [rows[m]["trainable_params"] for m in names]
+    params = [rows[m]["adapter_params"] for m in names]  # what the methods differ in (the decoder is common)
     axes[1].errorbar(params, means, yerr=errs, fmt="o", capsize=3)
     for x, y, n in zip(params, means, names):
         axes[1].annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("trainable parameters (log)")
+    axes[1].set_xscale("symlog", linthresh=100)
+    axes[1].set_xlabel("trainable encoder parameters (adapters; symlog)")
     axes[1].set_ylabel(metric)
-    axes[1].set_title("metric vs trainable parameters")
+    axes[1].set_title(f"{metric} vs trainable encoder parameters (+ the decoder for all)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
