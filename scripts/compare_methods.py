@@ -57,8 +57,8 @@ def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_p
     from samft.config import load_config
     from samft.engine.evaluate import evaluate_run
     from samft.engine.train import read_metrics, train
-    from samft.model import count_params
-    from samft.engine.runs import load_run, METRICS_FILE
+    from samft.engine.runs import METRICS_FILE
+    from samft.model import describe
 
     cfg = load_config(config, overrides)
     cfg.output.dir = str(run_dir)
@@ -73,7 +73,7 @@ def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_p
     evaluation = evaluate_run(run_dir, device=device, show_progress=False)
     steps = [r for r in read_metrics(run_dir / METRICS_FILE) if r["kind"] == "step" and r["seconds"]]
     step_seconds = [float(r["seconds"]) for r in steps]
-    counts = count_params(load_run(run_dir, torch.device("cpu")).model)
+    counts = describe(cfg)  # parameter counts from the structure (no weights needed)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
         torch.cuda.reset_peak_memory_stats()

@@ -74,11 +74,12 @@ def test_compare_methods_end_to_end(synthetic_dir, tmp_path, monkeypatch, capsys
     assert cm.main([*args[:3], "decoder_only,loraa", *args[4:]]) == 2
     assert "unknown PEFT method 'loraa' (did you mean 'lora'?)" in capsys.readouterr().err
 
-    # the default mode: each run in its own process (peak memory per run)
+    # the default mode runs each (method, seed) as `compare_methods.py ARGS --run-one METHOD SEED` in its own
+    # process, so that the peak memory is the run's own
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(tmp_path / ".cache")}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_methods.py"), *args[:3], "lora",
-                           *args[4:], "--fresh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_methods.py"), *args, "--run-one", "lora",
+                           "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "lora seed 3 ->" in proc.stdout
-    raw = json.loads((tmp_path / "docs" / "cmp.json").read_text())
-    assert [r["method"] for r in raw] == ["lora"] and raw[0]["peak_kind"] == "CPU peak RSS"
+    result = json.loads((tmp_path / "runs" / "cmp" / "lora" / "seed3" / "result.json").read_text())
+    assert result["peak_kind"] == "CPU peak RSS" and result["peak_mib"] > 100
+    assert result["trainable_params"] == raw[1]["trainable_params"]
