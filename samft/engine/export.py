@@ -9,7 +9,9 @@
     ``samft.model.sam.build_tiny``). The trained decoder pieces are written into SAM's mask decoder
     where SAM has them (two-way transformer, IoU token, output upscaling, mask token 0 and
     hypernetwork 0); SAM's IoU head and its other mask tokens stay as in the base. The position
-    embedding is SAM's native one (``img_size / 16`` per side for ``tiny``, 64 for the official sizes).
+    embedding is SAM's native one (``img_size / 16`` per side for ``tiny``, 64 for the official sizes):
+    the base's own when training left it untouched, else (``full`` at another input size) the trained
+    one resized to it, which plain SAM then sees approximately; the head file keeps the exact one.
   - ``OUT.head.safetensors`` (``OUT`` without its suffix + ``.head.safetensors``) — samft's
     ``SemanticMaskDecoder`` (all ``decoder.*`` tensors, the class head included), the exact position
     embedding the run used at its ``img_size``, and metadata (SAM type, image size, queries, classes,
