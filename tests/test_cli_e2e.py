@@ -85,8 +85,11 @@ def test_eval_json_and_file(workdir):
     assert result == on_disk
     val = result["sets"]["val"]
     assert val["n_images"] == 5
-    assert set(val["metrics"]) == {"dice@0.5", "iou@0.5", "Sm", "meanEm", "wFm", "MAE"}
-    assert all(0 <= v <= 1 for v in val["metrics"].values())
+    assert list(val["metrics"]) == ["dice@0.5", "iou@0.5", "meanDice", "meanIoU", "maxDice", "Sm", "wFm", "meanEm",
+                                    "maxEm", "adpEm", "MAE", "BER"]
+    assert all(0 <= v <= 1 for k, v in val["metrics"].items() if k != "BER")
+    assert 0 <= val["metrics"]["BER"] <= 100
+    assert result["protocol"] == "original_resolution"
     assert val["config_hash"] == result["config_hash"] and val["checkpoint"].endswith("adapter.safetensors")
 
 

@@ -7,13 +7,15 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from samft import __version__
 from samft.config import Config, config_hash
-from samft.data.datasets import EvalDataset, Pair, collate, eval_sets
+from samft.data.datasets import EvalDataset, collate
+from samft.data.layouts import Pair, eval_sets
 from samft.engine.checkpoint import atomic_write_text
 from samft.engine.progress import progress
 from samft.engine.runtime import autocast, pick_device, resolve_precision
@@ -24,22 +26,29 @@ from samft.model.semantic import SemanticSAM, logits_to_original
 
 @torch.no_grad()
 def iter_probabilities(model: SemanticSAM, pairs: list[Pair], batch_size: int, device: torch.device,
-                       precision: str = "fp32", num_workers: int = 0,
+                       precision: str = "fp32", num_workers: int = 0, at_input_size: bool = False,
                        ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
-    """Yield (pair, foreground probability (H, W) float32 at the original size, ground truth or None)."""
+    """Yield (pair, foreground probability (H, W) float32 at the original size, ground truth or None).
+
+    ``at_input_size``: probabilities and ground truth at img_size x img_size instead (AutoGluon's protocol:
+    the unpadded prediction and the ground truth are both stretched to the square input).
+    """
     was_training = model.training
     model.eval()
     loader = DataLoader(EvalDataset(pairs, model.img_size), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate)
+                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator())
     try:
         for batch in loader:
             with autocast(device, precision):
                 out = model(batch["image"].to(device, non_blocking=True))
             for j, index in enumerate(batch["index"].tolist()):
-                logits = logits_to_original(out.masks[j], model.img_size, batch["valid_hw"][j].tolist(),
-                                            batch["orig_hw"][j].tolist())
+                size = [model.img_size] * 2 if at_input_size else batch["orig_hw"][j].tolist()
+                logits = logits_to_original(out.masks[j], model.img_size, batch["valid_hw"][j].tolist(), size)
                 prob = torch.sigmoid(logits[0]).cpu().numpy().astype(np.float32)
-                yield pairs[index], prob, batch["gt"][j]
+                gt = batch["gt"][j]
+                if at_input_size and gt is not None:
+                    gt = cv2.resize(gt.astype(np.uint8), tuple(size[::-1]), interpolation=cv2.INTER_NEAREST)
+                yield pairs[index], prob, gt
     finally:
         model.train(was_training)
 
@@ -49,7 +58,7 @@ def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: t
     metrics = BinaryMetrics(cfg.eval.threshold)
     with progress(description, len(pairs), show_progress) as advance:
         for pair, prob, gt in iter_probabilities(model, pairs, cfg.eval.batch_size, device, precision,
-                                                 cfg.data.num_workers):
+                                                 cfg.data.num_workers, cfg.eval.resize_gt_to_input):
             metrics.update(prob, gt.astype(bool), pair.name)
             advance()
     return metrics
@@ -65,8 +74,9 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
     sets = eval_sets(cfg.data, data)
     checkpoint = str(Path(run_dir) / ADAPTER_FILE)
     chash = config_hash(cfg)
+    protocol = "input_size" if cfg.eval.resize_gt_to_input else "original_resolution"
     results: dict = {"samft_version": __version__, "run": str(run_dir), "checkpoint": checkpoint,
-                     "config_hash": chash, "sets": {}}
+                     "config_hash": chash, "protocol": protocol, "sets": {}}
     for name, pairs in sets.items():
         t0 = time.perf_counter()
         metrics = evaluate_pairs(run.model, pairs, cfg, dev, precision, f"eval {name}", show_progress)
