@@ -101,21 +101,24 @@ def eval_(
     if as_json:
         print(json.dumps(results, indent=2))
         return
+    _print_metrics_table(f"{run_dir} (config {results['config_hash']}, {results['protocol']})", results["sets"])
+    _console().print(f"written: {Path(run_dir) / 'eval.json'}")
+
+
+def _print_metrics_table(title: str, sets: dict) -> None:
+    """One row per set, one column per metric (stdout)."""
+    from rich.console import Console
     from rich.table import Table
 
-    sets = results["sets"]
     names = list(next(iter(sets.values()))["metrics"])
-    table = Table(title=f"{run_dir} (config {results['config_hash']})")
-    table.add_column("test set")
+    table = Table(title=title)
+    table.add_column("set")
     table.add_column("images", justify="right")
     for n in names:
         table.add_column(n, justify="right")
     for set_name, r in sets.items():
         table.add_row(set_name, str(r["n_images"]), *(f"{r['metrics'][n]:.4f}" for n in names))
-    from rich.console import Console
-
-    Console().print(table)
-    _console().print(f"written: {Path(run_dir) / 'eval.json'}")
+    Console(width=max(120, 12 * (len(names) + 2))).print(table)
 
 
 @app.command()
@@ -171,6 +174,69 @@ def info(
     c.print(f"trainable      {counts['trainable_params']:,} ({result['trainable_percent']}%) = "
             f"adapters {counts['adapter_params']:,} + decoder {counts['decoder_params']:,}")
     c.print(f"total          {counts['total_params']:,}")
+
+
+@app.command()
+@user_errors
+def score(
+    pred: Path = typer.Option(..., "--pred", help="folder of prediction maps (grey 0-255, 16-bit, float TIFF or .npy)"),
+    gt: Path = typer.Option(..., "--gt", help="folder of ground-truth masks (matched to predictions by file stem)"),
+    threshold: float = typer.Option(0.5, "--threshold", help="threshold for dice@0.5, iou@0.5 and BER"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
+) -> None:
+    """Score saved prediction maps (any method's) against ground truth with samft's metrics."""
+    from samft.engine.score import score_folders
+
+    result = score_folders(pred, gt, threshold, show_progress=not as_json)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    _print_metrics_table(f"{pred} vs {gt}", {"scored": {"n_images": result["n_images"], "metrics": result["metrics"]}})
+    if result["resized"]:
+        _console().print(f"note: {result['resized']} prediction(s) resized to their mask's size")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
+    quick: bool = typer.Option(False, "--quick", help="paths and sizes only (no decoding)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
+) -> None:
+    """Validate every split (pairs, sizes, mask values, unreadable files) before a long run."""
+    from samft.config import load_config
+    from samft.data.check import check_data
+
+    cfg = load_config(config, overrides)
+    report = check_data(cfg, "quick" if quick else "full", show_progress=not as_json)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"data check: {config}")
+        for column in ("split", "pairs", "image sizes", "mask values (pixels)", "foreground", "problems"):
+            table.add_column(column)
+        for split in report.splits:
+            d = split.as_dict()
+            fg = f"{d['foreground_mean']:.1%}" if d["foreground_mean"] is not None else "-"
+            table.add_row(split.name, str(split.pairs), d["image_sizes"], d["mask_values"], fg,
+                          str(len(split.problems)))
+        Console().print(table)
+        for w in report.warnings:
+            _console().print(f"[yellow]warning:[/] {w}")
+        for p in report.problems:
+            _console().print(f"[red]problem:[/] {p}", soft_wrap=True)
+    if report.problems:
+        raise SamftError(f"{len(report.problems)} problem(s) found")
+    if not as_json:
+        _console().print("[green]data check passed[/]")
 
 
 @app.command("demo-data")

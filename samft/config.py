@@ -26,6 +26,7 @@ import yaml
 from samft import peft as _peft
 from samft.errors import ConfigError
 from samft.fields import opt, section
+from samft.metrics import METRIC_CHOICES
 
 MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
 
@@ -56,18 +57,28 @@ class ModelConfig:
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
 
 
+DATA_FORMATS = ("auto", "folders", "csv", "pranet", "sinet", "isic", "sbu", "voc")
+
+
 @dataclass
 class DataConfig:
-    format: str = opt("auto", "split layout: auto (CSV when the path ends in .csv, else folders), folders, csv",
-                      ("auto", "folders", "csv"))
-    root: str = opt(".", "base folder; relative split paths are resolved against it")
-    train: str = opt("train", "training split: a folder holding image_dir/ and mask_dir/, or a CSV list")
-    val: Optional[str] = opt(None, "validation split; null = hold out val_fraction of the training split")
-    val_fraction: float = opt(0.1, "fraction of train held out for validation when val is null", minimum=0.0)
-    test: dict[str, str] = opt({}, "named test sets {name: folder or CSV}; empty = evaluate the validation split")
-    image_dir: str = opt("images", "sub-folder of a split folder holding the images")
-    mask_dir: str = opt("masks", "sub-folder of a split folder holding the masks")
-    mask_suffix: str = opt("", "added to an image's stem to name its mask (e.g. _segmentation for ISIC)")
+    format: str = opt("auto", "layout preset: auto (CSV when a split ends in .csv, else folders), folders, csv, "
+                      "pranet, sinet, isic, sbu, voc (see samft/data/layouts.py)", DATA_FORMATS)
+    root: str = opt(".", "dataset folder; relative split paths are resolved against it")
+    train: Optional[str] = opt(None, "training split: folder, IMAGES::MASKS folders, CSV or VOC list "
+                                     "(null = the format's default, e.g. TrainDataset)")
+    val: Optional[str] = opt(None, "validation split; null = the format's (VOC: val) or hold out val_fraction")
+    val_fraction: float = opt(0.1, "fraction of train held out for validation when there is no val split",
+                              minimum=0.0)
+    test: dict[str, str] = opt({}, "named test sets {name: split}; empty = the format's test sets "
+                                   "(e.g. every TestDataset/ folder), else the validation split")
+    image_dir: Optional[str] = opt(None, "sub-folder of a split holding the images (null = the format's)")
+    mask_dir: Optional[str] = opt(None, "sub-folder of a split holding the masks (null = the format's)")
+    mask_suffix: Optional[str] = opt(None, "added to an image's stem to name its mask (null = the format's, "
+                                           "e.g. _segmentation for isic)")
+    ignore: list[str] = opt([], "glob patterns of files to skip in image/mask folders (e.g. '*_superpixels.png')")
+    check: str = opt("full", "checks before training: full (decode every file), quick (paths and sizes), off",
+                     ("full", "quick", "off"))
     split_seed: int = opt(0, "seed of the train/validation hold-out split")
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
 
@@ -87,9 +98,8 @@ class TrainConfig:
                          ("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     seed: int = opt(42, "seed of weights init, data order, augmentation and gate noise")
-    metric: str = opt("sm", "validation metric that picks the best checkpoint (dice, iou, sm, em, wfm, mae or "
-                      "its eval.json name)", ("dice", "iou", "sm", "em", "wfm", "mae",
-                                              "dice@0.5", "iou@0.5", "Sm", "meanEm", "wFm", "MAE"))
+    metric: str = opt("sm", "validation metric that picks the best checkpoint: an eval.json name (Sm, dice@0.5, "
+                      "meanDice, ...) or its alias (sm, dice, mdice, iou, em, wfm, mae, ber, ...)", METRIC_CHOICES)
     val_every: int = opt(1, "validate every N epochs (the last epoch is always validated)", minimum=1)
     save_every: int = opt(100, "also save the resumable state every N optimizer steps (0 = epoch ends only)",
                           minimum=0)
@@ -101,16 +111,19 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    bce: str = opt("mean", "BCE term of the structure loss: mean (paper/reference) or weighted (PraNet weights)",
-                   ("mean", "weighted"))
+    bce: str = opt("mean", "BCE term: mean (paper/reference), weighted (PraNet's boundary weights) or balanced "
+                           "(shadow detection, SAM-Adapter's balanced BCE)", ("mean", "weighted", "balanced"))
+    iou: bool = opt(True, "add the boundary-weighted IoU term of the structure loss")
     balance_weight: float = opt(1.0, "weight of the Conv-LoRA expert balance loss", minimum=0.0)
     ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
 
 
 @dataclass
 class EvalConfig:
-    threshold: float = opt(0.5, "probability threshold for dice/iou and predicted masks", minimum=0.0)
+    threshold: float = opt(0.5, "probability threshold for dice@0.5/iou@0.5/BER and predicted masks", minimum=0.0)
     batch_size: int = opt(4, "images per forward pass during evaluation and prediction", minimum=1)
+    resize_gt_to_input: bool = opt(False, "score at img_size x img_size with the ground truth resized (AutoGluon's "
+                                          "protocol) instead of at each image's original resolution")
 
 
 @dataclass
@@ -268,8 +281,8 @@ def validate(cfg: Config) -> Config:
     _validate(cfg)
     if cfg.model.img_size % 16:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of 16 (the patch size)")
-    if cfg.data.val is None and not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be between 0 and 1 when data.val is null")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.model.type == "tiny":
         t = cfg.model.tiny
         if t.embed_dim % t.num_heads:

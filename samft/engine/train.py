@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from samft import __version__, peft
 from samft.config import Config, config_hash, dump_yaml
-from samft.data.datasets import Pair, TrainDataset, collate, resolve_path, train_val_pairs
+from samft.data.check import check_data, require_clean
+from samft.data.datasets import TrainDataset, collate
+from samft.data.layouts import train_val_pairs
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
 from samft.engine.checkpoint import (atomic_torch_save, atomic_write_text, load_state, load_trainable, read_adapter,
@@ -114,7 +116,8 @@ def plot_curves(run_dir: Path, metric: str) -> None:
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss")
     axes[0].legend()
-    for name in BINARY_METRICS:
+    shown = dict.fromkeys(["dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE", metric])  # BER is in percent
+    for name in shown:
         values = [(int(r["epoch"]), float(r[f"val_{name}"])) for r in epochs if r.get(f"val_{name}")]
         if values:
             axes[1].plot(*zip(*values), marker="o", label=name, linewidth=2.5 if name == metric else 1)
@@ -222,14 +225,6 @@ def prepare_run_dir(cfg: Config, resume: bool, info: D.DistInfo) -> Path:
     return run_dir
 
 
-def check_pairs_exist(pairs: list[Pair], split: str) -> None:
-    """Fail before training when a listed file is missing (full content checks: ``samft data check``)."""
-    for p in pairs:
-        for path in (p.image, p.mask):
-            if path is not None and not Path(path).is_file():
-                raise SamftError(f"{path}: listed in the {split} split but not found")
-
-
 class _StopSignal:
     """Turn SIGTERM into KeyboardInterrupt so both end the same, saved way."""
 
@@ -271,10 +266,17 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
 
     if not resume:  # relative data paths are stored absolute so the run can be evaluated from anywhere
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.data.check != "off":  # before anything is written: a bad dataset must not cost a run directory
+        report = check_data(cfg, show_progress=show_progress) if main else None
+        if D.broadcast_flag(bool(report and report.problems), info, device):
+            if main:
+                require_clean(report)
+            raise SamftError("the data check on rank 0 found problems")
+        if main:
+            for warning in report.warnings:
+                warnings.warn(warning, stacklevel=2)
     run_dir = prepare_run_dir(cfg, resume, info)
     train_pairs, val_pairs = train_val_pairs(cfg.data)
-    check_pairs_exist(train_pairs, "training")
-    check_pairs_exist(val_pairs, "validation")
 
     built = build_model(cfg)
     model: SemanticSAM = built.model.to(device)
@@ -450,7 +452,7 @@ def _optimizer_step(ddp_model: torch.nn.Module, model: SemanticSAM, chunk: list[
             with autocast(device, precision):
                 out = ddp_model(x)
             logits = upsample_logits(out.masks, (size, size))
-            task = structure_loss(logits, target, valid, cfg.loss.bce)
+            task = structure_loss(logits, target, valid, cfg.loss.bce, cfg.loss.iou)
             loss = task + cfg.loss.balance_weight * out.aux_loss
             value = float(loss.detach())
             if not math.isfinite(value):
