@@ -99,7 +99,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(scalar)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "polyp.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.peft.method == "conv_lora"

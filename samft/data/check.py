@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from samft.config import Config
 from samft.data.datasets import load_pair
 from samft.data.io import read_mask_values
-from samft.data.layouts import Layout, Pair, split_pairs, test_specs, train_val_pairs
+from samft.data.layouts import Layout, Pair, split_pairs, named_test_splits, train_val_pairs
 from samft.engine.progress import progress
 from samft.errors import SamftError
 
@@ -152,7 +152,7 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
             reports.append(val_report)
             _check_pairs(val_report, val, full, workers, show_progress)
     warnings = []
-    for name, spec in test_specs(cfg.data).items():
+    for name, spec in named_test_splits(cfg.data).items():
         report = SplitReport(f"test:{name}")
         reports.append(report)
         pairs = _listed(report, lambda spec=spec: split_pairs(cfg.data, spec))

@@ -292,7 +292,7 @@ def train_val_pairs(data: DataConfig) -> tuple[list[Pair], list[Pair]]:
     return ([p for i, p in enumerate(train) if i not in val_idx], [p for i, p in enumerate(train) if i in val_idx])
 
 
-def test_specs(data: DataConfig) -> dict[str, str]:
+def named_test_splits(data: DataConfig) -> dict[str, str]:
     """Named test sets: ``data.test``, else the format's (discovered) test sets; may be empty."""
     if data.test:
         return dict(data.test)
@@ -309,7 +309,7 @@ def test_specs(data: DataConfig) -> dict[str, str]:
 
 def eval_sets(data: DataConfig, extra: Optional[dict[str, str]] = None) -> dict[str, list[Pair]]:
     """Named evaluation sets: ``extra`` (``eval --data``), the test sets, else the validation split."""
-    named = extra or test_specs(data)
+    named = extra or named_test_splits(data)
     if named:
         return {name: split_pairs(data, spec) for name, spec in named.items()}
     return {"val": train_val_pairs(data)[1]}

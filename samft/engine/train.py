@@ -125,8 +125,8 @@ def plot_curves(run_dir: Path, metric: str) -> None:
     axes[1].set_title(f"validation (best by {metric})")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = run_dir / f".{PLOT_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    tmp = run_dir / f".{PLOT_FILE}.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     tmp.replace(run_dir / PLOT_FILE)
 
@@ -211,6 +211,9 @@ def prepare_run_dir(cfg: Config, resume: bool, info: D.DistInfo) -> Path:
     if resume:
         if not (run_dir / STATE_FILE).is_file():
             raise SamftError(f"{run_dir}: nothing to resume ({STATE_FILE} not found)")
+        if info.is_main:
+            for stale in run_dir.glob(".*.tmp"):  # a write cut short by a kill: never renamed, never used
+                stale.unlink(missing_ok=True)
         return run_dir
     occupied = any((run_dir / f).exists() for f in (STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE))
     if occupied and not cfg.output.overwrite:
