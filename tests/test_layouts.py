@@ -218,3 +218,13 @@ def test_read_binary_mask_of_real_prostate_masks():
     assert set(values.tolist()) <= {0, 254, 255}  # the real quirk: 254 in a binary mask
     assert all(binary_mask_problem(np.asarray(Image.open(m))) is None for m in masks)
     assert any(read_binary_mask(m).any() for m in masks)
+
+
+def test_empty_splits_are_errors(tmp_path):
+    (tmp_path / "s" / "images").mkdir(parents=True)
+    (tmp_path / "s" / "masks").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"s: the split is empty"):
+        split_pairs(DataConfig(root=str(tmp_path)), "s")
+    (tmp_path / "list.csv").write_text("image,label\n")
+    with pytest.raises(DataError, match=r"list.csv: the CSV lists no image/mask pairs"):
+        split_pairs(DataConfig(root=str(tmp_path)), "list.csv")
