@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from samft.config import Config
+from samft.data.classes import ClassSpec
 from samft.data.datasets import load_pair
 from samft.data.io import read_mask_values
 from samft.data.layouts import Layout, Pair, split_pairs, named_test_splits, train_val_pairs
@@ -74,8 +75,8 @@ class DataReport:
 class _CheckDataset(Dataset):
     """Per pair: (w, h), mask value counts, foreground fraction, or the problem found."""
 
-    def __init__(self, pairs: list[Pair], full: bool) -> None:
-        self.pairs, self.full = pairs, full
+    def __init__(self, pairs: list[Pair], full: bool, classes: Optional[ClassSpec] = None) -> None:
+        self.pairs, self.full, self.classes = pairs, full, classes
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -84,10 +85,12 @@ class _CheckDataset(Dataset):
         pair = self.pairs[i]
         try:
             if self.full:
-                image, mask = load_pair(pair)
-                values, counts = np.unique(read_mask_values(pair.mask), return_counts=True)
+                image, mask = load_pair(pair, self.classes)
+                raw = mask if self.classes else read_mask_values(pair.mask)  # class ids, or the binary mask's values
+                values, counts = np.unique(raw, return_counts=True)
+                fg = mask != 0 if self.classes is None else (mask != 0) & (mask != self.classes.ignore_index)
                 return {"size": (image.shape[1], image.shape[0]), "values": dict(zip(values.tolist(), counts.tolist())),
-                        "fg": float(mask.mean())}
+                        "fg": float(fg.mean())}
             with Image.open(pair.image) as im:
                 size = im.size
             if not Path(pair.mask).is_file():
@@ -103,9 +106,10 @@ class _CheckDataset(Dataset):
             return {"problem": f"{pair.image}: cannot read ({e})"}
 
 
-def _check_pairs(report: SplitReport, pairs: list[Pair], full: bool, workers: int, show_progress: bool) -> None:
+def _check_pairs(report: SplitReport, pairs: list[Pair], full: bool, workers: int, show_progress: bool,
+                 classes: Optional[ClassSpec] = None) -> None:
     report.pairs = len(pairs)
-    loader = DataLoader(_CheckDataset(pairs, full), batch_size=None, num_workers=workers)
+    loader = DataLoader(_CheckDataset(pairs, full, classes), batch_size=None, num_workers=workers)
     with progress(f"check {report.name}", len(pairs), show_progress) as advance:
         for item in loader:
             if "problem" in item:
@@ -135,6 +139,7 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
     mode = mode or cfg.data.check
     full = mode == "full"
     workers = cfg.data.num_workers
+    classes = ClassSpec.of(cfg.data)
     layout = Layout.of(cfg.data)
     reports: list[SplitReport] = []
     train_names: set = set()
@@ -146,11 +151,11 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
         train, val = split
         everything = train + val if not layout.val else train
         train_names = {p.image.resolve() for p in everything}
-        _check_pairs(train_report, everything, full, workers, show_progress)
+        _check_pairs(train_report, everything, full, workers, show_progress, classes)
         if layout.val:
             val_report = SplitReport("val")
             reports.append(val_report)
-            _check_pairs(val_report, val, full, workers, show_progress)
+            _check_pairs(val_report, val, full, workers, show_progress, classes)
     warnings = []
     for name, spec in named_test_splits(cfg.data).items():
         report = SplitReport(f"test:{name}")
@@ -158,7 +163,7 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
         pairs = _listed(report, lambda spec=spec: split_pairs(cfg.data, spec))
         if pairs is None:
             continue
-        _check_pairs(report, pairs, full, workers, show_progress)
+        _check_pairs(report, pairs, full, workers, show_progress, classes)
         shared = sum(p.image.resolve() in train_names for p in pairs)
         if shared:
             warnings.append(f"test set {name} shares {shared} of its {len(pairs)} images with the training split")

@@ -6,23 +6,32 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from typing import Optional
+
+from samft.data.classes import ClassSpec, mask_to_ids
 from samft.data.io import binarize, binary_mask_problem, read_image, read_image_oriented, read_mask_for_image
 from samft.data.layouts import Pair
 from samft.data.transforms import SamTransform
 from samft.errors import DataError
 
 
-def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
-    """Read an image and its binary mask (uint8 0/1), aligned (EXIF) and checked.
+def load_pair(pair: Pair, classes: Optional[ClassSpec] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image and its mask, aligned (EXIF) and checked.
 
-    A mask whose size differs from its image, or whose values are not a binary mask, is an error naming
-    the file: a bad mask never silently becomes an empty one.
+    Binary (``classes`` None): the mask as uint8 0/1. Multi-class: class ids (uint8, ``ignore_index``
+    kept). A mask whose size differs from its image, or whose values do not fit the task, is an error
+    naming the file: a bad mask never silently becomes an empty one.
     """
     image, transpose, raw_hw = read_image_oriented(pair.image)
-    values = read_mask_for_image(pair.mask, transpose, raw_hw)
+    if classes is None:
+        values = read_mask_for_image(pair.mask, transpose, raw_hw)
+    else:
+        values = read_mask_for_image(pair.mask, transpose, raw_hw, lambda im: mask_to_ids(im, classes, pair.mask))
     if image.shape[:2] != values.shape:
         raise DataError(f"{pair.mask}: mask size {values.shape[1]}x{values.shape[0]} differs from its image "
                         f"{pair.image} ({image.shape[1]}x{image.shape[0]})")
+    if classes is not None:
+        return image, values.astype(np.uint8 if values.max(initial=0) < 256 else np.int32)
     problem = binary_mask_problem(values)
     if problem:
         raise DataError(f"{pair.mask}: {problem}")
@@ -35,11 +44,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class TrainDataset(Dataset):
-    """Training samples: image (3, S, S), mask (S, S) uint8, valid_hw (2,)."""
+    """Training samples: image (3, S, S), mask (S, S) (0/1, or class ids with padding = ignore), valid_hw (2,)."""
 
-    def __init__(self, pairs: list[Pair], img_size: int, hflip: float, seed: int) -> None:
-        self.pairs, self.seed, self.epoch = pairs, seed, 0
-        self.transform = SamTransform(img_size, hflip)
+    def __init__(self, pairs: list[Pair], img_size: int, hflip: float, seed: int,
+                 classes: Optional[ClassSpec] = None) -> None:
+        self.pairs, self.seed, self.epoch, self.classes = pairs, seed, 0, classes
+        self.transform = SamTransform(img_size, hflip, mask_fill=classes.ignore_index if classes else 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -48,7 +58,7 @@ class TrainDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
-        image, mask = load_pair(self.pairs[i])
+        image, mask = load_pair(self.pairs[i], self.classes)
         out = self.transform(image, mask, seed=sample_seed(self.seed, self.epoch, i))
         out["index"] = i
         return out
@@ -58,8 +68,8 @@ class EvalDataset(Dataset):
     """Evaluation/prediction samples: the preprocessed image plus what is needed to go back to the
     original resolution (orig_hw) and, when there is a mask, the ground truth at that resolution."""
 
-    def __init__(self, pairs: list[Pair], img_size: int) -> None:
-        self.pairs = pairs
+    def __init__(self, pairs: list[Pair], img_size: int, classes: Optional[ClassSpec] = None) -> None:
+        self.pairs, self.classes = pairs, classes
         self.transform = SamTransform(img_size, 0.0)
 
     def __len__(self) -> int:
@@ -68,7 +78,7 @@ class EvalDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
         if pair.mask is not None:
-            image, gt = load_pair(pair)
+            image, gt = load_pair(pair, self.classes)
         else:
             image, gt = read_image(pair.image), None
         out = self.transform(image)

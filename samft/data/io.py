@@ -110,19 +110,19 @@ def read_mask_values(path: str | Path) -> np.ndarray:
     return _mask_array(_open(Path(path), "mask")[0])
 
 
-def read_mask_for_image(path: str | Path, image_transpose: Optional[Image.Transpose],
-                        image_raw_hw: tuple[int, int]) -> np.ndarray:
+def read_mask_for_image(path: str | Path, image_transpose: Optional[Image.Transpose], image_raw_hw: tuple[int, int],
+                        convert=None) -> np.ndarray:
     """A mask kept aligned with an image whose EXIF orientation was applied.
 
     Masks are drawn on the stored pixels by most tools, so a mask of the image's stored size gets the
     image's EXIF transpose too; a mask that carries its own orientation, or already has the displayed
-    size (a 90-degree rotation it was drawn after), is used as it is.
+    size (a 90-degree rotation it was drawn after), is used as it is. ``convert`` turns the decoded
+    PIL mask into an array (default: its raw values, see :func:`read_mask_values`).
     """
     im, own_method, raw_hw = _open(Path(path), "mask")
-    values = _mask_array(im)
     if image_transpose is not None and own_method is None and raw_hw == tuple(image_raw_hw):
-        values = np.asarray(Image.fromarray(values).transpose(image_transpose))
-    return values
+        im = im.transpose(image_transpose)
+    return (convert or _mask_array)(im)
 
 
 def binarize(values: np.ndarray) -> np.ndarray:
