@@ -145,3 +145,12 @@ def logits_to_original(logits: torch.Tensor, input_size: int, valid_hw: tuple[in
     x = upsample_logits(logits.unsqueeze(0), (input_size, input_size))
     x = x[..., : valid_hw[0], : valid_hw[1]]
     return upsample_logits(x, tuple(orig_hw))[0]
+
+
+def semantic_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """MaskFormer's semantic inference: per-pixel class scores ``sum_q softmax(class_q)[:C] * sigmoid(mask_q)``.
+
+    class_logits (..., Q, C+1), mask_logits (..., Q, H, W) -> (..., C, H, W); the label map is the argmax.
+    """
+    classes = class_logits.float().softmax(-1)[..., :-1]
+    return torch.einsum("...qc,...qhw->...chw", classes, mask_logits.float().sigmoid())
