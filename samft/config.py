@@ -26,7 +26,7 @@ import yaml
 from samft import peft as _peft
 from samft.errors import ConfigError
 from samft.fields import opt, section
-from samft.metrics import METRIC_CHOICES
+from samft.metrics import METRIC_CHOICES, canonical
 
 MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
 
@@ -54,6 +54,8 @@ class ModelConfig:
     )
     img_size: int = opt(1024, "square input side (multiple of 16); pos_embed is interpolated when not 1024", minimum=16)
     seed: int = opt(0, "seed of the random base weights when checkpoint is null")
+    num_mask_tokens: int = opt(10, "multi-class: mask tokens (queries) decoded per image; binary models use one",
+                               minimum=1)
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
 
 
@@ -79,6 +81,11 @@ class DataConfig:
     ignore: list[str] = opt([], "glob patterns of files to skip in image/mask folders (e.g. '*_superpixels.png')")
     check: str = opt("full", "checks before training: full (decode every file), quick (paths and sizes), off",
                      ("full", "quick", "off"))
+    classes: list[str] = opt([], "class names, index = class id (background included); empty = binary masks")
+    palette: list[list[int]] = opt([], "RGB colour of each class in colour-coded masks and predicted palette PNGs "
+                                       "(empty = Pascal VOC's colour map)")
+    ignore_index: int = opt(255, "class id excluded from the loss and the metrics (VOC's boundary)")
+    ignore_colors: list[list[int]] = opt([[224, 224, 192]], "colours of colour-coded masks mapped to ignore_index")
     split_seed: int = opt(0, "seed of the train/validation hold-out split")
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
 
@@ -98,8 +105,9 @@ class TrainConfig:
                          ("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     seed: int = opt(42, "seed of weights init, data order, augmentation and gate noise")
-    metric: str = opt("sm", "validation metric that picks the best checkpoint: an eval.json name (Sm, dice@0.5, "
-                      "meanDice, ...) or its alias (sm, dice, mdice, iou, em, wfm, mae, ber, ...)", METRIC_CHOICES)
+    metric: str = opt("auto", "validation metric that picks the best checkpoint (auto = Sm for binary, mIoU for "
+                              "multi-class): an eval.json name (Sm, dice@0.5, meanDice, mIoU, ...) or its alias "
+                              "(sm, dice, mdice, em, wfm, mae, ber, miou, ...)", ("auto",) + METRIC_CHOICES)
     val_every: int = opt(1, "validate every N epochs (the last epoch is always validated)", minimum=1)
     save_every: int = opt(100, "also save the resumable state every N optimizer steps (0 = epoch ends only)",
                           minimum=0)
@@ -114,7 +122,12 @@ class LossConfig:
     bce: str = opt("mean", "BCE term: mean (paper/reference), weighted (PraNet's boundary weights) or balanced "
                            "(shadow detection, SAM-Adapter's balanced BCE)", ("mean", "weighted", "balanced"))
     iou: bool = opt(True, "add the boundary-weighted IoU term of the structure loss")
-    balance_weight: float = opt(1.0, "weight of the Conv-LoRA expert balance loss", minimum=0.0)
+    balance_weight: Optional[float] = opt(None, "weight of the Conv-LoRA expert balance loss (null = 1.0 binary, "
+                                                "2.0 multi-class, as the reference)", minimum=0.0)
+    class_weight: float = opt(10.0, "multi-class: weight of the query classification cross-entropy", minimum=0.0)
+    mask_bce_weight: float = opt(5.0, "multi-class: weight of the matched masks' BCE", minimum=0.0)
+    mask_dice_weight: float = opt(5.0, "multi-class: weight of the matched masks' Dice loss", minimum=0.0)
+    no_object_weight: float = opt(0.1, "multi-class: cross-entropy weight of the 'no object' class", minimum=0.0)
     ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
 
 
@@ -283,6 +296,25 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of 16 (the patch size)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
+    d = cfg.data
+    if d.palette and len(d.palette) != len(d.classes):
+        raise ConfigError(f"data.palette: {len(d.palette)} colours for {len(d.classes)} classes in data.classes")
+    for key, colours in (("data.palette", d.palette), ("data.ignore_colors", d.ignore_colors)):
+        for c in colours:
+            if len(c) != 3 or not all(0 <= v <= 255 for v in c):
+                raise ConfigError(f"{key}: {c} is not an RGB colour (three values 0..255)")
+    if d.classes and 0 <= d.ignore_index < len(d.classes):
+        raise ConfigError(f"data.ignore_index: {d.ignore_index} is a class id of data.classes "
+                          f"({d.classes[d.ignore_index]!r}); use an id outside 0..{len(d.classes) - 1}")
+    if len(d.classes) == 1:
+        raise ConfigError("data.classes: one class is a binary task; leave data.classes empty for binary masks")
+    from samft.metrics import task_metric_names  # the metric must exist for the task
+
+    metric = cfg.train.metric
+    if metric != "auto" and canonical(metric) not in task_metric_names(bool(d.classes)):
+        kind = "multi-class" if d.classes else "binary"
+        raise ConfigError(f"train.metric: {metric!r} is not a {kind} metric; choose from "
+                          f"{', '.join(task_metric_names(bool(d.classes)))}")
     if cfg.model.type == "tiny":
         t = cfg.model.tiny
         if t.embed_dim % t.num_heads:

@@ -5,12 +5,17 @@ Names in ``eval.json`` (and the alias accepted by ``train.metric``):
 | name | alias | definition |
 |---|---|---|
 | dice@0.5, iou@0.5 | dice, iou | per image at ``prob >= 0.5``, averaged over images (both empty = 1) |
-| meanDice, meanIoU, maxDice | mdice, miou, maxdice | PraNet's protocol: the map is min-max normalised, Dice/IoU at 256 thresholds 1..0 (0 when nothing overlaps), averaged over images; mean (or max) over thresholds |
+| meanDice, meanIoU, maxDice | mdice, meaniou, maxdice | PraNet's protocol: the map is min-max normalised, Dice/IoU at 256 thresholds 1..0 (0 when nothing overlaps), averaged over images; mean (or max) over thresholds |
 | Sm | sm | S-measure (pysodmetrics) |
 | wFm | wfm | weighted F-measure (pysodmetrics) |
 | meanEm, maxEm, adpEm | em, maxem, adpem | E-measure: mean / max of the 256-threshold curve, adaptive (pysodmetrics) |
 | MAE | mae | mean absolute error of the min-max normalised map (pysodmetrics) |
 | BER | ber | balanced error rate in percent at 0.5, ``100 (1 - (TP/P + TN/N) / 2)`` from counts pooled over the set (shadow detection) |
+
+Multi-class (``data.classes``): ``mIoU`` (alias miou; mean over classes, background included, of
+TP / (TP + FP + FN), classes absent from both prediction and ground truth left out), ``mAcc`` (macc; mean
+per-class recall), ``pixel_acc`` (acc), and the IoU of each class, all from one confusion matrix over the
+pixels whose ground truth is not ``ignore_index``; matrices from several processes add up exactly.
 
 S-measure, E-measure, weighted F-measure and MAE come from ``pysodmetrics`` (checked against the MATLAB
 toolbox); predictions reach it as 8-bit grey maps, which it min-max normalises per image: the standard
@@ -19,6 +24,8 @@ COD/polyp protocol. Each image's results are kept, so results from several proce
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 # name -> (alias, higher is better)
@@ -26,7 +33,7 @@ BINARY_METRICS: dict[str, tuple[str, bool]] = {
     "dice@0.5": ("dice", True),
     "iou@0.5": ("iou", True),
     "meanDice": ("mdice", True),
-    "meanIoU": ("miou", True),
+    "meanIoU": ("meaniou", True),
     "maxDice": ("maxdice", True),
     "Sm": ("sm", True),
     "wFm": ("wfm", True),
@@ -36,8 +43,14 @@ BINARY_METRICS: dict[str, tuple[str, bool]] = {
     "MAE": ("mae", False),
     "BER": ("ber", False),
 }
-ALIASES = {alias: name for name, (alias, _) in BINARY_METRICS.items()}
-METRIC_CHOICES = tuple(ALIASES) + tuple(BINARY_METRICS)
+MULTICLASS_METRICS: dict[str, tuple[str, bool]] = {
+    "mIoU": ("miou", True),
+    "mAcc": ("macc", True),
+    "pixel_acc": ("acc", True),
+}
+ALL_METRICS = {**BINARY_METRICS, **MULTICLASS_METRICS}
+ALIASES = {alias: name for name, (alias, _) in ALL_METRICS.items()}
+METRIC_CHOICES = tuple(ALIASES) + tuple(ALL_METRICS)
 THRESHOLDS = np.linspace(1.0, 0.0, 256)  # PraNet's 1:-1/255:0
 
 
@@ -47,7 +60,18 @@ def canonical(name: str) -> str:
 
 
 def higher_is_better(name: str) -> bool:
-    return BINARY_METRICS[canonical(name)][1]
+    return ALL_METRICS[canonical(name)][1]
+
+
+def task_metric_names(multiclass: bool) -> tuple[str, ...]:
+    return tuple(MULTICLASS_METRICS if multiclass else BINARY_METRICS)
+
+
+def selection_metric(metric: str, multiclass: bool) -> str:
+    """The eval.json name of ``train.metric`` (``auto``: Sm for binary, mIoU for multi-class)."""
+    if metric == "auto":
+        return "mIoU" if multiclass else "Sm"
+    return canonical(metric)
 
 
 def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
@@ -151,4 +175,49 @@ class BinaryMetrics:
             "adpEm": float(np.mean(r["em_adp"])),
             "MAE": float(np.mean(r["mae"])),
             "BER": float(100.0 * (1.0 - 0.5 * (sensitivity + specificity))),
+        }
+
+
+class ConfusionMetrics:
+    """Multi-class metrics from a confusion matrix (rows: ground truth, columns: prediction)."""
+
+    def __init__(self, class_names: tuple[str, ...], ignore_index: int = 255) -> None:
+        self.class_names = tuple(class_names)
+        self.ignore_index = ignore_index
+        n = len(class_names)
+        self.matrix = np.zeros((n, n), dtype=np.int64)
+        self.images = 0
+
+    def __len__(self) -> int:
+        return self.images
+
+    def update(self, pred: np.ndarray, gt: np.ndarray, name: str = "") -> None:
+        """pred, gt: (H, W) class ids of the same size; ``ignore_index`` pixels of gt are left out."""
+        if pred.shape != gt.shape:
+            raise ValueError(f"{name}: prediction {pred.shape} and ground truth {gt.shape} differ in size")
+        n = len(self.class_names)
+        keep = gt != self.ignore_index
+        index = gt[keep].astype(np.int64) * n + pred[keep].astype(np.int64)
+        self.matrix += np.bincount(index, minlength=n * n).reshape(n, n)
+        self.images += 1
+
+    def merge(self, other: "ConfusionMetrics") -> None:
+        self.matrix += other.matrix
+        self.images += other.images
+
+    def per_class_iou(self) -> dict[str, Optional[float]]:
+        tp = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
+        return {name: (float(tp[i] / union[i]) if union[i] else None) for i, name in enumerate(self.class_names)}
+
+    def compute(self) -> dict[str, float]:
+        tp = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
+        gt_count = self.matrix.sum(1)
+        total = self.matrix.sum()
+        present = union > 0
+        return {
+            "mIoU": float(np.mean(tp[present] / union[present])) if present.any() else float("nan"),
+            "mAcc": float(np.mean(tp[gt_count > 0] / gt_count[gt_count > 0])) if (gt_count > 0).any() else float("nan"),
+            "pixel_acc": float(tp.sum() / total) if total else float("nan"),
         }

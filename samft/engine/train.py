@@ -4,7 +4,9 @@ AdamW on the trainable tensors (PEFT layers + mask decoder), linear warm-up then
 accumulation and clipping, autocast (bf16 on CUDA by default; fp16 with a GradScaler), validation every
 ``val_every`` epochs at the original resolution, the best and the last adapter kept.
 
-Loss = structure loss + ``loss.balance_weight`` x the Conv-LoRA balance loss (0 for other methods).
+Loss = task loss + ``loss.balance_weight`` x the Conv-LoRA balance loss (0 for other methods); the task
+loss is the structure loss for binary masks and MaskFormer's matched set loss (class CE + mask BCE + mask
+Dice, Hungarian matching) for multi-class masks (``data.classes``).
 
 Nothing is lost on an interruption: ``state.pt`` (trainable tensors, optimizer, scheduler, step, RNG)
 is written atomically at each epoch end and every ``train.save_every`` steps, and on Ctrl-C / SIGTERM
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from samft import __version__, peft
 from samft.config import Config, config_hash, dump_yaml
 from samft.data.check import check_data, require_clean
+from samft.data.classes import ClassSpec
 from samft.data.datasets import TrainDataset, collate
 from samft.data.layouts import train_val_pairs
 from samft.data.transforms import valid_mask
@@ -45,8 +48,8 @@ from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, MET
                                adapter_expectations)
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.errors import SamftError
-from samft.losses import structure_loss
-from samft.metrics import BINARY_METRICS, canonical, higher_is_better
+from samft.losses import SetLossWeights, set_loss, structure_loss
+from samft.metrics import higher_is_better, selection_metric, task_metric_names
 from samft.model import build_model, count_params
 from samft.model.semantic import SemanticSAM, upsample_logits
 
@@ -60,16 +63,14 @@ class TrainingDiverged(SamftError):
 
 
 STEP_COLUMNS = ["kind", "epoch", "step", "lr", "loss", "task_loss", "aux_loss", "grad_norm", "images_per_s", "seconds"]
-VAL_COLUMNS = [f"val_{name}" for name in BINARY_METRICS]
 
 
 class MetricsLog:
     """``metrics.csv``: one row per logged step and one per epoch, appended as training goes."""
 
-    columns = STEP_COLUMNS + VAL_COLUMNS
-
-    def __init__(self, path: Path, keep_until_step: Optional[int], enabled: bool) -> None:
+    def __init__(self, path: Path, keep_until_step: Optional[int], enabled: bool, multiclass: bool = False) -> None:
         self.path, self.enabled = path, enabled
+        self.columns = STEP_COLUMNS + [f"val_{name}" for name in task_metric_names(multiclass)]
         if not enabled:
             return
         rows: list[dict] = []
@@ -116,7 +117,9 @@ def plot_curves(run_dir: Path, metric: str) -> None:
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss")
     axes[0].legend()
-    shown = dict.fromkeys(["dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE", metric])  # BER is in percent
+    names = ["mIoU", "mAcc", "pixel_acc"] if metric in ("mIoU", "mAcc", "pixel_acc") else [
+        "dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE"]  # BER (percent) only when it is the metric
+    shown = dict.fromkeys(names + [metric])
     for name in shown:
         values = [(int(r["epoch"]), float(r[f"val_{name}"])) for r in epochs if r.get(f"val_{name}")]
         if values:
@@ -289,7 +292,9 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
     meta_base = {**adapter_expectations(cfg, built.base_sha256), "img_size": str(model.img_size),
                  "config_hash": config_hash(cfg), "config_yaml": dump_yaml(cfg)}
 
-    dataset = TrainDataset(train_pairs, model.img_size, tc.hflip, tc.seed)
+    classes = ClassSpec.of(cfg.data)
+    metric = selection_metric(tc.metric, classes is not None)
+    dataset = TrainDataset(train_pairs, model.img_size, tc.hflip, tc.seed, classes)
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed)
     micro_per_epoch = math.ceil(len(sampler) / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.accum_steps)
@@ -314,12 +319,12 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         best_path = run_dir / ADAPTER_FILE
         if best_path.is_file():  # the best adapter may be newer than the state (killed in between)
             best_meta = read_adapter(best_path)[1]
-            if "best_value" in best_meta and _better(float(best_meta["best_value"]), state.best_value, tc.metric):
+            if "best_value" in best_meta and _better(float(best_meta["best_value"]), state.best_value, metric):
                 state.best_value, state.best_epoch = float(best_meta["best_value"]), int(best_meta["epoch"])
         set_rng_state(state.rng)
         if main:
             console.print(f"resuming {run_dir} at step {state.step}/{total_steps} (epoch {state.epoch + 1})")
-    log = MetricsLog(run_dir / METRICS_FILE, state.step if resume else None, main)
+    log = MetricsLog(run_dir / METRICS_FILE, state.step if resume else None, main, classes is not None)
 
     ddp_model: torch.nn.Module = model
     if info.enabled:
@@ -357,7 +362,6 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
             merged.merge(other)
         return merged.compute()
 
-    metric = canonical(tc.metric)
     last_rng = state.rng or rng_state()
     window: list[float] = []
     t_log, images_since = time.perf_counter(), 0
@@ -446,17 +450,25 @@ def _optimizer_step(ddp_model: torch.nn.Module, model: SemanticSAM, chunk: list[
     size = model.img_size
     totals = {"loss": 0.0, "task_loss": 0.0, "aux_loss": 0.0}
     images = 0
+    classes = ClassSpec.of(cfg.data)
+    weights = SetLossWeights(cfg.loss.class_weight, cfg.loss.mask_bce_weight, cfg.loss.mask_dice_weight,
+                             cfg.loss.no_object_weight)
+    balance = cfg.loss.balance_weight if cfg.loss.balance_weight is not None else (2.0 if classes else 1.0)
     for i, batch in enumerate(chunk):
         x = batch["image"].to(device, non_blocking=True)
-        target = batch["mask"].to(device, non_blocking=True).float().unsqueeze(1)
+        mask = batch["mask"].to(device, non_blocking=True)
         valid = valid_mask(batch["valid_hw"].to(device), size) if cfg.loss.ignore_padding else None
         sync = i == len(chunk) - 1 or not isinstance(ddp_model, DistributedDataParallel)
         with contextlib.nullcontext() if sync else ddp_model.no_sync():
             with autocast(device, precision):
                 out = ddp_model(x)
             logits = upsample_logits(out.masks, (size, size))
-            task = structure_loss(logits, target, valid, cfg.loss.bce, cfg.loss.iou)
-            loss = task + cfg.loss.balance_weight * out.aux_loss
+            if classes is None:
+                task = structure_loss(logits, mask.float().unsqueeze(1), valid, cfg.loss.bce, cfg.loss.iou)
+            else:
+                keep = valid[:, 0].bool() if valid is not None else torch.ones_like(mask, dtype=torch.bool)
+                task = set_loss(out.class_logits, logits, mask.long(), keep, classes.ignore_index, weights)["loss"]
+            loss = task + balance * out.aux_loss
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(
