@@ -53,6 +53,8 @@ class ModelConfig:
     )
     img_size: int = opt(1024, "square input side (multiple of 16); pos_embed is interpolated when not 1024", minimum=16)
     seed: int = opt(0, "seed of the random base weights when checkpoint is null")
+    attention: str = opt("sdpa", "encoder attention: sdpa (fused scaled_dot_product_attention) or eager "
+                         "(segment_anything's own, the plain reference)", ("sdpa", "eager"))
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
 
 
