@@ -87,6 +87,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", minimum=0.0)
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with GradScaler) or fp32",
                          ("auto", "bf16", "fp16", "fp32"))
+    grad_checkpointing: bool = opt(False, "recompute each encoder block's activations in the backward pass "
+                                   "(non-reentrant checkpointing): much less memory, about 1/3 more time")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     seed: int = opt(42, "seed of weights init, data order, augmentation and gate noise")
     metric: str = opt("sm", "validation metric that picks the best checkpoint (dice, iou, sm, em, wfm, mae or "

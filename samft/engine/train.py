@@ -278,7 +278,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
 
     built = build_model(cfg)
     model: SemanticSAM = built.model.to(device)
-    model.grad_checkpointing = getattr(tc, "grad_checkpointing", False)
+    model.grad_checkpointing = tc.grad_checkpointing
     spec = peft.get(cfg.peft.method)
     params = count_params(model)
     meta_base = {**adapter_expectations(cfg, built.base_sha256), "img_size": str(model.img_size),
