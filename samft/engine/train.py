@@ -41,7 +41,7 @@ from samft.engine.evaluate import evaluate_pairs
 from samft.engine.progress import console, progress
 from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE,
                                adapter_expectations)
-from samft.engine.runtime import autocast, pick_device, resolve_precision
+from samft.engine.runtime import autocast, check_compile, compile_blocks, pick_device, resolve_precision
 from samft.errors import SamftError
 from samft.losses import structure_loss
 from samft.metrics import BINARY_METRICS, canonical, higher_is_better
@@ -276,9 +276,13 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
     check_pairs_exist(train_pairs, "training")
     check_pairs_exist(val_pairs, "validation")
 
+    if tc.compile:
+        check_compile(device)
     built = build_model(cfg)
     model: SemanticSAM = built.model.to(device)
     model.grad_checkpointing = tc.grad_checkpointing
+    if tc.compile:
+        compile_blocks(model.image_encoder.blocks)
     spec = peft.get(cfg.peft.method)
     params = count_params(model)
     meta_base = {**adapter_expectations(cfg, built.base_sha256), "img_size": str(model.img_size),
@@ -322,10 +326,13 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
                                             find_unused_parameters=spec.unused_params)
 
     if main:
+        speed = [f"{cfg.model.attention} attention"] + (["checkpointing"] if tc.grad_checkpointing else []) + (
+            ["compiled"] if tc.compile else [])
+        procs = f" x {info.world_size} processes" if info.enabled else ""
         console.print(f"[bold]samft {__version__}[/] {cfg.model.type} + {cfg.peft.method}: "
                       f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters | "
-                      f"{len(train_pairs)} train / {len(val_pairs)} val images | {device} {precision} | "
-                      f"{total_steps} steps -> {run_dir}")
+                      f"{len(train_pairs)} train / {len(val_pairs)} val images | {device}{procs} {precision}, "
+                      f"{', '.join(speed)} | {total_steps} steps -> {run_dir}")
 
     def save_state(snapshot_rng: dict) -> None:
         if not main:
