@@ -253,11 +253,14 @@ class _StopSignal:
 def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Path:
     """Train ``cfg`` into ``cfg.output.dir`` (or continue the run there when ``resume``); returns the run dir."""
     info = D.setup(cfg.train.device)
+    ok = False
     try:
         with _StopSignal(), RunLock(Path(cfg.output.dir or "runs/run"), info.is_main):
-            return _train(cfg, resume, show_progress, info)
+            run_dir = _train(cfg, resume, show_progress, info)
+        ok = True
+        return run_dir
     finally:
-        D.cleanup()
+        D.cleanup(graceful=ok)
 
 
 def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> Path:
@@ -353,11 +356,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             metrics = evaluate_pairs(model, D.shard(val_pairs, info), cfg, device, precision, f"val {epoch_no}",
                                      show_progress and main)
-        parts = D.gather_objects(metrics, info)
-        merged = parts[0]
-        for other in parts[1:]:
-            merged.merge(other)
-        return merged.compute()
+        return D.merge_across(metrics, info).compute()
 
     metric = canonical(tc.metric)
     last_rng = state.rng or rng_state()
@@ -433,6 +432,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         save_state(last_rng)
         raise TrainingInterrupted(f"interrupted at step {state.step}; the run is saved, continue it with: "
                                   f"samft train --resume {run_dir}") from None
+    if info.enabled:  # DDP keeps the processes in step; check it (cheap: once per run)
+        digest = D.check_in_sync(trainable_state(model), info)
+        if main:
+            console.print(f"all {info.world_size} processes hold identical trainable weights (sha256 {digest})")
     D.barrier(info)
     if main and not (run_dir / ADAPTER_FILE).exists():
         warnings.warn("no validation result was finite; adapter.safetensors holds the last weights", stacklevel=2)
