@@ -33,7 +33,7 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _show_warning if _rank() == 0 else (lambda *a, **k: None)  # torchrun: rank 0 warns
         try:
             return fn(*args, **kwargs)
         except SamftError as e:
