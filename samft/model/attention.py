@@ -65,6 +65,10 @@ class SDPAAttention(Attention):
         mask = None
         if self.use_rel_pos:
             mask = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            if mask.requires_grad and not (q.requires_grad or k.requires_grad or v.requires_grad):
+                # only the rel-pos tables train here: the memory-efficient CUDA kernel's backward fails
+                # when the mask alone needs a gradient (pytorch/pytorch#148476); SAM's own path is exact
+                return super().forward(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, h, w, -1)
         return self.proj(out)
