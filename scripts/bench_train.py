@@ -198,7 +198,8 @@ def describe(r: dict) -> str:
 
 
 def table(results: list[dict], peak_tflops: float | None) -> str:
-    head = ["model", "method", "img", "batch", "configuration", "step ms (median)", "images/s", "peak GB",
+    head = ["model", "method", "img", "batch", "configuration", "step ms (median; rounds min-max)", "images/s",
+            "peak GB",
             "x plain"]
     if peak_tflops:
         head.append("MFU %")
@@ -213,11 +214,42 @@ def table(results: list[dict], peak_tflops: float | None) -> str:
             cells += [r["error"], "", "", ""] + ([""] if peak_tflops else [])
         else:
             ratio = f"{r['images_per_s'] / plain['images_per_s']:.2f}" if plain else "n/a"
-            cells += [f"{1000 * r['step_s']:.1f}", f"{r['images_per_s']:.2f}", f"{r['peak_gb']:.2f}", ratio]
+            step = f"{1000 * r['step_s']:.1f}"
+            if len(r.get("round_step_s", [])) > 1:  # the spread over rounds
+                step += f" ({1000 * min(r['round_step_s']):.0f}-{1000 * max(r['round_step_s']):.0f})"
+            cells += [step, f"{r['images_per_s']:.2f}", f"{r['peak_gb']:.2f}", ratio]
             if peak_tflops:
                 cells.append(f"{100 * r['encoder_fwd_flops'] * r['images_per_s'] / (peak_tflops * 1e12):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_worker(spec: dict, env: dict, timeout: int) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timeout after {timeout}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if lines:
+        return json.loads(lines[-1][len(MARK):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {**spec, "error": f"exit {proc.returncode}: {tail[0][:200]}"}
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """One configuration's rounds: the median of the per-round medians, the largest peak memory."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    out = dict(good[0])
+    out["round_step_s"] = [r["step_s"] for r in good]
+    out["step_s"] = statistics.median(out["round_step_s"])
+    out["images_per_s"] = out["batch_size"] / out["step_s"]
+    for key in ("peak_gb", "peak_reserved_gb"):
+        if key in out:
+            out[key] = max(r[key] for r in good)
+    return out
 
 
 def main() -> None:
@@ -238,6 +270,8 @@ def main() -> None:
     parser.add_argument("--with-compile", action="store_true", help="ladder: add a torch.compile row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole grid this many times, interleaved; report the median of the rounds")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -257,30 +291,23 @@ def main() -> None:
     args.img_size = args.img_size or (1024 if cuda else 256)
     specs = grid(args)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    results = []
-    print(f"{len(specs)} configurations, each in its own process ({args.warmup} warm-up + {args.steps} timed steps)",
-          flush=True)
-    for i, spec in enumerate(specs, 1):
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                                  capture_output=True, text=True, timeout=args.timeout)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-            if lines:
-                result = json.loads(lines[-1][len(MARK):])
-            else:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                result = {**spec, "error": f"exit {proc.returncode}: {tail[0][:200]}"}
-        except subprocess.TimeoutExpired:
-            result = {**spec, "error": f"timeout after {args.timeout}s"}
-        results.append(result)
-        status = result.get("error") or f"{1000 * result['step_s']:.1f} ms/step, {result['peak_gb']:.2f} GB"
-        print(f"[{i}/{len(specs)}] {spec['model']} {spec['method']} {describe(spec)}: {status} "
-              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(f"{len(specs)} configurations x {args.rounds} round(s), each run in its own process "
+          f"({args.warmup} warm-up + {args.steps} timed steps)", flush=True)
+    runs: list[list[dict]] = [[] for _ in specs]
+    for round_no in range(1, args.rounds + 1):  # rounds interleave the configurations: load changes hit all
+        for i, spec in enumerate(specs):
+            t0 = time.perf_counter()
+            result = run_worker(spec, env, args.timeout)
+            runs[i].append(result)
+            status = result.get("error") or f"{1000 * result['step_s']:.1f} ms/step, {result['peak_gb']:.2f} GB"
+            print(f"[round {round_no}, {i + 1}/{len(specs)}] {spec['model']} {spec['method']} {describe(spec)}: "
+                  f"{status} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    results = [combine_rounds(r) for r in runs]
     first = next((r for r in results if "error" not in r), {})
     device = first.get("gpu") or f"CPU, {first.get('cpu_threads', '?')} threads"
     print(f"\ndevice: {device}; torch {first.get('torch', '?')}; median of {args.steps} steps after "
-          f"{args.warmup} warm-up; peak GB = {'max allocated' if cuda else 'peak RSS above the import baseline'}")
+          f"{args.warmup} warm-up" + (f", median over {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+          + f"; peak GB = {'max allocated' if cuda else 'peak RSS above the import baseline'}")
     print(table(results, args.peak_tflops))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
