@@ -79,10 +79,15 @@ def compile_blocks(blocks: torch.nn.Module) -> int:
 
     Shapes are specialised (``dynamic=False``): a block sees a handful of shapes (training batch, the
     last smaller batch, evaluation batches), and with activation checkpointing the recomputation must
-    pick the very graph the forward pass used, which automatic dynamic shapes do not guarantee.
+    pick the very graph the forward pass used, which automatic dynamic shapes do not guarantee. Methods
+    that a sub-module names in ``eager_methods`` (data-dependent shapes, e.g. Conv-LoRA's expert
+    dispatch) are excluded from the graphs and run eagerly.
     """
     count = 0
     for block in blocks:
+        for module in block.modules():
+            for name in getattr(module, "eager_methods", ()):
+                setattr(module, name, torch.compiler.disable(getattr(module, name)))
         block.compile(backend=COMPILE_BACKEND, dynamic=False)
         count += 1
     return count

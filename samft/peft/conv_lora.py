@@ -135,6 +135,9 @@ class ConvLoRALinear(AdapterLayer):
     Input (N, H, W, in) — SAM's attention layout — or (N, L, in) with a square L; output (..., out).
     """
 
+    # data-dependent group sizes: torch.compile (train.compile) leaves these to eager, the rest compiles
+    eager_methods = ("mixture", "mixture_reference")
+
     def __init__(self, base_layer: nn.Linear, cfg: ConvLoRAConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -168,7 +171,6 @@ class ConvLoRALinear(AdapterLayer):
             z = F.interpolate(z, size=(h, w), mode="bicubic")
         return z
 
-    @torch.compiler.disable  # data-dependent group sizes: left to eager, the rest of the block compiles
     def mixture(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``E_g(z)`` for z (N, r, H, W), grouped by expert; returns (output, balance loss)."""
         idx, gates, loss = self.gate(z)
@@ -193,7 +195,6 @@ class ConvLoRALinear(AdapterLayer):
             out = out.index_add(0, rows, y)
         return out, loss
 
-    @torch.compiler.disable
     def mixture_reference(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``E_g(z)`` the way the reference computes it (baseline only; top-1; see the module docstring)."""
         idx, gate_k, loss = self.gate(z)
