@@ -91,8 +91,9 @@ def test_validation_covers_the_whole_set_once(trained):
 def test_eval_under_torchrun(trained, workdir):
     run, _ = trained
     # "--" keeps torchrun's own parser from taking --run for its --run-path
-    out = _ok(torchrun("--", "eval", "--run", "runs/ddp", "--json", "--device", "cpu", cwd=workdir))
-    printed = json.loads(out[out.index("{"): out.rindex("}") + 1])  # rank 0 alone prints
+    proc = torchrun("--", "eval", "--run", "runs/ddp", "--json", "--device", "cpu", cwd=workdir)
+    _ok(proc)
+    printed = json.loads(proc.stdout)  # rank 0 alone prints: one JSON document
     written = json.loads((run / "eval.json").read_text())
     assert printed == written
     single = evaluate_run(run, device="cpu", show_progress=False, write=False)["sets"]["val"]
