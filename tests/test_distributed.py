@@ -113,3 +113,18 @@ def test_a_failing_rank_ends_all_ranks_with_its_error(workdir):
     summary = out[out.rindex("FAILED"):]
     assert "rank      : 1" in summary and "traceback : DataError: broken.png: not an image" in summary
     assert "done:" not in out
+
+
+def test_diverged_ranks_are_an_error(monkeypatch):
+    import torch
+
+    import samft.engine.distributed as D
+    from samft.errors import SamftError
+
+    tensors = {"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.bfloat16)}
+    mine = tensors_sha256(tensors)
+    assert mine == tensors_sha256({"b": tensors["b"].clone(), "a": tensors["a"].clone()})
+    assert mine != tensors_sha256({**tensors, "a": torch.tensor([1.0, 1.0, 1.0 + 1e-7])})
+    monkeypatch.setattr(D, "gather_objects", lambda obj, info: [obj, obj, "f" * 64])
+    with pytest.raises(SamftError, match=r"the 3 processes ended with different weights \(ranks \[0, 1\]: "):
+        D.check_in_sync(tensors, D.DistInfo(rank=0, world_size=3))

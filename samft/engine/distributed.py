@@ -114,15 +114,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def env_rank() -> int:
-    """This process's rank from torchrun's environment (0 when not launched by torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over named tensors (sorted by name, exact bytes): equal digests mean identical weights."""
     h = hashlib.sha256()
@@ -151,7 +142,7 @@ def record_error(message: str) -> None:
     """Write ``message`` to torchrun's error file (when launched by torchrun), so that torchrun's failure
     summary shows it instead of "To enable traceback see ..."."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path or env_world_size() <= 1:
+    if not path or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     data = {"message": {"message": message,
                         "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
