@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,17 +33,33 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _show_warning if _rank() == 0 else (lambda *a, **k: None)  # torchrun: rank 0 warns
         try:
             return fn(*args, **kwargs)
         except SamftError as e:
-            _console().print(f"[bold red]error:[/] {e}", soft_wrap=True)
-            raise typer.Exit(130 if type(e).__name__ == "TrainingInterrupted" else 2) from None
+            interrupted = type(e).__name__ == "TrainingInterrupted"
+            label = "error"
+            if _world_size() > 1:  # under torchrun: say which process, and tell torchrun's summary
+                label = f"error (rank {_rank()})"
+                if not interrupted:  # stopped because another process failed: not the cause
+                    from samft.engine.distributed import record_error
+
+                    record_error(f"{type(e).__name__}: {e}")
+            _console().print(f"[bold red]{label}:[/] {e}", soft_wrap=True)
+            raise typer.Exit(130 if interrupted else 2) from None
         except KeyboardInterrupt:
             _console().print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _parse_named(items: Optional[List[str]], option: str) -> dict[str, str]:
@@ -80,7 +97,8 @@ def train(
     if no_progress:
         cfg.train.progress = False
     run_dir = run_training(cfg, resume=resume is not None, show_progress=cfg.train.progress)
-    _console().print(f"[green]done:[/] {run_dir}")
+    if _rank() == 0:
+        _console().print(f"[green]done:[/] {run_dir}")
 
 
 @app.command("eval")
@@ -98,6 +116,8 @@ def eval_(
     run_dir = run or newest_run()
     named = {k: str(Path(v).expanduser().resolve()) for k, v in _parse_named(data, "--data").items()}  # from cwd
     results = evaluate_run(run_dir, named or None, device, show_progress=not as_json)
+    if _rank() != 0:  # under torchrun: rank 0 prints
+        return
     if as_json:
         print(json.dumps(results, indent=2))
         return

@@ -56,6 +56,8 @@ class ModelConfig:
     seed: int = opt(0, "seed of the random base weights when checkpoint is null")
     num_mask_tokens: int = opt(10, "multi-class: mask tokens (queries) decoded per image; binary models use one",
                                minimum=1)
+    attention: str = opt("sdpa", "encoder attention: sdpa (fused scaled_dot_product_attention) or eager "
+                         "(segment_anything's own, the plain reference)", ("sdpa", "eager"))
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
 
 
@@ -101,8 +103,13 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear warm-up steps before the linear decay", minimum=0)
     min_lr_ratio: float = opt(0.0, "learning rate at the end of the linear decay, as a fraction of lr", minimum=0.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", minimum=0.0)
-    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with GradScaler) or fp32",
+    precision: str = opt("auto", "auto (bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU), bf16, fp16 "
+                         "(with GradScaler) or fp32",
                          ("auto", "bf16", "fp16", "fp32"))
+    compile: bool = opt(False, "torch.compile each encoder block (slow first steps; needs a C++ compiler on CPU "
+                        "or Triton on CUDA)")
+    grad_checkpointing: bool = opt(False, "recompute each encoder block's activations in the backward pass "
+                                   "(non-reentrant checkpointing): much less memory, about 1/3 more time")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     seed: int = opt(42, "seed of weights init, data order, augmentation and gate noise")
     metric: str = opt("auto", "validation metric that picks the best checkpoint (auto = Sm for binary, mIoU for "

@@ -17,6 +17,7 @@ from samft.config import Config, config_hash
 from samft.data.classes import ClassSpec
 from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
+from samft.engine import distributed as D
 from samft.engine.checkpoint import atomic_write_text
 from samft.engine.progress import progress
 from samft.engine.runtime import autocast, pick_device, resolve_precision
@@ -84,8 +85,25 @@ def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: t
 
 def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, device: str = "auto",
                  show_progress: bool = True, write: bool = True) -> dict:
-    """Evaluate a run's best adapter on its test sets (or ``data``) and write ``eval.json``."""
-    dev = pick_device(device)
+    """Evaluate a run's best adapter on its test sets (or ``data``) and write ``eval.json``.
+
+    Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
+    merges the per-image results and writes ``eval.json``; every rank returns the merged results.
+    """
+    owns_group = not D.is_initialized()
+    info = D.setup(device)
+    ok = False
+    try:
+        results = _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info)
+        ok = True
+        return results
+    finally:
+        if owns_group:
+            D.cleanup(graceful=ok)
+
+
+def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torch.device, show_progress: bool,
+                  write: bool, info: D.DistInfo) -> dict:
     run = load_run(run_dir, dev)
     cfg = run.cfg
     precision = resolve_precision(cfg.train.precision, dev)
@@ -97,7 +115,9 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
                      "config_hash": chash, "protocol": protocol, "sets": {}}
     for name, pairs in sets.items():
         t0 = time.perf_counter()
-        metrics = evaluate_pairs(run.model, pairs, cfg, dev, precision, f"eval {name}", show_progress)
+        metrics = evaluate_pairs(run.model, D.shard(pairs, info), cfg, dev, precision, f"eval {name}",
+                                 show_progress and info.is_main)
+        metrics = D.merge_across(metrics, info)
         results["sets"][name] = {
             "n_images": len(metrics),
             "metrics": metrics.compute(),
@@ -106,6 +126,7 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
             "config_hash": chash,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-    if write:
+    if write and info.is_main:
         atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(results, indent=2))
+    D.barrier(info)
     return results

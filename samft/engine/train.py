@@ -46,7 +46,7 @@ from samft.engine.evaluate import evaluate_pairs
 from samft.engine.progress import console, progress
 from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE,
                                adapter_expectations)
-from samft.engine.runtime import autocast, pick_device, resolve_precision
+from samft.engine.runtime import autocast, check_compile, compile_blocks, pick_device, resolve_precision
 from samft.errors import SamftError
 from samft.losses import SetLossWeights, set_loss, structure_loss
 from samft.metrics import higher_is_better, selection_metric, task_metric_names
@@ -254,11 +254,14 @@ class _StopSignal:
 def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Path:
     """Train ``cfg`` into ``cfg.output.dir`` (or continue the run there when ``resume``); returns the run dir."""
     info = D.setup(cfg.train.device)
+    ok = False
     try:
         with _StopSignal(), RunLock(Path(cfg.output.dir or "runs/run"), info.is_main):
-            return _train(cfg, resume, show_progress, info)
+            run_dir = _train(cfg, resume, show_progress, info)
+        ok = True
+        return run_dir
     finally:
-        D.cleanup()
+        D.cleanup(graceful=ok)
 
 
 def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> Path:
@@ -284,9 +287,13 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
     run_dir = prepare_run_dir(cfg, resume, info)
     train_pairs, val_pairs = train_val_pairs(cfg.data)
 
+    if tc.compile:
+        check_compile(device)
     built = build_model(cfg)
     model: SemanticSAM = built.model.to(device)
-    model.grad_checkpointing = getattr(tc, "grad_checkpointing", False)
+    model.grad_checkpointing = tc.grad_checkpointing
+    if tc.compile:
+        compile_blocks(model.image_encoder.blocks)
     spec = peft.get(cfg.peft.method)
     params = count_params(model)
     meta_base = {**adapter_expectations(cfg, built.base_sha256), "img_size": str(model.img_size),
@@ -332,10 +339,13 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
                                             find_unused_parameters=spec.unused_params)
 
     if main:
+        speed = [f"{cfg.model.attention} attention"] + (["checkpointing"] if tc.grad_checkpointing else []) + (
+            ["compiled"] if tc.compile else [])
+        procs = f" x {info.world_size} processes" if info.enabled else ""
         console.print(f"[bold]samft {__version__}[/] {cfg.model.type} + {cfg.peft.method}: "
                       f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters | "
-                      f"{len(train_pairs)} train / {len(val_pairs)} val images | {device} {precision} | "
-                      f"{total_steps} steps -> {run_dir}")
+                      f"{len(train_pairs)} train / {len(val_pairs)} val images | {device}{procs} {precision}, "
+                      f"{', '.join(speed)} | {total_steps} steps -> {run_dir}")
 
     def save_state(snapshot_rng: dict) -> None:
         if not main:
@@ -356,11 +366,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             metrics = evaluate_pairs(model, D.shard(val_pairs, info), cfg, device, precision, f"val {epoch_no}",
                                      show_progress and main)
-        parts = D.gather_objects(metrics, info)
-        merged = parts[0]
-        for other in parts[1:]:
-            merged.merge(other)
-        return merged.compute()
+        return D.merge_across(metrics, info).compute()
 
     last_rng = state.rng or rng_state()
     window: list[float] = []
@@ -435,6 +441,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         save_state(last_rng)
         raise TrainingInterrupted(f"interrupted at step {state.step}; the run is saved, continue it with: "
                                   f"samft train --resume {run_dir}") from None
+    if info.enabled:  # DDP keeps the processes in step; check it (cheap: once per run)
+        digest = D.check_in_sync(trainable_state(model), info)
+        if main:
+            console.print(f"all {info.world_size} processes hold identical trainable weights (sha256 {digest})")
     D.barrier(info)
     if main and not (run_dir / ADAPTER_FILE).exists():
         warnings.warn("no validation result was finite; adapter.safetensors holds the last weights", stacklevel=2)
