@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,17 +33,33 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _show_warning if _rank() == 0 else (lambda *a, **k: None)  # torchrun: rank 0 warns
         try:
             return fn(*args, **kwargs)
         except SamftError as e:
-            _console().print(f"[bold red]error:[/] {e}", soft_wrap=True)
-            raise typer.Exit(130 if type(e).__name__ == "TrainingInterrupted" else 2) from None
+            interrupted = type(e).__name__ == "TrainingInterrupted"
+            label = "error"
+            if _world_size() > 1:  # under torchrun: say which process, and tell torchrun's summary
+                label = f"error (rank {_rank()})"
+                if not interrupted:  # stopped because another process failed: not the cause
+                    from samft.engine.distributed import record_error
+
+                    record_error(f"{type(e).__name__}: {e}")
+            _console().print(f"[bold red]{label}:[/] {e}", soft_wrap=True)
+            raise typer.Exit(130 if interrupted else 2) from None
         except KeyboardInterrupt:
             _console().print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _parse_named(items: Optional[List[str]], option: str) -> dict[str, str]:
@@ -80,7 +97,8 @@ def train(
     if no_progress:
         cfg.train.progress = False
     run_dir = run_training(cfg, resume=resume is not None, show_progress=cfg.train.progress)
-    _console().print(f"[green]done:[/] {run_dir}")
+    if _rank() == 0:
+        _console().print(f"[green]done:[/] {run_dir}")
 
 
 @app.command("eval")
@@ -98,24 +116,29 @@ def eval_(
     run_dir = run or newest_run()
     named = {k: str(Path(v).expanduser().resolve()) for k, v in _parse_named(data, "--data").items()}  # from cwd
     results = evaluate_run(run_dir, named or None, device, show_progress=not as_json)
+    if _rank() != 0:  # under torchrun: rank 0 prints
+        return
     if as_json:
         print(json.dumps(results, indent=2))
         return
+    _print_metrics_table(f"{run_dir} (config {results['config_hash']}, {results['protocol']})", results["sets"])
+    _console().print(f"written: {Path(run_dir) / 'eval.json'}")
+
+
+def _print_metrics_table(title: str, sets: dict) -> None:
+    """One row per set, one column per metric (stdout)."""
+    from rich.console import Console
     from rich.table import Table
 
-    sets = results["sets"]
     names = list(next(iter(sets.values()))["metrics"])
-    table = Table(title=f"{run_dir} (config {results['config_hash']})")
-    table.add_column("test set")
+    table = Table(title=title)
+    table.add_column("set")
     table.add_column("images", justify="right")
     for n in names:
         table.add_column(n, justify="right")
     for set_name, r in sets.items():
         table.add_row(set_name, str(r["n_images"]), *(f"{r['metrics'][n]:.4f}" for n in names))
-    from rich.console import Console
-
-    Console().print(table)
-    _console().print(f"written: {Path(run_dir) / 'eval.json'}")
+    Console(width=max(120, 12 * (len(names) + 2))).print(table)
 
 
 @app.command()
@@ -175,6 +198,69 @@ def info(
     c.print(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "
             f"adapters {result['adapter_params']:,} + decoder {result['decoder_params']:,}")
     c.print(f"total          {result['total_params']:,}")
+
+
+@app.command()
+@user_errors
+def score(
+    pred: Path = typer.Option(..., "--pred", help="folder of prediction maps (grey 0-255, 16-bit, float TIFF or .npy)"),
+    gt: Path = typer.Option(..., "--gt", help="folder of ground-truth masks (matched to predictions by file stem)"),
+    threshold: float = typer.Option(0.5, "--threshold", help="threshold for dice@0.5, iou@0.5 and BER"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
+) -> None:
+    """Score saved prediction maps (any method's) against ground truth with samft's metrics."""
+    from samft.engine.score import score_folders
+
+    result = score_folders(pred, gt, threshold, show_progress=not as_json)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    _print_metrics_table(f"{pred} vs {gt}", {"scored": {"n_images": result["n_images"], "metrics": result["metrics"]}})
+    if result["resized"]:
+        _console().print(f"note: {result['resized']} prediction(s) resized to their mask's size")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
+    quick: bool = typer.Option(False, "--quick", help="paths and sizes only (no decoding)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
+) -> None:
+    """Validate every split (pairs, sizes, mask values, unreadable files) before a long run."""
+    from samft.config import load_config
+    from samft.data.check import check_data
+
+    cfg = load_config(config, overrides)
+    report = check_data(cfg, "quick" if quick else "full", show_progress=not as_json)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"data check: {config}")
+        for column in ("split", "pairs", "image sizes", "mask values (pixels)", "foreground", "problems"):
+            table.add_column(column)
+        for split in report.splits:
+            d = split.as_dict()
+            fg = f"{d['foreground_mean']:.1%}" if d["foreground_mean"] is not None else "-"
+            table.add_row(split.name, str(split.pairs), d["image_sizes"], d["mask_values"], fg,
+                          str(len(split.problems)))
+        Console().print(table)
+        for w in report.warnings:
+            _console().print(f"[yellow]warning:[/] {w}")
+        for p in report.problems:
+            _console().print(f"[red]problem:[/] {p}", soft_wrap=True)
+    if report.problems:
+        raise SamftError(f"{len(report.problems)} problem(s) found")
+    if not as_json:
+        _console().print("[green]data check passed[/]")
 
 
 @app.command("demo-data")

@@ -26,6 +26,7 @@ import yaml
 from samft import peft as _peft
 from samft.errors import ConfigError
 from samft.fields import opt, section
+from samft.metrics import METRIC_CHOICES, canonical
 
 MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
 
@@ -53,21 +54,40 @@ class ModelConfig:
     )
     img_size: int = opt(1024, "square input side (multiple of 16); pos_embed is interpolated when not 1024", minimum=16)
     seed: int = opt(0, "seed of the random base weights when checkpoint is null")
+    num_mask_tokens: int = opt(10, "multi-class: mask tokens (queries) decoded per image; binary models use one",
+                               minimum=1)
+    attention: str = opt("sdpa", "encoder attention: sdpa (fused scaled_dot_product_attention) or eager "
+                         "(segment_anything's own, the plain reference)", ("sdpa", "eager"))
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
+
+
+DATA_FORMATS = ("auto", "folders", "csv", "pranet", "sinet", "isic", "sbu", "voc")
 
 
 @dataclass
 class DataConfig:
-    format: str = opt("auto", "split layout: auto (CSV when the path ends in .csv, else folders), folders, csv",
-                      ("auto", "folders", "csv"))
-    root: str = opt(".", "base folder; relative split paths are resolved against it")
-    train: str = opt("train", "training split: a folder holding image_dir/ and mask_dir/, or a CSV list")
-    val: Optional[str] = opt(None, "validation split; null = hold out val_fraction of the training split")
-    val_fraction: float = opt(0.1, "fraction of train held out for validation when val is null", minimum=0.0)
-    test: dict[str, str] = opt({}, "named test sets {name: folder or CSV}; empty = evaluate the validation split")
-    image_dir: str = opt("images", "sub-folder of a split folder holding the images")
-    mask_dir: str = opt("masks", "sub-folder of a split folder holding the masks")
-    mask_suffix: str = opt("", "added to an image's stem to name its mask (e.g. _segmentation for ISIC)")
+    format: str = opt("auto", "layout preset: auto (CSV when a split ends in .csv, else folders), folders, csv, "
+                      "pranet, sinet, isic, sbu, voc (see samft/data/layouts.py)", DATA_FORMATS)
+    root: str = opt(".", "dataset folder; relative split paths are resolved against it")
+    train: Optional[str] = opt(None, "training split: folder, IMAGES::MASKS folders, CSV or VOC list "
+                                     "(null = the format's default, e.g. TrainDataset)")
+    val: Optional[str] = opt(None, "validation split; null = the format's (VOC: val) or hold out val_fraction")
+    val_fraction: float = opt(0.1, "fraction of train held out for validation when there is no val split",
+                              minimum=0.0)
+    test: dict[str, str] = opt({}, "named test sets {name: split}; empty = the format's test sets "
+                                   "(e.g. every TestDataset/ folder), else the validation split")
+    image_dir: Optional[str] = opt(None, "sub-folder of a split holding the images (null = the format's)")
+    mask_dir: Optional[str] = opt(None, "sub-folder of a split holding the masks (null = the format's)")
+    mask_suffix: Optional[str] = opt(None, "added to an image's stem to name its mask (null = the format's, "
+                                           "e.g. _segmentation for isic)")
+    ignore: list[str] = opt([], "glob patterns of files to skip in image/mask folders (e.g. '*_superpixels.png')")
+    check: str = opt("full", "checks before training: full (decode every file), quick (paths and sizes), off",
+                     ("full", "quick", "off"))
+    classes: list[str] = opt([], "class names, index = class id (background included); empty = binary masks")
+    palette: list[list[int]] = opt([], "RGB colour of each class in colour-coded masks and predicted palette PNGs "
+                                       "(empty = Pascal VOC's colour map)")
+    ignore_index: int = opt(255, "class id excluded from the loss and the metrics (VOC's boundary)")
+    ignore_colors: list[list[int]] = opt([[224, 224, 192]], "colours of colour-coded masks mapped to ignore_index")
     split_seed: int = opt(0, "seed of the train/validation hold-out split")
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
 
@@ -83,13 +103,18 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear warm-up steps before the linear decay", minimum=0)
     min_lr_ratio: float = opt(0.0, "learning rate at the end of the linear decay, as a fraction of lr", minimum=0.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", minimum=0.0)
-    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with GradScaler) or fp32",
+    precision: str = opt("auto", "auto (bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU), bf16, fp16 "
+                         "(with GradScaler) or fp32",
                          ("auto", "bf16", "fp16", "fp32"))
+    compile: bool = opt(False, "torch.compile each encoder block (slow first steps; needs a C++ compiler on CPU "
+                        "or Triton on CUDA)")
+    grad_checkpointing: bool = opt(False, "recompute each encoder block's activations in the backward pass "
+                                   "(non-reentrant checkpointing): much less memory, about 1/3 more time")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     seed: int = opt(42, "seed of weights init, data order, augmentation and gate noise")
-    metric: str = opt("sm", "validation metric that picks the best checkpoint (dice, iou, sm, em, wfm, mae or "
-                      "its eval.json name)", ("dice", "iou", "sm", "em", "wfm", "mae",
-                                              "dice@0.5", "iou@0.5", "Sm", "meanEm", "wFm", "MAE"))
+    metric: str = opt("auto", "validation metric that picks the best checkpoint (auto = Sm for binary, mIoU for "
+                              "multi-class): an eval.json name (Sm, dice@0.5, meanDice, mIoU, ...) or its alias "
+                              "(sm, dice, mdice, em, wfm, mae, ber, miou, ...)", ("auto",) + METRIC_CHOICES)
     val_every: int = opt(1, "validate every N epochs (the last epoch is always validated)", minimum=1)
     save_every: int = opt(100, "also save the resumable state every N optimizer steps (0 = epoch ends only)",
                           minimum=0)
@@ -101,16 +126,24 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    bce: str = opt("mean", "BCE term of the structure loss: mean (paper/reference) or weighted (PraNet weights)",
-                   ("mean", "weighted"))
-    balance_weight: float = opt(1.0, "weight of the Conv-LoRA expert balance loss", minimum=0.0)
+    bce: str = opt("mean", "BCE term: mean (paper/reference), weighted (PraNet's boundary weights) or balanced "
+                           "(shadow detection, SAM-Adapter's balanced BCE)", ("mean", "weighted", "balanced"))
+    iou: bool = opt(True, "add the boundary-weighted IoU term of the structure loss")
+    balance_weight: Optional[float] = opt(None, "weight of the Conv-LoRA expert balance loss (null = 1.0 binary, "
+                                                "2.0 multi-class, as the reference)", minimum=0.0)
+    class_weight: float = opt(10.0, "multi-class: weight of the query classification cross-entropy", minimum=0.0)
+    mask_bce_weight: float = opt(5.0, "multi-class: weight of the matched masks' BCE", minimum=0.0)
+    mask_dice_weight: float = opt(5.0, "multi-class: weight of the matched masks' Dice loss", minimum=0.0)
+    no_object_weight: float = opt(0.1, "multi-class: cross-entropy weight of the 'no object' class", minimum=0.0)
     ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
 
 
 @dataclass
 class EvalConfig:
-    threshold: float = opt(0.5, "probability threshold for dice/iou and predicted masks", minimum=0.0)
+    threshold: float = opt(0.5, "probability threshold for dice@0.5/iou@0.5/BER and predicted masks", minimum=0.0)
     batch_size: int = opt(4, "images per forward pass during evaluation and prediction", minimum=1)
+    resize_gt_to_input: bool = opt(False, "score at img_size x img_size with the ground truth resized (AutoGluon's "
+                                          "protocol) instead of at each image's original resolution")
 
 
 @dataclass
@@ -268,8 +301,27 @@ def validate(cfg: Config) -> Config:
     _validate(cfg)
     if cfg.model.img_size % 16:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of 16 (the patch size)")
-    if cfg.data.val is None and not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be between 0 and 1 when data.val is null")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
+    d = cfg.data
+    if d.palette and len(d.palette) != len(d.classes):
+        raise ConfigError(f"data.palette: {len(d.palette)} colours for {len(d.classes)} classes in data.classes")
+    for key, colours in (("data.palette", d.palette), ("data.ignore_colors", d.ignore_colors)):
+        for c in colours:
+            if len(c) != 3 or not all(0 <= v <= 255 for v in c):
+                raise ConfigError(f"{key}: {c} is not an RGB colour (three values 0..255)")
+    if d.classes and 0 <= d.ignore_index < len(d.classes):
+        raise ConfigError(f"data.ignore_index: {d.ignore_index} is a class id of data.classes "
+                          f"({d.classes[d.ignore_index]!r}); use an id outside 0..{len(d.classes) - 1}")
+    if len(d.classes) == 1:
+        raise ConfigError("data.classes: one class is a binary task; leave data.classes empty for binary masks")
+    from samft.metrics import task_metric_names  # the metric must exist for the task
+
+    metric = cfg.train.metric
+    if metric != "auto" and canonical(metric) not in task_metric_names(bool(d.classes)):
+        kind = "multi-class" if d.classes else "binary"
+        raise ConfigError(f"train.metric: {metric!r} is not a {kind} metric; choose from "
+                          f"{', '.join(task_metric_names(bool(d.classes)))}")
     if cfg.model.type == "tiny":
         t = cfg.model.tiny
         if t.embed_dim % t.num_heads:

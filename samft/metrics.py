@@ -1,37 +1,77 @@
-"""Binary segmentation metrics, one implementation for training validation, ``eval`` and ``score``.
+"""Binary segmentation metrics: one implementation for training validation, ``eval`` and ``score``.
+
+Names in ``eval.json`` (and the alias accepted by ``train.metric``):
+
+| name | alias | definition |
+|---|---|---|
+| dice@0.5, iou@0.5 | dice, iou | per image at ``prob >= 0.5``, averaged over images (both empty = 1) |
+| meanDice, meanIoU, maxDice | mdice, meaniou, maxdice | PraNet's protocol: the map is min-max normalised, Dice/IoU at 256 thresholds 1..0 (0 when nothing overlaps), averaged over images; mean (or max) over thresholds |
+| Sm | sm | S-measure (pysodmetrics) |
+| wFm | wfm | weighted F-measure (pysodmetrics) |
+| meanEm, maxEm, adpEm | em, maxem, adpem | E-measure: mean / max of the 256-threshold curve, adaptive (pysodmetrics) |
+| MAE | mae | mean absolute error of the min-max normalised map (pysodmetrics) |
+| BER | ber | balanced error rate in percent at 0.5, ``100 (1 - (TP/P + TN/N) / 2)`` from counts pooled over the set (shadow detection) |
+
+Multi-class (``data.classes``): ``mIoU`` (alias miou; mean over classes, background included, of
+TP / (TP + FP + FN), classes absent from both prediction and ground truth left out), ``mAcc`` (macc; mean
+per-class recall), ``pixel_acc`` (acc), and the IoU of each class, all from one confusion matrix over the
+pixels whose ground truth is not ``ignore_index``; matrices from several processes add up exactly.
 
 S-measure, E-measure, weighted F-measure and MAE come from ``pysodmetrics`` (checked against the MATLAB
-toolbox). Predictions are given as probabilities in [0, 1]; they are passed to pysodmetrics as 8-bit
-grey maps, which it min-max normalises per image, the standard COD/polyp protocol. Dice and IoU are
-per image at a threshold (pred >= t), then averaged over images.
-
-Each image's results are kept, so results from several processes can be merged without duplicates.
+toolbox); predictions reach it as 8-bit grey maps, which it min-max normalises per image: the standard
+COD/polyp protocol. Each image's results are kept, so results from several processes merge exactly.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import py_sod_metrics as sod
+from typing import Optional
 
-# name in eval.json -> (short alias accepted in configs, higher is better)
+import numpy as np
+
+# name -> (alias, higher is better)
 BINARY_METRICS: dict[str, tuple[str, bool]] = {
     "dice@0.5": ("dice", True),
     "iou@0.5": ("iou", True),
+    "meanDice": ("mdice", True),
+    "meanIoU": ("meaniou", True),
+    "maxDice": ("maxdice", True),
     "Sm": ("sm", True),
-    "meanEm": ("em", True),
     "wFm": ("wfm", True),
+    "meanEm": ("em", True),
+    "maxEm": ("maxem", True),
+    "adpEm": ("adpem", True),
     "MAE": ("mae", False),
+    "BER": ("ber", False),
 }
-ALIASES = {alias: name for name, (alias, _) in BINARY_METRICS.items()}
+MULTICLASS_METRICS: dict[str, tuple[str, bool]] = {
+    "mIoU": ("miou", True),
+    "mAcc": ("macc", True),
+    "pixel_acc": ("acc", True),
+}
+ALL_METRICS = {**BINARY_METRICS, **MULTICLASS_METRICS}
+ALIASES = {alias: name for name, (alias, _) in ALL_METRICS.items()}
+METRIC_CHOICES = tuple(ALIASES) + tuple(ALL_METRICS)
+THRESHOLDS = np.linspace(1.0, 0.0, 256)  # PraNet's 1:-1/255:0
 
 
 def canonical(name: str) -> str:
-    """The eval.json name of a metric given its name or short alias (``sm`` -> ``Sm``)."""
+    """The eval.json name of a metric given its name or alias (``sm`` -> ``Sm``)."""
     return ALIASES.get(name, name)
 
 
 def higher_is_better(name: str) -> bool:
-    return BINARY_METRICS[canonical(name)][1]
+    return ALL_METRICS[canonical(name)][1]
+
+
+def task_metric_names(multiclass: bool) -> tuple[str, ...]:
+    return tuple(MULTICLASS_METRICS if multiclass else BINARY_METRICS)
+
+
+def selection_metric(metric: str, multiclass: bool) -> str:
+    """The eval.json name of ``train.metric`` (``auto``: Sm for binary, mIoU for multi-class)."""
+    if metric == "auto":
+        return "mIoU" if multiclass else "Sm"
+    return canonical(metric)
 
 
 def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
@@ -44,28 +84,57 @@ def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     return float(dice), float(iou)
 
 
+def minmax(pred: np.ndarray) -> np.ndarray:
+    """MATLAB's ``mapminmax`` on a map in [0, 1] (left as it is when constant)."""
+    lo, hi = float(pred.min()), float(pred.max())
+    return (pred - lo) / (hi - lo) if hi > lo else pred
+
+
+def threshold_curves(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PraNet's Dice and IoU at each of the 256 thresholds (``pred >= t``; 0 when nothing overlaps).
+
+    ``pred`` is the normalised map in [0, 1]; counts come from sorted values, not 256 passes.
+    """
+    values = np.sort(pred.ravel())
+    fg_values = np.sort(pred[gt])
+    n_pred = values.size - np.searchsorted(values, THRESHOLDS, side="left")
+    inter = fg_values.size - np.searchsorted(fg_values, THRESHOLDS, side="left")
+    n_gt = fg_values.size
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dice = np.where(inter > 0, 2.0 * inter / (n_gt + n_pred), 0.0)
+        iou = np.where(inter > 0, inter / (n_gt + n_pred - inter), 0.0)
+    return dice, iou
+
+
 class BinaryMetrics:
-    """Accumulates per-image results; ``compute()`` averages them over images."""
+    """Accumulates per-image results; ``compute()`` reduces them over the images of a set."""
+
+    KEYS = ("name", "dice", "iou", "sm", "wfm", "mae", "em_curve", "em_adp", "dice_curve", "iou_curve", "counts")
 
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = threshold
-        self.records: dict[str, list] = {"name": [], "dice": [], "iou": [], "sm": [], "wfm": [], "mae": [],
-                                         "em_curve": []}
+        self.records: dict[str, list] = {k: [] for k in self.KEYS}
 
     def __len__(self) -> int:
         return len(self.records["name"])
 
     def update(self, prob: np.ndarray, gt: np.ndarray, name: str = "") -> None:
-        """prob: (H, W) float in [0, 1]; gt: (H, W) bool, same size."""
+        """prob: (H, W) float in [0, 1]; gt: (H, W) bool of the same size."""
+        import py_sod_metrics as sod
+
         if prob.shape != gt.shape:
             raise ValueError(f"{name}: prediction {prob.shape} and ground truth {gt.shape} differ in size")
         gt = gt.astype(bool)
         pred_u8 = np.clip(np.round(prob * 255.0), 0, 255).astype(np.uint8)
         gt_u8 = gt.astype(np.uint8) * 255
-        d, i = dice_iou(prob >= self.threshold, gt)
+        binary = prob >= self.threshold
+        d, i = dice_iou(binary, gt)
         sm, em, wfm, mae = sod.Smeasure(), sod.Emeasure(), sod.WeightedFmeasure(), sod.MAE()
         for m in (sm, em, wfm, mae):
             m.step(pred_u8, gt_u8)
+        dice_curve, iou_curve = threshold_curves(minmax(pred_u8 / 255.0), gt)
+        tp = int(np.logical_and(binary, gt).sum())
+        tn = int(np.logical_and(~binary, ~gt).sum())
         r = self.records
         r["name"].append(name)
         r["dice"].append(d)
@@ -74,6 +143,10 @@ class BinaryMetrics:
         r["wfm"].append(float(wfm.weighted_fms[-1]))
         r["mae"].append(float(mae.maes[-1]))
         r["em_curve"].append(np.asarray(em.changeable_ems[-1], dtype=np.float64).reshape(-1))
+        r["em_adp"].append(float(em.adaptive_ems[-1]))
+        r["dice_curve"].append(dice_curve)
+        r["iou_curve"].append(iou_curve)
+        r["counts"].append((tp, tn, int(gt.sum()), int((~gt).sum())))
 
     def merge(self, other: "BinaryMetrics") -> None:
         for key, values in other.records.items():
@@ -84,11 +157,67 @@ class BinaryMetrics:
         if not r["name"]:
             return {name: float("nan") for name in BINARY_METRICS}
         em_curve = np.mean(np.stack(r["em_curve"]), axis=0)
+        dice_curve = np.mean(np.stack(r["dice_curve"]), axis=0)
+        iou_curve = np.mean(np.stack(r["iou_curve"]), axis=0)
+        tp, tn, pos, neg = np.sum(np.array(r["counts"], dtype=np.float64), axis=0)
+        sensitivity = tp / pos if pos else 1.0
+        specificity = tn / neg if neg else 1.0
         return {
             "dice@0.5": float(np.mean(r["dice"])),
             "iou@0.5": float(np.mean(r["iou"])),
+            "meanDice": float(np.mean(dice_curve)),
+            "meanIoU": float(np.mean(iou_curve)),
+            "maxDice": float(np.max(dice_curve)),
             "Sm": float(np.mean(r["sm"])),
-            "meanEm": float(np.mean(em_curve)),
             "wFm": float(np.mean(r["wfm"])),
+            "meanEm": float(np.mean(em_curve)),
+            "maxEm": float(np.max(em_curve)),
+            "adpEm": float(np.mean(r["em_adp"])),
             "MAE": float(np.mean(r["mae"])),
+            "BER": float(100.0 * (1.0 - 0.5 * (sensitivity + specificity))),
+        }
+
+
+class ConfusionMetrics:
+    """Multi-class metrics from a confusion matrix (rows: ground truth, columns: prediction)."""
+
+    def __init__(self, class_names: tuple[str, ...], ignore_index: int = 255) -> None:
+        self.class_names = tuple(class_names)
+        self.ignore_index = ignore_index
+        n = len(class_names)
+        self.matrix = np.zeros((n, n), dtype=np.int64)
+        self.images = 0
+
+    def __len__(self) -> int:
+        return self.images
+
+    def update(self, pred: np.ndarray, gt: np.ndarray, name: str = "") -> None:
+        """pred, gt: (H, W) class ids of the same size; ``ignore_index`` pixels of gt are left out."""
+        if pred.shape != gt.shape:
+            raise ValueError(f"{name}: prediction {pred.shape} and ground truth {gt.shape} differ in size")
+        n = len(self.class_names)
+        keep = gt != self.ignore_index
+        index = gt[keep].astype(np.int64) * n + pred[keep].astype(np.int64)
+        self.matrix += np.bincount(index, minlength=n * n).reshape(n, n)
+        self.images += 1
+
+    def merge(self, other: "ConfusionMetrics") -> None:
+        self.matrix += other.matrix
+        self.images += other.images
+
+    def per_class_iou(self) -> dict[str, Optional[float]]:
+        tp = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
+        return {name: (float(tp[i] / union[i]) if union[i] else None) for i, name in enumerate(self.class_names)}
+
+    def compute(self) -> dict[str, float]:
+        tp = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
+        gt_count = self.matrix.sum(1)
+        total = self.matrix.sum()
+        present = union > 0
+        return {
+            "mIoU": float(np.mean(tp[present] / union[present])) if present.any() else float("nan"),
+            "mAcc": float(np.mean(tp[gt_count > 0] / gt_count[gt_count > 0])) if (gt_count > 0).any() else float("nan"),
+            "pixel_acc": float(tp.sum() / total) if total else float("nan"),
         }

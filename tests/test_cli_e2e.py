@@ -85,8 +85,11 @@ def test_eval_json_and_file(workdir):
     assert result == on_disk
     val = result["sets"]["val"]
     assert val["n_images"] == 5
-    assert set(val["metrics"]) == {"dice@0.5", "iou@0.5", "Sm", "meanEm", "wFm", "MAE"}
-    assert all(0 <= v <= 1 for v in val["metrics"].values())
+    assert list(val["metrics"]) == ["dice@0.5", "iou@0.5", "meanDice", "meanIoU", "maxDice", "Sm", "wFm", "meanEm",
+                                    "maxEm", "adpEm", "MAE", "BER"]
+    assert all(0 <= v <= 1 for k, v in val["metrics"].items() if k != "BER")
+    assert 0 <= val["metrics"]["BER"] <= 100
+    assert result["protocol"] == "original_resolution"
     assert val["config_hash"] == result["config_hash"] and val["checkpoint"].endswith("adapter.safetensors")
 
 
@@ -147,3 +150,19 @@ def test_user_errors_are_one_clear_line(workdir, args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in " ".join(proc.stderr.split()), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_checkpoint_of_another_type_is_one_clear_line(workdir):
+    import torch
+
+    fake = {"image_encoder.pos_embed": torch.zeros(1, 64, 64, 1280)}
+    fake.update({f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(32)})
+    torch.save(fake, workdir / "sam_vit_h_4b8939.pth")
+    proc = samft("info", "--config", "tiny.yaml", cwd=workdir, check=False)  # info needs no weights
+    assert proc.returncode == 0
+    proc = samft("train", "--config", "tiny.yaml", "model.type=vit_b", "model.img_size=64",
+                 "model.checkpoint=sam_vit_h_4b8939.pth", "output.dir=runs/wrong", cwd=workdir, check=False)
+    assert proc.returncode == 2
+    assert ("sam_vit_h_4b8939.pth: this is a vit_h checkpoint (encoder width 1280, 32 blocks) but model.type is "
+            "vit_b") in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr

@@ -177,3 +177,37 @@ def test_parameter_count_per_layer():
     layer = ConvLoRALinear(base, ConvLoRAConfig())
     assert sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base_layer")) == 16_080
     assert math.isclose(layer.scaling, 32 / 3)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("options", [{}, {"experts": 4, "scales": [1, 1.5, 2, 3], "gate_scales_output": True}])
+def test_reference_impl_equals_the_default_path(training, options):
+    """impl=reference (AutoGluon's exp/log dispatcher, the benchmark baseline) and the default grouped
+    path: same output (float32, rtol=atol=1e-5), balance loss and gradients (1e-5 of each gradient's
+    largest entry)."""
+    grouped = make_layer(**options).train(training)
+    reference = make_layer(impl="reference", **options).train(training)
+    reference.load_state_dict(grouped.state_dict())
+    x = torch.randn(6, 7, 5, 12)
+    upstream = torch.randn(6, 7, 5, 36)
+    results = []
+    for layer in (grouped, reference):
+        torch.manual_seed(5)
+        out = layer(x)
+        ((out * upstream).sum() + layer.aux_loss).backward()
+        results.append((out.detach(), layer.aux_loss.detach(),
+                        {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}))
+    (out_g, aux_g, grads_g), (out_r, aux_r, grads_r) = results
+    torch.testing.assert_close(out_r, out_g, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux_r, aux_g)
+    assert grads_r.keys() == grads_g.keys()
+    for name, g in grads_g.items():  # sums over many positions: compared relative to the largest entry
+        scale = g.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(grads_r[name] / scale, g / scale, rtol=0, atol=1e-5, msg=name)
+
+
+def test_reference_impl_is_top1_only():
+    from samft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="peft.conv_lora.impl: reference .* top_k=2"):
+        tiny_config("conv_lora", peft={"method": "conv_lora", "conv_lora": {"impl": "reference", "top_k": 2}})

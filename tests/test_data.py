@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from samft.config import DataConfig
-from samft.data.datasets import (EvalDataset, Pair, TrainDataset, csv_pairs, folder_pairs, load_pair, split_pairs,
-                                 eval_sets, train_val_pairs)
+from samft.data.datasets import EvalDataset, TrainDataset, load_pair
+from samft.data.layouts import Pair, csv_pairs, eval_sets, folder_pairs, split_pairs, train_val_pairs
 from samft.data.io import binarize, read_binary_mask, read_image
 from samft.data.transforms import SamTransform, valid_mask
 from samft.errors import DataError
@@ -30,7 +30,7 @@ def _pair_folder(root, names=("a", "b", "c"), size=(30, 40)):
 def test_folder_pairs_match_by_stem_and_suffix(tmp_path):
     _save(tmp_path / "imgs" / "ISIC_1.jpg", np.zeros((8, 8, 3), np.uint8))
     _save(tmp_path / "gt" / "ISIC_1_segmentation.png", np.zeros((8, 8), np.uint8))
-    pairs = folder_pairs(tmp_path, "imgs", "gt", "_segmentation")
+    pairs = folder_pairs(tmp_path / "imgs", tmp_path / "gt", "_segmentation")
     assert pairs == [Pair(tmp_path / "imgs" / "ISIC_1.jpg", tmp_path / "gt" / "ISIC_1_segmentation.png", "ISIC_1")]
 
 
@@ -38,14 +38,14 @@ def test_missing_mask_names_the_image(tmp_path):
     _pair_folder(tmp_path)
     (tmp_path / "masks" / "b.png").unlink()
     with pytest.raises(DataError, match=r"images/b.png: no mask found .*1 of 3 images have no mask"):
-        folder_pairs(tmp_path)
+        folder_pairs(tmp_path / "images", tmp_path / "masks")
 
 
 def test_non_image_file_in_image_folder(tmp_path):
     _pair_folder(tmp_path)
     (tmp_path / "images" / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match=r"notes.txt: not an image file in the image folder"):
-        folder_pairs(tmp_path)
+        folder_pairs(tmp_path / "images", tmp_path / "masks")
 
 
 def test_corrupt_and_truncated_images_are_errors(tmp_path):
@@ -65,7 +65,7 @@ def test_corrupt_and_truncated_images_are_errors(tmp_path):
 def test_size_mismatch(tmp_path):
     _pair_folder(tmp_path)
     _save(tmp_path / "masks" / "a.png", np.zeros((31, 40), np.uint8))
-    pair = folder_pairs(tmp_path)[0]
+    pair = folder_pairs(tmp_path / "images", tmp_path / "masks")[0]
     with pytest.raises(DataError, match=r"masks/a.png: mask size 40x31 differs from its image .*a.png \(40x30\)"):
         load_pair(pair)
 
@@ -129,7 +129,7 @@ def test_split_paths_and_holdout(tmp_path):
 
 def test_train_transform_keeps_aspect_and_pads(tmp_path):
     _pair_folder(tmp_path, names=["a"], size=(30, 60))
-    ds = TrainDataset(folder_pairs(tmp_path), 64, hflip=0.5, seed=0)
+    ds = TrainDataset(folder_pairs(tmp_path / "images", tmp_path / "masks"), 64, hflip=0.5, seed=0)
     item = ds[0]
     assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (64, 64)
     assert item["valid_hw"].tolist() == [32, 64]
@@ -142,7 +142,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     for n in "ab":
         _save(tmp_path / "images" / f"{n}.png", rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
         _save(tmp_path / "masks" / f"{n}.png", np.zeros((20, 20), np.uint8))
-    ds = TrainDataset(folder_pairs(tmp_path), 32, hflip=0.5, seed=3)
+    ds = TrainDataset(folder_pairs(tmp_path / "images", tmp_path / "masks"), 32, hflip=0.5, seed=3)
     flips = []
     for epoch in range(8):
         ds.set_epoch(epoch)
@@ -154,7 +154,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
 
 def test_eval_dataset_keeps_original_ground_truth(tmp_path):
     _pair_folder(tmp_path, names=["a"], size=(30, 50))
-    item = EvalDataset(folder_pairs(tmp_path), 64)[0]
+    item = EvalDataset(folder_pairs(tmp_path / "images", tmp_path / "masks"), 64)[0]
     assert item["orig_hw"].tolist() == [30, 50]
     assert item["gt"].shape == (30, 50) and item["gt"].sum() == 10 * 15
 
@@ -167,7 +167,7 @@ def test_valid_mask():
 
 def test_real_em_cells_load_as_binary():
     root = shared("em-cells")
-    pairs = folder_pairs(root, "Images", "Labels")
+    pairs = folder_pairs(root / "Images", root / "Labels")
     assert len(pairs) == 30
     mask = read_binary_mask(pairs[0].mask)
     assert mask.shape == (512, 512) and 0 < mask.mean() < 1

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from typing import Optional
+
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from samft.errors import DataError
 
@@ -21,16 +23,30 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTS
 
 
-def _open(path: Path, what: str) -> Image.Image:
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _open(path: Path, what: str) -> tuple[Image.Image, Optional[Image.Transpose], tuple[int, int]]:
+    """Decode a file fully; apply its EXIF orientation. Returns (image, transpose applied, raw (h, w))."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
     try:
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)  # camera rotation: pixels as a viewer shows them
-            im.load()
-            return im
+            raw_hw = (im.height, im.width)
+            method = EXIF_TRANSPOSE.get(im.getexif().get(ExifTags.Base.Orientation, 1))
+            out = ImageOps.exif_transpose(im)  # camera rotation: pixels as a viewer shows them
+            out.load()
+            return out, method, raw_hw
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read {what}: the file is corrupt, truncated or not an image ({e})") from None
 
@@ -50,9 +66,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image as (H, W, 3) uint8 RGB: grey is repeated, alpha dropped, 16-bit scaled, EXIF applied."""
-    im = _open(Path(path), "image")
+def _image_array(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         grey = _to_uint8(np.array(im))
         return np.repeat(grey[:, :, None], 3, axis=2)
@@ -61,12 +75,18 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).copy()
 
 
-def read_mask_values(path: str | Path) -> np.ndarray:
-    """A mask's raw values as (H, W): palette indices for 'P' images, grey levels otherwise.
+def read_image(path: str | Path) -> np.ndarray:
+    """An image as (H, W, 3) uint8 RGB: grey is repeated, alpha dropped, 16-bit scaled, EXIF applied."""
+    return _image_array(_open(Path(path), "image")[0])
 
-    RGB(A) masks are converted to grey (luminance); 16-bit masks keep their values.
-    """
-    im = _open(Path(path), "mask")
+
+def read_image_oriented(path: str | Path) -> tuple[np.ndarray, Optional[Image.Transpose], tuple[int, int]]:
+    """Like :func:`read_image`, also returning the EXIF transpose applied and the stored (h, w)."""
+    im, method, raw_hw = _open(Path(path), "image")
+    return _image_array(im), method, raw_hw
+
+
+def _mask_array(im: Image.Image) -> np.ndarray:
     if im.mode == "P":
         return np.array(im)
     if im.mode == "1":
@@ -82,6 +102,29 @@ def read_mask_values(path: str | Path) -> np.ndarray:
     return np.asarray(im).copy()
 
 
+def read_mask_values(path: str | Path) -> np.ndarray:
+    """A mask's raw values as (H, W): palette indices for 'P' images, grey levels otherwise.
+
+    RGB(A) masks are converted to grey (luminance); 16-bit masks keep their values.
+    """
+    return _mask_array(_open(Path(path), "mask")[0])
+
+
+def read_mask_for_image(path: str | Path, image_transpose: Optional[Image.Transpose], image_raw_hw: tuple[int, int],
+                        convert=None) -> np.ndarray:
+    """A mask kept aligned with an image whose EXIF orientation was applied.
+
+    Masks are drawn on the stored pixels by most tools, so a mask of the image's stored size gets the
+    image's EXIF transpose too; a mask that carries its own orientation, or already has the displayed
+    size (a 90-degree rotation it was drawn after), is used as it is. ``convert`` turns the decoded
+    PIL mask into an array (default: its raw values, see :func:`read_mask_values`).
+    """
+    im, own_method, raw_hw = _open(Path(path), "mask")
+    if image_transpose is not None and own_method is None and raw_hw == tuple(image_raw_hw):
+        im = im.transpose(image_transpose)
+    return (convert or _mask_array)(im)
+
+
 def binarize(values: np.ndarray) -> np.ndarray:
     """Foreground where the value is > 127, or > 0 when the mask's maximum is <= 1 (0/1 masks)."""
     if values.max(initial=0) <= 1:
@@ -92,3 +135,24 @@ def binarize(values: np.ndarray) -> np.ndarray:
 def read_binary_mask(path: str | Path) -> np.ndarray:
     """A binary mask as (H, W) bool."""
     return binarize(read_mask_values(path))
+
+
+def binary_mask_problem(values: np.ndarray) -> Optional[str]:
+    """Why ``values`` is not a usable binary mask, or None.
+
+    Accepted: 0/1 masks, 0/255-like masks (noisy JPEG edges included), 16-bit 0/65535. Refused: masks
+    whose foreground could only be small class ids (max 2..127: nothing would pass the > 127 rule) and
+    masks with many mid-grey values (a photo or a soft map, not a mask).
+    """
+    top = int(values.max(initial=0))
+    if top <= 1:
+        return None
+    if top <= 127:
+        shown = np.unique(values)[:6].tolist()
+        return (f"values {shown} look like class ids, not a binary mask (foreground must be > 127, or 1 in a 0/1 "
+                f"mask)")
+    v = values.astype(np.float64) * (255.0 / 65535.0) if top > 255 else values
+    ambiguous = float(np.mean((v >= 32) & (v <= 223)))
+    if ambiguous > 0.05:
+        return f"{ambiguous:.0%} of the pixels are mid-grey (32..223): not a binary mask"
+    return None

@@ -20,7 +20,7 @@ from samft.model.sam import PIXEL_MEAN, PIXEL_STD
 class SamTransform:
     """(H, W, 3) uint8 image [+ (H, W) uint8 mask] -> normalised padded tensors and the valid size."""
 
-    def __init__(self, img_size: int, hflip: float = 0.0) -> None:
+    def __init__(self, img_size: int, hflip: float = 0.0, mask_fill: int = 0) -> None:
         self.img_size = img_size
         geometric = [A.LongestMaxSize(max_size=img_size)]
         if hflip > 0:
@@ -29,7 +29,7 @@ class SamTransform:
         self.finish = A.Compose([
             A.Normalize(mean=[m / 255 for m in PIXEL_MEAN], std=[s / 255 for s in PIXEL_STD], max_pixel_value=255.0),
             A.PadIfNeeded(min_height=img_size, min_width=img_size, position="top_left",
-                          border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+                          border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill),
         ])
 
     def __call__(self, image: np.ndarray, mask: Optional[np.ndarray] = None, seed: Optional[int] = None) -> dict:

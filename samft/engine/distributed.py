@@ -2,14 +2,21 @@
 
 NCCL on GPUs, gloo on CPU. A single process without those variables runs undistributed. Only rank 0
 logs, plots and writes files.
+
+When one process fails, torchrun stops the others. The failing process reports its error itself
+(printed with its rank, and written to torchrun's error file by :func:`record_error` so that torchrun's
+failure summary shows the message) and exits without waiting for the others.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -44,8 +51,10 @@ def setup(device_name: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank)
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+def cleanup(graceful: bool = True) -> None:
+    """Destroy the process group after a successful run. After a failure it is left to the process
+    exit: destroying it can wait on collectives that the other processes will never finish."""
+    if graceful and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -70,6 +79,19 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def merge_across(metrics: Any, info: DistInfo) -> Any:
+    """Every rank's metrics accumulator (an object with ``merge``) merged into one, on every rank."""
+    parts = gather_objects(metrics, info)
+    merged = parts[0]
+    for other in parts[1:]:
+        merged.merge(other)
+    return merged
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float:
     if not info.enabled:
         return value
@@ -90,3 +112,42 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (sorted by name, exact bytes): equal digests mean identical weights."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_in_sync(tensors: Mapping[str, torch.Tensor], info: DistInfo) -> str:
+    """The digest of ``tensors``, checked to be the same on every rank (a SamftError names the ranks)."""
+    from samft.errors import SamftError
+
+    digest = tensors_sha256(tensors)
+    digests = gather_objects(digest, info)
+    if len(set(digests)) > 1:
+        groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
+        detail = "; ".join(f"ranks {ranks}: {d[:12]}" for d, ranks in groups.items())
+        raise SamftError(f"the {info.world_size} processes ended with different weights ({detail}); "
+                         "this is a bug, please report it")
+    return digest
+
+
+def record_error(message: str) -> None:
+    """Write ``message`` to torchrun's error file (when launched by torchrun), so that torchrun's failure
+    summary shows it instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    data = {"message": {"message": message,
+                        "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass

@@ -7,76 +7,126 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from samft import __version__
 from samft.config import Config, config_hash
-from samft.data.datasets import EvalDataset, Pair, collate, eval_sets
+from samft.data.classes import ClassSpec
+from samft.data.datasets import EvalDataset, collate
+from samft.data.layouts import Pair, eval_sets
+from samft.engine import distributed as D
 from samft.engine.checkpoint import atomic_write_text
 from samft.engine.progress import progress
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.engine.runs import ADAPTER_FILE, EVAL_FILE, load_run
-from samft.metrics import BinaryMetrics
-from samft.model.semantic import SemanticSAM, logits_to_original
+from samft.metrics import BinaryMetrics, ConfusionMetrics
+from samft.model.semantic import SemanticSAM, logits_to_original, semantic_probs
 
 
 @torch.no_grad()
-def iter_probabilities(model: SemanticSAM, pairs: list[Pair], batch_size: int, device: torch.device,
-                       precision: str = "fp32", num_workers: int = 0,
-                       ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
-    """Yield (pair, foreground probability (H, W) float32 at the original size, ground truth or None)."""
+def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, device: torch.device,
+                     precision: str = "fp32", num_workers: int = 0, at_input_size: bool = False,
+                     classes: Optional[ClassSpec] = None,
+                     ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
+    """Yield (pair, scores, ground truth or None) at each image's original size.
+
+    Binary models give the foreground probability (H, W); multi-class models the per-pixel class scores
+    (C, H, W) of MaskFormer's inference (argmax = label map). ``at_input_size``: scores and ground truth
+    at img_size x img_size instead (AutoGluon's protocol: the unpadded prediction and the ground truth
+    both stretched to the square input).
+    """
     was_training = model.training
     model.eval()
-    loader = DataLoader(EvalDataset(pairs, model.img_size), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(EvalDataset(pairs, model.img_size, classes), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator())
     try:
         for batch in loader:
             with autocast(device, precision):
                 out = model(batch["image"].to(device, non_blocking=True))
             for j, index in enumerate(batch["index"].tolist()):
-                logits = logits_to_original(out.masks[j], model.img_size, batch["valid_hw"][j].tolist(),
-                                            batch["orig_hw"][j].tolist())
-                prob = torch.sigmoid(logits[0]).cpu().numpy().astype(np.float32)
-                yield pairs[index], prob, batch["gt"][j]
+                size = [model.img_size] * 2 if at_input_size else batch["orig_hw"][j].tolist()
+                logits = logits_to_original(out.masks[j], model.img_size, batch["valid_hw"][j].tolist(), size)
+                if out.class_logits is None:
+                    scores = torch.sigmoid(logits[0])
+                else:
+                    scores = semantic_probs(out.class_logits[j], logits)
+                gt = batch["gt"][j]
+                if at_input_size and gt is not None:
+                    gt = cv2.resize(gt, tuple(size[::-1]), interpolation=cv2.INTER_NEAREST)
+                yield pairs[index], scores.cpu().numpy().astype(np.float32), gt
     finally:
         model.train(was_training)
 
 
+def new_metrics(cfg: Config) -> BinaryMetrics | ConfusionMetrics:
+    classes = ClassSpec.of(cfg.data)
+    if classes is None:
+        return BinaryMetrics(cfg.eval.threshold)
+    return ConfusionMetrics(classes.names, classes.ignore_index)
+
+
 def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, precision: str,
-                   description: str = "eval", show_progress: bool = True) -> BinaryMetrics:
-    metrics = BinaryMetrics(cfg.eval.threshold)
+                   description: str = "eval", show_progress: bool = True) -> BinaryMetrics | ConfusionMetrics:
+    classes = ClassSpec.of(cfg.data)
+    metrics = new_metrics(cfg)
     with progress(description, len(pairs), show_progress) as advance:
-        for pair, prob, gt in iter_probabilities(model, pairs, cfg.eval.batch_size, device, precision,
-                                                 cfg.data.num_workers):
-            metrics.update(prob, gt.astype(bool), pair.name)
+        for pair, scores, gt in iter_predictions(model, pairs, cfg.eval.batch_size, device, precision,
+                                                 cfg.data.num_workers, cfg.eval.resize_gt_to_input, classes):
+            if classes is None:
+                metrics.update(scores, gt.astype(bool), pair.name)
+            else:
+                metrics.update(scores.argmax(0), gt, pair.name)
             advance()
     return metrics
 
 
 def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, device: str = "auto",
                  show_progress: bool = True, write: bool = True) -> dict:
-    """Evaluate a run's best adapter on its test sets (or ``data``) and write ``eval.json``."""
-    dev = pick_device(device)
+    """Evaluate a run's best adapter on its test sets (or ``data``) and write ``eval.json``.
+
+    Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
+    merges the per-image results and writes ``eval.json``; every rank returns the merged results.
+    """
+    owns_group = not D.is_initialized()
+    info = D.setup(device)
+    ok = False
+    try:
+        results = _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info)
+        ok = True
+        return results
+    finally:
+        if owns_group:
+            D.cleanup(graceful=ok)
+
+
+def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torch.device, show_progress: bool,
+                  write: bool, info: D.DistInfo) -> dict:
     run = load_run(run_dir, dev)
     cfg = run.cfg
     precision = resolve_precision(cfg.train.precision, dev)
     sets = eval_sets(cfg.data, data)
     checkpoint = str(Path(run_dir) / ADAPTER_FILE)
     chash = config_hash(cfg)
+    protocol = "input_size" if cfg.eval.resize_gt_to_input else "original_resolution"
     results: dict = {"samft_version": __version__, "run": str(run_dir), "checkpoint": checkpoint,
-                     "config_hash": chash, "sets": {}}
+                     "config_hash": chash, "protocol": protocol, "sets": {}}
     for name, pairs in sets.items():
         t0 = time.perf_counter()
-        metrics = evaluate_pairs(run.model, pairs, cfg, dev, precision, f"eval {name}", show_progress)
+        metrics = evaluate_pairs(run.model, D.shard(pairs, info), cfg, dev, precision, f"eval {name}",
+                                 show_progress and info.is_main)
+        metrics = D.merge_across(metrics, info)
         results["sets"][name] = {
             "n_images": len(metrics),
             "metrics": metrics.compute(),
+            **({"per_class_iou": metrics.per_class_iou()} if isinstance(metrics, ConfusionMetrics) else {}),
             "checkpoint": checkpoint,
             "config_hash": chash,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-    if write:
+    if write and info.is_main:
         atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(results, indent=2))
+    D.barrier(info)
     return results

@@ -9,10 +9,11 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from samft.data.datasets import Pair, unique_names
+from samft.data.classes import ClassSpec
+from samft.data.layouts import Pair, unique_names
 from samft.data.io import is_image_name, read_image
 from samft.engine.checkpoint import atomic_write_bytes
-from samft.engine.evaluate import iter_probabilities
+from samft.engine.evaluate import iter_predictions
 from samft.engine.progress import progress
 from samft.engine.runtime import pick_device, resolve_precision
 from samft.engine.runs import load_run
@@ -49,11 +50,11 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
+def _png_bytes(image: np.ndarray | Image.Image) -> bytes:
     import io
 
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -69,12 +70,45 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
     return out
 
 
+def label_image(labels: np.ndarray, classes: ClassSpec) -> Image.Image:
+    """A label map as a palette PNG: pixel values are class ids, shown in the classes' colours."""
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    im.putpalette(classes.palette_bytes())
+    return im
+
+
+def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alpha: float = 0.5) -> Image.Image:
+    """The image blended with the class colours (background left as it is), with a legend of the classes shown."""
+    from PIL import ImageDraw
+
+    colours = classes.palette[labels]
+    blend = image.astype(np.float32)
+    fg = labels > 0
+    blend[fg] = (1 - alpha) * blend[fg] + alpha * colours[fg]
+    present = [int(c) for c in np.unique(labels)]
+    row = 18
+    legend_w = 12 + 8 * max(len(classes.names[c]) for c in present) + 30
+    h, w = labels.shape
+    canvas = Image.new("RGB", (w + legend_w, max(h, row * len(present) + 8)), (255, 255, 255))
+    canvas.paste(Image.fromarray(blend.astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, c in enumerate(present):
+        y = 4 + k * row
+        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.palette[c]), outline=(0, 0, 0))
+        draw.text((w + 26, y), classes.names[c], fill=(0, 0, 0))
+    return canvas
+
+
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
                 with_overlay: bool = False, device: str = "auto", show_progress: bool = True) -> list[Path]:
-    """Write ``out_dir/<name>.png`` (0/255) for every input image; overlays go to ``out_dir/overlays/``."""
+    """Write ``out_dir/<name>.png`` for every input image; overlays go to ``out_dir/overlays/``.
+
+    Binary runs write 0/255 masks; multi-class runs write palette PNGs whose values are class ids.
+    """
     files = collect_inputs(inputs)
     dev = pick_device(device)
     run = load_run(run_dir, dev)
+    classes = ClassSpec.of(run.cfg.data)
     out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     if with_overlay:
@@ -83,13 +117,19 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     precision = resolve_precision(run.cfg.train.precision, dev)
     written = []
     with progress("predict", len(pairs), show_progress) as advance:
-        for pair, prob, _ in iter_probabilities(run.model, pairs, run.cfg.eval.batch_size, dev, precision,
-                                                run.cfg.data.num_workers):
-            mask = prob >= run.cfg.eval.threshold
+        for pair, scores, _ in iter_predictions(run.model, pairs, run.cfg.eval.batch_size, dev, precision,
+                                                run.cfg.data.num_workers, classes=classes):
             target = out / f"{pair.name}.png"
-            atomic_write_bytes(target, _png_bytes(mask.astype(np.uint8) * 255))
+            if classes is None:
+                mask = scores >= run.cfg.eval.threshold
+                atomic_write_bytes(target, _png_bytes(mask.astype(np.uint8) * 255))
+                picture = overlay(read_image(pair.image), mask) if with_overlay else None
+            else:
+                labels = scores.argmax(0)
+                atomic_write_bytes(target, _png_bytes(label_image(labels, classes)))
+                picture = class_overlay(read_image(pair.image), labels, classes) if with_overlay else None
             written.append(target)
-            if with_overlay:
-                atomic_write_bytes(out / "overlays" / f"{pair.name}.png", _png_bytes(overlay(read_image(pair.image), mask)))
+            if picture is not None:
+                atomic_write_bytes(out / "overlays" / f"{pair.name}.png", _png_bytes(picture))
             advance()
     return written

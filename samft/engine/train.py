@@ -4,7 +4,9 @@ AdamW on the trainable tensors (PEFT layers + mask decoder), linear warm-up then
 accumulation and clipping, autocast (bf16 on CUDA by default; fp16 with a GradScaler), validation every
 ``val_every`` epochs at the original resolution, the best and the last adapter kept.
 
-Loss = structure loss + ``loss.balance_weight`` x the Conv-LoRA balance loss (0 for other methods).
+Loss = task loss + ``loss.balance_weight`` x the Conv-LoRA balance loss (0 for other methods); the task
+loss is the structure loss for binary masks and MaskFormer's matched set loss (class CE + mask BCE + mask
+Dice, Hungarian matching) for multi-class masks (``data.classes``).
 
 Nothing is lost on an interruption: ``state.pt`` (trainable tensors, optimizer, scheduler, step, RNG)
 is written atomically at each epoch end and every ``train.save_every`` steps, and on Ctrl-C / SIGTERM
@@ -32,7 +34,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from samft import __version__, peft
 from samft.config import Config, config_hash, dump_yaml
-from samft.data.datasets import Pair, TrainDataset, collate, resolve_path, train_val_pairs
+from samft.data.check import check_data, require_clean
+from samft.data.classes import ClassSpec
+from samft.data.datasets import TrainDataset, collate
+from samft.data.layouts import train_val_pairs
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
 from samft.engine.checkpoint import (atomic_torch_save, atomic_write_text, load_state, load_trainable, read_adapter,
@@ -41,10 +46,10 @@ from samft.engine.evaluate import evaluate_pairs
 from samft.engine.progress import console, progress
 from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE,
                                adapter_expectations)
-from samft.engine.runtime import autocast, pick_device, resolve_precision
+from samft.engine.runtime import autocast, check_compile, compile_blocks, pick_device, resolve_precision
 from samft.errors import SamftError
-from samft.losses import structure_loss
-from samft.metrics import BINARY_METRICS, canonical, higher_is_better
+from samft.losses import SetLossWeights, set_loss, structure_loss
+from samft.metrics import higher_is_better, selection_metric, task_metric_names
 from samft.model import build_model, count_params
 from samft.model.semantic import SemanticSAM, upsample_logits
 
@@ -58,16 +63,14 @@ class TrainingDiverged(SamftError):
 
 
 STEP_COLUMNS = ["kind", "epoch", "step", "lr", "loss", "task_loss", "aux_loss", "grad_norm", "images_per_s", "seconds"]
-VAL_COLUMNS = [f"val_{name}" for name in BINARY_METRICS]
 
 
 class MetricsLog:
     """``metrics.csv``: one row per logged step and one per epoch, appended as training goes."""
 
-    columns = STEP_COLUMNS + VAL_COLUMNS
-
-    def __init__(self, path: Path, keep_until_step: Optional[int], enabled: bool) -> None:
+    def __init__(self, path: Path, keep_until_step: Optional[int], enabled: bool, multiclass: bool = False) -> None:
         self.path, self.enabled = path, enabled
+        self.columns = STEP_COLUMNS + [f"val_{name}" for name in task_metric_names(multiclass)]
         if not enabled:
             return
         rows: list[dict] = []
@@ -114,7 +117,10 @@ def plot_curves(run_dir: Path, metric: str) -> None:
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss")
     axes[0].legend()
-    for name in BINARY_METRICS:
+    names = ["mIoU", "mAcc", "pixel_acc"] if metric in ("mIoU", "mAcc", "pixel_acc") else [
+        "dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE"]  # BER (percent) only when it is the metric
+    shown = dict.fromkeys(names + [metric])
+    for name in shown:
         values = [(int(r["epoch"]), float(r[f"val_{name}"])) for r in epochs if r.get(f"val_{name}")]
         if values:
             axes[1].plot(*zip(*values), marker="o", label=name, linewidth=2.5 if name == metric else 1)
@@ -122,8 +128,8 @@ def plot_curves(run_dir: Path, metric: str) -> None:
     axes[1].set_title(f"validation (best by {metric})")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = run_dir / f".{PLOT_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    tmp = run_dir / f".{PLOT_FILE}.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     tmp.replace(run_dir / PLOT_FILE)
 
@@ -208,6 +214,9 @@ def prepare_run_dir(cfg: Config, resume: bool, info: D.DistInfo) -> Path:
     if resume:
         if not (run_dir / STATE_FILE).is_file():
             raise SamftError(f"{run_dir}: nothing to resume ({STATE_FILE} not found)")
+        if info.is_main:
+            for stale in run_dir.glob(".*.tmp"):  # a write cut short by a kill: never renamed, never used
+                stale.unlink(missing_ok=True)
         return run_dir
     occupied = any((run_dir / f).exists() for f in (STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE))
     if occupied and not cfg.output.overwrite:
@@ -220,14 +229,6 @@ def prepare_run_dir(cfg: Config, resume: bool, info: D.DistInfo) -> Path:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
     D.barrier(info)
     return run_dir
-
-
-def check_pairs_exist(pairs: list[Pair], split: str) -> None:
-    """Fail before training when a listed file is missing (full content checks: ``samft data check``)."""
-    for p in pairs:
-        for path in (p.image, p.mask):
-            if path is not None and not Path(path).is_file():
-                raise SamftError(f"{path}: listed in the {split} split but not found")
 
 
 class _StopSignal:
@@ -253,11 +254,14 @@ class _StopSignal:
 def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Path:
     """Train ``cfg`` into ``cfg.output.dir`` (or continue the run there when ``resume``); returns the run dir."""
     info = D.setup(cfg.train.device)
+    ok = False
     try:
         with _StopSignal(), RunLock(Path(cfg.output.dir or "runs/run"), info.is_main):
-            return _train(cfg, resume, show_progress, info)
+            run_dir = _train(cfg, resume, show_progress, info)
+        ok = True
+        return run_dir
     finally:
-        D.cleanup()
+        D.cleanup(graceful=ok)
 
 
 def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> Path:
@@ -271,20 +275,33 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
 
     if not resume:  # relative data paths are stored absolute so the run can be evaluated from anywhere
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.data.check != "off":  # before anything is written: a bad dataset must not cost a run directory
+        report = check_data(cfg, show_progress=show_progress) if main else None
+        if D.broadcast_flag(bool(report and report.problems), info, device):
+            if main:
+                require_clean(report)
+            raise SamftError("the data check on rank 0 found problems")
+        if main:
+            for warning in report.warnings:
+                warnings.warn(warning, stacklevel=2)
     run_dir = prepare_run_dir(cfg, resume, info)
     train_pairs, val_pairs = train_val_pairs(cfg.data)
-    check_pairs_exist(train_pairs, "training")
-    check_pairs_exist(val_pairs, "validation")
 
+    if tc.compile:
+        check_compile(device)
     built = build_model(cfg)
     model: SemanticSAM = built.model.to(device)
-    model.grad_checkpointing = getattr(tc, "grad_checkpointing", False)
+    model.grad_checkpointing = tc.grad_checkpointing
+    if tc.compile:
+        compile_blocks(model.image_encoder.blocks)
     spec = peft.get(cfg.peft.method)
     params = count_params(model)
     meta_base = {**adapter_expectations(cfg, built.base_sha256), "img_size": str(model.img_size),
                  "config_hash": config_hash(cfg), "config_yaml": dump_yaml(cfg)}
 
-    dataset = TrainDataset(train_pairs, model.img_size, tc.hflip, tc.seed)
+    classes = ClassSpec.of(cfg.data)
+    metric = selection_metric(tc.metric, classes is not None)
+    dataset = TrainDataset(train_pairs, model.img_size, tc.hflip, tc.seed, classes)
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed)
     micro_per_epoch = math.ceil(len(sampler) / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.accum_steps)
@@ -309,12 +326,12 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         best_path = run_dir / ADAPTER_FILE
         if best_path.is_file():  # the best adapter may be newer than the state (killed in between)
             best_meta = read_adapter(best_path)[1]
-            if "best_value" in best_meta and _better(float(best_meta["best_value"]), state.best_value, tc.metric):
+            if "best_value" in best_meta and _better(float(best_meta["best_value"]), state.best_value, metric):
                 state.best_value, state.best_epoch = float(best_meta["best_value"]), int(best_meta["epoch"])
         set_rng_state(state.rng)
         if main:
             console.print(f"resuming {run_dir} at step {state.step}/{total_steps} (epoch {state.epoch + 1})")
-    log = MetricsLog(run_dir / METRICS_FILE, state.step if resume else None, main)
+    log = MetricsLog(run_dir / METRICS_FILE, state.step if resume else None, main, classes is not None)
 
     ddp_model: torch.nn.Module = model
     if info.enabled:
@@ -322,10 +339,13 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
                                             find_unused_parameters=spec.unused_params)
 
     if main:
+        speed = [f"{cfg.model.attention} attention"] + (["checkpointing"] if tc.grad_checkpointing else []) + (
+            ["compiled"] if tc.compile else [])
+        procs = f" x {info.world_size} processes" if info.enabled else ""
         console.print(f"[bold]samft {__version__}[/] {cfg.model.type} + {cfg.peft.method}: "
                       f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters | "
-                      f"{len(train_pairs)} train / {len(val_pairs)} val images | {device} {precision} | "
-                      f"{total_steps} steps -> {run_dir}")
+                      f"{len(train_pairs)} train / {len(val_pairs)} val images | {device}{procs} {precision}, "
+                      f"{', '.join(speed)} | {total_steps} steps -> {run_dir}")
 
     def save_state(snapshot_rng: dict) -> None:
         if not main:
@@ -346,13 +366,8 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             metrics = evaluate_pairs(model, D.shard(val_pairs, info), cfg, device, precision, f"val {epoch_no}",
                                      show_progress and main)
-        parts = D.gather_objects(metrics, info)
-        merged = parts[0]
-        for other in parts[1:]:
-            merged.merge(other)
-        return merged.compute()
+        return D.merge_across(metrics, info).compute()
 
-    metric = canonical(tc.metric)
     last_rng = state.rng or rng_state()
     window: list[float] = []
     t_log, images_since = time.perf_counter(), 0
@@ -426,6 +441,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         save_state(last_rng)
         raise TrainingInterrupted(f"interrupted at step {state.step}; the run is saved, continue it with: "
                                   f"samft train --resume {run_dir}") from None
+    if info.enabled:  # DDP keeps the processes in step; check it (cheap: once per run)
+        digest = D.check_in_sync(trainable_state(model), info)
+        if main:
+            console.print(f"all {info.world_size} processes hold identical trainable weights (sha256 {digest})")
     D.barrier(info)
     if main and not (run_dir / ADAPTER_FILE).exists():
         warnings.warn("no validation result was finite; adapter.safetensors holds the last weights", stacklevel=2)
@@ -441,17 +460,25 @@ def _optimizer_step(ddp_model: torch.nn.Module, model: SemanticSAM, chunk: list[
     size = model.img_size
     totals = {"loss": 0.0, "task_loss": 0.0, "aux_loss": 0.0}
     images = 0
+    classes = ClassSpec.of(cfg.data)
+    weights = SetLossWeights(cfg.loss.class_weight, cfg.loss.mask_bce_weight, cfg.loss.mask_dice_weight,
+                             cfg.loss.no_object_weight)
+    balance = cfg.loss.balance_weight if cfg.loss.balance_weight is not None else (2.0 if classes else 1.0)
     for i, batch in enumerate(chunk):
         x = batch["image"].to(device, non_blocking=True)
-        target = batch["mask"].to(device, non_blocking=True).float().unsqueeze(1)
+        mask = batch["mask"].to(device, non_blocking=True)
         valid = valid_mask(batch["valid_hw"].to(device), size) if cfg.loss.ignore_padding else None
         sync = i == len(chunk) - 1 or not isinstance(ddp_model, DistributedDataParallel)
         with contextlib.nullcontext() if sync else ddp_model.no_sync():
             with autocast(device, precision):
                 out = ddp_model(x)
             logits = upsample_logits(out.masks, (size, size))
-            task = structure_loss(logits, target, valid, cfg.loss.bce)
-            loss = task + cfg.loss.balance_weight * out.aux_loss
+            if classes is None:
+                task = structure_loss(logits, mask.float().unsqueeze(1), valid, cfg.loss.bce, cfg.loss.iou)
+            else:
+                keep = valid[:, 0].bool() if valid is not None else torch.ones_like(mask, dtype=torch.bool)
+                task = set_loss(out.class_logits, logits, mask.long(), keep, classes.ignore_index, weights)["loss"]
+            loss = task + balance * out.aux_loss
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(

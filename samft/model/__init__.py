@@ -9,6 +9,8 @@ import torch
 
 from samft import peft
 from samft.config import Config
+from samft.data.classes import ClassSpec
+from samft.model.attention import set_attention
 from samft.model.sam import base_fingerprint, build_sam
 from samft.model.semantic import SegOutput, SemanticSAM
 
@@ -24,14 +26,19 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
     """Build SAM, wrap it as SemanticSAM, freeze the base and apply ``cfg.peft.method``.
 
     Afterwards exactly the PEFT parameters and the mask decoder require grad. ``meta=True`` builds the
-    structure only (no weights, no checkpoint read), for counting parameters.
+    structure only (no weights, no checkpoint read), for counting parameters. The encoder's attention
+    implementation (``cfg.model.attention``) is set before the PEFT method is applied, so methods that
+    wrap ``blk.attn`` or ``attn.qkv`` see SAM's attribute names.
     """
     sam = build_sam(cfg.model, meta=meta)
     sha = "" if meta else base_fingerprint(cfg.model, sam)
     spec = peft.get(cfg.peft.method)
+    classes = ClassSpec.of(cfg.data)
+    queries, num_classes = (cfg.model.num_mask_tokens, classes.num_classes) if classes else (1, 1)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        model = SemanticSAM(sam)
+        model = SemanticSAM(sam, num_queries=queries, num_classes=num_classes)
         model.freeze_base()
+        set_attention(model.image_encoder, cfg.model.attention)
         adapted = spec.apply(model.image_encoder, cfg.method_cfg)
     model.refresh_aux_modules()
     return BuiltModel(model, adapted, sha)

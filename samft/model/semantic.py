@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from samft.model.sam import interpolate_pos_embed
 
@@ -84,8 +84,10 @@ class SemanticSAM(nn.Module):
         self.prompt_encoder = sam.prompt_encoder
         self.decoder = SemanticMaskDecoder(sam.mask_decoder, num_queries, num_classes)
         self.num_classes = num_classes
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # non-reentrant activation checkpointing of the encoder blocks
         self._aux_modules: list[nn.Module] = []
+        self._block_aux_modules: list[list[nn.Module]] = []
+        self._pending_aux: list[torch.Tensor] = []  # balance losses returned by checkpointed blocks
 
     @property
     def img_size(self) -> int:
@@ -100,25 +102,60 @@ class SemanticSAM(nn.Module):
     def refresh_aux_modules(self) -> None:
         """Remember which modules produce an auxiliary loss (call after a PEFT method is applied)."""
         self._aux_modules = [m for m in self.image_encoder.modules() if hasattr(m, "aux_loss")]
+        self._block_aux_modules = [[m for m in blk.modules() if hasattr(m, "aux_loss")]
+                                   for blk in self.image_encoder.blocks]
 
-    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
+    @staticmethod
+    def _run_block(blk: nn.Module, aux_modules: list[nn.Module], x: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block, returning its PEFT layers' auxiliary losses (summed, float32) with its output."""
+        y = blk(x)
+        aux = y.new_zeros((), dtype=torch.float32)
+        for m in aux_modules:
+            if m.aux_loss is not None:
+                aux = aux + m.aux_loss.float()
+                m.aux_loss = None
+        return y, aux
+
+    def _checkpointing(self) -> bool:
+        return self.grad_checkpointing and self.training and torch.is_grad_enabled()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C, H/16, W/16), with pos_embed interpolated to any token grid."""
+        """(B, 3, H, W) -> (B, C, H/16, W/16), with pos_embed interpolated to any token grid.
+
+        With ``grad_checkpointing`` (in training) each block runs under non-reentrant
+        ``torch.utils.checkpoint``: its activations are recomputed in the backward pass. A block's
+        auxiliary (balance) losses are then returned as an output of the checkpointed function instead
+        of being left on the modules, so that (1) they are part of the checkpointed graph and get exact
+        gradients, and (2) the recomputation in backward, which runs the layers again, leaves no stale
+        loss (and the graph it holds) on the modules. For (2) the recomputation runs each block to its
+        end (checkpoint "early stop" off: it would otherwise stop inside the block, after a layer has
+        stored its loss and before ``_run_block`` clears it). The recomputation restores the RNG state,
+        so Conv-LoRA's gate noise and expert choices are the same as in the forward pass.
+        """
         enc = self.image_encoder
         x = enc.patch_embed(images)
         if enc.pos_embed is not None:
             x = x + interpolate_pos_embed(enc.pos_embed, tuple(x.shape[1:3]))
-        for blk in enc.blocks:
-            x = self._block(blk, x)
+        checkpointing = self._checkpointing()
+        self._pending_aux = []
+        if checkpointing and len(self._block_aux_modules) != len(enc.blocks):
+            self.refresh_aux_modules()
+        for i, blk in enumerate(enc.blocks):
+            if checkpointing:
+                with set_checkpoint_early_stop(False):  # recompute whole blocks: see the docstring
+                    x, aux = checkpoint(self._run_block, blk, self._block_aux_modules[i], x, use_reentrant=False)
+                self._pending_aux.append(aux)
+            else:
+                x = blk(x)
         return enc.neck(x.permute(0, 3, 1, 2))
 
     def collect_aux_loss(self, like: torch.Tensor) -> torch.Tensor:
         """Sum and clear the auxiliary losses the PEFT layers stored during the last forward."""
         total = like.new_zeros((), dtype=torch.float32)
+        for aux in self._pending_aux:
+            total = total + aux
+        self._pending_aux = []
         for m in self._aux_modules:
             if m.aux_loss is not None:
                 total = total + m.aux_loss.float()
@@ -145,3 +182,12 @@ def logits_to_original(logits: torch.Tensor, input_size: int, valid_hw: tuple[in
     x = upsample_logits(logits.unsqueeze(0), (input_size, input_size))
     x = x[..., : valid_hw[0], : valid_hw[1]]
     return upsample_logits(x, tuple(orig_hw))[0]
+
+
+def semantic_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """MaskFormer's semantic inference: per-pixel class scores ``sum_q softmax(class_q)[:C] * sigmoid(mask_q)``.
+
+    class_logits (..., Q, C+1), mask_logits (..., Q, H, W) -> (..., C, H, W); the label map is the argmax.
+    """
+    classes = class_logits.float().softmax(-1)[..., :-1]
+    return torch.einsum("...qc,...qhw->...chw", classes, mask_logits.float().sigmoid())

@@ -16,6 +16,12 @@ reference, the chosen experts' outputs are summed without multiplying by the gat
 balance loss trains the router. Unlike the reference, experts are combined with a plain sum (no
 ``exp``/``log`` round trip, which overflows in fp16) and samples are dispatched to experts in groups.
 Conv-LoRA cannot be merged into ``W0``: its branch is non-linear.
+
+``impl=reference`` restates the reference's own path (AutoGluon's ``SparseDispatcher``: ``nonzero`` /
+``split`` dispatch, expert outputs combined as ``log(index_add(exp(y)))`` in float32). For top-1 it is the
+same function as the default ``grouped`` path (tested equal); it exists only as the baseline that
+``scripts/bench_train.py`` measures against. In fp16 its ``exp`` overflows to ``inf`` once an expert
+output exceeds about 11.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class ConvLoRAConfig:
     noisy_gating: bool = opt(True, "add learned Gaussian noise to the gate logits in training")
     noise_eps: float = opt(1e-2, "minimum standard deviation of the gate noise", minimum=0.0)
     balance_coef: float = opt(1e-2, "coefficient of the per-layer expert balance loss", minimum=0.0)
+    impl: str = opt("grouped", "grouped (fast: plain sum, grouped dispatch) or reference (AutoGluon's exp/log "
+                    "SparseDispatcher path, a benchmark baseline; overflows in fp16)", ("grouped", "reference"))
 
     def check(self, prefix: str) -> None:
         check_targets(self.targets, prefix)
@@ -58,6 +66,9 @@ class ConvLoRAConfig:
             raise ConfigError(f"{prefix}.top_k: {self.top_k} is more than the {self.experts} experts")
         if self.dropout >= 1.0:
             raise ConfigError(f"{prefix}.dropout: {self.dropout} must be below 1")
+        if self.impl == "reference" and self.top_k != 1:
+            raise ConfigError(f"{prefix}.impl: reference restates AutoGluon's top-1 path (its exp/log combine is "
+                              f"a log-sum-exp for top_k > 1); use impl=grouped with top_k={self.top_k}")
 
     def expert_scales(self) -> list[float]:
         return list(self.scales) if self.scales else [float(i) for i in range(1, self.experts + 1)]
@@ -124,6 +135,9 @@ class ConvLoRALinear(AdapterLayer):
     Input (N, H, W, in) — SAM's attention layout — or (N, L, in) with a square L; output (..., out).
     """
 
+    # data-dependent group sizes: torch.compile (train.compile) leaves these to eager, the rest compiles
+    eager_methods = ("mixture", "mixture_reference")
+
     def __init__(self, base_layer: nn.Linear, cfg: ConvLoRAConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -143,6 +157,7 @@ class ConvLoRALinear(AdapterLayer):
             self.experts.append(conv)
         self.gate = NoisyTopKGate(r, len(self.scales), cfg.top_k, cfg.noisy_gating, cfg.noise_eps, cfg.balance_coef)
         self.gate.to(device=base_layer.weight.device)
+        self.impl = cfg.impl
         self.aux_loss = None
 
     def expert(self, i: int, z: torch.Tensor) -> torch.Tensor:
@@ -180,6 +195,27 @@ class ConvLoRALinear(AdapterLayer):
             out = out.index_add(0, rows, y)
         return out, loss
 
+    def mixture_reference(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E_g(z)`` the way the reference computes it (baseline only; top-1; see the module docstring)."""
+        idx, gate_k, loss = self.gate(z)
+        experts = len(self.scales)
+        gates = torch.zeros(z.shape[0], experts, dtype=gate_k.dtype, device=z.device).scatter(1, idx, gate_k)
+        nonzero = torch.nonzero(gates)  # (M, 2): (sample, expert)
+        sorted_experts, order = nonzero.sort(0)
+        expert_index = sorted_experts[:, 1:2]
+        batch_index = nonzero[order[:, 1], 0]
+        part_sizes = (gates > 0).sum(0).tolist()
+        nonzero_gates = torch.gather(gates[batch_index], 1, expert_index)
+        inputs = torch.split(z[batch_index], part_sizes, dim=0)
+        outputs = [self.expert(i, inputs[i]) for i in range(experts) if part_sizes[i] > 0]
+        stitched = torch.cat(outputs, 0).exp()
+        if self.gate_scales_output:
+            stitched = stitched * nonzero_gates.to(stitched.dtype)[..., None, None]
+        combined = torch.zeros(z.shape[0], *outputs[-1].shape[1:], device=z.device)
+        combined = combined.index_add(0, batch_index, stitched.float())
+        combined[combined == 0] = torch.finfo(torch.float64).eps
+        return combined.log(), loss
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(self.dropout(x), self.lora_A)
         if z.dim() == 4:
@@ -192,7 +228,8 @@ class ConvLoRALinear(AdapterLayer):
             z_map = z.transpose(1, 2).reshape(n, r, side, side)
         else:
             raise ValueError(f"Conv-LoRA expects (N, H, W, C) or (N, L, C) input, got shape {tuple(x.shape)}")
-        mixed, self.aux_loss = self.mixture(z_map)
+        mixture = self.mixture_reference if self.impl == "reference" else self.mixture
+        mixed, self.aux_loss = mixture(z_map)
         if z.dim() == 4:
             mixed = mixed.permute(0, 2, 3, 1)
         else:

@@ -1,0 +1,75 @@
+"""Scoring saved prediction maps against ground truth with the same metrics as ``samft eval``.
+
+Predictions are matched to ground-truth masks by file stem. A prediction is a grey map (8-bit 0..255,
+16-bit 0..65535, float TIFF in [0, 1]) or a ``.npy`` array of probabilities; a map of another size is
+resized (bilinear) to its mask, as PraNet's evaluation does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from samft.data.io import IMAGE_EXTS, binarize, binary_mask_problem, read_mask_values
+from samft.data.layouts import list_images
+from samft.engine.progress import progress
+from samft.errors import DataError
+from samft.metrics import BinaryMetrics
+
+PRED_EXTS = IMAGE_EXTS + (".npy",)
+
+
+def read_prediction(path: Path) -> np.ndarray:
+    """A prediction map as float32 probabilities in [0, 1]."""
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the .npy prediction ({e})") from None
+        arr = np.squeeze(arr)
+        if arr.ndim != 2:
+            raise DataError(f"{path}: expected a 2-D probability map, got shape {arr.shape}")
+        if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1):
+            raise DataError(f"{path}: probabilities must lie in [0, 1], got [{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]")
+        return np.nan_to_num(arr.astype(np.float32))
+    values = read_mask_values(path)
+    if values.dtype == np.uint16 or values.max(initial=0) > 255:
+        return (values.astype(np.float32) / 65535.0).clip(0, 1)
+    return values.astype(np.float32) / 255.0
+
+
+def score_folders(pred_dir: str | Path, gt_dir: str | Path, threshold: float = 0.5,
+                  show_progress: bool = True) -> dict:
+    """Metrics of every prediction in ``pred_dir`` against the mask of the same stem in ``gt_dir``."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: prediction folder not found")
+    gts = {p.stem: p for p in list_images(gt_dir, "ground-truth")}
+    preds: dict[str, Path] = {}
+    for p in sorted(pred_dir.iterdir()):
+        if p.is_file() and p.suffix.lower() in PRED_EXTS and not p.name.startswith("."):
+            preds.setdefault(p.stem, p)
+    missing = sorted(set(gts) - set(preds))
+    if missing:
+        raise DataError(f"{pred_dir}: no prediction for {len(missing)} of {len(gts)} masks (first: "
+                        f"{gts[missing[0]].name}); predictions are matched to masks by file stem")
+    metrics = BinaryMetrics(threshold)
+    resized = 0
+    with progress("score", len(gts), show_progress) as advance:
+        for stem, gt_path in sorted(gts.items()):
+            values = read_mask_values(gt_path)
+            problem = binary_mask_problem(values)
+            if problem:
+                raise DataError(f"{gt_path}: {problem}")
+            gt = binarize(values)
+            prob = read_prediction(preds[stem])
+            if prob.shape != gt.shape:
+                prob = cv2.resize(prob, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
+                resized += 1
+            metrics.update(np.clip(prob, 0, 1), gt, stem)
+            advance()
+    return {"pred": str(pred_dir), "gt": str(gt_dir), "n_images": len(metrics), "resized": resized,
+            "unmatched_predictions": len(set(preds) - set(gts)), "metrics": metrics.compute()}

@@ -1,0 +1,130 @@
+"""Two processes on CPU (gloo) under torchrun, through the real command line: one run directory,
+validation/evaluation over the whole set (each image once), identical weights on both ranks, and a
+failure on one rank ending both with the error shown."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from samft.engine.checkpoint import read_adapter
+from samft.engine.distributed import tensors_sha256
+from samft.engine.evaluate import evaluate_run
+
+from conftest import ROOT, TINY
+
+RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv",
+             "curves.png"}
+
+
+def torchrun(*args: str, cwd: Path, script: tuple[str, ...] = ("-m", "samft")) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(cwd / ".cache"), "OMP_NUM_THREADS": "1",
+           "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *script, *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    from samft.data.synthetic import write_dataset
+
+    cwd = tmp_path_factory.mktemp("ddp")
+    write_dataset(cwd / "data", n=20, seed=2)
+    config = {
+        "model": TINY,
+        "peft": {"method": "conv_lora"},  # top-1 experts: some parameters unused on a step (find_unused_parameters)
+        "data": {"root": "data", "train": ".", "val_fraction": 0.25, "num_workers": 0},
+        "train": {"epochs": 1, "max_steps": 3, "batch_size": 2, "lr": 1e-3, "log_every": 1, "save_every": 0,
+                  "device": "cpu", "grad_checkpointing": True},
+        "eval": {"batch_size": 2},
+        "output": {"dir": "runs/ddp"},
+    }
+    (cwd / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return cwd
+
+
+@pytest.fixture(scope="module")
+def trained(workdir) -> tuple[Path, str]:
+    out = _ok(torchrun("train", "--config", "tiny.yaml", "--no-progress", cwd=workdir))
+    return workdir / "runs" / "ddp", out
+
+
+def test_one_run_directory_and_identical_weights_on_both_ranks(trained, workdir):
+    run, out = trained
+    assert [p.name for p in (workdir / "runs").iterdir()] == ["ddp"]
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert "cpu x 2 processes" in out
+    assert out.count("done: runs/ddp") == 1, "only rank 0 reports"
+    # each rank hashed its final trainable tensors; training checks they are equal and rank 0 prints the digest
+    line = " ".join(out.split())  # the console may wrap long lines
+    assert "all 2 processes hold identical trainable weights (sha256 " in line
+    digest = line.split("identical trainable weights (sha256 ", 1)[1][:64]
+    tensors, meta = read_adapter(run / "adapter_last.safetensors")
+    assert tensors_sha256(tensors) == digest, "rank 0's saved adapter is the weights both ranks hold"
+    assert meta["step"] == "3"
+
+
+def test_validation_covers_the_whole_set_once(trained):
+    """Sharded validation (3 + 2 images), merged, equals a single-process evaluation of the same weights."""
+    run, _ = trained
+    with open(run / "metrics.csv", newline="") as f:
+        epoch = [r for r in csv.DictReader(f) if r["kind"] == "epoch"][-1]
+    single = evaluate_run(run, device="cpu", show_progress=False, write=False)["sets"]["val"]
+    assert single["n_images"] == 5
+    for name, value in single["metrics"].items():
+        assert float(epoch[f"val_{name}"]) == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_eval_under_torchrun(trained, workdir):
+    run, _ = trained
+    # "--" keeps torchrun's own parser from taking --run for its --run-path
+    proc = torchrun("--", "eval", "--run", "runs/ddp", "--json", "--device", "cpu", cwd=workdir)
+    _ok(proc)
+    printed = json.loads(proc.stdout)  # rank 0 alone prints: one JSON document
+    written = json.loads((run / "eval.json").read_text())
+    assert printed == written
+    single = evaluate_run(run, device="cpu", show_progress=False, write=False)["sets"]["val"]
+    result = written["sets"]["val"]
+    assert result["n_images"] == 5
+    for name, value in single["metrics"].items():
+        assert result["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+
+
+def test_a_failing_rank_ends_all_ranks_with_its_error(workdir):
+    proc = torchrun("train", "--config", "tiny.yaml", "--no-progress", "output.dir=runs/failing",
+                    cwd=workdir, script=(str(ROOT / "tests" / "ddp_failing_rank.py"),))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error (rank 1): broken.png: not an image (deliberate failure on rank 1)" in " ".join(out.split())
+    # torchrun's failure summary shows the message (from the error file samft writes), not only an exit code
+    summary = out[out.rindex("FAILED"):]
+    assert "rank      : 1" in summary and "traceback : DataError: broken.png: not an image" in summary
+    assert "done:" not in out
+
+
+def test_diverged_ranks_are_an_error(monkeypatch):
+    import torch
+
+    import samft.engine.distributed as D
+    from samft.errors import SamftError
+
+    tensors = {"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.bfloat16)}
+    mine = tensors_sha256(tensors)
+    assert mine == tensors_sha256({"b": tensors["b"].clone(), "a": tensors["a"].clone()})
+    assert mine != tensors_sha256({**tensors, "a": torch.tensor([1.0, 1.0, 1.0 + 1e-7])})
+    monkeypatch.setattr(D, "gather_objects", lambda obj, info: [obj, obj, "f" * 64])
+    with pytest.raises(SamftError, match=r"the 3 processes ended with different weights \(ranks \[0, 1\]: "):
+        D.check_in_sync(tensors, D.DistInfo(rank=0, world_size=3))
