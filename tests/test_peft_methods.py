@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from segment_anything.modeling.image_encoder import Attention
+
 from samft.model import build_model
 from samft.peft.adapter import BottleneckAdapter
 from samft.peft.sam_adapter import EVPBlock, EVPPromptGenerator, high_frequency
@@ -12,9 +14,9 @@ from samft.peft.vpt import VPTAttention, attention
 from conftest import tiny_config
 
 
-def _build(method, **options):
+def _build(method, attention="sdpa", **options):
     peft = {"method": method, method: options} if options else {"method": method}
-    return build_model(tiny_config(method, peft=peft)).model
+    return build_model(tiny_config(method, peft=peft, model={"attention": attention})).model
 
 
 def _randomise_rel_pos(attn, seed=0):
@@ -27,17 +29,22 @@ def _randomise_rel_pos(attn, seed=0):
 # ---------------------------------------------------------------------------------------------- VPT
 
 
+IMPLS = ["eager", "sdpa"]  # model.attention: SAM's own attention or the fused one
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("block, shape", [(0, (6, 2, 2, 32)), (1, (2, 4, 5, 32))])  # windowed, global
-def test_vpt_attention_without_prompts_is_sams_attention(block, shape):
-    attn = _build("decoder_only").image_encoder.blocks[block].attn
+def test_vpt_attention_without_prompts_is_sams_attention(block, shape, impl):
+    attn = _build("decoder_only", impl).image_encoder.blocks[block].attn
     _randomise_rel_pos(attn)
     x = torch.randn(shape)
-    torch.testing.assert_close(attention(attn, x, None), attn(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(attention(attn, x, None), Attention.forward(attn, x), rtol=1e-5, atol=1e-6)
 
 
-def test_vpt_prompts_are_extra_keys_and_values():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vpt_prompts_are_extra_keys_and_values(impl):
     """Without relative positions, attending with prompts = SAM's attention over [tokens; prompt tokens]."""
-    model = _build("vpt", num_tokens=3)
+    model = _build("vpt", impl, num_tokens=3)
     blk = model.image_encoder.blocks[1]
     layer = blk.attn
     assert isinstance(layer, VPTAttention) and layer.prompts.shape == (3, 32)
@@ -46,13 +53,30 @@ def test_vpt_prompts_are_extra_keys_and_values():
     with torch.no_grad():
         got = layer(x)
         tokens = torch.cat([x.reshape(2, 20, 32), blk.norm1(layer.prompts).expand(2, -1, -1)], dim=1)
-        want = layer.base_layer(tokens.reshape(2, 1, 23, 32))[:, 0, :20].reshape(2, 4, 5, 32)
+        want = Attention.forward(layer.base_layer, tokens.reshape(2, 1, 23, 32))[:, 0, :20].reshape(2, 4, 5, 32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_vpt_every_window_attends_to_the_same_prompts():
+@pytest.mark.parametrize("block, shape", [(0, (6, 2, 2, 32)), (1, (2, 4, 5, 32))])
+def test_vpt_fused_and_eager_attention_agree(block, shape):
+    """With relative positions and prompts, the fused path (prompt keys: zero bias in the mask) equals
+    the explicit one, forward and gradients."""
+    layers = [_build("vpt", impl, num_tokens=3).image_encoder.blocks[block].attn for impl in IMPLS]
+    for layer in layers:
+        _randomise_rel_pos(layer.base_layer)
+    with torch.no_grad():
+        layers[1].prompts.copy_(layers[0].prompts)  # the same prompts (their init draws from the global RNG)
+    x = torch.randn(shape)
+    outs = [layer(x) for layer in layers]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), layer.prompts)[0] for out, layer in zip(outs, layers)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vpt_every_window_attends_to_the_same_prompts(impl):
     """A windowed block: each window's result equals attending that window alone with the prompts."""
-    model = _build("vpt", num_tokens=2)
+    model = _build("vpt", impl, num_tokens=2)
     layer = model.image_encoder.blocks[0].attn
     _randomise_rel_pos(layer.base_layer)
     windows = torch.randn(5, 2, 2, 32)

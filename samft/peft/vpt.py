@@ -7,7 +7,8 @@ it into windows, so here that effect is implemented directly: each block's promp
 the block's (frozen) ``norm1`` like any token, turned into keys and values by its frozen ``qkv``, and
 appended to the keys and values of every window (or of the whole map in a global block). The 2-D
 layout, the windows and the spatial tokens' relative-position bias stay as they are; prompt keys get no
-position bias.
+position bias. With the fused attention (``model.attention=sdpa``) this runs through
+``scaled_dot_product_attention`` like the rest of the encoder.
 
 Unlike zero-initialised adapters, prompts change the output from the start (they take part of every
 softmax). Not mergeable.
@@ -47,9 +48,15 @@ def attention(attn: nn.Module, x: torch.Tensor, extra_kv: Optional[tuple[torch.T
     """SAM's ``Attention.forward`` on x (B, H, W, C), with optional extra keys/values (T, C) each.
 
     Uses only the attributes of SAM's Attention (``qkv``, ``proj``, ``num_heads``, ``scale``,
-    ``use_rel_pos``, ``rel_pos_h``, ``rel_pos_w``); with ``extra_kv=None`` it computes exactly what
-    SAM's forward computes.
+    ``use_rel_pos``, ``rel_pos_h``, ``rel_pos_w``); with ``extra_kv=None`` it computes what SAM's
+    forward computes. When the encoder uses the fused attention (``model.attention=sdpa``) it goes
+    through ``scaled_dot_product_attention`` too, the relative-position bias (zero for the extra keys)
+    passed as the additive mask; otherwise it is SAM's explicit computation.
     """
+    from samft.model.attention import SDPAAttention  # here: samft.model imports the PEFT registry
+
+    if isinstance(attn, SDPAAttention):
+        return _fused_attention(attn, x, extra_kv)
     b, h, w, _ = x.shape
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -66,6 +73,24 @@ def attention(attn: nn.Module, x: torch.Tensor, extra_kv: Optional[tuple[torch.T
     weights = logits.softmax(dim=-1)
     out = (weights @ v).view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return attn.proj(out)
+
+
+def _fused_attention(attn: nn.Module, x: torch.Tensor, extra_kv: Optional[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> torch.Tensor:
+    from samft.model.attention import rel_pos_bias
+
+    b, h, w, _ = x.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, HW, hd)
+    mask = rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w)) if attn.use_rel_pos else None
+    if extra_kv is not None:
+        pk, pv = (t.reshape(t.shape[0], heads, -1).transpose(0, 1).unsqueeze(0).expand(b, -1, -1, -1).to(q.dtype)
+                  for t in extra_kv)  # (B, heads, T, hd)
+        k, v = torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pk.shape[2])], dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
 class VPTAttention(AdapterLayer):
