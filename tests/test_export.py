@@ -140,3 +140,18 @@ def test_cli_export(tmp_path):
     proc = samft("export", "--run", "runs/none", "--merged", "x.pth", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip() == "error: runs/none: not a run directory (config.yaml not found)"
+
+
+@pytest.mark.parametrize("method", ["lora", "vpt"])
+def test_export_of_a_multiclass_model(method, tmp_path):
+    """Several mask tokens and a class head: the head file carries them; outputs and class scores equal."""
+    run, model = make_run(tmp_path / "run", method, data={"classes": ["bg", "a", "b"]}, model={"num_mask_tokens": 5})
+    out = tmp_path / "mc.pth"
+    assert export_run(run, out).merged == (method == "lora")
+    images = torch.randn(2, 3, 64, 64)
+    exported = load_exported(out).eval()
+    with torch.no_grad():
+        got, want = exported(images), model.eval()(images)
+    assert got.masks.shape == (2, 5, 16, 16) and got.class_logits.shape == (2, 5, 4)  # 3 classes + "no object"
+    torch.testing.assert_close(got.masks, want.masks, **TOLERANCE)
+    torch.testing.assert_close(got.class_logits, want.class_logits, **TOLERANCE)
