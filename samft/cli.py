@@ -104,7 +104,8 @@ def train(
 @app.command("eval")
 @user_errors
 def eval_(
-    run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+    run: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="run directory (default: the newest under "
+                                       "runs/); --run-dir is the same, for torchrun, which takes --run itself"),
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH test set (folder or CSV); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print eval.json to stdout"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
@@ -145,7 +146,8 @@ def _print_metrics_table(title: str, sets: dict) -> None:
 @user_errors
 def predict(
     inputs: List[str] = typer.Argument(..., help="images, folders or glob patterns"),
-    run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+    run: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="run directory (default: the newest under "
+                                       "runs/); --run-dir is the same, for torchrun, which takes --run itself"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/predictions)"),
     with_overlay: bool = typer.Option(False, "--overlay", help="also write image+mask overlays to OUT/overlays/"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),

@@ -21,7 +21,8 @@ RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "
 
 
 def samft(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(cwd / ".cache"), "COLUMNS": "200"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(cwd / ".cache"),
+           "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, "-m", "samft", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
     if check and proc.returncode != 0:

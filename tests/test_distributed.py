@@ -91,7 +91,7 @@ def test_validation_covers_the_whole_set_once(trained):
 def test_eval_under_torchrun(trained, workdir):
     run, _ = trained
     # "--" keeps torchrun's own parser from taking --run for its --run-path
-    proc = torchrun("--", "eval", "--run", "runs/ddp", "--json", "--device", "cpu", cwd=workdir)
+    proc = torchrun("eval", "--run-dir", "runs/ddp", "--json", "--device", "cpu", cwd=workdir)
     _ok(proc)
     printed = json.loads(proc.stdout)  # rank 0 alone prints: one JSON document
     written = json.loads((run / "eval.json").read_text())
