@@ -163,6 +163,21 @@ def predict(
 
 @app.command()
 @user_errors
+def export(
+    merged: Path = typer.Option(..., "--merged", help="output file, e.g. model.pth"),
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+) -> None:
+    """Fold the adapters into SAM's weights (LoRA, SSF, BitFit ...) and write a plain SAM checkpoint plus
+    the decoder head; for methods that cannot be merged, say so and write the unmerged model."""
+    from samft.engine.export import export_run
+    from samft.engine.runs import newest_run
+
+    result = export_run(run or newest_run(), merged)
+    _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
+
+
+@app.command()
+@user_errors
 def info(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
     config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
@@ -170,32 +185,21 @@ def info(
 ) -> None:
     """Show the model, PEFT method, adapted modules and parameter counts of a config."""
     from samft.config import load_config
-    from samft.model import build_model, count_params
+    from samft.model import describe
 
     cfg = load_config(config, overrides)
-    built = build_model(cfg, meta=True)  # structure only: counting needs no weights
-    counts = count_params(built.model)
-    result = {
-        "model": cfg.model.type,
-        "img_size": cfg.model.img_size,
-        "checkpoint": cfg.model.checkpoint,
-        "peft_method": cfg.peft.method,
-        "peft_options": {k: v for k, v in vars(cfg.method_cfg).items()},
-        "adapted_modules": built.adapted,
-        **counts,
-        "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4),
-    }
+    result = describe(cfg)  # structure only: counting needs no weights
     if as_json:
         print(json.dumps(result, indent=2))
         return
     c = _console()
+    adapted = result["adapted_modules"]
     c.print(f"model          {cfg.model.type} @ {cfg.model.img_size}px (checkpoint: {cfg.model.checkpoint})")
-    c.print(f"peft           {cfg.peft.method} {result['peft_options']}")
-    c.print(f"adapted        {len(built.adapted)} modules" + (f": {built.adapted[0]} ... {built.adapted[-1]}"
-                                                              if built.adapted else ""))
-    c.print(f"trainable      {counts['trainable_params']:,} ({result['trainable_percent']}%) = "
-            f"adapters {counts['adapter_params']:,} + decoder {counts['decoder_params']:,}")
-    c.print(f"total          {counts['total_params']:,}")
+    c.print(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
+    c.print(f"adapted        {len(adapted)}" + (f": {adapted[0]} ... {adapted[-1]}" if adapted else " (nothing wrapped)"))
+    c.print(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "
+            f"adapters {result['adapter_params']:,} + decoder {result['decoder_params']:,}")
+    c.print(f"total          {result['total_params']:,}")
 
 
 @app.command()

@@ -72,10 +72,11 @@ def save_adapter(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> No
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
-def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | Path, what: str = "adapter") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file (a CheckpointError naming it when unreadable)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: adapter file not found")
+        raise CheckpointError(f"{path}: {what} file not found")
     data = path.read_bytes()
     try:
         tensors = st_load(data)
@@ -83,6 +84,11 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    return tensors, metadata
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, metadata = read_safetensors(path)
     if metadata.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path}: not a samft adapter (metadata format {metadata.get('format')!r})")
     return tensors, metadata

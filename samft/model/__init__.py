@@ -52,4 +52,24 @@ def count_params(model) -> dict[str, int]:
             "adapter_params": trainable - decoder}
 
 
-__all__ = ["BuiltModel", "SegOutput", "SemanticSAM", "build_model", "count_params"]
+def describe(cfg: Config) -> dict:
+    """What ``samft info`` reports: model, PEFT method and options, adapted modules, parameter counts.
+
+    Builds the structure only (``meta=True``): no weights are read, so this is instant for any size.
+    """
+    built = build_model(cfg, meta=True)
+    counts = count_params(built.model)
+    return {
+        "model": cfg.model.type,
+        "img_size": cfg.model.img_size,
+        "checkpoint": cfg.model.checkpoint,
+        "peft_method": cfg.peft.method,
+        "peft_options": dict(vars(cfg.method_cfg)),
+        "mergeable": peft.get(cfg.peft.method).mergeable,
+        "adapted_modules": built.adapted,
+        **counts,
+        "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4),
+    }
+
+
+__all__ = ["BuiltModel", "SegOutput", "SemanticSAM", "build_model", "count_params", "describe"]

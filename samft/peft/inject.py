@@ -42,6 +42,16 @@ def replace_modules(
     return names
 
 
+def merge_layers(root: nn.Module, cls: type) -> int:
+    """Replace every ``cls`` wrapper under ``root`` by its ``merged()`` plain module; returns how many."""
+    names = [n for n, m in root.named_modules() if isinstance(m, cls)]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, getattr(parent, attr).merged())
+    return len(names)
+
+
 LINEAR_TARGETS = ("qkv", "proj", "lin1", "lin2")
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from samft.errors import ConfigError
 from samft.fields import opt
-from samft.peft.inject import AdapterLayer, check_targets, linear_targets, replace_modules
+from samft.peft.inject import AdapterLayer, check_targets, linear_targets, merge_layers, replace_modules
 from samft.peft.registry import register
 
 
@@ -67,12 +67,7 @@ class LoRALinear(AdapterLayer):
 
 def merge(encoder: nn.Module) -> int:
     """Fold every LoRALinear into a plain nn.Linear; returns how many were merged."""
-    names = [n for n, m in encoder.named_modules() if isinstance(m, LoRALinear)]
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = encoder.get_submodule(parent_name) if parent_name else encoder
-        setattr(parent, attr, getattr(parent, attr).merged())
-    return len(names)
+    return merge_layers(encoder, LoRALinear)
 
 
 @register("lora", LoRAConfig, help="low-rank adapters on encoder linears (mergeable)", mergeable=True, merge=merge)

@@ -1,0 +1,216 @@
+"""Exporting a run's model: merged into a plain SAM checkpoint where the PEFT method allows it.
+
+``export_run(run, out)`` loads the run's best adapter onto its base and then:
+
+- **mergeable methods** (``lora``, ``ssf``, ``bitfit``, ``full``, ``decoder_only``): folds the adapters
+  into the encoder weights and writes
+  - ``OUT`` — a plain SAM state dict with exactly SAM's keys and shapes, which ``segment_anything``
+    loads strictly (``sam_model_registry[type](checkpoint=OUT)``; for ``tiny`` the classes of
+    ``samft.model.sam.build_tiny``). The trained decoder pieces are written into SAM's mask decoder
+    where SAM has them (two-way transformer, IoU token, output upscaling, mask token 0 and
+    hypernetwork 0); SAM's IoU head and its other mask tokens stay as in the base. The position
+    embedding is SAM's native one (``img_size / 16`` per side for ``tiny``, 64 for the official sizes):
+    the base's own when training left it untouched, else (``full`` at another input size) the trained
+    one resized to it, which plain SAM then sees approximately; the head file keeps the exact one.
+  - ``OUT.head.safetensors`` (``OUT`` without its suffix + ``.head.safetensors``) — samft's
+    ``SemanticMaskDecoder`` (all ``decoder.*`` tensors, the class head included), the exact position
+    embedding the run used at its ``img_size``, and metadata (SAM type, image size, queries, classes,
+    PEFT method, base sha256, the run's config). SAM's own prompt-driven decoder path attends over
+    different tokens, so the semantic output needs this head: :func:`load_exported` rebuilds it.
+- **other methods** (``conv_lora``, ``adapter``, ``vpt``, ``sam_adapter``): their layers cannot be
+  folded into SAM's weights; ``OUT`` is then the unmerged samft model: a ``torch.save`` dict with the
+  run's config and the full state dict (base weights included, so no base checkpoint is needed to
+  load it) that :func:`load_exported` rebuilds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from safetensors.torch import save as st_save
+
+from samft import __version__, peft
+from samft.config import config_from_dict, dump_yaml
+from samft.engine.checkpoint import atomic_torch_save, atomic_write_bytes, read_safetensors
+from samft.engine.runs import ADAPTER_FILE, load_run
+from samft.errors import CheckpointError, SamftError
+from samft.model import SemanticSAM, build_model
+from samft.model.sam import build_sam, interpolate_pos_embed, set_image_size
+from samft.peft.inject import AdapterLayer
+
+HEAD_FORMAT = "samft-merged-head-1"
+UNMERGED_FORMAT = "samft-unmerged-model-1"
+SAM_NATIVE_SIZE = 1024  # the official SAM sizes are built for 1024 px input (a 64 x 64 token grid)
+POS_EMBED = "image_encoder.pos_embed"
+
+
+@dataclass
+class ExportResult:
+    merged: bool
+    method: str
+    files: list[Path]
+    merged_layers: int = 0  # adapter layers folded into the encoder (0 when nothing was wrapped)
+
+    def message(self) -> str:
+        if self.merged:
+            what = f"merged {self.merged_layers} {self.method} layer(s) into the encoder" if self.merged_layers \
+                else f"{self.method}: the encoder is plain SAM, nothing to fold"
+            return (f"{what}; wrote {self.files[0]} (plain segment_anything checkpoint) and {self.files[1]} "
+                    f"(samft decoder head)")
+        return (f"{self.method} cannot be merged: its layers cannot be folded into SAM's weights; wrote the unmerged "
+                f"samft model to {self.files[0]} (load it with samft.engine.export.load_exported)")
+
+
+def head_path(out: str | Path) -> Path:
+    """``model.pth`` -> ``model.head.safetensors`` (next to the merged checkpoint)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem if out.suffix else out.name}.head.safetensors")
+
+
+def _native_model_cfg(model_cfg):
+    """The model config at SAM's native input size (the size of the checkpoint's pos_embed)."""
+    if model_cfg.type == "tiny":
+        return model_cfg
+    return dataclasses.replace(model_cfg, img_size=SAM_NATIVE_SIZE)
+
+
+def _sam_state(model: SemanticSAM, base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full SAM state dict: the base's, with the (merged) encoder and the trained decoder parts."""
+    state = {k: v.clone() for k, v in base_state.items()}
+    for k, v in model.image_encoder.state_dict().items():
+        key = f"image_encoder.{k}"
+        if key not in state:
+            raise SamftError(f"merged encoder tensor {k} is not part of SAM (a wrapper was left unmerged)")
+        if key == POS_EMBED and v.shape != state[key].shape:
+            native = state[key]
+            if torch.equal(interpolate_pos_embed(native, tuple(v.shape[1:3])), v):
+                continue  # untrained: SAM's own native embedding gives the same one at the run's size
+            v = interpolate_pos_embed(v, tuple(native.shape[1:3]))  # trained at another size (full fine-tuning)
+        if v.shape != state[key].shape:
+            raise SamftError(f"merged encoder tensor {k} has shape {tuple(v.shape)}, SAM has {tuple(state[key].shape)}")
+        state[key] = v.detach().clone()
+    for k, v in model.prompt_encoder.state_dict().items():
+        state[f"prompt_encoder.{k}"] = v.detach().clone()
+    for k, v in model.decoder.state_dict().items():
+        if k == "mask_tokens.weight":
+            target = state["mask_decoder.mask_tokens.weight"]
+            if v.shape[1:] == target.shape[1:]:
+                target[0] = v[0]
+            continue
+        key = f"mask_decoder.output_hypernetworks_mlps.0.{k[len('hypernetwork.'):]}" if k.startswith(
+            "hypernetwork.") else f"mask_decoder.{k}"
+        if key in state and state[key].shape == v.shape:
+            state[key] = v.detach().clone()
+    return state
+
+
+def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE) -> ExportResult:
+    """Export ``run_dir``'s model to ``out`` (see the module docstring). Runs on the CPU."""
+    out = Path(out)
+    if out.is_dir():
+        raise SamftError(f"{out}: is a folder; --merged needs a file name such as model.pth")
+    run = load_run(run_dir, torch.device("cpu"), adapter)
+    cfg, model = run.cfg, run.model.eval()
+    spec = peft.get(cfg.peft.method)
+    if not spec.mergeable:
+        atomic_torch_save({
+            "format": UNMERGED_FORMAT, "samft_version": __version__, "peft_method": cfg.peft.method,
+            "sam_type": cfg.model.type, "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        }, out)
+        return ExportResult(False, cfg.peft.method, [out])
+
+    with torch.no_grad():
+        pos_embed = model.image_encoder.pos_embed.detach().clone() if model.image_encoder.pos_embed is not None \
+            else None
+        folded = spec.merge(model.image_encoder)
+        left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
+        if left:
+            raise SamftError(f"PEFT method {cfg.peft.method}: merging left adapter layers {left[:3]}")
+        base = build_sam(_native_model_cfg(cfg.model))  # the base's full SAM (IoU head, other mask tokens)
+        state = _sam_state(model, base.state_dict())
+    head = {f"decoder.{k}": v.detach().cpu().contiguous().clone() for k, v in model.decoder.state_dict().items()}
+    if pos_embed is not None:
+        head[POS_EMBED] = pos_embed.cpu().contiguous()
+    meta = {"format": HEAD_FORMAT, "samft_version": __version__, "sam_type": cfg.model.type,
+            "img_size": str(cfg.model.img_size), "num_queries": str(model.decoder.num_queries),
+            "num_classes": str(model.num_classes), "peft_method": cfg.peft.method,
+            "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg)}
+    atomic_torch_save(state, out)
+    head_file = head_path(out)
+    atomic_write_bytes(head_file, st_save(head, metadata=meta))
+    return ExportResult(True, cfg.peft.method, [out, head_file], folded)
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: exported model not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means "not a readable export"
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
+
+
+def _config(yaml_text: str, source: str):
+    try:
+        return config_from_dict(yaml.safe_load(yaml_text) or {})
+    except SamftError as e:
+        raise CheckpointError(f"{source}: the stored config is not valid for this samft: {e}") from None
+
+
+def _load_unmerged(path: Path, data: dict, device: torch.device) -> SemanticSAM:
+    cfg = _config(data["config_yaml"], str(path))
+    built = build_model(cfg, meta=True)  # the structure only; every tensor comes from the file
+    try:
+        built.model.load_state_dict(data["state_dict"], strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit the model of its own config: {e}") from None
+    built.model.requires_grad_(False)
+    return built.model.to(device).eval()
+
+
+def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optional[Path]) -> SemanticSAM:
+    head_file = head_file or head_path(path)
+    if not head_file.is_file():
+        raise CheckpointError(f"{path}: a merged SAM checkpoint needs its decoder head {head_file} (written by "
+                              f"samft export next to it)")
+    head, meta = read_safetensors(head_file, "decoder head")
+    if meta.get("format") != HEAD_FORMAT:
+        raise CheckpointError(f"{head_file}: not a samft decoder head (metadata format {meta.get('format')!r})")
+    cfg = _config(meta["config_yaml"], str(head_file))
+    sam = build_sam(dataclasses.replace(_native_model_cfg(cfg.model), checkpoint=None), meta=True)
+    try:
+        sam.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: not a SAM {cfg.model.type} checkpoint: {e}") from None
+    if cfg.model.type != "tiny":
+        set_image_size(sam, cfg.model.img_size)
+    if POS_EMBED in head:
+        sam.image_encoder.pos_embed = torch.nn.Parameter(head[POS_EMBED], requires_grad=False)
+    model = SemanticSAM(sam, int(meta["num_queries"]), int(meta["num_classes"]))
+    decoder = {k[len("decoder."):]: v for k, v in head.items() if k.startswith("decoder.")}
+    try:
+        model.decoder.load_state_dict(decoder, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{head_file}: does not fit the decoder: {e}") from None
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def load_exported(path: str | Path, device: torch.device | str = "cpu",
+                  head_file: Optional[str | Path] = None) -> SemanticSAM:
+    """The SemanticSAM of an export (frozen, in eval mode): a merged SAM checkpoint + its head, or an
+    unmerged samft model."""
+    path = Path(path)
+    data = _read(path)
+    device = torch.device(device)
+    if isinstance(data, dict) and data.get("format") == UNMERGED_FORMAT:
+        return _load_unmerged(path, data, device)
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return _load_merged(path, data, device, Path(head_file) if head_file else None)
+    raise CheckpointError(f"{path}: neither a merged SAM checkpoint nor an unmerged samft export")

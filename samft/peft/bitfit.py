@@ -1,0 +1,50 @@
+"""``bitfit``: only the bias terms of the image encoder train (Ben Zaken et al. 2022).
+
+The biases are those of the encoder's linear, convolution and normalisation layers (every ``nn.Linear``,
+``nn.Conv2d``, ``nn.LayerNorm`` and SAM's ``LayerNorm2d`` in the neck) that have one. Nothing is
+wrapped, so the trained encoder is a plain SAM encoder: "merging" is a no-op and the export is a plain
+SAM checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from segment_anything.modeling.common import LayerNorm2d
+from torch import nn
+
+from samft.errors import ConfigError
+from samft.peft.registry import register
+
+BIAS_MODULES = (nn.Linear, nn.Conv2d, nn.LayerNorm, LayerNorm2d)
+
+
+@dataclass
+class BitFitConfig:
+    """No options: every bias of the encoder trains."""
+
+
+def encoder_biases(encoder: nn.Module) -> list[str]:
+    """Names of the ``bias`` parameters of the encoder's linear, convolution and norm layers."""
+    names = []
+    for mod_name, module in encoder.named_modules():
+        if isinstance(module, BIAS_MODULES) and isinstance(getattr(module, "bias", None), nn.Parameter):
+            names.append(f"{mod_name}.bias" if mod_name else "bias")
+    return names
+
+
+@register(
+    "bitfit",
+    BitFitConfig,
+    help="BitFit: only the encoder's bias terms train",
+    mergeable=True,
+    merge=lambda encoder: 0,
+    trains_base=encoder_biases,
+)
+def apply(encoder: nn.Module, cfg: BitFitConfig) -> list[str]:
+    names = encoder_biases(encoder)
+    if not names:
+        raise ConfigError("PEFT method bitfit: no linear, convolution or norm layer of the image encoder has a bias")
+    for name in names:
+        encoder.get_parameter(name).requires_grad_(True)
+    return names

@@ -1,0 +1,85 @@
+"""scripts/compare_methods.py: the aggregation, and the real script end to end on a tiny SAM."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mean_and_standard_error():
+    cm = _script()
+    mean, se = cm.mean_se([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7) and se == pytest.approx(0.2 / math.sqrt(3))
+    assert cm.mean_se([0.4])[0] == 0.4 and math.isnan(cm.mean_se([0.4])[1])
+    assert cm._fmt(0.7, 0.11547) == "0.7000 ± 0.1155" and cm._fmt(0.4, math.nan) == "0.4000"
+
+
+def test_summary_table():
+    cm = _script()
+    runs = [{"method": m, "seed": s, "sets": {"val": {"dice@0.5": d}}, "n_images": {"val": 6},
+             "trainable_params": p, "adapter_params": p - 100, "step_seconds_median": 0.1 * (s + 1),
+             "cpu_seconds_per_step": 0.2,
+             "peak_mib": 500.0 + s, "peak_kind": "CPU peak RSS"}
+            for m, p, ds in (("lora", 150, (0.8, 0.6)), ("decoder_only", 100, (0.5, 0.5)))
+            for s, d in enumerate(ds)]
+    summary = cm.summarise(runs, ["lora", "decoder_only"], ["dice@0.5"])
+    text = cm.markdown(summary, ["dice@0.5"], "header")
+    assert "| `lora` | 0.7000 ± 0.1000 | 150 | 50 | 150 ± 50 | 200 ± 0 | 501 |" in text
+    assert "| `decoder_only` | 0.5000 ± 0.0000 | 100 | 0 | 150 ± 50 | 200 ± 0 | 501 |" in text
+    assert "### Test set `val` (6 images, 2 seed(s) per method)" in text
+
+
+def test_compare_methods_end_to_end(synthetic_dir, tmp_path, monkeypatch, capsys):
+    config = {"model": TINY, "peft": {"method": "lora"},
+              "data": {"root": str(synthetic_dir), "train": ".", "val_fraction": 0.25, "num_workers": 0},
+              "train": {"epochs": 1, "batch_size": 6, "device": "cpu"}, "eval": {"batch_size": 6}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    cm = _script()
+    args = ["--config", "c.yaml", "--methods", "decoder_only,lora", "--seeds", "3", "--out", "docs/cmp.md",
+            "--workdir", "runs/cmp", "train.lr=1e-3"]
+    assert cm.main([*args, "--in-process"]) == 0
+    assert "decoder_only seed 3 ->" in capsys.readouterr().out
+    table = (tmp_path / "docs" / "cmp.md").read_text()
+    assert table.startswith("Command: `python scripts/compare_methods.py --config c.yaml --methods decoder_only,lora")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [r.split("|")[1].strip() for r in rows] == ["`decoder_only`", "`lora`"]
+    assert (tmp_path / "docs" / "cmp.png").stat().st_size > 1000
+    raw = json.loads((tmp_path / "docs" / "cmp.json").read_text())
+    assert [(r["method"], r["seed"], r["n_images"]["val"]) for r in raw] == [("decoder_only", 3, 6), ("lora", 3, 6)]
+    assert raw[1]["request"]["overrides"] == ["train.lr=1e-3", "peft.method=lora", "train.seed=3"]
+    assert raw[0]["adapter_params"] == 0 and raw[1]["adapter_params"] > 0 and raw[1]["steps"] == 3
+    assert all(r["cpu_seconds_per_step"] > 0 and r["step_seconds_median"] > 0 for r in raw)
+
+    with open(tmp_path / "docs" / "cmp.md", "a") as f:
+        f.write(f"{cm.NOTES_MARKER}\nmy notes\n")
+    assert cm.main(args) == 0 and " -> " not in capsys.readouterr().out  # finished runs are reused, not retrained
+    regenerated = (tmp_path / "docs" / "cmp.md").read_text()
+    assert regenerated.startswith("Command:") and regenerated.endswith(f"{cm.NOTES_MARKER}\nmy notes\n")
+    assert regenerated.count("| `lora` |") == 1
+    assert cm.main([*args[:3], "decoder_only,loraa", *args[4:]]) == 2
+    assert "unknown PEFT method 'loraa' (did you mean 'lora'?)" in capsys.readouterr().err
+
+    # the default mode runs each (method, seed) as `compare_methods.py ARGS --run-one METHOD SEED` in its own
+    # process, so that the peak memory is the run's own
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(tmp_path / ".cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_methods.py"), *args, "--run-one", "lora",
+                           "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "runs" / "cmp" / "lora" / "seed3" / "result.json").read_text())
+    assert result["peak_kind"] == "CPU peak RSS" and result["peak_mib"] > 100
+    assert result["trainable_params"] == raw[1]["trainable_params"]
