@@ -20,6 +20,16 @@ METHODS = sorted(all_methods())
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def load_script(name: str):
+    """A script of scripts/ imported as a module (the scripts are not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared(name: str) -> Path:
     """A folder of ../shared/data, or skip the test saying why."""
     path = SHARED_DATA / name

@@ -1,6 +1,5 @@
 """scripts/compare_methods.py: the aggregation, and the real script end to end on a tiny SAM."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,14 +9,11 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_methods")
 
 
 def test_mean_and_standard_error():

@@ -1,17 +1,13 @@
 """README.md's PEFT tables are the output of scripts/method_table.py (so they cannot go stale)."""
 
-import importlib.util
 
 from samft import peft
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("method_table", ROOT / "scripts" / "method_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("method_table")
 
 
 def test_readme_holds_the_generated_method_tables():

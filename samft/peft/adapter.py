@@ -18,7 +18,7 @@ from torch import nn
 
 from samft.errors import ConfigError
 from samft.fields import opt
-from samft.peft.inject import AdapterLayer, replace_modules
+from samft.peft.inject import AdapterLayer, check_choices, replace_modules
 from samft.peft.registry import register
 
 POSITIONS = ("attn", "mlp")
@@ -30,11 +30,7 @@ class AdapterConfig:
     positions: list[str] = opt(["attn", "mlp"], "where in each block: after attn, after mlp, or both")
 
     def check(self, prefix: str) -> None:
-        if not self.positions:
-            raise ConfigError(f"{prefix}.positions: empty; choose from {', '.join(POSITIONS)}")
-        unknown = sorted(set(self.positions) - set(POSITIONS))
-        if unknown:
-            raise ConfigError(f"{prefix}.positions: unknown {unknown}; choose from {', '.join(POSITIONS)}")
+        check_choices(self.positions, POSITIONS, f"{prefix}.positions")
 
 
 class BottleneckAdapter(AdapterLayer):

@@ -35,17 +35,15 @@ from torch import nn
 
 from samft.errors import ConfigError
 from samft.fields import opt
-from samft.peft.inject import AdapterLayer, check_targets, linear_targets, replace_modules
-from samft.peft.lora import init_low_rank
+from samft.peft.inject import AdapterLayer, linear_targets, replace_modules
+from samft.peft.lora import LoRAConfig, init_low_rank
 from samft.peft.registry import register
 
 
 @dataclass
-class ConvLoRAConfig:
-    targets: list[str] = opt(["qkv"], "encoder linears to adapt in every block: qkv, proj, lin1, lin2")
-    rank: int = opt(3, "rank r of the low-rank feature z", minimum=1)
-    alpha: float = opt(32.0, "scale numerator: the update is multiplied by alpha / rank", minimum=0.0)
-    dropout: float = opt(0.0, "dropout on the adapter's input", minimum=0.0)
+class ConvLoRAConfig(LoRAConfig):
+    """LoRA's options (targets, rank r of the feature z, alpha, dropout) plus the mixture of experts."""
+
     experts: int = opt(8, "number of convolutional experts", minimum=1)
     scales: list[float] = opt([], "upsampling factor of each expert (empty = 1, 2, ..., experts)")
     top_k: int = opt(1, "experts chosen per sample by the gate", minimum=1)
@@ -57,15 +55,13 @@ class ConvLoRAConfig:
                     "SparseDispatcher path, a benchmark baseline; overflows in fp16)", ("grouped", "reference"))
 
     def check(self, prefix: str) -> None:
-        check_targets(self.targets, prefix)
+        super().check(prefix)
         if self.scales and len(self.scales) != self.experts:
             raise ConfigError(f"{prefix}.scales: {len(self.scales)} scales for {self.experts} experts")
         if any(s <= 0 for s in self.scales):
             raise ConfigError(f"{prefix}.scales: {self.scales} must all be positive")
         if self.top_k > self.experts:
             raise ConfigError(f"{prefix}.top_k: {self.top_k} is more than the {self.experts} experts")
-        if self.dropout >= 1.0:
-            raise ConfigError(f"{prefix}.dropout: {self.dropout} must be below 1")
         if self.impl == "reference" and self.top_k != 1:
             raise ConfigError(f"{prefix}.impl: reference restates AutoGluon's top-1 path (its exp/log combine is "
                               f"a log-sum-exp for top_k > 1); use impl=grouped with top_k={self.top_k}")

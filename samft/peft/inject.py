@@ -75,9 +75,14 @@ def linear_targets(targets: Iterable[str]) -> Callable[[str, nn.Module], bool]:
     return match
 
 
-def check_targets(targets: list[str], prefix: str) -> None:
-    if not targets:
-        raise ConfigError(f"{prefix}.targets: empty; choose from {', '.join(LINEAR_TARGETS)}")
-    unknown = sorted(set(targets) - set(LINEAR_TARGETS))
+def check_choices(values: list[str], allowed: tuple[str, ...], key: str) -> None:
+    """A non-empty list drawn from ``allowed``, else a ConfigError naming ``key``."""
+    if not values:
+        raise ConfigError(f"{key}: empty; choose from {', '.join(allowed)}")
+    unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise ConfigError(f"{prefix}.targets: unknown {unknown}; choose from {', '.join(LINEAR_TARGETS)}")
+        raise ConfigError(f"{key}: unknown {unknown}; choose from {', '.join(allowed)}")
+
+
+def check_targets(targets: list[str], prefix: str) -> None:
+    check_choices(targets, LINEAR_TARGETS, f"{prefix}.targets")

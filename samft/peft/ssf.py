@@ -16,7 +16,8 @@ from torch import nn
 
 from samft.errors import ConfigError
 from samft.fields import opt
-from samft.peft.inject import LINEAR_TARGETS, AdapterLayer, linear_targets, merge_layers, replace_modules
+from samft.peft.inject import (LINEAR_TARGETS, AdapterLayer, check_choices, linear_targets, merge_layers,
+                               replace_modules)
 from samft.peft.registry import register
 
 NORM_TARGETS = ("norm1", "norm2")
@@ -29,11 +30,7 @@ class SSFConfig:
                              + ", ".join(SSF_TARGETS))
 
     def check(self, prefix: str) -> None:
-        if not self.targets:
-            raise ConfigError(f"{prefix}.targets: empty; choose from {', '.join(SSF_TARGETS)}")
-        unknown = sorted(set(self.targets) - set(SSF_TARGETS))
-        if unknown:
-            raise ConfigError(f"{prefix}.targets: unknown {unknown}; choose from {', '.join(SSF_TARGETS)}")
+        check_choices(self.targets, SSF_TARGETS, f"{prefix}.targets")
 
 
 class SSFLayer(AdapterLayer):
