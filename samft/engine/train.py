@@ -116,7 +116,8 @@ def plot_curves(run_dir: Path, metric: str) -> None:
     axes[0].plot([int(r["step"]) for r in steps], [float(r["task_loss"]) for r in steps], label="task loss", alpha=0.7)
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss")
-    axes[0].legend()
+    if steps:
+        axes[0].legend()
     names = ["mIoU", "mAcc", "pixel_acc"] if metric in ("mIoU", "mAcc", "pixel_acc") else [
         "dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE"]  # BER (percent) only when it is the metric
     shown = dict.fromkeys(names + [metric])
@@ -126,7 +127,8 @@ def plot_curves(run_dir: Path, metric: str) -> None:
             axes[1].plot(*zip(*values), marker="o", label=name, linewidth=2.5 if name == metric else 1)
     axes[1].set_xlabel("epoch")
     axes[1].set_title(f"validation (best by {metric})")
-    axes[1].legend(fontsize=8)
+    if axes[1].lines:  # nothing to label before the first validation (train.val_every > 1)
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     tmp = run_dir / f".{PLOT_FILE}.tmp"
     fig.savefig(tmp, dpi=100, format="png")
@@ -273,8 +275,10 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
 
-    if not resume:  # relative data paths are stored absolute so the run can be evaluated from anywhere
+    if not resume:  # relative paths are stored absolute so the run can be evaluated from anywhere
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+        if cfg.model.checkpoint:
+            cfg.model.checkpoint = str(Path(cfg.model.checkpoint).expanduser().resolve())
     if cfg.data.check != "off":  # before anything is written: a bad dataset must not cost a run directory
         report = check_data(cfg, show_progress=show_progress) if main else None
         if D.broadcast_flag(bool(report and report.problems), info, device):
