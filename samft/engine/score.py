@@ -8,7 +8,6 @@ resized (bilinear) to its mask, as PraNet's evaluation does.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
