@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from samft.errors import ConfigError
+from samft.peft.inject import unfreeze
 from samft.peft.registry import register
 
 BIAS_MODULES = (nn.Linear, nn.Conv2d, nn.LayerNorm, LayerNorm2d)
@@ -42,9 +42,4 @@ def encoder_biases(encoder: nn.Module) -> list[str]:
     trains_base=encoder_biases,
 )
 def apply(encoder: nn.Module, cfg: BitFitConfig) -> list[str]:
-    names = encoder_biases(encoder)
-    if not names:
-        raise ConfigError("PEFT method bitfit: no linear, convolution or norm layer of the image encoder has a bias")
-    for name in names:
-        encoder.get_parameter(name).requires_grad_(True)
-    return names
+    return unfreeze(encoder, encoder_biases(encoder), "bitfit", "linear, convolution or norm layer with a bias")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from samft.errors import ConfigError
+from samft.peft.inject import unfreeze
 from samft.peft.registry import register
 
 
@@ -33,8 +33,4 @@ def encoder_params(encoder: nn.Module) -> list[str]:
     trains_base=encoder_params,
 )
 def apply(encoder: nn.Module, cfg: FullConfig) -> list[str]:
-    names = encoder_params(encoder)
-    if not names:
-        raise ConfigError("PEFT method full: the image encoder has no parameters")
-    encoder.requires_grad_(True)
-    return names
+    return unfreeze(encoder, encoder_params(encoder), "full", "parameters")

@@ -52,6 +52,15 @@ def merge_layers(root: nn.Module, cls: type) -> int:
     return len(names)
 
 
+def unfreeze(encoder: nn.Module, names: list[str], method: str, wanted: str) -> list[str]:
+    """Let the named base parameters train (chosen by the method's structural rule); raises if none."""
+    if not names:
+        raise ConfigError(f"PEFT method {method}: the image encoder has no {wanted}")
+    for name in names:
+        encoder.get_parameter(name).requires_grad_(True)
+    return names
+
+
 LINEAR_TARGETS = ("qkv", "proj", "lin1", "lin2")
 
 
