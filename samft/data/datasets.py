@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from typing import Optional
 
 from samft.data.classes import ClassSpec, mask_to_ids
-from samft.data.io import binarize, binary_mask_problem, read_image, read_image_oriented, read_mask_for_image
+from samft.data.io import checked_binary, read_image, read_image_oriented, read_mask_for_image
 from samft.data.layouts import Pair
 from samft.data.transforms import SamTransform
 from samft.errors import DataError
@@ -32,10 +32,7 @@ def load_pair(pair: Pair, classes: Optional[ClassSpec] = None) -> tuple[np.ndarr
                         f"{pair.image} ({image.shape[1]}x{image.shape[0]})")
     if classes is not None:
         return image, values.astype(np.uint8 if values.max(initial=0) < 256 else np.int32)
-    problem = binary_mask_problem(values)
-    if problem:
-        raise DataError(f"{pair.mask}: {problem}")
-    return image, binarize(values).astype(np.uint8)
+    return image, checked_binary(values, pair.mask).astype(np.uint8)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -132,9 +132,17 @@ def binarize(values: np.ndarray) -> np.ndarray:
     return values > 127
 
 
+def checked_binary(values: np.ndarray, path: str | Path) -> np.ndarray:
+    """``values`` of the mask ``path`` as (H, W) bool; a DataError naming the file if they are no binary mask."""
+    problem = binary_mask_problem(values)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return binarize(values)
+
+
 def read_binary_mask(path: str | Path) -> np.ndarray:
-    """A binary mask as (H, W) bool."""
-    return binarize(read_mask_values(path))
+    """A binary mask as (H, W) bool, checked as :func:`checked_binary` does."""
+    return checked_binary(read_mask_values(path), path)
 
 
 def binary_mask_problem(values: np.ndarray) -> Optional[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from samft.data.io import IMAGE_EXTS, binarize, binary_mask_problem, read_mask_values
+from samft.data.io import IMAGE_EXTS, read_binary_mask, read_mask_values
 from samft.data.layouts import list_images
 from samft.engine.progress import progress
 from samft.errors import DataError
@@ -59,11 +59,7 @@ def score_folders(pred_dir: str | Path, gt_dir: str | Path, threshold: float = 0
     resized = 0
     with progress("score", len(gts), show_progress) as advance:
         for stem, gt_path in sorted(gts.items()):
-            values = read_mask_values(gt_path)
-            problem = binary_mask_problem(values)
-            if problem:
-                raise DataError(f"{gt_path}: {problem}")
-            gt = binarize(values)
+            gt = read_binary_mask(gt_path)
             prob = read_prediction(preds[stem])
             if prob.shape != gt.shape:
                 prob = cv2.resize(prob, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
