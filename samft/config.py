@@ -31,6 +31,12 @@ from samft.metrics import METRIC_CHOICES, canonical
 MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
 
 
+def _attention_names() -> tuple[str, ...]:
+    from samft.model.attention import attention_names  # the registry, looked up at validation time
+
+    return attention_names()
+
+
 @dataclass
 class TinyConfig:
     """Sizes of the small SAM built from the real classes for CPU tests and the demo."""
@@ -56,8 +62,9 @@ class ModelConfig:
     seed: int = opt(0, "seed of the random base weights when checkpoint is null")
     num_mask_tokens: int = opt(10, "multi-class: mask tokens (queries) decoded per image; binary models use one",
                                minimum=1)
-    attention: str = opt("sdpa", "encoder attention: sdpa (fused scaled_dot_product_attention) or eager "
-                         "(segment_anything's own, the plain reference)", ("sdpa", "eager"))
+    attention: str = opt("sdpa", "encoder attention implementation (samft/model/attention/): sdpa (fused "
+                         "scaled_dot_product_attention), eager (segment_anything's own, the plain reference)",
+                         _attention_names)
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
 
 
@@ -287,6 +294,8 @@ def _validate(obj: Any, prefix: str = "") -> None:
             _validate(value, dotted)
             continue
         choices = f.metadata.get("choices")
+        if callable(choices):
+            choices = tuple(choices())
         if choices is not None and value not in choices:
             near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, Union
 
 
-def opt(default: Any, help: str, choices: Sequence[Any] | None = None, minimum: float | None = None) -> Any:
+def opt(default: Any, help: str, choices: Union[Sequence[Any], Callable[[], Sequence[Any]], None] = None,
+        minimum: float | None = None) -> Any:
     """A dataclass field with ``help`` (shown by ``samft info``/docs) and optional validation.
 
-    Mutable defaults (lists, dicts) are copied per instance.
+    ``choices`` may be a function returning them (a registry looked up when the config is validated,
+    so that importing the config imports no registry). Mutable defaults (lists, dicts) are copied per
+    instance.
     """
     meta = {"help": help}
     if choices is not None:
-        meta["choices"] = tuple(choices)
+        meta["choices"] = choices if callable(choices) else tuple(choices)
     if minimum is not None:
         meta["minimum"] = minimum
     if isinstance(default, (list, dict, set)):

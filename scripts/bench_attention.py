@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segment_anything.modeling.image_encoder import Attention  # noqa: E402
 
-from samft.model.attention import set_attention  # noqa: E402
+from samft.model.attention import convert_attention  # noqa: E402
 from samft.peft.lora import LoRALinear  # noqa: E402
 
 SIZES = {"vit_b": (768, 12), "vit_l": (1024, 16), "vit_h": (1280, 16), "tiny": (64, 2)}
@@ -95,8 +95,7 @@ def main() -> None:
             eager.requires_grad_(False)
             eager.qkv = LoRALinear(eager.qkv, rank=4, alpha=8.0)
             eager = eager.to(device)
-            fast = copy.deepcopy(eager)
-            set_attention(fast, "sdpa")
+            fast = convert_attention(copy.deepcopy(eager), "sdpa")
             x = torch.randn(windows, size, size, dim, device=device)
             t_e, m_e, out_e = bench(eager, x, args.steps, args.warmup, device, dtype)
             if ctx is not None:

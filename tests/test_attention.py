@@ -1,4 +1,4 @@
-"""Fast attention (SDPA + relative-position bias as a mask) equals segment_anything's own Attention.
+"""The attention registry: every implementation equals segment_anything's own Attention.
 
 Tolerances: float64 1e-10 (the same function, summed in another order), float32 rtol=atol=2e-5,
 bfloat16 on CUDA rtol=atol=2e-2 against the float32 result of segment_anything's attention.
@@ -14,7 +14,9 @@ from segment_anything.modeling.image_encoder import Attention
 
 from samft.errors import ConfigError
 from samft.model import build_model
-from samft.model.attention import SDPAAttention, attention_impl, set_attention
+from samft.model.attention import (EncoderAttention, attention_impl, attention_names, convert_attention,
+                                   set_attention)
+from samft.model.attention.sdpa import SDPAAttention
 from samft.peft.lora import LoRALinear
 
 from conftest import METHODS, tiny_config
@@ -35,8 +37,7 @@ def make_pair(dim=48, heads=3, input_size=(4, 6), lora=False, dtype=torch.float3
         with torch.no_grad():
             attn.qkv.lora_B.normal_(0, 0.2)
     attn = attn.to(device=device, dtype=dtype)
-    fast = copy.deepcopy(attn)
-    assert set_attention(fast, "sdpa") == 1
+    fast = convert_attention(copy.deepcopy(attn), "sdpa")
     assert type(fast) is SDPAAttention and type(attn) is Attention
     return attn, fast
 
@@ -92,8 +93,7 @@ def test_only_the_relative_position_tables_train():
 def test_without_relative_positions():
     torch.manual_seed(0)
     eager = Attention(32, num_heads=4, use_rel_pos=False)
-    fast = copy.deepcopy(eager)
-    set_attention(fast, "sdpa")
+    fast = convert_attention(copy.deepcopy(eager), "sdpa")
     x = torch.randn(2, 3, 5, 32)
     torch.testing.assert_close(fast(x), eager(x), **TOL[torch.float32])
 
@@ -147,7 +147,7 @@ def test_model_with_sdpa_equals_eager(method):
 def test_attribute_names_are_kept_for_wrappers():
     model = build_model(tiny_config("lora")).model
     attn = model.image_encoder.blocks[0].attn
-    assert isinstance(attn, Attention) and type(attn) is SDPAAttention
+    assert isinstance(attn, EncoderAttention) and type(attn) is SDPAAttention
     for name in ("qkv", "proj", "num_heads", "scale", "use_rel_pos", "rel_pos_h", "rel_pos_w"):
         assert hasattr(attn, name), name
     assert type(attn.qkv) is LoRALinear  # the PEFT method wrapped qkv after the swap
@@ -156,7 +156,44 @@ def test_attribute_names_are_kept_for_wrappers():
 
 
 def test_unknown_attention_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.attention: 'flash' is not one of sdpa, eager"):
+    with pytest.raises(ConfigError, match="model.attention: 'flash' is not one of sdpa, "):
         tiny_config("lora", model={"attention": "flash"})
     with pytest.raises(ConfigError, match="model.attention"):
         set_attention(torch.nn.Identity(), "flash")
+    with pytest.raises(ConfigError, match="not SAM's image encoder"):
+        set_attention(torch.nn.Identity(), "eager")
+
+
+def test_registry_lists_every_implementation():
+    assert attention_names()[0] == "sdpa" and {"sdpa", "eager"} <= set(attention_names())
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_implementation_equals_segment_anything_op_for_op(impl, dtype):
+    """Converting SAM's Attention keeps its function and its parameters (shared, same names)."""
+    attn, _ = make_pair(dtype=dtype)
+    conv = convert_attention(copy.deepcopy(attn), impl)
+    x = torch.randn(2, 4, 6, 48, dtype=dtype)
+    torch.testing.assert_close(conv(x), attn(x), **TOL[dtype])
+    assert list(conv.state_dict()) == list(attn.state_dict())
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_extra_keys_equal_a_longer_key_sequence(impl):
+    """extra_kv (VPT's prompts) = attending over the concatenated keys with zero bias for the extras."""
+    attn, _ = make_pair(dtype=torch.float64)
+    conv = convert_attention(attn, impl)
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 6, 48, dtype=torch.float64)
+    pk, pv = torch.randn(3, 48, dtype=torch.float64), torch.randn(3, 48, dtype=torch.float64)
+    b, h, w, c = x.shape
+    q, k, v = conv.split_qkv(x)
+    from samft.model.attention.bias import rel_pos_bias
+
+    bias = rel_pos_bias(q, conv.rel_pos_h, conv.rel_pos_w, (h, w), (h, w))
+    kk = torch.cat([k, pk.reshape(3, 3, 16).transpose(0, 1).expand(b, -1, -1, -1)], 2)
+    vv = torch.cat([v, pv.reshape(3, 3, 16).transpose(0, 1).expand(b, -1, -1, -1)], 2)
+    logits = q @ kk.transpose(-2, -1) * conv.scale + torch.cat([bias, bias.new_zeros(b, 3, h * w, 3)], -1)
+    expected = conv.proj((logits.softmax(-1) @ vv).transpose(1, 2).reshape(b, h, w, c))
+    torch.testing.assert_close(conv(x, extra_kv=(pk, pv)), expected, rtol=1e-10, atol=1e-10)

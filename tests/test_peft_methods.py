@@ -9,7 +9,7 @@ from samft.model import build_model
 from samft.peft.adapter import BottleneckAdapter
 from samft.peft.sam_adapter import EVPBlock, EVPPromptGenerator, high_frequency
 from samft.peft.ssf import SSFLayer
-from samft.peft.vpt import VPTAttention, attention
+from samft.peft.vpt import VPTAttention
 
 from conftest import tiny_config
 
@@ -38,7 +38,7 @@ def test_vpt_attention_without_prompts_is_sams_attention(block, shape, impl):
     attn = _build("decoder_only", impl).image_encoder.blocks[block].attn
     _randomise_rel_pos(attn)
     x = torch.randn(shape)
-    torch.testing.assert_close(attention(attn, x, None), Attention.forward(attn, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x, extra_kv=None), Attention.forward(attn, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -7,8 +7,8 @@ it into windows, so here that effect is implemented directly: each block's promp
 the block's (frozen) ``norm1`` like any token, turned into keys and values by its frozen ``qkv``, and
 appended to the keys and values of every window (or of the whole map in a global block). The 2-D
 layout, the windows and the spatial tokens' relative-position bias stay as they are; prompt keys get no
-position bias. With the fused attention (``model.attention=sdpa``) this runs through
-``scaled_dot_product_attention`` like the rest of the encoder.
+position bias. The prompts go through the encoder's own attention implementation (``model.attention``)
+as its ``extra_kv`` (see ``samft.model.attention``).
 
 Unlike zero-initialised adapters, prompts change the output from the start (they take part of every
 softmax). Not mergeable.
@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 from torch import nn
 
 from samft.errors import ConfigError
@@ -41,56 +37,6 @@ class VPTConfig:
     def check(self, prefix: str) -> None:
         if self.dropout >= 1.0:
             raise ConfigError(f"{prefix}.dropout: {self.dropout} must be below 1")
-
-
-def attention(attn: nn.Module, x: torch.Tensor, extra_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-              ) -> torch.Tensor:
-    """SAM's ``Attention.forward`` on x (B, H, W, C), with optional extra keys/values (T, C) each.
-
-    Uses only the attributes of SAM's Attention (``qkv``, ``proj``, ``num_heads``, ``scale``,
-    ``use_rel_pos``, ``rel_pos_h``, ``rel_pos_w``); with ``extra_kv=None`` it computes what SAM's
-    forward computes. When the encoder uses the fused attention (``model.attention=sdpa``) it goes
-    through ``scaled_dot_product_attention`` too, the relative-position bias (zero for the extra keys)
-    passed as the additive mask; otherwise it is SAM's explicit computation.
-    """
-    from samft.model.attention import SDPAAttention  # here: samft.model imports the PEFT registry
-
-    if isinstance(attn, SDPAAttention):
-        return _fused_attention(attn, x, extra_kv)
-    b, h, w, _ = x.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)  # (B * heads, HW, head_dim)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    if attn.use_rel_pos:
-        logits = add_decomposed_rel_pos(logits, q, attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
-    if extra_kv is not None:
-        pk, pv = (t.reshape(t.shape[0], heads, -1).transpose(0, 1) for t in extra_kv)  # (heads, T, head_dim)
-        pk = pk.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * heads, pk.shape[1], -1)
-        pv = pv.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * heads, pv.shape[1], -1)
-        logits = torch.cat([logits, (q * attn.scale) @ pk.transpose(-2, -1)], dim=-1)
-        v = torch.cat([v, pv.to(v.dtype)], dim=1)
-    weights = logits.softmax(dim=-1)
-    out = (weights @ v).view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-    return attn.proj(out)
-
-
-def _fused_attention(attn: nn.Module, x: torch.Tensor, extra_kv: Optional[tuple[torch.Tensor, torch.Tensor]]
-                     ) -> torch.Tensor:
-    from samft.model.attention import rel_pos_bias
-
-    b, h, w, _ = x.shape
-    heads = attn.num_heads
-    q, k, v = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, HW, hd)
-    mask = rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w)) if attn.use_rel_pos else None
-    if extra_kv is not None:
-        pk, pv = (t.reshape(t.shape[0], heads, -1).transpose(0, 1).unsqueeze(0).expand(b, -1, -1, -1).to(q.dtype)
-                  for t in extra_kv)  # (B, heads, T, hd)
-        k, v = torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pk.shape[2])], dim=-1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
-    return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
 class VPTAttention(AdapterLayer):
@@ -118,7 +64,7 @@ class VPTAttention(AdapterLayer):
         return k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return attention(self.base_layer, x, self.prompt_kv())
+        return self.base_layer(x, extra_kv=self.prompt_kv())
 
 
 def _block_attention(name: str, module: nn.Module) -> bool:
