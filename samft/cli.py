@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _console():
-    from samft.engine.progress import console
+    from samft.progress import console
 
     return console
 

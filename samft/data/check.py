@@ -21,7 +21,7 @@ from samft.data.classes import ClassSpec
 from samft.data.datasets import load_pair
 from samft.data.io import read_mask_values
 from samft.data.layouts import Layout, Pair, split_pairs, named_test_splits, train_val_pairs
-from samft.engine.progress import progress
+from samft.progress import progress
 from samft.errors import SamftError
 
 

@@ -19,7 +19,7 @@ from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.engine import distributed as D
 from samft.engine.checkpoint import atomic_write_text
-from samft.engine.progress import progress
+from samft.progress import progress
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.engine.runs import ADAPTER_FILE, EVAL_FILE, load_run
 from samft.metrics import BinaryMetrics, ConfusionMetrics

@@ -14,7 +14,7 @@ from samft.data.layouts import Pair, unique_names
 from samft.data.io import is_image_name, read_image
 from samft.engine.checkpoint import atomic_write_bytes
 from samft.engine.evaluate import iter_predictions
-from samft.engine.progress import progress
+from samft.progress import progress
 from samft.engine.runtime import pick_device, resolve_precision
 from samft.engine.runs import load_run
 from samft.errors import SamftError

@@ -43,7 +43,7 @@ from samft.engine import distributed as D
 from samft.engine.checkpoint import (atomic_torch_save, atomic_write_text, load_state, load_trainable, read_adapter,
                                      rng_state, save_adapter, set_rng_state, trainable_state)
 from samft.engine.evaluate import evaluate_pairs
-from samft.engine.progress import console, progress
+from samft.progress import console, progress
 from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE,
                                adapter_expectations)
 from samft.engine.runtime import autocast, check_compile, compile_blocks, pick_device, resolve_precision

@@ -23,9 +23,7 @@ from torch import nn
 from samft.config import ModelConfig
 from samft.errors import CheckpointError
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-PATCH = 16
+from samft.constants import PATCH, PIXEL_MEAN, PIXEL_STD  # noqa: F401  (re-exported)
 
 # encoder width -> (type, depth) of the official checkpoints, to name a wrong file
 OFFICIAL = {768: ("vit_b", 12), 1024: ("vit_l", 24), 1280: ("vit_h", 32)}
