@@ -132,17 +132,24 @@ class TrainConfig:
 
 
 @dataclass
+class AuxLossConfig:
+    """Weights of the named auxiliary losses the model produces (each logged as ``aux_<name>``)."""
+
+    balance: Optional[float] = opt(None, "Conv-LoRA's expert balance loss (null = 1.0 binary, 2.0 multi-class, "
+                                         "as the paper)", minimum=0.0)
+
+
+@dataclass
 class LossConfig:
     bce: str = opt("mean", "BCE term: mean (paper/reference), weighted (PraNet's boundary weights) or balanced "
                            "(shadow detection, SAM-Adapter's balanced BCE)", ("mean", "weighted", "balanced"))
     iou: bool = opt(True, "add the boundary-weighted IoU term of the structure loss")
-    balance_weight: Optional[float] = opt(None, "weight of the Conv-LoRA expert balance loss (null = 1.0 binary, "
-                                                "2.0 multi-class, as the reference)", minimum=0.0)
     class_weight: float = opt(10.0, "multi-class: weight of the query classification cross-entropy", minimum=0.0)
     mask_bce_weight: float = opt(5.0, "multi-class: weight of the matched masks' BCE", minimum=0.0)
     mask_dice_weight: float = opt(5.0, "multi-class: weight of the matched masks' Dice loss", minimum=0.0)
     no_object_weight: float = opt(0.1, "multi-class: cross-entropy weight of the 'no object' class", minimum=0.0)
     ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
+    aux: AuxLossConfig = section(AuxLossConfig, "weights of the model's named auxiliary losses")
 
 
 @dataclass
@@ -379,8 +386,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# keys renamed since an earlier version: old dotted key -> new one (old run directories still load)
+RENAMED = {("loss", "balance_weight"): ("loss", "aux", "balance")}
+
+
+def _migrate(data: dict) -> dict:
+    for old, new in RENAMED.items():
+        node = data
+        for part in old[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and old[-1] in node:
+            value = node.pop(old[-1])
+            target = data
+            for part in new[:-1]:
+                target = target.setdefault(part, {})
+            target.setdefault(new[-1], value)
+    return data
+
+
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    data = apply_overrides(json.loads(json.dumps(data or {})), overrides or [])
+    data = _migrate(apply_overrides(json.loads(json.dumps(data or {})), overrides or []))
     return validate(_from_dict(Config, data))
 
 

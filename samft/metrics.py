@@ -67,13 +67,6 @@ def task_metric_names(multiclass: bool) -> tuple[str, ...]:
     return tuple(MULTICLASS_METRICS if multiclass else BINARY_METRICS)
 
 
-def selection_metric(metric: str, multiclass: bool) -> str:
-    """The eval.json name of ``train.metric`` (``auto``: Sm for binary, mIoU for multi-class)."""
-    if metric == "auto":
-        return "mIoU" if multiclass else "Sm"
-    return canonical(metric)
-
-
 def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     """Dice and IoU of two boolean masks; both empty counts as a perfect match."""
     inter = np.logical_and(pred, gt).sum()
@@ -148,6 +141,10 @@ class BinaryMetrics:
         r["iou_curve"].append(iou_curve)
         r["counts"].append((tp, tn, int(gt.sum()), int((~gt).sum())))
 
+    def extras(self) -> dict:
+        """What eval.json records beside the metrics (nothing for binary sets)."""
+        return {}
+
     def merge(self, other: "BinaryMetrics") -> None:
         for key, values in other.records.items():
             self.records[key].extend(values)
@@ -200,6 +197,10 @@ class ConfusionMetrics:
         index = gt[keep].astype(np.int64) * n + pred[keep].astype(np.int64)
         self.matrix += np.bincount(index, minlength=n * n).reshape(n, n)
         self.images += 1
+
+    def extras(self) -> dict:
+        """What eval.json records beside the metrics: the IoU of each class."""
+        return {"per_class_iou": self.per_class_iou()}
 
     def merge(self, other: "ConfusionMetrics") -> None:
         self.matrix += other.matrix

@@ -150,6 +150,7 @@ class Task:
     num_queries = 1
     num_classes = 1  # the model's class head: 1 = none (binary)
     metric_names: tuple[str, ...] = ()
+    plot_metrics: tuple[str, ...] = ()  # drawn in curves.png (with the selection metric)
     default_metric = ""
     default_balance_weight = 1.0
 
@@ -197,6 +198,7 @@ class BinaryTask(Task):
 
     kind = "binary"
     metric_names = tuple(BINARY_METRICS)
+    plot_metrics = ("dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE")  # BER (percent) only when selected
     default_metric = "Sm"
     default_balance_weight = 1.0
 
@@ -230,6 +232,7 @@ class MultiClassTask(Task):
 
     kind = "multiclass"
     metric_names = tuple(MULTICLASS_METRICS)
+    plot_metrics = ("mIoU", "mAcc", "pixel_acc")
     default_metric = "mIoU"
     default_balance_weight = 2.0
 

@@ -14,22 +14,21 @@ from torch.utils.data import DataLoader
 
 from samft import __version__
 from samft.config import Config, config_hash
-from samft.data.classes import ClassSpec
 from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.engine import distributed as D
 from samft.engine.checkpoint import atomic_write_text
-from samft.progress import progress
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.engine.runs import ADAPTER_FILE, EVAL_FILE, load_run
 from samft.metrics import BinaryMetrics, ConfusionMetrics
-from samft.model.semantic import SemanticSAM, logits_to_original, semantic_probs
+from samft.model.semantic import SemanticSAM, logits_to_original
+from samft.progress import progress
+from samft.tasks import Task, make_task
 
 
 @torch.no_grad()
-def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, device: torch.device,
+def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, device: torch.device, task: Task,
                      precision: str = "fp32", num_workers: int = 0, at_input_size: bool = False,
-                     classes: Optional[ClassSpec] = None,
                      ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
     """Yield (pair, scores, ground truth or None) at each image's original size.
 
@@ -40,7 +39,7 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
     """
     was_training = model.training
     model.eval()
-    loader = DataLoader(EvalDataset(pairs, model.img_size, classes), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(EvalDataset(pairs, model.img_size, task.classes), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate, generator=torch.Generator())
     try:
         for batch in loader:
@@ -49,10 +48,7 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
             for j, index in enumerate(batch["index"].tolist()):
                 size = [model.img_size] * 2 if at_input_size else batch["orig_hw"][j].tolist()
                 logits = logits_to_original(out.masks[j], model.img_size, batch["valid_hw"][j].tolist(), size)
-                if out.class_logits is None:
-                    scores = torch.sigmoid(logits[0])
-                else:
-                    scores = semantic_probs(out.class_logits[j], logits)
+                scores = task.scores(logits, None if out.class_logits is None else out.class_logits[j])
                 gt = batch["gt"][j]
                 if at_input_size and gt is not None:
                     gt = cv2.resize(gt, tuple(size[::-1]), interpolation=cv2.INTER_NEAREST)
@@ -61,24 +57,15 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
         model.train(was_training)
 
 
-def new_metrics(cfg: Config) -> BinaryMetrics | ConfusionMetrics:
-    classes = ClassSpec.of(cfg.data)
-    if classes is None:
-        return BinaryMetrics(cfg.eval.threshold)
-    return ConfusionMetrics(classes.names, classes.ignore_index)
-
-
 def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, precision: str,
                    description: str = "eval", show_progress: bool = True) -> BinaryMetrics | ConfusionMetrics:
-    classes = ClassSpec.of(cfg.data)
-    metrics = new_metrics(cfg)
+    """The task's metrics of ``model`` on ``pairs``."""
+    task = make_task(cfg)
+    metrics = task.new_metrics()
     with progress(description, len(pairs), show_progress) as advance:
-        for pair, scores, gt in iter_predictions(model, pairs, cfg.eval.batch_size, device, precision,
-                                                 cfg.data.num_workers, cfg.eval.resize_gt_to_input, classes):
-            if classes is None:
-                metrics.update(scores, gt.astype(bool), pair.name)
-            else:
-                metrics.update(scores.argmax(0), gt, pair.name)
+        for pair, scores, gt in iter_predictions(model, pairs, cfg.eval.batch_size, device, task, precision,
+                                                 cfg.data.num_workers, cfg.eval.resize_gt_to_input):
+            task.update(metrics, scores, gt, pair.name)
             advance()
     return metrics
 
@@ -121,7 +108,7 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
         results["sets"][name] = {
             "n_images": len(metrics),
             "metrics": metrics.compute(),
-            **({"per_class_iou": metrics.per_class_iou()} if isinstance(metrics, ConfusionMetrics) else {}),
+            **metrics.extras(),
             "checkpoint": checkpoint,
             "config_hash": chash,
             "seconds": round(time.perf_counter() - t0, 3),
