@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import types
@@ -23,12 +24,14 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from samft import peft as _peft
 from samft.errors import ConfigError
 from samft.fields import opt, section
 from samft.metrics import METRIC_CHOICES, canonical
 
-MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
+def _model_types() -> tuple[str, ...]:
+    from samft.model.sam import sam_sizes  # the size registry, looked up at validation time
+
+    return tuple(sam_sizes())
 
 
 def _attention_names() -> tuple[str, ...]:
@@ -51,10 +54,23 @@ class TinyConfig:
     decoder_mlp_dim: int = opt(256, "two-way transformer MLP width", minimum=1)
     decoder_heads: int = opt(4, "two-way transformer heads ((out_chans / 2) must be divisible by it)", minimum=1)
 
+    def check(self, prefix: str) -> None:
+        """The rules that tie the sizes together (the real classes would fail obscurely otherwise)."""
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"{prefix}.num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
+        if self.out_chans % 8:
+            raise ConfigError(f"{prefix}.out_chans: {self.out_chans} is not divisible by 8")
+        if (self.out_chans // 2) % self.decoder_heads:
+            raise ConfigError(f"{prefix}.decoder_heads: {self.decoder_heads} does not divide out_chans/2 = "
+                              f"{self.out_chans // 2}")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"{prefix}.global_attn_indexes: {bad} outside 0..{self.depth - 1}")
+
 
 @dataclass
 class ModelConfig:
-    type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", MODEL_TYPES)
+    type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", _model_types)
     checkpoint: Optional[str] = opt(
         None, "official SAM checkpoint (e.g. sam_vit_b_01ec64.pth); null = random weights (a warning is shown)"
     )
@@ -166,8 +182,13 @@ class OutputConfig:
     overwrite: bool = opt(False, "allow training into a run directory that already holds a run")
 
 
-def _peft_section_cls() -> type:
-    specs = _peft.registry.all_methods()
+@functools.lru_cache(maxsize=None)
+def peft_config_cls() -> type:
+    """The ``peft`` section's dataclass, built from the PEFT registry on first use (so that importing this
+    module imports neither torch nor the methods)."""
+    from samft.peft import registry
+
+    specs = registry.all_methods()
     cls_fields: list[tuple[str, Any, Any]] = [
         ("method", str, opt("conv_lora", "PEFT method: " + ", ".join(specs), tuple(specs)))
     ]
@@ -176,13 +197,17 @@ def _peft_section_cls() -> type:
     return dataclasses.make_dataclass("PeftConfig", cls_fields)
 
 
-PeftConfig = _peft_section_cls()
+def __getattr__(name: str) -> Any:  # ``samft.config.PeftConfig`` still names the section's class
+    if name == "PeftConfig":
+        return peft_config_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
 class Config:
     model: ModelConfig = section(ModelConfig, "SAM size, checkpoint and input size")
-    peft: PeftConfig = section(PeftConfig, "parameter-efficient fine-tuning method and its options")
+    peft: PeftConfig = dataclasses.field(default_factory=lambda: peft_config_cls()(),  # noqa: F821 (lazy)
+                                         metadata={"help": "parameter-efficient fine-tuning method and its options"})
     data: DataConfig = section(DataConfig, "dataset layout and splits")
     train: TrainConfig = section(TrainConfig, "optimisation and schedule")
     loss: LossConfig = section(LossConfig, "loss terms")
@@ -277,8 +302,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in a config dataclass
 
 
+_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
+def _yaml_bool_word(value: Any, field: dataclasses.Field) -> Any:
+    """YAML 1.1 reads ``off``/``on``/``no``/``yes`` as booleans: give a choice field its word back."""
+    choices = field.metadata.get("choices")
+    if isinstance(value, bool) and choices is not None and not callable(choices):
+        for word in _BOOL_WORDS[value]:
+            if word in choices:
+                return word
+    return value
+
+
 def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns={"PeftConfig": peft_config_cls()} if cls is Config else None)
     names = [f.name for f in fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -288,7 +326,8 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
             valid = ", ".join(names)
             raise ConfigError(f"unknown config key '{dotted}'{hint}; valid keys here: {valid}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        field = next(f for f in fields(cls) if f.name == key)
+        kwargs[key] = _coerce(_yaml_bool_word(value, field), hints[key], dotted)
     obj = cls(**kwargs)
     return obj
 
@@ -338,19 +377,10 @@ def validate(cfg: Config) -> Config:
         kind = "multi-class" if d.classes else "binary"
         raise ConfigError(f"train.metric: {metric!r} is not a {kind} metric; choose from "
                           f"{', '.join(task_metric_names(bool(d.classes)))}")
-    if cfg.model.type == "tiny":
-        t = cfg.model.tiny
-        if t.embed_dim % t.num_heads:
-            raise ConfigError(f"model.tiny.num_heads: {t.num_heads} does not divide embed_dim {t.embed_dim}")
-        if t.out_chans % 8:
-            raise ConfigError(f"model.tiny.out_chans: {t.out_chans} is not divisible by 8")
-        if (t.out_chans // 2) % t.decoder_heads:
-            raise ConfigError(f"model.tiny.decoder_heads: {t.decoder_heads} does not divide out_chans/2 = "
-                              f"{t.out_chans // 2}")
-        bad = [i for i in t.global_attn_indexes if not 0 <= i < t.depth]
-        if bad:
-            raise ConfigError(f"model.tiny.global_attn_indexes: {bad} outside 0..{t.depth - 1}")
-    for name, spec in _peft.registry.all_methods().items():
+    cfg.model.tiny.check("model.tiny")  # checked whether used or not: its defaults are valid
+    from samft.peft import registry
+
+    for name, spec in registry.all_methods().items():
         spec.validate(getattr(cfg.peft, name), f"peft.{name}")
     return cfg
 

@@ -6,7 +6,8 @@ use a plain mean BCE (the reference passes the legacy ``reduce='none'``, which m
 ``bce="mean"`` (default). ``bce="weighted"`` applies the boundary weights to the BCE as well.
 
 Shadow detection (SBU) uses the balanced BCE of SAM-Adapter/AutoGluon (``bce="balanced"``, usually with
-``iou=False``): positives weighted by #neg/#pos, the whole scaled by #pos/#all, counted per image.
+``iou=False``): positives weighted by #neg/#pos, the whole scaled by #pos/#all, with the counts pooled
+over the batch as the reference (``MyWcploss`` of DSC) does.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ def boundary_weights(target: torch.Tensor) -> torch.Tensor:
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per image: ``w_neg * mean(BCE with pos_weight = #neg / #pos)``, ``w_neg = #pos / (#pos + #neg)``."""
-    pos = (target * valid).sum(dim=(2, 3)) + 1e-10
-    neg = ((1 - target) * valid).sum(dim=(2, 3))
-    pos_weight = (neg / pos)[:, :, None, None]
+    """Over the batch: ``w * mean(BCE with pos_weight = #neg / #pos)``, ``w = #pos / (#pos + #neg)``.
+
+    The counts and the mean are pooled over every valid pixel of the batch (``MyWcploss``: one
+    ``BCEWithLogitsLoss(pos_weight=beta)`` on the whole batch); returns a scalar.
+    """
+    pos = (target * valid).sum() + 1e-10
+    neg = ((1 - target) * valid).sum()
     log_p = F.logsigmoid(logits)
     log_not_p = F.logsigmoid(-logits)
-    bce_map = -(pos_weight * target * log_p + (1 - target) * log_not_p)
-    mean = (bce_map * valid).sum(dim=(2, 3)) / valid.sum(dim=(2, 3)).clamp_min(1)
+    bce_map = -((neg / pos) * target * log_p + (1 - target) * log_not_p)
+    mean = (bce_map * valid).sum() / valid.sum().clamp_min(1)
     return mean * pos / (pos + neg)
 
 

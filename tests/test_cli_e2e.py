@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from conftest import ROOT, TINY
 
-RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv",
-             "curves.png"}
+RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv", "split.json",
+             "curves.png", ".samft-run"}
 
 
 def samft(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -21,9 +21,16 @@ from samft.engine.checkpoint import atomic_write_text
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.engine.runs import ADAPTER_FILE, EVAL_FILE, load_run
 from samft.metrics import BinaryMetrics, ConfusionMetrics
-from samft.model.semantic import SemanticSAM, logits_to_original
+from samft.model.semantic import SegOutput, SemanticSAM, logits_to_original
 from samft.progress import progress
 from samft.tasks import Task, make_task
+
+
+def image_scores(task: Task, out: SegOutput, j: int, img_size: int, valid_hw: list[int], size: list[int]
+                 ) -> torch.Tensor:
+    """Image ``j`` of a batch's outputs -> the task's per-pixel scores at ``size`` (padding cropped)."""
+    logits = logits_to_original(out.masks[j], img_size, valid_hw, size)
+    return task.scores(logits, None if out.class_logits is None else out.class_logits[j])
 
 
 @torch.no_grad()
@@ -47,8 +54,7 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
                 out = model(batch["image"].to(device, non_blocking=True))
             for j, index in enumerate(batch["index"].tolist()):
                 size = [model.img_size] * 2 if at_input_size else batch["orig_hw"][j].tolist()
-                logits = logits_to_original(out.masks[j], model.img_size, batch["valid_hw"][j].tolist(), size)
-                scores = task.scores(logits, None if out.class_logits is None else out.class_logits[j])
+                scores = image_scores(task, out, j, model.img_size, batch["valid_hw"][j].tolist(), size)
                 gt = batch["gt"][j]
                 if at_input_size and gt is not None:
                     gt = cv2.resize(gt, tuple(size[::-1]), interpolation=cv2.INTER_NEAREST)

@@ -134,3 +134,48 @@ class RunLock:
             finally:
                 os.close(self.fd)
                 self.fd = None
+
+
+# what ``--resume RUN key=value`` may change: how long and how the run goes on, not what it learns
+RESUMABLE_KEYS = ("train.epochs", "train.max_steps", "train.log_every", "train.save_every", "train.val_every",
+                  "train.progress", "train.num_threads", "train.device", "data.num_workers", "data.check",
+                  "eval.batch_size")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and key not in ("test",):
+            flat.update(_flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def resume_changes(saved: object, wanted: object) -> dict[str, tuple[object, object]]:
+    """The keys ``wanted`` changes against the run's ``saved`` config: {key: (old, new)}; ``output.*`` and
+    ``train.progress`` (display only) aside.
+
+    Raises naming the first key that may not change on resume (see :data:`RESUMABLE_KEYS`).
+    """
+    from samft.config import to_dict
+
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(wanted))
+    changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not k.startswith("output.") and k != "train.progress"}
+    refused = [k for k in changes if k not in RESUMABLE_KEYS]
+    if refused:
+        k = refused[0]
+        raise SamftError(f"{k}: cannot change on --resume (the run was trained with {changes[k][0]!r}; the saved "
+                         f"optimizer, schedule and weights continue from it). Keys that may change: "
+                         f"{', '.join(RESUMABLE_KEYS)}. Start a new run for {k}={changes[k][1]!r}")
+    return changes
+
+
+def record_resume(run_dir: Path, changes: dict[str, tuple[object, object]], step_hint: str, config_yaml: str) -> None:
+    """Write the changed config into the run and append the change to ``resumes.jsonl``."""
+    atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
+    entry = {"time": time.time(), "at": step_hint, "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")

@@ -43,7 +43,8 @@ from samft.engine.checkpoint import rng_state, set_rng_state, trainable_state
 from samft.engine.checkpointer import Checkpointer, TrainState
 from samft.engine.evaluate import evaluate_pairs
 from samft.engine.metrics_log import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
-from samft.engine.rundir import RunLock, claim_run_dir, clean_stale_tmp, init_run_dir, remove_failed_start
+from samft.engine.rundir import (RunLock, claim_run_dir, clean_stale_tmp, init_run_dir, record_resume,
+                                 remove_failed_start, resume_changes)
 from samft.engine.runs import METRICS_FILE, PLOT_FILE, STATE_FILE, adapter_expectations
 from samft.engine.runtime import autocast
 from samft.engine.setup import (ExtraStream, RunContext, Schedule, TrainingParts, build_training, describe_start,
@@ -111,11 +112,15 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
         if info.is_main:
             console.print(f"note: {run_dir} has no saved state yet; starting it again from step 0")
     existed = claim_run_dir(run_dir, cfg.output.overwrite) if not resume else True
+    changes = _resume_changes(run_dir, cfg) if resume else {}
     ctx = prepare_run(cfg, resume, info, show_progress)
     fit = Fit(ctx, extra_streams or [])
     if not resume and ctx.main:
         init_run_dir(run_dir, dump_yaml(cfg))
         fit.write_split()
+    if changes and ctx.main:
+        record_resume(run_dir, changes, "resume", dump_yaml(cfg))
+        console.print("resuming with " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     D.barrier(info)
     try:
         fit.run()
@@ -124,6 +129,12 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
             remove_failed_start(run_dir, existed)
         raise
     return run_dir
+
+
+def _resume_changes(run_dir: Path, cfg: Config) -> dict:
+    from samft.engine.runs import read_run_config
+
+    return resume_changes(read_run_config(run_dir), cfg)
 
 
 def _batch_size(batch: Any) -> int:
