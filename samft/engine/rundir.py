@@ -103,13 +103,14 @@ class RunLock:
     """
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.path, self.enabled, self.fd = run_dir / LOCK_FILE, enabled, None
+        self.path, self.enabled, self.fd, self.made_dir = run_dir / LOCK_FILE, enabled, None, False
 
     def __enter__(self) -> "RunLock":
         if not self.enabled:
             return self
         import fcntl
 
+        self.made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -131,6 +132,8 @@ class RunLock:
         if self.fd is not None:
             try:
                 self.path.unlink(missing_ok=True)
+                if self.made_dir and not any(self.path.parent.iterdir()):
+                    self.path.parent.rmdir()  # a start that failed before writing anything leaves no folder
             finally:
                 os.close(self.fd)
                 self.fd = None

@@ -260,6 +260,7 @@ class Fit:
         if self.main:
             console.print(describe_start(ctx, parts, self.schedule))
         self.last_rng = self.state.rng or rng_state()
+        self.positions = {c.name: c.position() for c in self.cursors}
         try:
             while self.state.step < self.schedule.total_steps and self.state.epoch < self.tc.epochs:
                 self._epoch()
@@ -274,8 +275,7 @@ class Fit:
         return self.ctx.device.type == "cuda"
 
     def _save(self) -> None:
-        positions = {c.name: c.position() for c in self.cursors}
-        self.checkpointer.save(self.state, self.last_rng, self.log.rows, positions)
+        self.checkpointer.save(self.state, self.last_rng, self.log.rows, self.positions)
 
     def _epoch(self) -> None:
         st, tc, sched = self.state, self.tc, self.schedule
@@ -296,7 +296,8 @@ class Fit:
                 self.parts.scheduler.step()
                 st.step += 1
                 st.micro_in_epoch += len(chunk)
-                self.last_rng = rng_state()
+                self.last_rng = rng_state()  # the state of the last *completed* step, like the positions
+                self.positions = {c.name: c.position() for c in self.cursors}
                 st.epoch_loss_sum += stats["loss"]
                 st.epoch_loss_count += 1
                 advance(1, f"loss {stats['loss']:.4f}")
