@@ -328,3 +328,45 @@ def test_public_api_trains_evaluates_and_segments(tmp_path, synthetic_dir):
     assert np.array_equal(np.array(Image.open(written[0])) > 0, by_path)
     with pytest.raises(SamftError, match="dtype uint8"):
         seg.predict(image.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------ encoder stages
+
+
+class _Doubling(torch.nn.Module):
+    """A stand-in block: the wrapped block's output doubled, and an auxiliary loss named ``flops``."""
+
+    aux_name = "flops"
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.aux_loss = block, None
+
+    def forward(self, x):
+        self.aux_loss = x.new_tensor(3.0)
+        return 2 * self.block(x)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_block_can_be_replaced_by_any_module_with_the_contract(checkpointing):
+    from samft.model import build_model
+    from samft.model.encoder import embed, forward_encoder, neck, replace_block
+
+    model = build_model(tiny_config("conv_lora")).model
+    enc = model.image_encoder
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    torch.testing.assert_close(forward_encoder(enc, x), enc(x))  # the stages are SAM's forward
+    old = replace_block(enc, 0, _Doubling(enc.blocks[0]))
+    model.refresh_aux_modules()
+    assert model.aux_loss_names == ["balance", "flops"]
+    model.train()
+    model.grad_checkpointing = checkpointing
+    torch.manual_seed(0)
+    out = model(x)
+    assert float(out.aux_losses["flops"]) == 3.0 and float(out.aux_losses["balance"].detach()) > 0
+    model.grad_checkpointing = False
+    torch.manual_seed(0)
+    expected = neck(enc, enc.blocks[1](2 * old(embed(enc, x))))
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.encode(x), expected)
