@@ -370,3 +370,26 @@ def test_a_block_can_be_replaced_by_any_module_with_the_contract(checkpointing):
     expected = neck(enc, enc.blocks[1](2 * old(embed(enc, x))))
     torch.manual_seed(0)
     torch.testing.assert_close(model.encode(x), expected)
+
+
+def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, synthetic_dir, monkeypatch):
+    import errno
+
+    import samft.engine.checkpointer as ckpt_mod
+
+    real, calls = ckpt_mod.atomic_torch_save, {"n": 0}
+
+    def full_disk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second state save: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "atomic_torch_save", full_disk)
+    with pytest.raises(SamftError, match=r"no space left on the device while writing the resumable state; free some "
+                                         r"space and continue with: samft train --resume .*full"):
+        train(_cfg(tmp_path, synthetic_dir, "full", save_every=1), show_progress=False)
+    monkeypatch.undo()
+    assert load_state(tmp_path / "full" / "state.pt")["progress"]["step"] == 1
+    train(_cfg(tmp_path, synthetic_dir, "full", save_every=1), resume=True, show_progress=False)
+    assert load_state(tmp_path / "full" / "state.pt")["progress"]["step"] == 6
