@@ -145,6 +145,17 @@ class BinaryMetrics:
         """What eval.json records beside the metrics (nothing for binary sets)."""
         return {}
 
+    def degenerate(self) -> Optional[str]:
+        """``"empty"`` / ``"full"`` when every image's thresholded prediction is empty / all foreground."""
+        if not len(self):
+            return None
+        predicted = [tp + neg - tn for tp, tn, pos, neg in self.records["counts"]]  # predicted foreground pixels
+        if all(p == 0 for p in predicted):
+            return "empty"
+        if all(p == pos + neg for p, (_, _, pos, neg) in zip(predicted, self.records["counts"])):
+            return "full"
+        return None
+
     def merge(self, other: "BinaryMetrics") -> None:
         for key, values in other.records.items():
             self.records[key].extend(values)
@@ -201,6 +212,13 @@ class ConfusionMetrics:
     def extras(self) -> dict:
         """What eval.json records beside the metrics: the IoU of each class."""
         return {"per_class_iou": self.per_class_iou()}
+
+    def degenerate(self) -> Optional[str]:
+        """``"one class: NAME"`` when every scored pixel of every image is predicted as one class."""
+        predicted = np.flatnonzero(self.matrix.sum(axis=0))
+        if self.images and len(predicted) == 1:
+            return f"one class: {self.class_names[predicted[0]]}"
+        return None
 
     def merge(self, other: "ConfusionMetrics") -> None:
         self.matrix += other.matrix

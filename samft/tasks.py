@@ -177,6 +177,10 @@ class Task:
         """The label map of :meth:`scores`: a bool mask (binary) or class ids (multi-class)."""
         raise NotImplementedError
 
+    def is_empty(self, labels: np.ndarray) -> bool:
+        """Whether a label map predicts nothing (binary: no foreground pixel; multi-class: never)."""
+        return False
+
     def new_metrics(self) -> BinaryMetrics | ConfusionMetrics:
         raise NotImplementedError
 
@@ -213,6 +217,9 @@ class BinaryTask(Task):
 
     def labels(self, scores):
         return scores >= self.threshold
+
+    def is_empty(self, labels):
+        return not labels.any()
 
     def new_metrics(self):
         return BinaryMetrics(self.threshold)

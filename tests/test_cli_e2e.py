@@ -14,10 +14,8 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import ROOT, TINY
+from conftest import ROOT, RUN_FILES, TINY
 
-RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv", "split.json",
-             "curves.png", ".samft-run"}
 
 
 def samft(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -393,3 +393,45 @@ def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, synthetic
     assert load_state(tmp_path / "full" / "state.pt")["progress"]["step"] == 1
     train(_cfg(tmp_path, synthetic_dir, "full", save_every=1), resume=True, show_progress=False)
     assert load_state(tmp_path / "full" / "state.pt")["progress"]["step"] == 6
+
+
+# ------------------------------------------------------------------------------------------ what a user is told
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(monkeypatch):
+    from samft import progress as progress_mod
+
+    lines = []
+    plain = progress_mod.PlainProgress("epoch 1/2", 4, every=0.0, write=lines.append)
+    plain.advance(1, "loss 0.5")
+    plain.advance(1)
+    assert lines[0].startswith("epoch 1/2: 1/4 (25%) |") and lines[0].endswith("| loss 0.5")
+    assert lines[1].startswith("epoch 1/2: 2/4 (50%)") and "ETA" in lines[1]
+    quiet = progress_mod.PlainProgress("x", 4, every=3600.0, write=lines.append)
+    quiet.advance(3)
+    assert len(lines) == 2  # nothing before the interval has passed
+
+
+def test_a_run_that_learnt_nothing_is_said(tmp_path, synthetic_dir):
+    """lr 0: the decoder never moves, every validation is the same: warned with what to try."""
+    with pytest.warns(UserWarning, match="stayed at .* in all 2 validated epochs: the run learnt nothing"):
+        train(_cfg(tmp_path, synthetic_dir, "flat", method="decoder_only", lr=0.0), show_progress=False)
+
+
+def test_degenerate_predictions_are_named():
+    from samft.metrics import BinaryMetrics, ConfusionMetrics
+
+    gt = np.zeros((4, 4), bool)
+    gt[:2] = True
+    m = BinaryMetrics()
+    m.update(np.zeros((4, 4)), gt, "a")
+    m.update(np.full((4, 4), 0.1), gt, "b")
+    assert m.degenerate() == "empty"
+    m.update(np.where(gt, 0.9, 0.1), gt, "c")
+    assert m.degenerate() is None
+    full = BinaryMetrics()
+    full.update(np.ones((4, 4)), gt, "a")
+    assert full.degenerate() == "full"
+    c = ConfusionMetrics(("sky", "road"))
+    c.update(np.zeros((4, 4), int), gt.astype(int), "a")
+    assert c.degenerate() == "one class: sky"

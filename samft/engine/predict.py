@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -61,7 +62,7 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
         (out / "overlays").mkdir(exist_ok=True)
     pairs = unique_names([Pair(f, None, f.stem) for f in files])
     precision = resolve_precision(run.cfg.train.precision, dev)
-    written = []
+    written, empty = [], 0
     with progress("predict", len(pairs), show_progress) as advance:
         for pair, scores, _ in iter_predictions(run.model, pairs, run.cfg.eval.batch_size, dev, task, precision,
                                                 run.cfg.data.num_workers):
@@ -69,8 +70,12 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
             labels = task.labels(scores)
             atomic_write_bytes(target, task.mask_png(labels))
             written.append(target)
+            empty += int(task.is_empty(labels))
             if with_overlay:
                 atomic_write_bytes(out / "overlays" / f"{pair.name}.png",
                                    task.overlay_png(read_image(pair.image), labels))
             advance()
+    if written and empty == len(written):
+        warnings.warn(f"every one of the {len(written)} predicted masks is empty: the run may have learnt nothing; "
+                      f"check its metrics.csv (and eval.threshold {run.cfg.eval.threshold})")
     return written

@@ -56,6 +56,10 @@ from samft.progress import console, progress
 from samft.tasks import make_task
 
 
+LEARNING_HINTS = ("Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs, a larger model.img_size for small "
+                  "structures, or loss.bce=balanced for rare foreground.")
+
+
 class TrainingInterrupted(SamftError):
     """Ctrl-C or SIGTERM: the state of the last completed step was saved."""
 
@@ -352,7 +356,20 @@ class Fit:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             metrics = evaluate_pairs(self.parts.model, D.shard(self.ctx.val_pairs, self.info), self.cfg, dev,
                                      self.ctx.precision, f"val {epoch_no}", self.ctx.show_progress and self.main)
-        return D.merge_across(metrics, self.info).compute()
+        metrics = D.merge_across(metrics, self.info)
+        kind = metrics.degenerate()
+        if kind and self.main:
+            warnings.warn(f"epoch {epoch_no}: the validation predictions are {kind} for every image: "
+                          f"the model has not learnt the masks yet. {LEARNING_HINTS}", stacklevel=2)
+        return metrics.compute()
+
+    def _warn_if_flat(self) -> None:
+        """The selection metric never moved over two or more validations: say so."""
+        values = [float(r[f"val_{self.metric}"]) for r in read_metrics(self.run_dir / METRICS_FILE)
+                  if r["kind"] == "epoch" and r.get(f"val_{self.metric}")]
+        if len(values) >= 2 and max(values) - min(values) <= 1e-9:
+            warnings.warn(f"validation {self.metric} stayed at {values[0]:.4f} in all {len(values)} validated epochs: "
+                          f"the run learnt nothing measurable. {LEARNING_HINTS}", stacklevel=2)
 
     def _finish(self) -> None:
         if self.info.enabled:  # DDP keeps the processes in step; check it (cheap: once per run)
@@ -362,4 +379,6 @@ class Fit:
         D.barrier(self.info)
         if self.checkpointer.save_final_fallback(self.state):
             warnings.warn("no validation result was finite; adapter.safetensors holds the last weights", stacklevel=2)
+        if self.main:
+            self._warn_if_flat()
 
