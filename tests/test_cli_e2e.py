@@ -17,7 +17,6 @@ from safetensors import safe_open
 from conftest import ROOT, RUN_FILES, TINY
 
 
-
 def samft(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(cwd / ".cache"),
            "COLUMNS": "200"}
