@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from samft.model import build_model
@@ -20,7 +21,7 @@ from samft.prune.gates import nested
 from samft.prune.rebuild import (PrunedBlock, build_pruned_encoder, format_ranges, parse_ranges, pruned_mlp,
                                  rebuild)
 from samft.prune.search import search, to_search
-from samft.prune.search_block import SearchBlock
+from samft.prune.search_block import SearchBlock, out_features
 
 from conftest import tiny_config
 
@@ -195,7 +196,8 @@ def test_masked_mlp_equals_physically_pruned_mlp(method, peft, keep):
         if keep == "none":
             assert pruned is None and torch.equal(masked, torch.zeros_like(y))
         else:
-            assert pruned.lin1.out_features == int(units.sum())
+            assert out_features(pruned.lin1) == int(units.sum())
+            assert isinstance(pruned.lin1, nn.Linear) == (method == "decoder_only")  # LoRA stays a LoRA
             torch.testing.assert_close(pruned(y), masked, rtol=1e-5, atol=1e-5)
 
 

@@ -88,7 +88,7 @@ def block_flops(block: nn.Module, gh: int, gw: int) -> dict[str, int]:
             mixer = conv_flops(conv.in_channels, conv.out_channels, block.conv.kernel, tokens)
         else:
             mixer = 0
-        dim = block.mlp.lin1.in_features if block.mlp is not None else 0
+        dim = block.norm2.normalized_shape[0] if block.mlp is not None else 0
         return {"mixer": mixer, "mlp": mlp_flops(dim, block.mlp_units, tokens)}
     if hasattr(block, "attn") and hasattr(block, "mlp"):
         core = attention_core(block.attn)

@@ -8,9 +8,11 @@ what its choice needs:
 - ``conv3`` / ``conv1``: ``norm1`` + a :class:`ConvBottleneck` (Conv2d C -> d, BatchNorm, ReLU, Linear
   d -> C) on the whole grid; the attention, its windows and its ``rel_pos_*`` tables are gone;
 - ``skip``: nothing (the residual alone);
-- the MLP: ``norm2`` + an ``MLPBlock`` whose ``lin1``/``lin2`` keep only the kept hidden units, as plain
-  Linears with the effective weights (a LoRA on ``lin1``/``lin2`` is merged in); no kept unit: no MLP
-  (and no ``norm2``).
+- the MLP: ``norm2`` + an ``MLPBlock`` whose ``lin1``/``lin2`` keep only the kept hidden units (a LoRA
+  on them is sliced with them and keeps training); no kept unit: no MLP (and no ``norm2``).
+
+Trainable after rebuilding: what was (the run's PEFT parameters, the decoder) plus the new convolution
+and BatchNorm parameters; the sliced base weights stay frozen.
 
 The architecture description is JSON-able::
 
@@ -24,6 +26,7 @@ loads into it.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Optional
 
@@ -70,7 +73,7 @@ class PrunedBlock(nn.Module):
 
     @property
     def mlp_units(self) -> int:
-        return 0 if self.mlp is None else self.mlp.lin1.out_features
+        return 0 if self.mlp is None else out_features(self.mlp.lin1)
 
     def extra_repr(self) -> str:
         return f"mixer={self.mixer}, window_size={self.window_size}, mlp_units={self.mlp_units}"
@@ -111,33 +114,65 @@ def parse_ranges(text: str, size: int, where: str) -> list[int]:
 
 # -- building pruned blocks ----------------------------------------------------------------------
 def pruned_mlp(mlp: nn.Module, keep: torch.Tensor) -> Optional[MLPBlock]:
-    """An ``MLPBlock`` with the ``keep`` hidden units of ``mlp`` (effective weights), or None if none."""
+    """An ``MLPBlock`` with the ``keep`` hidden units of ``mlp`` (``lin1`` rows, ``lin2`` columns), or None.
+
+    Plain Linears are sliced; a LoRA-style wrapper (LoRA, Conv-LoRA) keeps wrapping its sliced base with
+    ``lora_B`` rows / ``lora_A`` columns sliced (so the run's method keeps training it); any other
+    wrapper is merged into a plain, frozen Linear (warned). Trainability follows the originals.
+    """
     if keep.numel() == 0:
         return None
-    w1, b1 = effective_linear(mlp.lin1)
-    w2, b2 = effective_linear(mlp.lin2)
-    out = MLPBlock(w2.shape[0], int(keep.numel()), type(mlp.act)).to(device=w1.device, dtype=w1.dtype)
-    with torch.no_grad():
-        idx = keep.to(w1.device)
-        out.lin1.weight.copy_(w1[idx])
-        out.lin2.weight.copy_(w2[:, idx])
-        _copy_bias(out.lin1, None if b1 is None else b1[idx])
-        _copy_bias(out.lin2, b2)
-    out.act = mlp.act
+    lin1 = sliced_linear(mlp.lin1, rows=keep)
+    lin2 = sliced_linear(mlp.lin2, cols=keep)
+    out = MLPBlock(out_features(lin2), int(keep.numel()), type(mlp.act))
+    out.lin1, out.lin2, out.act = lin1, lin2, mlp.act
     return out
 
 
-def _copy_bias(linear: nn.Linear, bias: Optional[torch.Tensor]) -> None:
-    if bias is None:
-        linear.bias.zero_()
-    else:
-        linear.bias.copy_(bias)
+def _plain(weight: torch.Tensor, bias: Optional[torch.Tensor], like: Optional[nn.Linear]) -> nn.Linear:
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    out.weight.requires_grad_(like is not None and like.weight.requires_grad)
+    if bias is not None:
+        out.bias.requires_grad_(like is not None and like.bias is not None and like.bias.requires_grad)
+    return out
+
+
+def sliced_linear(linear: nn.Module, rows: Optional[torch.Tensor] = None,
+                  cols: Optional[torch.Tensor] = None) -> nn.Module:
+    """``linear`` keeping output ``rows`` / input ``cols`` (see :func:`pruned_mlp`)."""
+    if isinstance(linear, nn.Linear):
+        w, b = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+        if rows is not None:
+            w, b = w[rows.to(w.device)], None if b is None else b[rows.to(w.device)]
+        if cols is not None:
+            w = w[:, cols.to(w.device)]
+        return _plain(w, b, linear)
+    base = getattr(linear, "base_layer", None)
+    if isinstance(base, nn.Linear) and hasattr(linear, "lora_A") and hasattr(linear, "lora_B"):
+        new = copy.copy(linear)  # a shallow copy with its own module/parameter tables
+        new._modules, new._parameters = dict(linear._modules), dict(linear._parameters)
+        new.base_layer = sliced_linear(base, rows, cols)
+        if rows is not None:
+            new.lora_B = nn.Parameter(linear.lora_B.detach()[rows.to(base.weight.device)].clone(),
+                                      requires_grad=linear.lora_B.requires_grad)
+        if cols is not None:
+            new.lora_A = nn.Parameter(linear.lora_A.detach()[:, cols.to(base.weight.device)].clone(),
+                                      requires_grad=linear.lora_A.requires_grad)
+        return new
+    warnings.warn(f"prune: {type(linear).__name__} on an MLP layer cannot be sliced: merged into a plain frozen "
+                  "Linear", stacklevel=3)
+    w, b = (t.detach() if t is not None else None for t in effective_linear(linear))
+    plain = _plain(w, b, None)
+    return sliced_linear(plain, rows, cols)
 
 
 def _warn_dropped_experts(block: nn.Module, index: int, mixer: str) -> None:
-    """One line when a Conv-LoRA layer's non-linear experts are folded away (linear part kept)."""
+    """One line when a converted block's Conv-LoRA ``qkv`` loses its non-linear experts (linear part kept)."""
     layers = [("attn.qkv", attention_core(block.attn).qkv)] if mixer in ("conv3", "conv1") else []
-    layers += [(f"mlp.{n}", getattr(block.mlp, n)) for n in ("lin1", "lin2")]
     for name, layer in layers:
         if hasattr(layer, "lora_A") and hasattr(layer, "gate"):
             warnings.warn(f"prune: block {index} {name}: Conv-LoRA's convolutional experts are dropped, its linear "
