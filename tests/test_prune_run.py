@@ -61,3 +61,21 @@ def test_prune_run_writes_a_run_that_loads_back(tmp_path, synthetic_dir):
         prune_run(run, target, search_steps=1, out_dir=out)
     with pytest.raises(PruneError, match="not a pruned run"):
         load_pruned_run(run)
+
+
+def test_cli_prune(tmp_path, synthetic_dir):
+    from typer.testing import CliRunner
+
+    from samft.cli import app
+
+    run = tmp_path / "run"
+    _make_run(run, synthetic_dir, method="decoder_only")
+    out = tmp_path / "small"
+    result = CliRunner().invoke(app, ["prune", "--run", str(run), "--target-gmacs", "0.0008", "--search-steps", "2",
+                                      "--arch-lr", "0.01", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "encoder GMACs" in result.output and "NOT reached" in result.output  # 2 steps cannot close a gate
+    assert (out / ARCH_FILE).is_file()
+    result = CliRunner().invoke(app, ["prune", "--run", str(run), "--target-gmacs", "0.0008", "--search-steps", "2",
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and "not empty" in result.output and "Traceback" not in result.output

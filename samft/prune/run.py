@@ -105,11 +105,18 @@ def finetune(model: torch.nn.Module, loader_fn: Callable[[], DataLoader], epochs
     return losses
 
 
-def prune_run(run_dir: str | Path, target_gmacs: float, search_steps: int, finetune_epochs: int = 0,
+def prune_run(run_dir: str | Path, target_gmacs: float, search_steps: Optional[int] = None, finetune_epochs: int = 0,
               out_dir: Optional[str | Path] = None, arch_lr: float = 5e-4, lam: Optional[float] = None,
-              device: str | torch.device = "cpu", overwrite: bool = False,
+              device: str | torch.device = "cpu", overwrite: bool = False, search_epochs: Optional[int] = None,
               log: Optional[Callable[[dict], None]] = None) -> PruneReport:
-    """Prune the run at ``run_dir`` to ``target_gmacs`` per image and write the pruned run (module doc)."""
+    """Prune the run at ``run_dir`` to ``target_gmacs`` per image and write the pruned run (module doc).
+
+    The search runs ``search_steps`` optimizer steps, or ``search_epochs`` passes over the training split.
+    """
+    if (search_steps is None) == (search_epochs is None) or (search_steps or search_epochs or 0) < 1:
+        raise PruneError(f"prune: give one of search steps ({search_steps}) or search epochs ({search_epochs}), >= 1")
+    if target_gmacs <= 0:
+        raise PruneError(f"prune: target GMACs {target_gmacs} must be positive")
     run_dir, device = Path(run_dir), torch.device(device)
     loaded = load_run(run_dir, device)
     cfg = loaded.cfg
@@ -120,6 +127,8 @@ def prune_run(run_dir: str | Path, target_gmacs: float, search_steps: int, finet
     size = loaded.model.img_size
     dataset = TrainDataset(train_pairs, size, cfg.train.hflip, cfg.train.seed)
     loader_fn = _loader_fn(dataset, cfg.train.batch_size, cfg.train.seed)
+    if search_steps is None:
+        search_steps = search_epochs * math.ceil(len(dataset) / cfg.train.batch_size)
     metric_name = selection_metric(cfg.train.metric, False)
     metrics = {"source": _validate(loaded, val_pairs, device, "source")}
     result = search(loaded.model, loader_fn, target_gmacs, search_steps, arch_lr=arch_lr, lam=lam,
