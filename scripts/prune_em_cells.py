@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--search-steps", type=int, default=100)
     ap.add_argument("--arch-lr", type=float, default=0.05)
     ap.add_argument("--finetune-epochs", type=int, default=5)
+    ap.add_argument("--data", type=Path, default=None, help="the em-cells folder (default: ../shared/data/em-cells)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "prune_em_cells")
     args = ap.parse_args()
 
@@ -37,11 +38,15 @@ def main() -> None:
     from samft.prune.rebuild import summary
     from samft.prune.run import prune_run
 
+    data = args.data or next((p for p in (ROOT.parent / "shared" / "data" / "em-cells",
+                                          ROOT.parent.parent / "shared" / "data" / "em-cells") if p.is_dir()), None)
+    if data is None:
+        sys.exit("em-cells not found: pass --data PATH")
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     cfg = load_config(ROOT / "configs" / "compare_em_cells.yaml",
                       [f"peft.method={args.method}", f"output.dir={args.workdir / 'run'}", "train.progress=false",
-                       f"data.root={ROOT.parent / 'shared' / 'data' / 'em-cells'}"])
+                       f"data.root={data}"])
     run = train(cfg, show_progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -132,10 +132,9 @@ def search(model: nn.Module, loader_fn: Callable[[], Iterable[dict]], target_gma
     enc = model.image_encoder
     device = device or next(model.parameters()).device
     size = model.img_size
-    dense = gmacs(encoder_block_flops(enc, size)["total"]) if not _searching(enc) else None
+    dense = gmacs(encoder_block_flops(enc, size)["total"])  # (an encoder already searching: its current GMACs)
     floor = gmacs(stem_flops(enc, size))
     to_search(enc, alpha, theta)
-    dense = dense if dense is not None else gmacs(encoder_block_flops(enc, size)["total"])
     _check_target(target_gmacs, dense, floor, steps, arch_lr, theta)
     arch_params, weight_params = _parameter_groups(model)
     opt_arch = torch.optim.AdamW(arch_params, lr=arch_lr, weight_decay=0.0)
@@ -165,10 +164,6 @@ def search(model: nn.Module, loader_fn: Callable[[], Iterable[dict]], target_gma
             log(record)
     model.eval()
     return _result(enc, size, target_gmacs, dense, floor, lam, tolerance, history)
-
-
-def _searching(encoder: nn.Module) -> bool:
-    return any(isinstance(b, SearchBlock) for b in encoder.blocks)
 
 
 def _parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
