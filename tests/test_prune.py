@@ -17,7 +17,7 @@ from samft.model.flops import encoder_flops
 from samft.prune.derived import ConvBottleneck, derive_conv, effective_linear, head_mixing, value_and_proj
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs, search_flops
-from samft.prune.gates import nested
+from samft.prune.gates import mixer_weights, nested
 from samft.prune.rebuild import (PrunedBlock, build_pruned_encoder, format_ranges, parse_ranges, pruned_mlp,
                                  rebuild)
 from samft.prune.search import search, to_search
@@ -179,6 +179,30 @@ def test_nested_indicators_slow_down_the_less_complex_gates():
     assert ind.tolist() == [1.0, 0.0, 0.0]
     ind[0].backward()
     assert gates.grad[0] == 1  # 3x3 off: the 1x1 gate trains
+
+
+def test_mixer_weights_with_soft_indicators():
+    msa, conv3, conv1 = mixer_weights(torch.tensor([0.9, 0.5, 0.2]))
+    assert msa.item() == pytest.approx(0.2)
+    assert conv3.item() == pytest.approx(0.5 * 0.8)
+    assert conv1.item() == pytest.approx(0.9 * 0.5 * 0.8)
+
+
+def test_conv_lora_blocks_convert_with_their_linear_part_and_say_so():
+    block = SearchBlock(_model("conv_lora", targets=["qkv"], rank=2).image_encoder.blocks[1]).eval()
+    qkv = block.attn.qkv
+    w, b = effective_linear(qkv)
+    torch.testing.assert_close(w, qkv.base_layer.weight + qkv.lora_B @ qkv.lora_A * qkv.scaling)
+    _set_state(block, "conv3", torch.ones(block.hidden, dtype=torch.bool))
+    encoder = torch.nn.Module()
+    encoder.blocks = torch.nn.ModuleList([block])
+    x = torch.randn(1, 4, 4, 32)
+    with torch.no_grad():
+        want = block(x)
+    with pytest.warns(UserWarning, match="experts are dropped"):
+        rebuild(encoder)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.blocks[0](x), want, rtol=1e-5, atol=1e-5)
 
 
 # -- MLP and rebuilt blocks ----------------------------------------------------------------------

@@ -77,6 +77,14 @@ def auto_lambda(task_loss: float, gmacs_now: float, target: float, margin: float
     return margin * max(task_loss, 1e-6) / gap
 
 
+def flops_term(now_gmacs: torch.Tensor, target: float, lam: float) -> torch.Tensor:
+    """SPViT's FLOPs loss ``lam * (target - GMACs)^2`` (``now_gmacs`` from ``gmacs(search_flops(...))``).
+
+    A training loop with named auxiliary losses can add it as ``flops`` with weight 1.
+    """
+    return lam * (target - now_gmacs) ** 2
+
+
 @dataclass
 class SearchResult:
     """What a search found; ``reached`` is false when the target was missed by more than the tolerance."""
@@ -146,7 +154,7 @@ def search(model: nn.Module, loader_fn: Callable[[], Iterable[dict]], target_gma
         now = gmacs(search_flops(enc, size))
         if lam is None:
             lam = auto_lambda(float(task.detach()), float(now.detach()), target_gmacs)
-        flops_loss = lam * (target_gmacs - now) ** 2
+        flops_loss = flops_term(now, target_gmacs, lam)
         loss = task + flops_loss.to(task.dtype)
         if not torch.isfinite(loss.detach()):
             raise PruneError(f"prune search: the loss became {float(loss.detach())} at step {step + 1}")
