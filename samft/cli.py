@@ -179,10 +179,10 @@ def export(
 @app.command()
 @user_errors
 def prune(
-    target_gmacs: float = typer.Option(..., "--target-gmacs", help="encoder GMACs per image to reach (ViT-B: 486 dense)"),
+    target_gmacs: float = typer.Option(..., "--target-gmacs", help="encoder GMACs per image (ViT-B dense: 486)"),
     run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
     search_epochs: Optional[int] = typer.Option(None, "--search-epochs", help="search passes over the training split"),
-    search_steps: Optional[int] = typer.Option(None, "--search-steps", help="search optimizer steps (instead of epochs)"),
+    search_steps: Optional[int] = typer.Option(None, "--search-steps", help="search steps (instead of epochs)"),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="fine-tuning passes after pruning"),
     out: Optional[Path] = typer.Option(None, "--out", help="new run directory (default: RUN-pruned)"),
     arch_lr: float = typer.Option(5e-4, "--arch-lr", help="learning rate of the gate thresholds"),
@@ -203,8 +203,9 @@ def prune(
                        overwrite, search_epochs)
     c = _console()
     c.print(f"architecture   {summary(report.arch)}")
-    c.print(f"encoder GMACs  {report.dense_gmacs:.4g} -> {report.pruned_gmacs:.4g} (target {report.target_gmacs:.4g}"
-            f", {'reached' if report.reached else 'NOT reached'})")
+    reached = "reached" if report.reached else "NOT reached"
+    c.print(f"encoder GMACs  {report.dense_gmacs:.4g} -> {report.pruned_gmacs:.4g} "
+            f"(target {report.target_gmacs:.4g}, {reached})")
     for stage, values in report.metrics.items():
         c.print(f"{stage:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
     c.print(f"[green]wrote[/] {report.out_dir}")

@@ -27,7 +27,8 @@ import torch
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import nn
 
-from samft.prune.derived import POSITIONS, bottleneck, derive_conv, effective_bias, effective_linear, head_mixing, value_and_proj
+from samft.prune.derived import (POSITIONS, bottleneck, derive_conv, effective_bias, effective_linear, head_mixing,
+                                 value_and_proj)
 from samft.prune.errors import PruneError
 from samft.prune.gates import choice, gate_values, mixer_weights, nested, threshold_ste
 
