@@ -194,7 +194,7 @@ def prune(
     units), fine-tune, and write a new run directory."""
     from samft.engine.runs import newest_run
     from samft.prune.rebuild import summary
-    from samft.prune.run import prune_run
+    from samft.engine.prune import prune_run
 
     if search_epochs is None and search_steps is None:
         search_epochs = 1

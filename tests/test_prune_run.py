@@ -1,4 +1,4 @@
-"""``samft.prune.run``: a trained run pruned into a new run directory that loads back to the same model."""
+"""``samft.engine.prune``: a trained run pruned into a new run directory that loads back to the same model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from samft.model import build_model
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.rebuild import PrunedBlock
-from samft.prune.run import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run, prune_run
+from samft.engine.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run, prune_run
 
 from conftest import tiny_config
 

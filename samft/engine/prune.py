@@ -33,18 +33,17 @@ from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
 from samft.config import dump_yaml
-from samft.data.classes import ClassSpec
 from samft.data.datasets import TrainDataset, collate
 from samft.data.layouts import train_val_pairs
 from samft.engine.checkpoint import atomic_write_bytes, atomic_write_text
 from samft.engine.evaluate import evaluate_pairs
 from samft.engine.runs import CONFIG_FILE, LoadedRun, load_run, read_run_config
-from samft.metrics import selection_metric
 from samft.model import build_model
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.rebuild import build_pruned_encoder, rebuild
 from samft.prune.search import binary_task_loss, search
+from samft.tasks import make_task
 
 ARCH_FILE = "architecture.json"
 PRUNED_FILE = "pruned.safetensors"
@@ -120,7 +119,8 @@ def prune_run(run_dir: str | Path, target_gmacs: float, search_steps: Optional[i
     run_dir, device = Path(run_dir), torch.device(device)
     loaded = load_run(run_dir, device)
     cfg = loaded.cfg
-    if ClassSpec.of(cfg.data) is not None:
+    task = make_task(cfg)
+    if task.kind != "binary":  # the search's loss and the rebuild's checks are written for one mask token
         raise PruneError(f"{run_dir}: pruning supports binary-mask runs for now (this run is multi-class)")
     out = _out_dir(run_dir, out_dir, overwrite)
     train_pairs, val_pairs = train_val_pairs(cfg.data)
@@ -129,7 +129,7 @@ def prune_run(run_dir: str | Path, target_gmacs: float, search_steps: Optional[i
     loader_fn = _loader_fn(dataset, cfg.train.batch_size, cfg.train.seed)
     if search_steps is None:
         search_steps = search_epochs * math.ceil(len(dataset) / cfg.train.batch_size)
-    metric_name = selection_metric(cfg.train.metric, False)
+    metric_name = task.selection_metric(cfg.train.metric)
     metrics = {"source": _validate(loaded, val_pairs, device, "source")}
     result = search(loaded.model, loader_fn, target_gmacs, search_steps, arch_lr=arch_lr, lam=lam,
                     lr=cfg.train.lr, device=device, log=log)
