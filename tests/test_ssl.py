@@ -260,6 +260,23 @@ def test_a_corrupt_unlabelled_image_is_named(tmp_path):
         ds[2]
 
 
+def test_data_check_covers_the_unlabelled_images(tmp_path, synthetic_dir):
+    from samft.data.check import check_data
+
+    _write_images(tmp_path / "frames", 3)
+    (tmp_path / "frames" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    cfg = config_from_dict({"data": {"root": str(synthetic_dir), "train": ".", "num_workers": 0,
+                                     "unlabelled": [str(tmp_path / "frames")]}})
+    for mode in ("full", "quick"):
+        report = check_data(cfg, mode, show_progress=False)
+        unlabelled = report.splits[-1]
+        assert unlabelled.name == "unlabelled" and unlabelled.pairs == 4
+        assert len(report.problems) == 1 and "broken.jpg: cannot read" in report.problems[0], report.problems
+        assert unlabelled.as_dict()["image_sizes"] == "all 40x30"
+    cfg.data.unlabelled = [str(tmp_path / "nowhere")]
+    assert "nowhere: data.unlabelled source not found" in check_data(cfg, show_progress=False).problems[0]
+
+
 def test_unlabelled_sources(tmp_path, synthetic_dir):
     frames = _write_images(tmp_path / "frames", 3)
     _write_images(tmp_path / "deep" / "a", 2, seed=1)
