@@ -131,11 +131,17 @@ def _device_of(module: nn.Module) -> torch.device:
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(N, D) on each process -> (world * N, D), rank order, differentiable; ``x`` itself when undistributed.
 
-    Every process must pass the same N (use ``drop_last`` in the unlabelled loader).
+    Every process must pass the same N (``drop_last`` in the unlabelled loader): a ValueError otherwise.
     """
     if _world()[1] == 1:
         return x
     from torch.distributed.nn.functional import all_gather
+
+    sizes = torch.tensor([x.shape[0], -x.shape[0]], device=x.device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    if int(sizes[0]) != -int(sizes[1]):
+        raise ValueError(f"the SSL batch differs between processes ({-int(sizes[1])} to {int(sizes[0])} "
+                         f"images): the unlabelled loader must drop its last incomplete batch")
 
     return torch.cat(all_gather(x), dim=0)
 

@@ -166,11 +166,16 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         mean_loss /= world
+        try:
+            nt_xent(torch.randn(2 + rank, 4), torch.randn(2 + rank, 4))
+            unequal = ""
+        except ValueError as e:
+            unequal = str(e)
         if rank == 0:
             inner = ddp.module
             grads = {n: p.grad for n, p in inner.named_parameters() if p.grad is not None}
             stats = {f"buffer.{n}": b.float() for n, b in inner.head.named_buffers()}
-            torch.save({"loss": mean_loss, "local_loss": loss.detach(), **{f"grad.{n}": g for n, g in grads.items()},
+            torch.save({"unequal": unequal, "loss": mean_loss, "local_loss": loss.detach(), **{f"grad.{n}": g for n, g in grads.items()},
                         **stats}, out_file)
     finally:
         dist.destroy_process_group()
@@ -183,6 +188,8 @@ def test_ddp_gathered_loss_and_gradients_equal_the_union_batch(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
+    assert got["unequal"] == ("the SSL batch differs between processes (2 to 3 images): the unlabelled loader "
+                              "must drop its last incomplete batch")
 
     bundle = _bundle()
     views = _views()
