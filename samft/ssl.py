@@ -25,6 +25,7 @@ The head is a training-time helper: it is thrown away after training.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -165,6 +166,24 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], dim=1), labels)
     loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], dim=1), labels)
     return (loss_a + loss_b) / 2
+
+
+HEAD_SEED_SALT = 0x5511  # the heads' own seed: train.seed + this
+
+
+def build_ssl_head(cfg, in_dim: int, distributed: bool = False) -> Optional[SSLHead]:
+    """The projection head of ``cfg.loss.ssl`` for neck features of width ``in_dim``, or None when the
+    SSL loss is off (weight 0: nothing is built). Initialised from its own seed (``train.seed`` + a salt)
+    without touching the global RNG, so the rest of training draws the same numbers with or without it.
+    ``distributed``: BatchNorm synchronised across processes (:func:`convert_sync_batchnorm`).
+    """
+    s = cfg.loss.ssl
+    if s.weight == 0:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + HEAD_SEED_SALT)
+        head = SSLHead(in_dim, s.mlp_dim, s.emb_dim)
+    return convert_sync_batchnorm(head) if distributed else head
 
 
 def ssl_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -271,3 +271,30 @@ def use_text_class_head(decoder: nn.Module, text_emb: torch.Tensor) -> Optional[
     head = TextClassHead(old.in_features, text_emb).to(old.weight.device)
     decoder.class_head = head
     return head
+
+
+HEAD_SEED_SALT = 0x7E47  # the text heads' own seed: train.seed + this
+
+
+def build_text_heads(cfg, model: nn.Module, device: str | torch.device = "cpu"
+                     ) -> tuple[Optional[TextClassHead], Optional[RegionTextHead]]:
+    """What ``cfg`` asks of the language branch, for a built ``SemanticSAM``:
+
+    - ``model.class_head=text``: a :class:`TextClassHead` put in place of ``model.decoder.class_head``
+      (part of the model: it trains and is saved with the adapter; its ``text_emb`` buffer too);
+    - ``loss.clip.weight > 0``: a :class:`RegionTextHead` for the neck features (training only).
+
+    Nothing is built or loaded when neither is asked. The class-name embeddings are read once; the heads
+    are initialised from their own seed without touching the global RNG.
+    """
+    want_head, want_region = cfg.model.class_head == "text", cfg.loss.clip.weight > 0
+    if not (want_head or want_region):
+        return None, None
+    emb = class_embeddings(cfg.model.text, cfg.data.classes, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + HEAD_SEED_SALT)
+        head = use_text_class_head(model.decoder, emb) if want_head else None
+        region = RegionTextHead(model.image_encoder.neck[0].out_channels, emb) if want_region else None
+    if region is not None:
+        region = region.to(model.image_encoder.neck[0].weight.device)
+    return head, region

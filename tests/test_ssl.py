@@ -335,3 +335,22 @@ def test_ssl_config():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         config_from_dict({}, ["data.unlabelled=[a, b]", "loss.ssl.weight=0.5"])
+
+
+def test_ssl_head_factory_is_off_at_weight_zero_and_leaves_the_global_rng_alone():
+    from samft.ssl import build_ssl_head
+
+    off = tiny_config("lora")
+    on = tiny_config("lora", data={"unlabelled": ["train"]}, loss={"ssl": {"weight": 0.5, "mlp_dim": 24,
+                                                                           "emb_dim": 8}})
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    assert build_ssl_head(off, 32) is None
+    head = build_ssl_head(on, 32)
+    assert torch.equal(torch.get_rng_state(), state), "building the head draws nothing from the global RNG"
+    assert head.mlp.layer1.in_features == 32 and head.mlp.layer3.out_features == 8
+    assert isinstance(head.mlp.bn1, nn.BatchNorm1d) and not isinstance(head.mlp.bn1, DistBatchNorm1d)
+    again = build_ssl_head(on, 32, distributed=True)
+    assert isinstance(again.mlp.bn1, DistBatchNorm1d)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values())), \
+        "the head's initialisation depends on train.seed only"

@@ -226,3 +226,23 @@ def test_open_clip_missing_or_wrong_weights_are_named(tiny_open_clip, tmp_path):
     text.open_clip_model = "no-such-model"
     with pytest.raises(ConfigError, match=r"'no-such-model' is not an open_clip model config"):
         class_embeddings(text, CLASSES)
+
+
+def test_text_heads_factory(tmp_path):
+    from samft.text import build_text_heads
+
+    np.save(tmp_path / "names.npy", np.random.rand(3, 7).astype(np.float32))
+    plain = tiny_config("lora", data={"classes": CLASSES})
+    model = build_model(plain).model
+    linear = model.decoder.class_head
+    assert build_text_heads(plain, model) == (None, None) and model.decoder.class_head is linear
+    cfg = tiny_config("lora", data={"classes": CLASSES},
+                      model={"class_head": "text", "text": {"embeddings": str(tmp_path / "names.npy")}},
+                      loss={"clip": {"weight": 0.5}})
+    model = build_model(cfg).model
+    state = torch.get_rng_state()
+    head, region = build_text_heads(cfg, model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.decoder.class_head is head and head.num_classes == 3
+    assert region.proj.in_features == 32 and region.proj.out_features == 7
+    assert not any(n.startswith("region") for n, _ in model.named_parameters()), "the region head is not the model's"
