@@ -68,6 +68,31 @@ class TinyConfig:
             raise ConfigError(f"{prefix}.global_attn_indexes: {bad} outside 0..{self.depth - 1}")
 
 
+# SLIP's zero-shot ImageNet prompt ensemble (its templates.json, "imagenet"), averaged per class name.
+SLIP_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                  "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+@dataclass
+class TextConfig:
+    """Class-name embeddings for the text class head and the region-text loss (SLIP's language branch)."""
+
+    embeddings: Optional[str] = opt(None, "file of precomputed class-name embeddings (.safetensors with one tensor, "
+                                          "or .npy): one row per class of data.classes, in that order")
+    open_clip_model: Optional[str] = opt(None, "open_clip model name (e.g. ViT-B-16) whose text tower embeds the "
+                                               "class names (needs samft[text] and model.text.checkpoint)")
+    checkpoint: Optional[str] = opt(None, "local open_clip weights (.safetensors/.pt/.bin) for "
+                                          "model.text.open_clip_model; nothing is downloaded")
+    templates: list[str] = opt(SLIP_TEMPLATES, "prompt templates with one {} for the class name; each class's "
+                                               "embedding is the normalised mean over them (default: SLIP's ImageNet "
+                                               "ensemble)")
+
+    @property
+    def source(self) -> Optional[str]:
+        """'file', 'open_clip' or None (no class-name embeddings configured)."""
+        return "file" if self.embeddings else "open_clip" if self.open_clip_model else None
+
+
 @dataclass
 class ModelConfig:
     type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", _model_types)
@@ -82,6 +107,9 @@ class ModelConfig:
                          "scaled_dot_product_attention), eager (segment_anything's own, the plain reference)",
                          _attention_names)
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
+    class_head: str = opt("linear", "multi-class: how mask tokens are classified: linear (a Linear to C+1 scores) or "
+                          "text (cosine similarity to the class-name embeddings of model.text)", ("linear", "text"))
+    text: TextConfig = section(TextConfig, "class-name embeddings (model.class_head=text, loss.clip.weight)")
 
 
 DATA_FORMATS = ("auto", "folders", "csv", "pranet", "sinet", "isic", "sbu", "voc")
@@ -113,6 +141,8 @@ class DataConfig:
     ignore_colors: list[list[int]] = opt([[224, 224, 192]], "colours of colour-coded masks mapped to ignore_index")
     split_seed: int = opt(0, "seed of the train/validation hold-out split")
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
+    unlabelled: list[str] = opt([], "images without masks for the SSL loss (loss.ssl): folders, globs, CSV lists of "
+                                    "images, or 'train' (the training images); empty = none")
 
 
 @dataclass
@@ -156,6 +186,26 @@ class AuxLossConfig:
 
 
 @dataclass
+class SSLLossConfig:
+    """SimCLR's NT-Xent on two augmented views of unlabelled images (SLIP's SSL branch)."""
+
+    weight: float = opt(0.0, "weight of the SSL loss in the total loss (0 = off: nothing extra is computed)",
+                        minimum=0.0)
+    temperature: float = opt(0.1, "NT-Xent softmax temperature", minimum=1e-6)
+    mlp_dim: int = opt(4096, "hidden width of the projection MLP (thrown away after training)", minimum=1)
+    emb_dim: int = opt(256, "output width of the projection MLP (the contrasted embedding)", minimum=1)
+    batch_size: int = opt(8, "unlabelled images per forward pass and process (two views each)", minimum=2)
+
+
+@dataclass
+class ClipLossConfig:
+    """Region-text loss: ground-truth class regions of the neck features against the class-name embeddings."""
+
+    weight: float = opt(0.0, "weight of the region-text cross-entropy (0 = off; needs data.classes and model.text)",
+                        minimum=0.0)
+
+
+@dataclass
 class LossConfig:
     bce: str = opt("mean", "BCE term: mean (paper/reference), weighted (PraNet's boundary weights) or balanced "
                            "(shadow detection, SAM-Adapter's balanced BCE)", ("mean", "weighted", "balanced"))
@@ -166,6 +216,8 @@ class LossConfig:
     no_object_weight: float = opt(0.1, "multi-class: cross-entropy weight of the 'no object' class", minimum=0.0)
     ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
     aux: AuxLossConfig = section(AuxLossConfig, "weights of the model's named auxiliary losses")
+    ssl: SSLLossConfig = section(SSLLossConfig, "self-supervised loss on data.unlabelled (SLIP's SimCLR)")
+    clip: ClipLossConfig = section(ClipLossConfig, "region-text loss against class-name embeddings (SLIP's CLIP)")
 
 
 @dataclass
@@ -382,7 +434,54 @@ def validate(cfg: Config) -> Config:
 
     for name, spec in registry.all_methods().items():
         spec.validate(getattr(cfg.peft, name), f"peft.{name}")
+    _validate_slip(cfg)
     return cfg
+
+
+def _validate_slip(cfg: Config) -> None:
+    """The SSL and language options: what each needs, and sources that exclude each other."""
+    if cfg.loss.ssl.weight > 0 and not cfg.data.unlabelled:
+        raise ConfigError(f"loss.ssl.weight: {cfg.loss.ssl.weight} needs unlabelled images in data.unlabelled "
+                          f"(folders, globs, CSV lists or 'train')")
+    from samft.peft import registry
+
+    spec = registry.get(cfg.peft.method)
+    for key, weight in (("loss.ssl.weight", cfg.loss.ssl.weight), ("loss.clip.weight", cfg.loss.clip.weight)):
+        if weight > 0 and not (spec.adapts_encoder or spec.trains_base):
+            raise ConfigError(f"{key}: {weight} trains the image encoder, but peft.method={cfg.peft.method} "
+                              f"leaves it frozen: the loss could only train its own projection head")
+    text = cfg.model.text
+    if text.embeddings and text.open_clip_model:
+        raise ConfigError("model.text: set either embeddings (a file) or open_clip_model (with checkpoint), not both")
+    if text.open_clip_model and not text.checkpoint:
+        raise ConfigError(f"model.text.checkpoint: open_clip_model {text.open_clip_model!r} needs a local checkpoint "
+                          f"file (samft downloads nothing)")
+    if text.checkpoint and not text.open_clip_model:
+        raise ConfigError("model.text.open_clip_model: model.text.checkpoint is set but no open_clip model name")
+    for t in text.templates:
+        if t.count("{}") != 1:
+            raise ConfigError(f"model.text.templates: {t!r} must contain exactly one {{}} (the class name)")
+    if not text.templates:
+        raise ConfigError("model.text.templates: empty; give at least one template such as 'a photo of a {}.'")
+    users = [key for key, on in (("model.class_head=text", cfg.model.class_head == "text"),
+                                 (f"loss.clip.weight={cfg.loss.clip.weight}", cfg.loss.clip.weight > 0)) if on]
+    for user in users:
+        if not cfg.data.classes:
+            raise ConfigError(f"{user}: needs class names in data.classes (a multi-class task)")
+        if text.source is None:
+            raise ConfigError(f"{user}: needs class-name embeddings: model.text.embeddings (a file) or "
+                              f"model.text.open_clip_model with model.text.checkpoint")
+
+
+def unused_option_warnings(cfg: Config) -> list[str]:
+    """One line per SLIP option that is set but has no effect (for the loop to warn about)."""
+    out = []
+    if cfg.data.unlabelled and cfg.loss.ssl.weight == 0:
+        out.append(f"data.unlabelled lists {len(cfg.data.unlabelled)} source(s) but loss.ssl.weight is 0: "
+                   f"the unlabelled images are not used")
+    if cfg.model.text.source and cfg.model.class_head != "text" and cfg.loss.clip.weight == 0:
+        out.append("model.text is set but neither model.class_head=text nor loss.clip.weight > 0 uses it")
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -165,6 +165,7 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
     """Model (PEFT applied, on ``device``), task, AdamW, warm-up + linear decay, scaler, DDP when distributed."""
     tc = cfg.train
     info = info or D.DistInfo()
+    _refuse_unwired(cfg)
     if tc.compile:
         check_compile(device)
     built = build_model(cfg)
@@ -183,6 +184,17 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
                                          find_unused_parameters=peft.get(cfg.peft.method).unused_params)
     return TrainingParts(cfg, model, module, task, optimizer, scheduler, scaler, device, precision,
                          aux_weights(cfg, task, model), built.base_sha256, list(extra_streams or []))
+
+
+def _refuse_unwired(cfg: Config) -> None:
+    """SLIP's options exist (config, losses, heads, tested) but the loop does not run them yet: never let
+    a user believe they trained with them."""
+    unwired = [key for key, on in (("loss.ssl.weight", cfg.loss.ssl.weight > 0), ("loss.clip.weight",
+                                   cfg.loss.clip.weight > 0), ("model.class_head=text", cfg.model.class_head == "text"))
+               if on]
+    if unwired:
+        raise ConfigError(f"{unwired[0]}: SLIP's losses and text head are not wired into training in this version; "
+                          f"leave {', '.join(unwired)} at the default")
 
 
 @dataclass(frozen=True)
