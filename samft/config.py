@@ -538,6 +538,18 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return validate(_from_dict(Config, data))
 
 
+def _blame(data: dict, overrides: list[str] | None, message: str, path: Path) -> str:
+    """Where an error comes from: the file when the file alone has it, else the command line."""
+    if not overrides:
+        return str(path)
+    try:
+        config_from_dict(data)
+    except ConfigError as e:
+        if str(e) == message:
+            return str(path)
+    return "command line (key=value)"
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config strictly, apply overrides, validate, and default ``output.dir``."""
     path = Path(path)
@@ -552,7 +564,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         cfg = config_from_dict(data, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{_blame(data, overrides, str(e), path)}: {e}") from None
     if cfg.output.dir is None:
         cfg.output.dir = str(Path("runs") / path.stem)
     return cfg

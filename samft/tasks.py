@@ -246,6 +246,12 @@ class MultiClassTask(Task):
     def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights) -> None:
         self.classes, self.num_queries, self.weights = classes, num_queries, weights
         self.num_classes = classes.num_classes
+        if num_queries < classes.num_classes:
+            import warnings
+
+            warnings.warn(f"model.num_mask_tokens is {num_queries} for {classes.num_classes} classes: an image with "
+                          f"more classes than mask tokens cannot have all of them matched; set "
+                          f"model.num_mask_tokens to at least {classes.num_classes}", stacklevel=3)
 
     def loss(self, logits, class_logits, target, valid):
         keep = valid[:, 0].bool() if valid is not None else torch.ones_like(target, dtype=torch.bool)

@@ -435,3 +435,39 @@ def test_degenerate_predictions_are_named():
     c = ConfusionMetrics(("sky", "road"))
     c.update(np.zeros((4, 4), int), gt.astype(int), "a")
     assert c.degenerate() == "one class: sky"
+
+
+def test_a_tiny_base_saved_at_one_size_loads_at_another(tmp_path):
+    from samft.model.sam import build_sam
+
+    small = tiny_config("lora").model
+    torch.save(build_sam(small).state_dict(), tmp_path / "tiny64.pth")
+    big = tiny_config("lora", model={"img_size": 128, "checkpoint": str(tmp_path / "tiny64.pth")}).model
+    sam = build_sam(big)
+    assert sam.image_encoder.pos_embed.shape[1:3] == (8, 8)
+    with torch.no_grad():
+        assert torch.isfinite(sam.image_encoder(torch.randn(1, 3, 128, 128))).all()
+    other = tiny_config("lora", model={"tiny": {"embed_dim": 48, "num_heads": 2}, "checkpoint": str(tmp_path / "tiny64.pth")}).model
+    with pytest.raises(SamftError, match=r"tensor image_encoder\.\S+ has shape \(.*\), the tiny SAM of this config "
+                                         r"expects \(.*\)"):
+        build_sam(other)
+
+
+def test_an_unknown_key_is_blamed_where_it_was_written(tmp_path):
+    from samft.config import load_config
+    from samft.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"^command line \(key=value\): unknown config key 'train.lrr'"):
+        load_config(path, ["train.lrr=3"])
+    path.write_text("train:\n  lrr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'train.lrr'"):
+        load_config(path, ["train.epochs=3"])
+
+
+def test_fewer_mask_tokens_than_classes_is_warned():
+    from samft.tasks import make_task
+
+    with pytest.warns(UserWarning, match="model.num_mask_tokens is 2 for 3 classes"):
+        make_task(tiny_config("lora", model={"num_mask_tokens": 2}, data={"classes": ["a", "b", "c"]}))

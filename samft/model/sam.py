@@ -206,8 +206,21 @@ def load_tiny_checkpoint(sam: Sam, path: str | Path, model_type: str = "tiny") -
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
     state = _read_state_dict(path)
     own = sam.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise CheckpointError(f"{path}: does not match the tiny SAM of this config (keys or shapes differ)")
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the tiny SAM of this config: {len(missing)} missing keys "
+                              f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (compare model.tiny)")
+    for key in own:
+        if state[key].shape == own[key].shape:
+            continue
+        if key == "image_encoder.pos_embed" and state[key].shape[-1] == own[key].shape[-1]:
+            state[key] = interpolate_pos_embed(state[key], tuple(own[key].shape[1:3]))  # saved at another img_size
+        elif key.endswith((".rel_pos_h", ".rel_pos_w")) and state[key].shape[-1] == own[key].shape[-1]:
+            module, name = key.rsplit(".", 1)  # SAM's attention interpolates its tables to the grid it sees
+            setattr(sam.get_submodule(module), name, nn.Parameter(torch.empty_like(state[key])))
+        else:
+            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, the tiny SAM of this "
+                                  f"config expects {tuple(own[key].shape)} (compare model.tiny)")
     sam.load_state_dict(state, strict=True)
 
 
