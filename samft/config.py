@@ -404,6 +404,8 @@ def validate(cfg: Config) -> Config:
     _validate(cfg)
     if cfg.model.img_size % 16:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of 16 (the patch size)")
+    if not 0.0 <= cfg.loss.set.importance <= 1.0:
+        raise ConfigError(f"loss.set.importance: {cfg.loss.set.importance} must be in [0, 1]")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     d = cfg.data
