@@ -107,14 +107,14 @@ class PointSampling:
     importance: float = 0.75
 
 
-def point_sample(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+def point_sample(maps: torch.Tensor, coords: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
     """Bilinear values of ``maps`` (N, C, H, W) at ``coords`` (N, P, 2), (x, y) in [0, 1] -> (N, C, P).
 
     ``grid_sample`` with ``align_corners=False`` and zero padding (Mask2Former's ``point_sample``): x = (j + 0.5) / W
     is the centre of column j, so a point at a pixel centre reads that pixel exactly, whatever the resolution.
     """
     grid = (2.0 * coords - 1.0).unsqueeze(2).to(maps.dtype)  # (N, P, 1, 2)
-    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(3)
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False).squeeze(3)
 
 
 def uncertain_points(logits: torch.Tensor, sampling: PointSampling,
@@ -198,18 +198,24 @@ def _image_sampled(class_logits: torch.Tensor, mask_logits: torch.Tensor, ids: t
     and target, the matched masks' BCE/Dice on importance-sampled points. mask_logits (Q, h, w) at any
     resolution (normalised coordinates); ids, keep (H, W). Returns (rows, cols, bce sum, dice sum)."""
     q = mask_logits.shape[0]
-    targets = (ids[None] == present[:, None, None]).float()[:, None]  # (T, 1, H, W)
     keep_map = keep.float()[None, None]  # (1, 1, H, W)
+    targets = (ids[None] == present[:, None, None]).float()[:, None] * keep_map  # (T, 1, H, W), 0 where not kept
     logits = mask_logits.float()[:, None]  # (Q, 1, h, w)
+
+    def sample_targets(maps: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the kept pixels' share k (border padding: 1 up to the image's edge when all is kept) weighs a point; the
+        # target is interpolated over kept pixels only, so labels under padding or ignore never leak in
+        k = point_sample(keep_map.expand(len(coords), -1, -1, -1), coords, "border")[:, 0]
+        t = point_sample(maps, coords.expand(len(maps), -1, -1))[:, 0]
+        return (t / k.clamp_min(1e-6)).clamp(0.0, 1.0), k
+
     with torch.no_grad():
         coords = torch.rand(1, sampling.points, 2, generator=generator, device=mask_logits.device)
-        t_pts = point_sample(targets, coords.expand(len(present), -1, -1))[:, 0]
-        k_pts = point_sample(keep_map, coords)[0, 0]
+        t_pts, k_pts = sample_targets(targets, coords)
         q_pts = point_sample(logits, coords.expand(q, -1, -1))[:, 0]
-        rows, cols = match_queries(class_logits, q_pts, present, t_pts, w, k_pts)
+        rows, cols = match_queries(class_logits, q_pts, present, t_pts, w, k_pts[0])
         coords = uncertain_points(logits[rows], sampling, generator)
-        t_pts = point_sample(targets[cols], coords)[:, 0]
-        k_pts = point_sample(keep_map.expand(len(rows), -1, -1, -1), coords)[:, 0]
+        t_pts, k_pts = sample_targets(targets[cols], coords)
     bce_sum, dice_sum = _mask_terms(point_sample(logits[rows], coords)[:, 0], t_pts, k_pts)
     return rows, cols, bce_sum, dice_sum
 
