@@ -117,6 +117,21 @@ def point_sample(maps: torch.Tensor, coords: torch.Tensor, padding_mode: str = "
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False).squeeze(3)
 
 
+def kept_point_sample(targets: torch.Tensor, keep: torch.Tensor, coords: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets at points, interpolated over kept pixels only, and the kept share of each point.
+
+    targets (T, 1, H, W) already zero where not kept; keep (1, 1, H, W) in {0, 1}; coords (1 or T, P, 2).
+    Returns (values (T, P), share (1 or T, P)): the share (bilinear ``keep``, border padding: 1 up to the
+    image's edge when every pixel is kept) weighs a point; the value is ``bilinear(targets) / share``, so a
+    label under padding or ignore never leaks into a point next to it. With every pixel kept it is
+    Mask2Former's plain ``point_sample`` of the target.
+    """
+    share = point_sample(keep.expand(len(coords), -1, -1, -1), coords, "border")[:, 0]
+    values = point_sample(targets, coords.expand(len(targets), -1, -1))[:, 0]
+    return (values / share.clamp_min(1e-6)).clamp(0.0, 1.0), share
+
+
 def uncertain_points(logits: torch.Tensor, sampling: PointSampling,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Mask2Former's importance sampling: (N, 1, H, W) logits -> (N, points, 2) coordinates in [0, 1].
@@ -201,21 +216,13 @@ def _image_sampled(class_logits: torch.Tensor, mask_logits: torch.Tensor, ids: t
     keep_map = keep.float()[None, None]  # (1, 1, H, W)
     targets = (ids[None] == present[:, None, None]).float()[:, None] * keep_map  # (T, 1, H, W), 0 where not kept
     logits = mask_logits.float()[:, None]  # (Q, 1, h, w)
-
-    def sample_targets(maps: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # the kept pixels' share k (border padding: 1 up to the image's edge when all is kept) weighs a point; the
-        # target is interpolated over kept pixels only, so labels under padding or ignore never leak in
-        k = point_sample(keep_map.expand(len(coords), -1, -1, -1), coords, "border")[:, 0]
-        t = point_sample(maps, coords.expand(len(maps), -1, -1))[:, 0]
-        return (t / k.clamp_min(1e-6)).clamp(0.0, 1.0), k
-
     with torch.no_grad():
         coords = torch.rand(1, sampling.points, 2, generator=generator, device=mask_logits.device)
-        t_pts, k_pts = sample_targets(targets, coords)
+        t_pts, k_pts = kept_point_sample(targets, keep_map, coords)
         q_pts = point_sample(logits, coords.expand(q, -1, -1))[:, 0]
         rows, cols = match_queries(class_logits, q_pts, present, t_pts, w, k_pts[0])
         coords = uncertain_points(logits[rows], sampling, generator)
-        t_pts, k_pts = sample_targets(targets[cols], coords)
+        t_pts, k_pts = kept_point_sample(targets[cols], keep_map, coords)
     bce_sum, dice_sum = _mask_terms(point_sample(logits[rows], coords)[:, 0], t_pts, k_pts)
     return rows, cols, bce_sum, dice_sum
 

@@ -18,7 +18,8 @@ from samft.config import config_from_dict, dump_yaml
 from samft.data.transforms import SamTransform, nearest_indices, squash_image, squash_mask
 from samft.engine.schedule import lr_factor
 from samft.errors import ConfigError
-from samft.losses import (PointSampling, SetLossWeights, match_queries, point_sample, set_loss, uncertain_points)
+from samft.losses import (PointSampling, SetLossWeights, kept_point_sample, match_queries, point_sample, set_loss,
+                          uncertain_points)
 from samft.metrics import BinaryMetrics, ConfusionMetrics, image_ber, per_class_all_iou
 from samft.model.sam import PIXEL_MEAN, PIXEL_STD
 from samft.protocol import OPTIONS, apply_protocol, differences
@@ -273,6 +274,18 @@ def test_point_sample_reads_pixel_centres_exactly_at_any_resolution():
     rows, cols = torch.tensor([0, 4, 2, 3]), torch.tensor([6, 0, 3, 1])
     coords = torch.stack([(cols + 0.5) / 7, (rows + 0.5) / 5], dim=-1).expand(2, -1, -1)
     assert torch.allclose(point_sample(maps, coords), maps[:, :, rows, cols], atol=1e-6)
+
+
+def test_targets_are_interpolated_over_kept_pixels_only():
+    keep = torch.tensor([[[[1.0, 0.0]]]])  # a 1 x 2 image whose right pixel is padding
+    targets = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 1.0]]]]) * keep
+    coords = torch.tensor([[[0.5, 0.5], [0.25, 0.5], [0.75, 0.5]]])  # the boundary, the left and the right centre
+    values, share = kept_point_sample(targets, keep, coords)
+    assert share.tolist() == [[0.5, 1.0, 0.0]]
+    assert values.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    full = torch.ones_like(keep)  # all kept: Mask2Former's point_sample (zero padding at the image's edge)
+    values, share = kept_point_sample(targets, full, torch.tensor([[[0.0, 0.5]]]))
+    assert share.tolist() == [[1.0]] and values[0].tolist() == [0.5]
 
 
 def test_uncertain_points_keep_the_most_uncertain_candidates():
