@@ -428,3 +428,37 @@ def test_matcher_uses_its_own_costs():
     # unset costs follow the loss weights (samft's matcher as it always was)
     assert SetLossWeights(10.0, 5.0, 5.0).costs() == (10.0, 5.0, 5.0)
     assert SetLossWeights(1.0, 1.0, 1.0, cost_class=1.0, cost_mask=5.0, cost_dice=5.0).costs() == (1.0, 5.0, 5.0)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_tiny_autogluon_run_trains_evaluates_and_predicts(tmp_path, synthetic_dir):
+    """protocol=autogluon end to end on the tiny SAM (the evaluation side reads the protocol's options)."""
+    from conftest import TINY
+    from samft.data.datasets import EvalDataset
+    from samft.data.layouts import folder_pairs
+    from samft.engine.evaluate import evaluate_run
+    from samft.engine.predict import predict_run
+    from samft.engine.train import train
+
+    cfg = config_from_dict({"protocol": "autogluon", "model": dict(TINY), "peft": {"method": "conv_lora"},
+                            "data": {"root": str(synthetic_dir), "train": ".", "val_fraction": 0.2, "num_workers": 0,
+                                     "check": "quick"},
+                            "train": {"epochs": 1, "max_steps": 2, "metric": "ber", "progress": False,
+                                      "device": "cpu"},
+                            "output": {"dir": str(tmp_path / "run")}})
+    assert (cfg.train.batch_size, cfg.train.accum_steps, cfg.data.resize) == (1, 4, "squash")
+    run = train(cfg, show_progress=False)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["protocol"] == "autogluon" and saved["data"]["resize"] == "squash"
+    results = evaluate_run(run, show_progress=False)
+    assert (results["protocol"], results["scoring"], results["resize"], results["ber"]) == (
+        "autogluon", "input_size", "squash", "per_image")
+    metrics = results["sets"]["val"]["metrics"]
+    assert 0 <= metrics["BER"] <= 100 and 0 <= metrics["Sm"] <= 1
+    pairs = folder_pairs(synthetic_dir / "images", synthetic_dir / "masks")[:1]
+    assert EvalDataset(pairs, 64, resize="squash")[0]["valid_hw"].tolist() == [64, 64]
+    written = predict_run(run, [str(pairs[0].image)], tmp_path / "pred", show_progress=False)
+    with Image.open(written[0]) as m, Image.open(pairs[0].image) as im:
+        assert m.size == im.size  # squashed in, back to the image's own size out
