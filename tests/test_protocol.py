@@ -119,6 +119,14 @@ def test_poly_with_power_one_is_the_linear_schedule(warmup, min_ratio):
             lr_factor(step, warmup, total, min_ratio, "linear"), abs=1e-12)
 
 
+def test_linear_schedule_is_the_training_loops():
+    from samft.engine.train import lr_factor as loop_factor  # to be replaced by samft.engine.schedule.lr_factor
+
+    for warmup, total, min_ratio in [(0, 30, 0.0), (4, 30, 0.1), (10, 12, 0.5)]:
+        for step in range(total + 2):
+            assert lr_factor(step, warmup, total, min_ratio) == loop_factor(step, warmup, total, min_ratio)
+
+
 def test_poly_power_two_is_hf_polynomial_decay():
     lr, lr_end, total = 1e-4, 1e-6, 50  # HF: (lr - lr_end) * (1 - t) ** power + lr_end, over lr
     for step in range(total):
