@@ -91,6 +91,12 @@ class SetLossWeights:
     cost_mask: Optional[float] = None
     cost_dice: Optional[float] = None
 
+    @classmethod
+    def from_config(cls, loss) -> "SetLossWeights":
+        """From a resolved ``loss`` config section (``cfg.loss``): its weights and ``loss.set.cost_*``."""
+        return cls(loss.class_weight, loss.mask_bce_weight, loss.mask_dice_weight, loss.no_object_weight,
+                   loss.set.cost_class, loss.set.cost_mask, loss.set.cost_dice)
+
     def costs(self) -> tuple[float, float, float]:
         """(class, mask BCE, mask Dice) weights of the matching cost."""
         pick = lambda cost, weight: weight if cost is None else cost  # noqa: E731
@@ -105,6 +111,11 @@ class PointSampling:
     points: int = 12544
     oversample: float = 3.0
     importance: float = 0.75
+
+    @classmethod
+    def from_config(cls, set_cfg) -> Optional["PointSampling"]:
+        """From a resolved ``loss.set`` section; None when ``points`` is 0 (every pixel)."""
+        return cls(set_cfg.points, set_cfg.oversample, set_cfg.importance) if set_cfg.points else None
 
 
 def point_sample(maps: torch.Tensor, coords: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:

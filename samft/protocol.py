@@ -107,6 +107,14 @@ def apply_protocol(cfg: Any) -> Any:
     return cfg
 
 
+def summary(cfg: Any) -> str:
+    """One line for a log: ``protocol autogluon`` or ``protocol autogluon, except train.adam_eps=1e-08 (1e-06)``."""
+    away = differences(cfg)
+    if not away:
+        return f"protocol {cfg.protocol}"
+    return f"protocol {cfg.protocol}, except " + ", ".join(f"{k}={v} ({p})" for k, (v, p) in away.items())
+
+
 def differences(cfg: Any) -> dict[str, tuple[Any, Any]]:
     """Options where the config differs from its protocol's value: {dotted: (value, protocol's value)}.
 

@@ -22,7 +22,7 @@ from samft.losses import (PointSampling, SetLossWeights, kept_point_sample, matc
                           uncertain_points)
 from samft.metrics import BinaryMetrics, ConfusionMetrics, image_ber, per_class_all_iou
 from samft.model.sam import PIXEL_MEAN, PIXEL_STD
-from samft.protocol import OPTIONS, apply_protocol, differences
+from samft.protocol import OPTIONS, apply_protocol, differences, summary
 
 SAMFT = {"data.resize": "pad", "eval.resize_gt_to_input": False, "eval.miou": "dataset", "eval.ber": "pooled",
          "train.batch_size": 4, "train.accum_steps": 1, "train.adam_eps": 1e-8, "train.schedule": "linear",
@@ -91,6 +91,8 @@ def test_protocol_is_recorded_and_a_resolved_config_round_trips():
     again = config_from_dict(data)
     assert dump_yaml(again) == dump_yaml(cfg)
     assert differences(again) == {"train.adam_eps": (1e-8, 1e-6)}
+    assert summary(again) == "protocol autogluon, except train.adam_eps=1e-08 (1e-06)"
+    assert summary(config_from_dict({})) == "protocol samft"
     assert apply_protocol(again) is again and dump_yaml(again) == dump_yaml(cfg)  # idempotent
 
 
@@ -419,6 +421,16 @@ def test_points_zero_is_the_all_pixel_loss():
             torch.ones(2, 16, 16, dtype=torch.bool), 255, SetLossWeights())
     plain, zero = set_loss(*args), set_loss(*args, PointSampling(points=0))
     assert all(torch.equal(plain[k], zero[k]) for k in plain)
+
+
+@pytest.mark.parametrize("protocol, weights, sampling", [
+    ("samft", SetLossWeights(10.0, 5.0, 5.0, 0.1, 10.0, 5.0, 5.0), None),
+    ("autogluon", SetLossWeights(1.0, 1.0, 1.0, 0.1, 1.0, 5.0, 5.0), PointSampling(12544, 3.0, 0.75)),
+])
+def test_loss_objects_from_the_config(protocol, weights, sampling):
+    cfg = config_from_dict({"protocol": protocol, "data": {"classes": ["bg", "a"]}})
+    assert SetLossWeights.from_config(cfg.loss) == weights
+    assert PointSampling.from_config(cfg.loss.set) == sampling
 
 
 def test_matcher_uses_its_own_costs():
