@@ -21,23 +21,23 @@ from samft.errors import ConfigError
 from samft.losses import (PointSampling, SetLossWeights, kept_point_sample, match_queries, point_sample, set_loss,
                           uncertain_points)
 from samft.metrics import BinaryMetrics, ConfusionMetrics, image_ber, per_class_all_iou
-from samft.model.sam import PIXEL_MEAN, PIXEL_STD
+from samft.constants import PIXEL_MEAN, PIXEL_STD
 from samft.protocol import OPTIONS, apply_protocol, differences, summary
 
 SAMFT = {"data.resize": "pad", "eval.resize_gt_to_input": False, "eval.miou": "dataset", "eval.ber": "pooled",
          "train.batch_size": 4, "train.accum_steps": 1, "train.adam_eps": 1e-8, "train.schedule": "linear",
-         "loss.balance_weight": 1.0, "loss.class_weight": 10.0, "loss.mask_bce_weight": 5.0,
+         "loss.aux.balance": 1.0, "loss.class_weight": 10.0, "loss.mask_bce_weight": 5.0,
          "loss.mask_dice_weight": 5.0, "loss.set.points": 0, "loss.set.cost_class": 10.0,
          "loss.set.cost_mask": 5.0, "loss.set.cost_dice": 5.0}
 AUTOGLUON = {"data.resize": "squash", "eval.resize_gt_to_input": True, "eval.miou": "per_class_all",
              "eval.ber": "per_image", "train.batch_size": 1, "train.accum_steps": 4, "train.adam_eps": 1e-6,
-             "train.schedule": "poly", "loss.balance_weight": 1.0, "loss.class_weight": 1.0,
+             "train.schedule": "poly", "loss.aux.balance": 1.0, "loss.class_weight": 1.0,
              "loss.mask_bce_weight": 1.0, "loss.mask_dice_weight": 1.0, "loss.set.points": 12544,
              "loss.set.cost_class": 1.0, "loss.set.cost_mask": 5.0, "loss.set.cost_dice": 5.0}
 # an explicit value for each option that neither protocol uses
 EXPLICIT = {"data.resize": "squash", "eval.resize_gt_to_input": True, "eval.miou": "per_class_all",
             "eval.ber": "per_image", "train.batch_size": 3, "train.accum_steps": 2, "train.adam_eps": 1e-7,
-            "train.schedule": "linear", "loss.balance_weight": 0.5, "loss.class_weight": 2.0,
+            "train.schedule": "linear", "loss.aux.balance": 0.5, "loss.class_weight": 2.0,
             "loss.mask_bce_weight": 3.0, "loss.mask_dice_weight": 4.0, "loss.set.points": 100,
             "loss.set.cost_class": 2.0, "loss.set.cost_mask": 3.0, "loss.set.cost_dice": 4.0}
 
@@ -65,8 +65,8 @@ def test_protocol_sets_every_option(protocol, expected):
 
 def test_samft_protocol_is_todays_behaviour_and_the_papers_balance_weight():
     binary, multi = config_from_dict({}), config_from_dict({"data": {"classes": ["bg", "thing"]}})
-    assert (binary.loss.balance_weight, multi.loss.balance_weight) == (1.0, 2.0)  # the paper's text
-    assert config_from_dict({"protocol": "autogluon", "data": {"classes": ["bg", "thing"]}}).loss.balance_weight == 1.0
+    assert (binary.loss.aux.balance, multi.loss.aux.balance) == (1.0, 2.0)  # the paper's text
+    assert config_from_dict({"protocol": "autogluon", "data": {"classes": ["bg", "thing"]}}).loss.aux.balance == 1.0
     # samft's matcher costs follow the loss weights, as before the options existed
     cfg = config_from_dict({}, ["loss.class_weight=3", "loss.mask_dice_weight=7"])
     assert (cfg.loss.set.cost_class, cfg.loss.set.cost_mask, cfg.loss.set.cost_dice) == (3.0, 5.0, 7.0)
