@@ -202,8 +202,8 @@ class BinaryTask(Task):
     default_metric = "Sm"
     default_balance_weight = 1.0
 
-    def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True) -> None:
-        self.threshold, self.bce, self.iou = threshold, bce, iou
+    def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True, ber: str = "pooled") -> None:
+        self.threshold, self.bce, self.iou, self.ber = threshold, bce, iou, ber
 
     def loss(self, logits, class_logits, target, valid):
         return structure_loss(logits, target.float().unsqueeze(1), valid, self.bce, self.iou)
@@ -215,7 +215,7 @@ class BinaryTask(Task):
         return scores >= self.threshold
 
     def new_metrics(self):
-        return BinaryMetrics(self.threshold)
+        return BinaryMetrics(self.threshold, self.ber)
 
     def update(self, metrics, scores, gt, name):
         metrics.update(scores, gt.astype(bool), name)
@@ -236,8 +236,8 @@ class MultiClassTask(Task):
     default_metric = "mIoU"
     default_balance_weight = 2.0
 
-    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights) -> None:
-        self.classes, self.num_queries, self.weights = classes, num_queries, weights
+    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights, miou: str = "dataset") -> None:
+        self.classes, self.num_queries, self.weights, self.miou = classes, num_queries, weights, miou
         self.num_classes = classes.num_classes
 
     def loss(self, logits, class_logits, target, valid):
@@ -251,7 +251,7 @@ class MultiClassTask(Task):
         return scores.argmax(0)
 
     def new_metrics(self):
-        return ConfusionMetrics(self.classes.names, self.classes.ignore_index)
+        return ConfusionMetrics(self.classes.names, self.classes.ignore_index, self.miou)
 
     def update(self, metrics, scores, gt, name):
         metrics.update(self.labels(scores), gt, name)
@@ -267,8 +267,8 @@ def make_task(cfg: Any) -> Task:
     """The task of a config: multi-class when ``data.classes`` is set, else binary."""
     classes = ClassSpec.of(cfg.data)
     if classes is None:
-        return BinaryTask(cfg.eval.threshold, cfg.loss.bce, cfg.loss.iou)
+        return BinaryTask(cfg.eval.threshold, cfg.loss.bce, cfg.loss.iou, cfg.eval.ber)
     weights = SetLossWeights(cfg.loss.class_weight, cfg.loss.mask_bce_weight, cfg.loss.mask_dice_weight,
                              cfg.loss.no_object_weight)
-    return MultiClassTask(classes, cfg.model.num_mask_tokens, weights)
+    return MultiClassTask(classes, cfg.model.num_mask_tokens, weights, cfg.eval.miou)
 

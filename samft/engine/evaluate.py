@@ -1,5 +1,6 @@
 """Evaluation at each image's original resolution (or at the input size, ``eval.resize_gt_to_input``), per named
-test set, with the input geometry the model was trained with (``data.resize``)."""
+test set, with the input geometry the model was trained with (``data.resize``) and the metric variants of the
+config's protocol (``eval.miou``, ``eval.ber``: the task's metrics)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
     scoring = "input_size" if cfg.eval.resize_gt_to_input else "original_resolution"
     results: dict = {"samft_version": __version__, "run": str(run_dir), "checkpoint": checkpoint,
                      "config_hash": chash, "protocol": cfg.protocol, "scoring": scoring, "resize": cfg.data.resize,
-                     "sets": {}}
+                     "miou": cfg.eval.miou, "ber": cfg.eval.ber, "sets": {}}
     for name, pairs in sets.items():
         t0 = time.perf_counter()
         metrics = evaluate_pairs(run.model, D.shard(pairs, info), cfg, dev, precision, f"eval {name}",
