@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from samft.losses import SetLossWeights, set_loss, structure_loss
+from samft.losses import PointSampling, SetLossWeights, set_loss, structure_loss
 from samft.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -236,13 +236,16 @@ class MultiClassTask(Task):
     default_metric = "mIoU"
     default_balance_weight = 2.0
 
-    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights, miou: str = "dataset") -> None:
+    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights, miou: str = "dataset",
+                 sampling: Optional[PointSampling] = None) -> None:
         self.classes, self.num_queries, self.weights, self.miou = classes, num_queries, weights, miou
+        self.sampling = sampling  # None: mask losses on every pixel; else Mask2Former's sampled points
         self.num_classes = classes.num_classes
 
     def loss(self, logits, class_logits, target, valid):
         keep = valid[:, 0].bool() if valid is not None else torch.ones_like(target, dtype=torch.bool)
-        return set_loss(class_logits, logits, target.long(), keep, self.classes.ignore_index, self.weights)["loss"]
+        return set_loss(class_logits, logits, target.long(), keep, self.classes.ignore_index, self.weights,
+                        self.sampling)["loss"]  # points drawn from the global RNG: saved and restored on resume
 
     def scores(self, mask_logits, class_logits):
         return semantic_probs(class_logits, mask_logits)
@@ -268,7 +271,6 @@ def make_task(cfg: Any) -> Task:
     classes = ClassSpec.of(cfg.data)
     if classes is None:
         return BinaryTask(cfg.eval.threshold, cfg.loss.bce, cfg.loss.iou, cfg.eval.ber)
-    weights = SetLossWeights(cfg.loss.class_weight, cfg.loss.mask_bce_weight, cfg.loss.mask_dice_weight,
-                             cfg.loss.no_object_weight)
-    return MultiClassTask(classes, cfg.model.num_mask_tokens, weights, cfg.eval.miou)
+    return MultiClassTask(classes, cfg.model.num_mask_tokens, SetLossWeights.from_config(cfg.loss), cfg.eval.miou,
+                          PointSampling.from_config(cfg.loss.set))
 

@@ -482,3 +482,19 @@ def test_tiny_autogluon_run_trains_evaluates_and_predicts(tmp_path, synthetic_di
     written = predict_run(run, [str(pairs[0].image)], tmp_path / "pred", show_progress=False)
     with Image.open(written[0]) as m, Image.open(pairs[0].image) as im:
         assert m.size == im.size  # squashed in, back to the image's own size out
+
+
+@pytest.mark.parametrize("protocol, costs, sampling", [("samft", (10.0, 5.0, 5.0), None),
+                                                       ("autogluon", (1.0, 5.0, 5.0), PointSampling(12544, 3.0, 0.75))])
+def test_the_task_carries_the_protocols_loss_and_metrics(protocol, costs, sampling):
+    from samft.tasks import make_task
+
+    task = make_task(config_from_dict({"protocol": protocol, "data": {"classes": ["bg", "a"]}}))
+    assert task.weights.costs() == costs and task.sampling == sampling
+    assert task.new_metrics().miou == ("dataset" if protocol == "samft" else "per_class_all")
+    binary = make_task(config_from_dict({"protocol": protocol}))
+    assert binary.new_metrics().ber == ("pooled" if protocol == "samft" else "per_image")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 2, (1, 32, 32))
+    loss = task.loss(torch.randn(1, 10, 32, 32), torch.randn(1, 10, 3), ids, None)
+    assert torch.isfinite(loss)
