@@ -27,6 +27,7 @@ import yaml
 from samft.errors import ConfigError
 from samft.fields import opt, section
 from samft.metrics import METRIC_CHOICES, canonical
+from samft.protocol import PROTOCOLS, apply_protocol
 
 def _model_types() -> tuple[str, ...]:
     from samft.model.sam import sam_sizes  # the size registry, looked up at validation time
@@ -143,16 +144,27 @@ class DataConfig:
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
     unlabelled: list[str] = opt([], "images without masks for the SSL loss (loss.ssl): folders, globs, CSV lists of "
                                     "images, or 'train' (the training images); empty = none")
+    resize: Optional[str] = opt(None, "input geometry: pad (longest side to img_size, pad bottom/right; samft) or "
+                                      "squash (resize to img_size x img_size, bicubic, ground truth nearest; "
+                                      "AutoGluon); null = the protocol's", ("pad", "squash"))
 
 
 @dataclass
 class TrainConfig:
     epochs: int = opt(20, "number of passes over the training split", minimum=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = run all epochs)", minimum=0)
-    batch_size: int = opt(4, "images per forward pass (per process)", minimum=1)
-    accum_steps: int = opt(1, "forward passes accumulated per optimizer step", minimum=1)
+    batch_size: Optional[int] = opt(None, "images per forward pass (per process); null = the protocol's (samft 4, "
+                                          "autogluon 1)", minimum=1)
+    accum_steps: Optional[int] = opt(None, "forward passes accumulated per optimizer step; null = the protocol's "
+                                           "(samft 1, autogluon 4)", minimum=1)
     lr: float = opt(1e-4, "peak AdamW learning rate", minimum=0.0)
     weight_decay: float = opt(1e-4, "AdamW weight decay", minimum=0.0)
+    adam_eps: Optional[float] = opt(None, "AdamW eps; null = the protocol's (samft 1e-8, PyTorch's default; "
+                                          "autogluon 1e-6)", minimum=0.0)
+    schedule: Optional[str] = opt(None, "learning-rate decay after the warm-up: linear (to min_lr_ratio) or poly "
+                                        "((1 - t)^poly_power, AutoGluon's polynomial_decay); null = the protocol's",
+                                  ("linear", "poly"))
+    poly_power: float = opt(1.0, "power of the poly schedule (AutoGluon: 1, the same curve as linear)", minimum=0.0)
     warmup_steps: int = opt(0, "linear warm-up steps before the linear decay", minimum=0)
     min_lr_ratio: float = opt(0.0, "learning rate at the end of the linear decay, as a fraction of lr", minimum=0.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", minimum=0.0)
@@ -181,8 +193,27 @@ class TrainConfig:
 class AuxLossConfig:
     """Weights of the named auxiliary losses the model produces (each logged as ``aux_<name>``)."""
 
-    balance: Optional[float] = opt(None, "Conv-LoRA's expert balance loss (null = 1.0 binary, 2.0 multi-class, "
-                                         "as the paper)", minimum=0.0)
+    balance: Optional[float] = opt(None, "Conv-LoRA's expert balance loss; null = the protocol's (samft: 1.0 binary, "
+                                         "2.0 multi-class, as the paper; autogluon: 1.0, as AutoGluon's code)",
+                                   minimum=0.0)
+
+
+@dataclass
+class SetLossConfig:
+    points: Optional[int] = opt(None, "mask BCE/Dice on this many points per matched mask, chosen by Mask2Former's "
+                                      "importance sampling, and the matcher on as many random points (0 = every "
+                                      "pixel); null = the protocol's (samft 0, autogluon 12544)", minimum=0)
+    oversample: float = opt(3.0, "point sampling: candidates drawn per point (Mask2Former's oversample_ratio)",
+                            minimum=1.0)
+    importance: float = opt(0.75, "point sampling: fraction of the points taken from the most uncertain candidates "
+                                  "(|logit| smallest), the rest uniform (Mask2Former's importance_sample_ratio)",
+                            minimum=0.0)
+    cost_class: Optional[float] = opt(None, "matcher cost weight of -p(class); null = the protocol's (samft: "
+                                            "loss.class_weight, autogluon 1)", minimum=0.0)
+    cost_mask: Optional[float] = opt(None, "matcher cost weight of the mask BCE; null = the protocol's (samft: "
+                                           "loss.mask_bce_weight, autogluon 5)", minimum=0.0)
+    cost_dice: Optional[float] = opt(None, "matcher cost weight of the mask Dice loss; null = the protocol's "
+                                           "(samft: loss.mask_dice_weight, autogluon 5)", minimum=0.0)
 
 
 @dataclass
@@ -210,11 +241,15 @@ class LossConfig:
     bce: str = opt("mean", "BCE term: mean (paper/reference), weighted (PraNet's boundary weights) or balanced "
                            "(shadow detection, SAM-Adapter's balanced BCE)", ("mean", "weighted", "balanced"))
     iou: bool = opt(True, "add the boundary-weighted IoU term of the structure loss")
-    class_weight: float = opt(10.0, "multi-class: weight of the query classification cross-entropy", minimum=0.0)
-    mask_bce_weight: float = opt(5.0, "multi-class: weight of the matched masks' BCE", minimum=0.0)
-    mask_dice_weight: float = opt(5.0, "multi-class: weight of the matched masks' Dice loss", minimum=0.0)
+    class_weight: Optional[float] = opt(None, "multi-class: weight of the query classification cross-entropy; null = "
+                                              "the protocol's (samft 10, autogluon 1)", minimum=0.0)
+    mask_bce_weight: Optional[float] = opt(None, "multi-class: weight of the matched masks' BCE; null = the "
+                                                 "protocol's (samft 5, autogluon 1)", minimum=0.0)
+    mask_dice_weight: Optional[float] = opt(None, "multi-class: weight of the matched masks' Dice loss; null = the "
+                                                  "protocol's (samft 5, autogluon 1)", minimum=0.0)
     no_object_weight: float = opt(0.1, "multi-class: cross-entropy weight of the 'no object' class", minimum=0.0)
     ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
+    set: SetLossConfig = section(SetLossConfig, "multi-class set loss: point sampling and matcher costs")
     aux: AuxLossConfig = section(AuxLossConfig, "weights of the model's named auxiliary losses")
     ssl: SSLLossConfig = section(SSLLossConfig, "self-supervised loss on data.unlabelled (SLIP's SimCLR)")
     clip: ClipLossConfig = section(ClipLossConfig, "region-text loss against class-name embeddings (SLIP's CLIP)")
@@ -224,8 +259,15 @@ class LossConfig:
 class EvalConfig:
     threshold: float = opt(0.5, "probability threshold for dice@0.5/iou@0.5/BER and predicted masks", minimum=0.0)
     batch_size: int = opt(4, "images per forward pass during evaluation and prediction", minimum=1)
-    resize_gt_to_input: bool = opt(False, "score at img_size x img_size with the ground truth resized (AutoGluon's "
-                                          "protocol) instead of at each image's original resolution")
+    resize_gt_to_input: Optional[bool] = opt(None, "score at img_size x img_size with the ground truth resized "
+                                                   "(nearest) instead of at each image's original resolution; null = "
+                                                   "the protocol's (samft false, autogluon true)")
+    miou: Optional[str] = opt(None, "multi-class mIoU: dataset (classes absent from prediction and ground truth left "
+                                    "out, ignore-labelled pixels nowhere) or per_class_all (AutoGluon: every class, "
+                                    "absent ones 0, predictions on ignore-labelled pixels in the union); null = the "
+                                    "protocol's", ("dataset", "per_class_all"))
+    ber: Optional[str] = opt(None, "BER: pooled (counts summed over the set) or per_image (the mean of each image's "
+                                   "BER, AutoGluon); null = the protocol's", ("pooled", "per_image"))
 
 
 @dataclass
@@ -257,6 +299,9 @@ def __getattr__(name: str) -> Any:  # ``samft.config.PeftConfig`` still names th
 
 @dataclass
 class Config:
+    protocol: str = opt("samft", "samft or autogluon (the reference implementation): the value of every option left "
+                                 "null that the two treat differently (see samft/protocol.py and the README's "
+                                 "'Reproducing the paper')", PROTOCOLS)
     model: ModelConfig = section(ModelConfig, "SAM size, checkpoint and input size")
     peft: PeftConfig = dataclasses.field(default_factory=lambda: peft_config_cls()(),  # noqa: F821 (lazy)
                                          metadata={"help": "parameter-efficient fine-tuning method and its options"})
@@ -265,6 +310,9 @@ class Config:
     loss: LossConfig = section(LossConfig, "loss terms")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     output: OutputConfig = section(OutputConfig, "where the run is written")
+
+    def __post_init__(self) -> None:
+        apply_protocol(self)  # every Config is resolved, however it was built
 
     @property
     def method_cfg(self) -> Any:
@@ -408,6 +456,8 @@ def validate(cfg: Config) -> Config:
     _validate(cfg)
     if cfg.model.img_size % 16:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of 16 (the patch size)")
+    if not 0.0 <= cfg.loss.set.importance <= 1.0:
+        raise ConfigError(f"loss.set.importance: {cfg.loss.set.importance} must be in [0, 1]")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     d = cfg.data

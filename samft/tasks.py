@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from samft.losses import SetLossWeights, set_loss, structure_loss
+from samft.losses import PointSampling, SetLossWeights, set_loss, structure_loss
 from samft.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -206,8 +206,8 @@ class BinaryTask(Task):
     default_metric = "Sm"
     default_balance_weight = 1.0
 
-    def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True) -> None:
-        self.threshold, self.bce, self.iou = threshold, bce, iou
+    def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True, ber: str = "pooled") -> None:
+        self.threshold, self.bce, self.iou, self.ber = threshold, bce, iou, ber
 
     def loss(self, logits, class_logits, target, valid):
         return structure_loss(logits, target.float().unsqueeze(1), valid, self.bce, self.iou)
@@ -222,7 +222,7 @@ class BinaryTask(Task):
         return not labels.any()
 
     def new_metrics(self):
-        return BinaryMetrics(self.threshold)
+        return BinaryMetrics(self.threshold, self.ber)
 
     def update(self, metrics, scores, gt, name):
         metrics.update(scores, gt.astype(bool), name)
@@ -243,8 +243,10 @@ class MultiClassTask(Task):
     default_metric = "mIoU"
     default_balance_weight = 2.0
 
-    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights) -> None:
-        self.classes, self.num_queries, self.weights = classes, num_queries, weights
+    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights, miou: str = "dataset",
+                 sampling: Optional[PointSampling] = None) -> None:
+        self.classes, self.num_queries, self.weights, self.miou = classes, num_queries, weights, miou
+        self.sampling = sampling  # None: mask losses on every pixel; else Mask2Former's sampled points
         self.num_classes = classes.num_classes
         if num_queries < classes.num_classes:
             import warnings
@@ -255,7 +257,8 @@ class MultiClassTask(Task):
 
     def loss(self, logits, class_logits, target, valid):
         keep = valid[:, 0].bool() if valid is not None else torch.ones_like(target, dtype=torch.bool)
-        return set_loss(class_logits, logits, target.long(), keep, self.classes.ignore_index, self.weights)["loss"]
+        return set_loss(class_logits, logits, target.long(), keep, self.classes.ignore_index, self.weights,
+                        self.sampling)["loss"]  # points drawn from the global RNG: saved and restored on resume
 
     def scores(self, mask_logits, class_logits):
         return semantic_probs(class_logits, mask_logits)
@@ -264,7 +267,7 @@ class MultiClassTask(Task):
         return scores.argmax(0)
 
     def new_metrics(self):
-        return ConfusionMetrics(self.classes.names, self.classes.ignore_index)
+        return ConfusionMetrics(self.classes.names, self.classes.ignore_index, self.miou)
 
     def update(self, metrics, scores, gt, name):
         metrics.update(self.labels(scores), gt, name)
@@ -280,8 +283,7 @@ def make_task(cfg: Any) -> Task:
     """The task of a config: multi-class when ``data.classes`` is set, else binary."""
     classes = ClassSpec.of(cfg.data)
     if classes is None:
-        return BinaryTask(cfg.eval.threshold, cfg.loss.bce, cfg.loss.iou)
-    weights = SetLossWeights(cfg.loss.class_weight, cfg.loss.mask_bce_weight, cfg.loss.mask_dice_weight,
-                             cfg.loss.no_object_weight)
-    return MultiClassTask(classes, cfg.model.num_mask_tokens, weights)
+        return BinaryTask(cfg.eval.threshold, cfg.loss.bce, cfg.loss.iou, cfg.eval.ber)
+    return MultiClassTask(classes, cfg.model.num_mask_tokens, SetLossWeights.from_config(cfg.loss), cfg.eval.miou,
+                          PointSampling.from_config(cfg.loss.set))
 

@@ -287,7 +287,7 @@ def test_data_check_off_from_yaml_and_command_line(tmp_path):
 
 
 def test_scores_at_input_size_stretch_prediction_and_ground_truth(synthetic_dir):
-    """eval.resize_gt_to_input: both at img_size x img_size; the ground truth resized nearest."""
+    """eval.resize_gt_to_input: both at img_size x img_size; the ground truth resized nearest as PIL (AutoGluon)."""
     import cv2
 
     from samft.data.layouts import train_val_pairs
@@ -302,7 +302,7 @@ def test_scores_at_input_size_stretch_prediction_and_ground_truth(synthetic_dir)
                                              at_input_size=True):
         assert scores.shape == gt.shape == (64, 64)
         original = np.array(Image.open(pair.mask).convert("L")) > 127
-        expected = cv2.resize(original.astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST)
+        expected = cv2.resize(original.astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST_EXACT)
         assert np.array_equal(gt.astype(bool), expected.astype(bool))
 
 

@@ -65,7 +65,7 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     written, empty = [], 0
     with progress("predict", len(pairs), show_progress) as advance:
         for pair, scores, _ in iter_predictions(run.model, pairs, run.cfg.eval.batch_size, dev, task, precision,
-                                                run.cfg.data.num_workers):
+                                                run.cfg.data.num_workers, resize=run.cfg.data.resize):
             target = out / f"{pair.name}.png"
             labels = task.labels(scores)
             atomic_write_bytes(target, task.mask_png(labels))

@@ -52,7 +52,7 @@ class Segmenter:
                  task: Optional[Task] = None) -> None:
         self.model, self.cfg, self.device, self.precision = model.eval(), cfg, device, precision
         self.task = task or make_task(cfg)
-        self.transform = SamTransform(model.img_size, 0.0)
+        self.transform = SamTransform(model.img_size, 0.0, resize=cfg.data.resize)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", adapter: str = ADAPTER_FILE) -> "Segmenter":

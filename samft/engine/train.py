@@ -47,8 +47,9 @@ from samft.engine.rundir import (RunLock, claim_run_dir, clean_stale_tmp, init_r
                                  remove_failed_start, resume_changes)
 from samft.engine.runs import METRICS_FILE, PLOT_FILE, STATE_FILE, adapter_expectations
 from samft.engine.runtime import autocast
+from samft.engine.schedule import lr_factor  # noqa: F401  (re-exported)
 from samft.engine.setup import (ExtraStream, RunContext, Schedule, TrainingParts, build_training, describe_start,
-                                lr_factor, make_optimizer, prepare_run)  # noqa: F401  (re-exported)
+                                make_optimizer, prepare_run)  # noqa: F401  (re-exported)
 from samft.engine.streams import StreamCursor, epoch_loader
 from samft.errors import SamftError
 from samft.model.semantic import upsample_logits
@@ -225,7 +226,7 @@ class Fit:
         self.run_dir = ctx.run_dir
         task = make_task(cfg)
         self.dataset = TrainDataset(ctx.train_pairs, cfg.model.img_size, cfg.train.hflip, cfg.train.seed,
-                                    task.classes)
+                                    task.classes, resize=cfg.data.resize)
         self.sampler = DistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=cfg.train.seed)
         self.schedule = Schedule.of(cfg, len(self.sampler))
