@@ -142,6 +142,18 @@ def semantic_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> tor
     return torch.einsum("...qc,...qhw->...chw", classes, mask_logits.float().sigmoid())
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A UserWarning shown once per process (the task is built by training, eval and predict alike)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+
+
 class Task:
     """The interface; see the module docstring. Built by :func:`make_task`."""
 
@@ -153,6 +165,7 @@ class Task:
     plot_metrics: tuple[str, ...] = ()  # drawn in curves.png (with the selection metric)
     default_metric = ""
     default_balance_weight = 1.0
+    learning_hints = "Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs or a larger model.img_size."
 
     def selection_metric(self, metric: str) -> str:
         """The eval.json name of ``train.metric`` (``auto`` = the task's default)."""
@@ -205,6 +218,8 @@ class BinaryTask(Task):
     plot_metrics = ("dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE")  # BER (percent) only when selected
     default_metric = "Sm"
     default_balance_weight = 1.0
+    learning_hints = ("Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs, a larger model.img_size for small "
+                      "structures, or loss.bce=balanced for rare foreground.")
 
     def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True, ber: str = "pooled") -> None:
         self.threshold, self.bce, self.iou, self.ber = threshold, bce, iou, ber
@@ -249,11 +264,9 @@ class MultiClassTask(Task):
         self.sampling = sampling  # None: mask losses on every pixel; else Mask2Former's sampled points
         self.num_classes = classes.num_classes
         if num_queries < classes.num_classes:
-            import warnings
-
-            warnings.warn(f"model.num_mask_tokens is {num_queries} for {classes.num_classes} classes: an image with "
+            warn_once(f"model.num_mask_tokens is {num_queries} for {classes.num_classes} classes: an image with "
                           f"more classes than mask tokens cannot have all of them matched; set "
-                          f"model.num_mask_tokens to at least {classes.num_classes}", stacklevel=3)
+                          f"model.num_mask_tokens to at least {classes.num_classes}")
 
     def loss(self, logits, class_logits, target, valid):
         keep = valid[:, 0].bool() if valid is not None else torch.ones_like(target, dtype=torch.bool)

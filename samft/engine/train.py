@@ -57,10 +57,6 @@ from samft.progress import console, progress
 from samft.tasks import make_task
 
 
-LEARNING_HINTS = ("Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs, a larger model.img_size for small "
-                  "structures, or loss.bce=balanced for rare foreground.")
-
-
 class TrainingInterrupted(SamftError):
     """Ctrl-C or SIGTERM: the state of the last completed step was saved."""
 
@@ -361,7 +357,7 @@ class Fit:
         kind = metrics.degenerate()
         if kind and self.main:
             warnings.warn(f"epoch {epoch_no}: the validation predictions are {kind} for every image: "
-                          f"the model has not learnt the masks yet. {LEARNING_HINTS}", stacklevel=2)
+                          f"the model has not learnt the masks yet. {self.parts.task.learning_hints}", stacklevel=2)
         return metrics.compute()
 
     def _warn_if_flat(self) -> None:
@@ -370,7 +366,7 @@ class Fit:
                   if r["kind"] == "epoch" and r.get(f"val_{self.metric}")]
         if len(values) >= 2 and max(values) - min(values) <= 1e-9:
             warnings.warn(f"validation {self.metric} stayed at {values[0]:.4f} in all {len(values)} validated epochs: "
-                          f"the run learnt nothing measurable. {LEARNING_HINTS}", stacklevel=2)
+                          f"the run learnt nothing measurable. {self.parts.task.learning_hints}", stacklevel=2)
 
     def _finish(self) -> None:
         if self.info.enabled:  # DDP keeps the processes in step; check it (cheap: once per run)
