@@ -139,6 +139,9 @@ class DataConfig:
     palette: list[list[int]] = opt([], "RGB colour of each class in colour-coded masks and predicted palette PNGs "
                                        "(empty = Pascal VOC's colour map)")
     ignore_index: int = opt(255, "class id excluded from the loss and the metrics (VOC's boundary)")
+    background: Optional[int] = opt(0, "multi-class: class id of the background (left untinted in overlays, not "
+                                        "'foreground' in data check); null = the data has no background class "
+                                        "(e.g. CamVid's sky is class 0)")
     ignore_colors: list[list[int]] = opt([[224, 224, 192]], "colours of colour-coded masks mapped to ignore_index")
     split_seed: int = opt(0, "seed of the train/validation hold-out split")
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
@@ -470,6 +473,9 @@ def validate(cfg: Config) -> Config:
     if d.classes and 0 <= d.ignore_index < len(d.classes):
         raise ConfigError(f"data.ignore_index: {d.ignore_index} is a class id of data.classes "
                           f"({d.classes[d.ignore_index]!r}); use an id outside 0..{len(d.classes) - 1}")
+    if d.classes and d.background is not None and not 0 <= d.background < len(d.classes):
+        raise ConfigError(f"data.background: {d.background} is not a class id of data.classes (0..{len(d.classes) - 1}); "
+                          f"null = no background class")
     if len(d.classes) == 1:
         raise ConfigError("data.classes: one class is a binary task; leave data.classes empty for binary masks")
     from samft.metrics import task_metric_names  # the metric must exist for the task

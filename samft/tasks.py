@@ -49,14 +49,37 @@ def voc_colormap(n: int = 256) -> np.ndarray:
     return cmap
 
 
+def distinct_palette(n: int, background: Optional[int] = 0) -> np.ndarray:
+    """(n, 3) uint8 colours far apart (golden-ratio hues, two brightness levels); the background black."""
+    import colorsys
+
+    colours = np.zeros((n, 3), dtype=np.uint8)
+    k = 0
+    for i in range(n):
+        if i == background:
+            continue
+        hue = (k * 0.618033988749895) % 1.0
+        value = 0.95 if k % 2 == 0 else 0.7
+        colours[i] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.85, value)]
+        k += 1
+    return colours
+
+
 @dataclass(frozen=True)
 class ClassSpec:
-    """What a multi-class mask means: class names, their colours, and what is ignored."""
+    """What a multi-class mask means: class names, their colours, and what is ignored.
+
+    ``palette`` decodes colour-coded masks (``data.palette``, else VOC's colour map); ``display`` colours
+    predictions and overlays (``data.palette``, else VOC's colours for VOC data, else distinct colours with
+    the background black). ``background`` is the background class id, or None when the data has none.
+    """
 
     names: tuple[str, ...]
     palette: np.ndarray  # (C, 3) uint8
     ignore_index: int
     ignore_colors: tuple[tuple[int, int, int], ...]
+    background: Optional[int] = 0
+    display: Optional[np.ndarray] = None  # (C, 3) uint8; None = palette
 
     @property
     def num_classes(self) -> int:
@@ -68,14 +91,25 @@ class ClassSpec:
         if not data.classes:
             return None
         n = len(data.classes)
-        palette = np.array(data.palette, dtype=np.uint8).reshape(-1, 3) if data.palette else voc_colormap(n)[:n]
+        background = getattr(data, "background", 0)
+        if data.palette:
+            palette = display = np.array(data.palette, dtype=np.uint8).reshape(-1, 3)
+        else:
+            palette = voc_colormap(n)[:n]
+            voc = getattr(data, "format", "") == "voc" or tuple(data.classes) == VOC_CLASSES[:n]
+            display = palette if voc else distinct_palette(n, background)
         return cls(tuple(data.classes), palette, data.ignore_index,
-                   tuple(tuple(int(v) for v in c) for c in data.ignore_colors))
+                   tuple(tuple(int(v) for v in c) for c in data.ignore_colors), background, display)
+
+    @property
+    def colours(self) -> np.ndarray:
+        """The display colours (see the class docstring)."""
+        return self.palette if self.display is None else self.display
 
     def palette_bytes(self) -> list[int]:
         """A 256-entry PIL palette: the classes' colours, then VOC's colour map; ignore shown in cream."""
         full = voc_colormap(256)
-        full[: self.num_classes] = self.palette
+        full[: self.num_classes] = self.colours
         if 0 <= self.ignore_index < 256:
             full[self.ignore_index] = (224, 224, 192)
         return full.reshape(-1).tolist()
@@ -112,12 +146,13 @@ def label_image(labels: np.ndarray, classes: ClassSpec):
 
 
 def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alpha: float = 0.5):
-    """The image blended with the class colours (background left as it is), with a legend of the classes shown."""
+    """The image blended with the class colours (the background class, if any, left as it is), with a legend of
+    the classes shown."""
     from PIL import Image, ImageDraw
 
-    colours = classes.palette[labels]
+    colours = classes.colours[labels]
     blend = image.astype(np.float32)
-    fg = labels > 0
+    fg = labels != classes.background if classes.background is not None else np.ones(labels.shape, bool)
     blend[fg] = (1 - alpha) * blend[fg] + alpha * colours[fg]
     present = [int(c) for c in np.unique(labels)]
     row = 18
@@ -128,7 +163,7 @@ def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alp
     draw = ImageDraw.Draw(canvas)
     for k, c in enumerate(present):
         y = 4 + k * row
-        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.palette[c]), outline=(0, 0, 0))
+        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.colours[c]), outline=(0, 0, 0))
         draw.text((w + 26, y), classes.names[c], fill=(0, 0, 0))
     return canvas
 

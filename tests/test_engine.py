@@ -471,3 +471,41 @@ def test_fewer_mask_tokens_than_classes_is_warned():
 
     with pytest.warns(UserWarning, match="model.num_mask_tokens is 2 for 3 classes"):
         make_task(tiny_config("lora", model={"num_mask_tokens": 2}, data={"classes": ["a", "b", "c"]}))
+
+
+def test_data_without_a_background_class():
+    """CamVid-like: class 0 is sky. Distinct display colours for every class, every class tinted."""
+    from samft.config import DataConfig
+    from samft.tasks import ClassSpec, class_overlay
+
+    spec = ClassSpec.of(DataConfig(classes=["sky", "road", "car"], background=None))
+    assert len({tuple(c) for c in spec.colours}) == 3 and (spec.colours.sum(axis=1) > 0).all()
+    image = np.full((4, 4, 3), 128, np.uint8)
+    labels = np.zeros((4, 4), int)
+    out = np.asarray(class_overlay(image, labels, spec))[:4, :4]
+    assert not np.array_equal(out, image)  # sky (class 0) is tinted like any class
+    with_bg = ClassSpec.of(DataConfig(classes=["background", "road", "car"]))
+    assert tuple(with_bg.colours[0]) == (0, 0, 0)
+    assert np.array_equal(np.asarray(class_overlay(image, labels, with_bg))[:4, :4], image)
+    voc = ClassSpec.of(DataConfig(classes=["background", "aeroplane"]))
+    assert np.array_equal(voc.colours, voc.palette)  # VOC's classes keep VOC's colours
+    with pytest.raises(SamftError, match="data.background: 3 is not a class id"):
+        config_from_dict({"data": {"classes": ["a", "b", "c"], "background": 3}})
+
+
+def test_data_check_reports_each_class_share_by_name(tmp_path):
+    from samft.data.check import check_data
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        ids = np.zeros((4, 4), np.uint8)
+        ids[:, :1] = 1
+        ids[:, 1:2] = 2
+        Image.fromarray(ids).save(tmp_path / "masks" / f"{i}.png")
+    cfg = tiny_config("lora", data={"root": str(tmp_path), "train": ".", "val_fraction": 0.25,
+                                     "classes": ["sky", "road", "car"], "background": None})
+    report = check_data(cfg, show_progress=False).splits[0]
+    assert report.values_text() == "sky: 50.0%, road: 25.0%, car: 25.0%"
+    assert report.as_dict()["foreground_mean"] is None

@@ -36,6 +36,7 @@ class SplitReport:
     mask_values: Counter = field(default_factory=Counter)  # raw mask value -> pixel count (full check)
     foreground: list = field(default_factory=list)  # foreground fraction per mask (full check)
     problems: list = field(default_factory=list)
+    class_names: tuple = ()  # multi-class: mask values are class ids, shown by name
 
     def sizes_text(self) -> str:
         if not self.image_sizes:
@@ -50,6 +51,9 @@ class SplitReport:
         total = sum(self.mask_values.values())
         if not total:
             return "-"
+        if self.class_names:  # every class's share of the pixels, by name
+            names = dict(enumerate(self.class_names))
+            return ", ".join(f"{names.get(v, f'id {v}')}: {n / total:.1%}" for v, n in sorted(self.mask_values.items()))
         common = self.mask_values.most_common(top)
         rest = len(self.mask_values) - len(common)
         text = ", ".join(f"{v}: {n / total:.1%}" for v, n in sorted(common))
@@ -93,9 +97,12 @@ class _CheckDataset(Dataset):
                 image, mask = load_pair(pair, self.classes)
                 raw = mask if self.classes else read_mask_values(pair.mask)  # class ids, or the binary mask's values
                 values, counts = np.unique(raw, return_counts=True)
-                fg = mask != 0 if self.classes is None else (mask != 0) & (mask != self.classes.ignore_index)
-                return {"size": (image.shape[1], image.shape[0]), "values": dict(zip(values.tolist(), counts.tolist())),
-                        "fg": float(fg.mean())}
+                item = {"size": (image.shape[1], image.shape[0]), "values": dict(zip(values.tolist(), counts.tolist()))}
+                background = 0 if self.classes is None else self.classes.background
+                if background is not None:  # no background class: "foreground" means nothing
+                    ignore = -1 if self.classes is None else self.classes.ignore_index
+                    item["fg"] = float(((mask != background) & (mask != ignore)).mean())
+                return item
             with Image.open(pair.image) as im:
                 size = im.size
             if not Path(pair.mask).is_file():
@@ -123,6 +130,7 @@ def _image_size(path: Path, full: bool) -> tuple[int, int]:
 def _check_pairs(report: SplitReport, pairs: list[Pair], full: bool, workers: int, show_progress: bool,
                  classes: Optional[ClassSpec] = None) -> None:
     report.pairs = len(pairs)
+    report.class_names = classes.names if classes is not None else ()
     loader = DataLoader(_CheckDataset(pairs, full, classes), batch_size=None, num_workers=workers)
     with progress(f"check {report.name}", len(pairs), show_progress) as advance:
         for item in loader:
