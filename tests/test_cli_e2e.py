@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from conftest import ROOT, TINY
 
-RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv",
+RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.safetensors", "metrics.csv",
              "curves.png"}
 
 

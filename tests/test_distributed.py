@@ -20,7 +20,7 @@ from samft.engine.evaluate import evaluate_run
 
 from conftest import ROOT, TINY
 
-RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv",
+RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.safetensors", "metrics.csv",
              "curves.png"}
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,15 +240,48 @@ def voc_pairs(layout: Layout, spec: str) -> list[Pair]:
     return pairs
 
 
+def _safe_name(name: str) -> str:
+    """A single file-name component: no separators, not hidden, not ``.``/``..``."""
+    name = "".join("_" if ch in '/\\\0:' else ch for ch in name)
+    return "_" + name if not name or name.startswith(".") else name
+
+
+def distinct_names(paths: list[Path]) -> list[str]:
+    """One output name per path: its stem where that is unique (case-insensitively), else the stem with the
+    folders that tell the paths apart (``a_x``, ``b_x``) and, for one folder, the extension (``x_png``,
+    ``x_jpg``); a counter as the last resort. Names are single components: never absolute, never ``..``."""
+    resolved = [p.resolve() for p in paths]
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(resolved):
+        groups.setdefault(_safe_name(p.stem).casefold(), []).append(i)
+    names = [_safe_name(p.stem) for p in resolved]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        parents = [resolved[i].parent for i in members]
+        common = Path(os.path.commonpath([str(q) for q in parents]))
+        for i, parent in zip(members, parents):
+            parts = [_safe_name(part) for part in parent.relative_to(common).parts]
+            names[i] = "_".join([*parts, _safe_name(resolved[i].stem)])
+        keys = [names[i].casefold() for i in members]
+        for i in members:
+            if keys.count(names[i].casefold()) > 1 and resolved[i].suffix:
+                names[i] = f"{names[i]}_{_safe_name(resolved[i].suffix.lstrip('.'))}"
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        candidate, n = name, 1
+        while candidate.casefold() in seen:
+            n += 1
+            candidate = f"{name}_{n}"
+        seen.add(candidate.casefold())
+        names[i] = candidate
+    return names
+
+
 def unique_names(pairs: list[Pair]) -> list[Pair]:
-    """Make output names unique by prefixing parent folders where stems repeat."""
-    counts: dict[str, int] = {}
-    for p in pairs:
-        counts[p.name] = counts.get(p.name, 0) + 1
-    if all(c == 1 for c in counts.values()):
-        return pairs
-    return [Pair(p.image, p.mask, "_".join([*p.image.parent.parts[-2:], p.image.stem])) if counts[p.name] > 1 else p
-            for p in pairs]
+    """The pairs with distinct output names (see :func:`distinct_names`)."""
+    names = distinct_names([p.image for p in pairs])
+    return [p if p.name == n else Pair(p.image, p.mask, n) for p, n in zip(pairs, names)]
 
 
 def split_pairs(data: DataConfig, spec: str) -> list[Pair]:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from samft.data.classes import ClassSpec
-from samft.data.layouts import Pair, unique_names
+from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
 from samft.engine.checkpoint import atomic_write_bytes
 from samft.engine.evaluate import iter_predictions
@@ -99,21 +99,56 @@ def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alp
     return canvas
 
 
+def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bool) -> list[Pair]:
+    """The input pairs with distinct output names, after checking that writing them loses nothing:
+    no output lands on an input file (whatever ``overwrite`` says), and no existing file in ``out`` is
+    replaced unless ``overwrite``. A SamftError naming the file otherwise."""
+    if out.exists() and not out.is_dir():
+        raise SamftError(f"{out}: --out is an existing file, not a folder; give a folder for the masks")
+    pairs = [Pair(f, None, n) for f, n in zip(files, distinct_names(files))]
+    inputs = {f.resolve(): f for f in files}
+    targets = [out / f"{p.name}.png" for p in pairs]
+    if with_overlay:
+        targets += [out / "overlays" / f"{p.name}.png" for p in pairs]
+    clashes = []
+    for target in targets:
+        if target.resolve() in inputs:
+            raise SamftError(f"{inputs[target.resolve()]}: --out {out} would write a mask onto this input image; "
+                             f"choose another output folder")
+        if target.exists() or target.is_symlink():
+            clashes.append(target)
+    if clashes and not overwrite:
+        raise SamftError(f"{clashes[0]}: already exists in {out} ({len(clashes)} of the {len(targets)} output "
+                         f"file(s) exist); pass --overwrite to replace them, or choose another --out")
+    return pairs
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise SamftError(f"{path}: cannot write the prediction ({e.strerror or e})") from None
+
+
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
-                with_overlay: bool = False, device: str = "auto", show_progress: bool = True) -> list[Path]:
+                with_overlay: bool = False, device: str = "auto", show_progress: bool = True,
+                overwrite: bool = False) -> list[Path]:
     """Write ``out_dir/<name>.png`` for every input image; overlays go to ``out_dir/overlays/``.
 
-    Binary runs write 0/255 masks; multi-class runs write palette PNGs whose values are class ids.
+    Names are the inputs' stems, made distinct (:func:`samft.data.layouts.distinct_names`); existing files
+    are kept unless ``overwrite``, and an input image is never written to. Binary runs write 0/255 masks;
+    multi-class runs write palette PNGs whose values are class ids.
     """
     files = collect_inputs(inputs)
+    out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
+    pairs = plan_outputs(files, out, with_overlay, overwrite)
     dev = pick_device(device)
     run = load_run(run_dir, dev)
     classes = ClassSpec.of(run.cfg.data)
-    out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
-    out.mkdir(parents=True, exist_ok=True)
-    if with_overlay:
-        (out / "overlays").mkdir(exist_ok=True)
-    pairs = unique_names([Pair(f, None, f.stem) for f in files])
+    try:
+        (out / "overlays" if with_overlay else out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     precision = resolve_precision(run.cfg.train.precision, dev)
     written = []
     with progress("predict", len(pairs), show_progress) as advance:
@@ -122,14 +157,14 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
             target = out / f"{pair.name}.png"
             if classes is None:
                 mask = scores >= run.cfg.eval.threshold
-                atomic_write_bytes(target, _png_bytes(mask.astype(np.uint8) * 255))
+                _write(target, _png_bytes(mask.astype(np.uint8) * 255))
                 picture = overlay(read_image(pair.image), mask) if with_overlay else None
             else:
                 labels = scores.argmax(0)
-                atomic_write_bytes(target, _png_bytes(label_image(labels, classes)))
+                _write(target, _png_bytes(label_image(labels, classes)))
                 picture = class_overlay(read_image(pair.image), labels, classes) if with_overlay else None
             written.append(target)
             if picture is not None:
-                atomic_write_bytes(out / "overlays" / f"{pair.name}.png", _png_bytes(picture))
+                _write(out / "overlays" / f"{pair.name}.png", _png_bytes(picture))
             advance()
     return written

@@ -17,10 +17,23 @@ from samft.model import SemanticSAM, build_model
 CONFIG_FILE = "config.yaml"
 ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
 LAST_ADAPTER_FILE = "adapter_last.safetensors"
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"  # the resumable state (never a pickle)
 METRICS_FILE = "metrics.csv"
 EVAL_FILE = "eval.json"
 PLOT_FILE = "curves.png"
+
+
+RUN_FILES = (CONFIG_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, "state.pt", METRICS_FILE, EVAL_FILE, PLOT_FILE,
+             ".lock")
+
+
+def is_run_file(path: str | Path) -> bool:
+    """Whether ``path`` (followed through links) is one of a run directory's own files (config.yaml,
+    adapter*, state*, metrics.csv ...), which other commands must never write to."""
+    path = Path(path).resolve()
+    if not (path.parent / CONFIG_FILE).is_file():
+        return False
+    return path.name in RUN_FILES or path.name.startswith(("adapter", "state", ".state", ".adapter"))
 
 
 def newest_run(root: str | Path = "runs") -> Path:

@@ -8,7 +8,7 @@ Loss = task loss + ``loss.balance_weight`` x the Conv-LoRA balance loss (0 for o
 loss is the structure loss for binary masks and MaskFormer's matched set loss (class CE + mask BCE + mask
 Dice, Hungarian matching) for multi-class masks (``data.classes``).
 
-Nothing is lost on an interruption: ``state.pt`` (trainable tensors, optimizer, scheduler, step, RNG)
+Nothing is lost on an interruption: ``state.safetensors`` (trainable tensors, optimizer, scheduler, step, RNG)
 is written atomically at each epoch end and every ``train.save_every`` steps, and on Ctrl-C / SIGTERM
 the state of the last completed step is saved before exiting. ``--resume`` continues from it with the
 same data order, augmentation and noise as an uninterrupted run: the data order comes from
@@ -40,8 +40,8 @@ from samft.data.datasets import TrainDataset, collate
 from samft.data.layouts import train_val_pairs
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
-from samft.engine.checkpoint import (atomic_torch_save, atomic_write_text, load_state, load_trainable, read_adapter,
-                                     rng_state, save_adapter, set_rng_state, trainable_state)
+from samft.engine.checkpoint import (atomic_write_text, load_resume_state, load_trainable, read_adapter, rng_state,
+                                     save_adapter, save_resume_state, set_rng_state, trainable_state)
 from samft.engine.evaluate import evaluate_pairs
 from samft.engine.progress import console, progress
 from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE,
@@ -320,7 +320,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
 
     state = TrainState()
     if resume:
-        saved = load_state(run_dir / STATE_FILE)
+        saved = load_resume_state(run_dir / STATE_FILE)
         load_trainable(model, saved["trainable"], str(run_dir / STATE_FILE))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -356,14 +356,14 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
             return
         save_adapter(model, run_dir / LAST_ADAPTER_FILE, {**meta_base, "step": str(state.step),
                                                          "epoch": str(state.epoch)})
-        atomic_torch_save({
+        save_resume_state(run_dir / STATE_FILE, {
             "samft_version": __version__,
             "trainable": {k: v.cpu().clone() for k, v in trainable_state(model).items()},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "progress": {**state.__dict__, "rng": snapshot_rng},
-        }, run_dir / STATE_FILE)
+        })
 
     def validate(epoch_no: int) -> dict[str, float]:
         # validation must not move the RNG streams, or a resumed run would differ from an uninterrupted one
