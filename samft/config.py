@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -300,9 +301,22 @@ def _validate(obj: Any, prefix: str = "") -> None:
             near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        _require_finite(value, dotted)
         minimum = f.metadata.get("minimum")
         if minimum is not None and value is not None and value < minimum:
             raise ConfigError(f"{dotted}: {value!r} is below the minimum {minimum}")
+
+
+def _require_finite(value: Any, key: str) -> None:
+    """Every float of the config (in lists and mappings too) is a finite number: NaN and inf are refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _require_finite(v, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _require_finite(v, f"{key}.{k}")
 
 
 def validate(cfg: Config) -> Config:
@@ -384,6 +398,15 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return validate(_from_dict(Config, data))
 
 
+def yaml_error(e: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    context = getattr(e, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}" + (f" ({' '.join(context.split())})" if context else "")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config strictly, apply overrides, validate, and default ``output.dir``."""
     path = Path(path)
@@ -392,7 +415,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config is expected)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, peft:, ...), got {type(data).__name__}")
     try:

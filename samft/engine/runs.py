@@ -9,9 +9,9 @@ from typing import Optional
 import torch
 import yaml
 
-from samft.config import Config, config_from_dict
+from samft.config import Config, config_from_dict, yaml_error
 from samft.engine.checkpoint import load_adapter
-from samft.errors import SamftError
+from samft.errors import ConfigError, SamftError
 from samft.model import SemanticSAM, build_model
 
 CONFIG_FILE = "config.yaml"
@@ -49,7 +49,15 @@ def read_run_config(run_dir: str | Path, overrides: Optional[list[str]] = None) 
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise SamftError(f"{run_dir}: not a run directory ({CONFIG_FILE} not found)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: the run's config is not valid YAML ({yaml_error(e)}); tags such as "
+                          f"!!python/... are never read") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the run's config is a {type(data).__name__}, expected a mapping of sections")
     try:
         return config_from_dict(data, overrides)
     except SamftError as e:
