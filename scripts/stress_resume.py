@@ -66,13 +66,14 @@ def kill_at_random_time(proc: subprocess.Popen, run: Path, seconds: float, marke
     return _kill(proc, run, f"time {seconds:.2f}s after {marker}")
 
 
-def kill_inside_a_write(proc: subprocess.Popen, run: Path, nth: int) -> str:
-    """SIGKILL while the ``nth`` temporary file seen in the run directory exists (inside an atomic write)."""
+def kill_inside_a_write(proc: subprocess.Popen, run: Path, nth: int, only: str = "") -> str:
+    """SIGKILL while the ``nth`` temporary file seen in the run directory exists (inside an atomic write);
+    ``only``: count the writes of files whose name starts with it (``state``, ``adapter_last`` ...)."""
     before: set[str] = set()
     count = 0
     while proc.poll() is None:
         try:
-            tmps = {e.name for e in os.scandir(run) if e.name.endswith(".tmp")}
+            tmps = {e.name for e in os.scandir(run) if e.name.endswith(".tmp") and e.name.startswith(f".{only}")}
         except FileNotFoundError:
             tmps = set()
         for name in tmps - before:  # a write that started since the last look
@@ -160,15 +161,18 @@ def resume(cwd: Path, name: str) -> tuple[bool, str]:
     return False, f"resume exit {proc.returncode}: {' '.join(err.split())[-300:]}"
 
 
-def one(cwd: Path, i: int, rng: random.Random, window: tuple[float, float], ref: Path) -> dict:
+def one(cwd: Path, i: int, rng: random.Random, window: tuple[float, float], ref: Path, at: str = "") -> dict:
     name = f"k{i}"
     cfg = config(EPOCHS)
     cfg["output"] = {"dir": f"runs/{name}"}
     (cwd / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     run = cwd / "runs" / name
-    inside = i % 2 == 1
+    inside = i % 2 == 1 or bool(at)
     proc = start(cwd, "--config", f"{name}.yaml", delay=0.05 if inside else 0.0)
-    if inside:
+    if at:  # a named kill point: FILE:N = inside the N-th write of FILE
+        only, nth = at.rsplit(":", 1)
+        where = kill_inside_a_write(proc, run, int(nth), only)
+    elif inside:
         where = kill_inside_a_write(proc, run, rng.randint(1, 24))
     else:
         where = kill_at_random_time(proc, run, rng.uniform(0, window[1] - window[0]))
@@ -176,7 +180,7 @@ def one(cwd: Path, i: int, rng: random.Random, window: tuple[float, float], ref:
     if not killed:
         proc.communicate()
         return {"killed": False, "resumed": False, "exact": False, "where": where, "diff": None}
-    if rng.random() < 0.25:  # kill the resume too, then resume again
+    if not at and rng.random() < 0.25:  # kill the resume too, then resume again
         again = start(cwd, "--resume", f"runs/{name}", delay=0.05)
         where += " | resume " + kill_at_random_time(again, run, rng.uniform(0, (window[1] - window[0]) / 2),
                                                     ".lock")
@@ -193,6 +197,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20, help="trainings to kill")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temporary folder)")
+    ap.add_argument("--at", action="append", default=[], metavar="FILE:N",
+                    help="also kill inside the N-th write of FILE (e.g. state:1, the first state; state:7, the "
+                         "epoch-end state when a save_every save falls on the same step); repeatable")
     args = ap.parse_args()
     cwd = args.workdir or Path(tempfile.mkdtemp(prefix="samft-stress-"))
     cwd.mkdir(parents=True, exist_ok=True)
@@ -232,6 +239,11 @@ def main() -> None:
         else:
             verdict = ("DIFFERS: " if r["resumed"] else "NOT RESUMED: ") + str(r["diff"])
         print(f"#{i - 1:02d} {r['where']} -> {verdict}", flush=True)
+    for k, at in enumerate(args.at):
+        r = one(cwd, 1000 + k, rng, window, cwd / "runs" / "ref", at)
+        results.append(r)
+        verdict = "exact" if r["exact"] else ("DIFFERS: " if r["resumed"] else "NOT RESUMED: ") + str(r["diff"])
+        print(f"at {at}: {r['where']} -> {verdict if r['killed'] else 'not counted'}", flush=True)
     killed = [r for r in results if r["killed"]]
     print(f"kills {len(killed)} / resumed {sum(r['resumed'] for r in killed)} / exact {sum(r['exact'] for r in killed)}")
     if not args.workdir:
