@@ -245,7 +245,8 @@ def main() -> None:
         verdict = "exact" if r["exact"] else ("DIFFERS: " if r["resumed"] else "NOT RESUMED: ") + str(r["diff"])
         print(f"at {at}: {r['where']} -> {verdict if r['killed'] else 'not counted'}", flush=True)
     killed = [r for r in results if r["killed"]]
-    print(f"kills {len(killed)} / resumed {sum(r['resumed'] for r in killed)} / exact {sum(r['exact'] for r in killed)}")
+    resumed, exact = sum(r["resumed"] for r in killed), sum(r["exact"] for r in killed)
+    print(f"kills {len(killed)} / resumed {resumed} / exact {exact}")
     if not args.workdir:
         shutil.rmtree(cwd, ignore_errors=True)
 

@@ -473,6 +473,13 @@ def output_cases() -> dict[str, Callable]:
         return (["predict", c.tmp / "imgs", "--run", c.run(), "--out", c.tmp / "imgs", "--overwrite"],
                 f"{c.tmp / 'imgs' / 'a.png'}: --out {c.tmp / 'imgs'} would write a mask onto this input image")
 
+    def onto_run_files(c):
+        run = c.run()
+        (c.tmp / "i").mkdir()
+        shutil.copy(c.data / "images" / "0000.png", c.tmp / "i" / "curves.jpg")
+        return (["predict", c.tmp / "i", "--run", run, "--out", run, "--overwrite"],
+                f"{(run / 'curves.png').resolve()}: is a run's own file")
+
     def out_is_file(c):
         (c.tmp / "f.txt").write_text("mine")
         return (["predict", c.data / "images" / "0000.png", "--run", c.run(), "--out", c.tmp / "f.txt"],
@@ -572,7 +579,8 @@ def output_cases() -> dict[str, Callable]:
     def eval_data_missing(c):
         return ["eval", "--run", c.run(), "--data", f"x={c.tmp / 'gone'}"], "gone: split not found"
 
-    return {"predict_onto_inputs": onto_inputs, "predict_out_is_file": out_is_file,
+    return {"predict_onto_inputs": onto_inputs, "predict_onto_run_files": onto_run_files,
+            "predict_out_is_file": out_is_file,
             "predict_out_exists": out_exists, "predict_overlay_exists": overlay_exists,
             "predict_out_read_only": out_read_only, "predict_missing_input": missing_input,
             "predict_empty_folder": empty_folder, "predict_no_match": no_match,

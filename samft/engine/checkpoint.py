@@ -205,10 +205,10 @@ class _Encoder:
         raise TypeError(f"{path}: a {type(obj).__name__} cannot be stored in the resumable state")
 
 
-def _decode(node: Any, tensors: dict[str, torch.Tensor], used: set, where: str) -> Any:
+def _decode(node: Any, tensors: dict[str, torch.Tensor], used: set) -> Any:
     """The inverse of :class:`_Encoder` (a ValueError on anything it did not write)."""
     if isinstance(node, list):
-        return [_decode(v, tensors, used, where) for v in node]
+        return [_decode(v, tensors, used) for v in node]
     if not isinstance(node, dict):
         if node is None or isinstance(node, (bool, int, float, str)):
             return node
@@ -217,9 +217,9 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor], used: set, where: str) 
         raise ValueError(f"unexpected JSON object with keys {sorted(node)[:4]}")
     (tag, value), = node.items()
     if tag == "dict":
-        return {_hashable(_decode(k, tensors, used, where)): _decode(v, tensors, used, where) for k, v in value}
+        return {_hashable(_decode(k, tensors, used)): _decode(v, tensors, used) for k, v in value}
     if tag == "tuple":
-        return tuple(_decode(v, tensors, used, where) for v in value)
+        return tuple(_decode(v, tensors, used) for v in value)
     if tag == "float" and value in ("nan", "inf", "-inf"):
         return float(value)
     if tag in ("tensor", "ndarray"):
@@ -272,7 +272,7 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
                                   f"expected {STATE_FORMAT!r})")
         used: set = set()
         try:
-            state = _decode(json.loads(meta.get("state", "null")), tensors, used, str(path))
+            state = _decode(json.loads(meta.get("state", "null")), tensors, used)
         except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: the resumable state is damaged ({e})") from None
         if set(tensors) - used:

@@ -16,7 +16,7 @@ from samft.engine.checkpoint import atomic_write_bytes
 from samft.engine.evaluate import iter_predictions
 from samft.engine.progress import progress
 from samft.engine.runtime import pick_device, resolve_precision
-from samft.engine.runs import load_run
+from samft.engine.runs import is_run_file, load_run
 from samft.errors import SamftError
 
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
@@ -115,6 +115,9 @@ def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bo
         if target.resolve() in inputs:
             raise SamftError(f"{inputs[target.resolve()]}: --out {out} would write a mask onto this input image; "
                              f"choose another output folder")
+        if is_run_file(target):
+            raise SamftError(f"{target}: is a run's own file; samft predict never writes over it (choose another "
+                             f"--out)")
         if target.exists() or target.is_symlink():
             clashes.append(target)
     if clashes and not overwrite:
