@@ -462,6 +462,12 @@ def resume_cases() -> dict[str, Callable]:
                                              "not a samft resumable state (no optimizer"),
         "state_bad_progress": lambda c: state(c, change_state(lambda s: s.__setitem__("progress", [1])),
                                               "progress is a list, expected a mapping"),
+        "state_optimizer_of_another_run": lambda c: state(c, change_state(
+            lambda s: s["optimizer"]["param_groups"].pop()), "does not fit this run (ValueError"),
+        "state_unknown_progress": lambda c: state(c, change_state(
+            lambda s: s["progress"].__setitem__("bogus", 1)), "does not fit this run (TypeError"),
+        "state_bad_rng": lambda c: state(c, change_state(
+            lambda s: s["progress"]["rng"].__setitem__("python", (3, (1, 2), None))), "does not fit this run"),
         "no_state": no_state, "locked": locked, "occupied": occupied,
     }
 

@@ -47,7 +47,7 @@ from samft.engine.progress import console, progress
 from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, STATE_FILE,
                                adapter_expectations)
 from samft.engine.runtime import autocast, check_compile, compile_blocks, pick_device, resolve_precision
-from samft.errors import SamftError
+from samft.errors import CheckpointError, SamftError
 from samft.losses import SetLossWeights, set_loss, structure_loss
 from samft.metrics import higher_is_better, selection_metric, task_metric_names
 from samft.model import build_model, count_params
@@ -322,17 +322,21 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo) -> 
     if resume:
         saved = load_resume_state(run_dir / STATE_FILE)
         load_trainable(model, saved["trainable"], str(run_dir / STATE_FILE))
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        state = TrainState(**saved["progress"])
+        try:  # a state edited by hand or from another run: one line, not a traceback
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
+            state = TrainState(**saved["progress"])
+            set_rng_state(state.rng)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{run_dir / STATE_FILE}: does not fit this run ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
         best_path = run_dir / ADAPTER_FILE
         if best_path.is_file():  # the best adapter may be newer than the state (killed in between)
             best_meta = read_adapter(best_path)[1]
             if "best_value" in best_meta and _better(float(best_meta["best_value"]), state.best_value, metric):
                 state.best_value, state.best_epoch = float(best_meta["best_value"]), int(best_meta["epoch"])
-        set_rng_state(state.rng)
         if main:
             console.print(f"resuming {run_dir} at step {state.step}/{total_steps} (epoch {state.epoch + 1})")
     log = MetricsLog(run_dir / METRICS_FILE, state.step if resume else None, main, classes is not None)
