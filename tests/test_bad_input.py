@@ -486,6 +486,14 @@ def output_cases() -> dict[str, Callable]:
         return (["predict", c.tmp / "i", "--run", run, "--out", run, "--overwrite"],
                 f"{(run / 'curves.png').resolve()}: is a run's own file")
 
+    def onto_hard_link(c):
+        (c.tmp / "imgs").mkdir()
+        (c.tmp / "o").mkdir()
+        shutil.copy(c.data / "images" / "0000.png", c.tmp / "imgs" / "a.png")
+        os.link(c.tmp / "imgs" / "a.png", c.tmp / "o" / "a.png")  # the same file under another name
+        return (["predict", c.tmp / "imgs", "--run", c.run(), "--out", c.tmp / "o", "--overwrite"],
+                f"{c.tmp / 'imgs' / 'a.png'}: --out {c.tmp / 'o'} would write a mask onto this input image")
+
     def out_is_file(c):
         (c.tmp / "f.txt").write_text("mine")
         return (["predict", c.data / "images" / "0000.png", "--run", c.run(), "--out", c.tmp / "f.txt"],
@@ -585,7 +593,8 @@ def output_cases() -> dict[str, Callable]:
     def eval_data_missing(c):
         return ["eval", "--run", c.run(), "--data", f"x={c.tmp / 'gone'}"], "gone: split not found"
 
-    return {"predict_onto_inputs": onto_inputs, "predict_onto_run_files": onto_run_files,
+    return {"predict_onto_inputs": onto_inputs, "predict_onto_hard_link": onto_hard_link,
+            "predict_onto_run_files": onto_run_files,
             "predict_out_is_file": out_is_file,
             "predict_out_exists": out_exists, "predict_overlay_exists": overlay_exists,
             "predict_out_read_only": out_read_only, "predict_missing_input": missing_input,
@@ -666,6 +675,7 @@ def test_same_stems_get_distinct_names_inside_out(tmp_path, trained):
     written = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert len(written) == 3 and "wrote 3 mask(s)" in out, (written, out)
     assert written == ["a_x_jpg.png", "a_x_png.png", "b_x.png"]
+    assert "warning: 3 input(s) share a file stem" in out, out
 
 
 def test_same_stems_in_folders_directly_under_root(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -106,14 +107,21 @@ def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bo
     if out.exists() and not out.is_dir():
         raise SamftError(f"{out}: --out is an existing file, not a folder; give a folder for the masks")
     pairs = [Pair(f, None, n) for f, n in zip(files, distinct_names(files))]
+    renamed = [p for p in pairs if p.name != p.image.stem]
+    if renamed:
+        warnings.warn(f"{len(renamed)} input(s) share a file stem with another; their masks are named after their "
+                      f"folders or extensions, e.g. {renamed[0].image} -> {renamed[0].name}.png", stacklevel=2)
     inputs = {f.resolve(): f for f in files}
+    inodes = {(st.st_dev, st.st_ino): f for f in files for st in [f.stat()]}  # hard links too
     targets = [out / f"{p.name}.png" for p in pairs]
     if with_overlay:
         targets += [out / "overlays" / f"{p.name}.png" for p in pairs]
     clashes = []
     for target in targets:
-        if target.resolve() in inputs:
-            raise SamftError(f"{inputs[target.resolve()]}: --out {out} would write a mask onto this input image; "
+        st = target.stat() if target.exists() else None
+        same = inputs.get(target.resolve()) or (inodes.get((st.st_dev, st.st_ino)) if st else None)
+        if same is not None:
+            raise SamftError(f"{same}: --out {out} would write a mask onto this input image; "
                              f"choose another output folder")
         if is_run_file(target):
             raise SamftError(f"{target}: is a run's own file; samft predict never writes over it (choose another "
