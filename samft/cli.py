@@ -151,13 +151,15 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/predictions)"),
     with_overlay: bool = typer.Option(False, "--overlay", help="also write image+mask overlays to OUT/overlays/"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing files in OUT (input images are "
+                                   "never written to)"),
 ) -> None:
-    """Predict masks (0/255 PNG at the original size, named after each input)."""
+    """Predict masks (0/255 PNG at the original size, named after each input; same stems get distinct names)."""
     from samft.engine.predict import predict_run
     from samft.engine.runs import newest_run
 
     run_dir = run or newest_run()
-    written = predict_run(run_dir, inputs, out, with_overlay, device)
+    written = predict_run(run_dir, inputs, out, with_overlay, device, overwrite=overwrite)
     _console().print(f"[green]wrote {len(written)} mask(s)[/] to {written[0].parent if written else out}")
 
 
@@ -166,13 +168,14 @@ def predict(
 def export(
     merged: Path = typer.Option(..., "--merged", help="output file, e.g. model.pth"),
     run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing PATH (a run's own files never)"),
 ) -> None:
     """Fold the adapters into SAM's weights (LoRA, SSF, BitFit ...) and write a plain SAM checkpoint plus
     the decoder head; for methods that cannot be merged, say so and write the unmerged model."""
     from samft.engine.export import export_run
     from samft.engine.runs import newest_run
 
-    result = export_run(run or newest_run(), merged)
+    result = export_run(run or newest_run(), merged, overwrite=overwrite)
     _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
 
 
@@ -306,11 +309,12 @@ def demo_data(
     out_dir: Path = typer.Argument(..., help="folder to create (images/ and masks/)"),
     n: int = typer.Option(64, "--n", min=2, help="number of image/mask pairs"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing files of the same names in OUT"),
 ) -> None:
     """Write a synthetic binary-segmentation dataset for a first run."""
     from samft.data.synthetic import write_dataset
 
-    write_dataset(out_dir, n, seed)
+    write_dataset(out_dir, n, seed, overwrite=overwrite)
     _console().print(f"wrote {n} pairs to {out_dir}/images and {out_dir}/masks")
 
 

@@ -16,6 +16,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -144,6 +145,8 @@ class DataConfig:
                                         "(e.g. CamVid's sky is class 0)")
     ignore_colors: list[list[int]] = opt([[224, 224, 192]], "colours of colour-coded masks mapped to ignore_index")
     split_seed: int = opt(0, "seed of the train/validation hold-out split")
+    split_file: Optional[str] = opt(None, "a run's split.json (its train and validation file lists) to use as the "
+                                          "train/val split instead of data.train/val/val_fraction")
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
     unlabelled: list[str] = opt([], "images without masks for the SSL loss (loss.ssl): folders, globs, CSV lists of "
                                     "images, or 'train' (the training images); empty = none")
@@ -449,9 +452,22 @@ def _validate(obj: Any, prefix: str = "") -> None:
             near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        _require_finite(value, dotted)
         minimum = f.metadata.get("minimum")
         if minimum is not None and value is not None and value < minimum:
             raise ConfigError(f"{dotted}: {value!r} is below the minimum {minimum}")
+
+
+def _require_finite(value: Any, key: str) -> None:
+    """Every float of the config (in lists and mappings too) is a finite number: NaN and inf are refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _require_finite(v, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _require_finite(v, f"{key}.{k}")
 
 
 def validate(cfg: Config) -> Config:
@@ -604,6 +620,13 @@ def _blame(data: dict, overrides: list[str] | None, message: str, path: Path) ->
         if str(e) == message:
             return str(path)
     return "command line (key=value)"
+def yaml_error(e: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    context = getattr(e, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}" + (f" ({' '.join(context.split())})" if context else "")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -614,7 +637,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config is expected)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, peft:, ...), got {type(data).__name__}")
     try:

@@ -15,7 +15,7 @@ from PIL import Image
 import samft
 import samft.engine.train as train_mod
 from samft.config import config_from_dict
-from samft.engine.checkpoint import load_state, read_adapter
+from samft.engine.checkpoint import load_resume_state as load_state, read_adapter
 from samft.engine.checkpointer import Checkpointer, better
 from samft.engine.metrics_log import read_metrics
 from samft.engine.setup import ExtraStream, build_training
@@ -159,7 +159,7 @@ def test_an_extra_stream_trains_logs_and_resumes_exactly(tmp_path, synthetic_dir
         train(_cfg(tmp_path, synthetic_dir, "r"), show_progress=False, extra_streams=_stream())
     # 2 steps x 2 micro-batches of the 7-image stream in batches of 3: 3 + 3 + 1, then 3 of its next epoch
     # (the batches drawn for the interrupted third step are not counted: they are drawn again on resume)
-    assert load_state(tmp_path / "r" / "state.pt")["progress"]["streams"]["unlabelled"] == {"epoch": 1,
+    assert load_state(tmp_path / "r" / "state.safetensors")["progress"]["streams"]["unlabelled"] == {"epoch": 1,
                                                                                             "consumed": 3}
     monkeypatch.undo()
     train(_cfg(tmp_path, synthetic_dir, "r"), resume=True, show_progress=False, extra_streams=_stream())
@@ -242,7 +242,7 @@ def test_run_lock_refuses_a_second_training_and_a_symlink(tmp_path, synthetic_di
 def test_stale_temporary_files_are_removed_on_a_fresh_start(tmp_path, synthetic_dir):
     run = tmp_path / "fresh"
     run.mkdir()
-    (run / ".state.pt.123.tmp").write_bytes(b"half a write")
+    (run / ".state.safetensors.123.tmp").write_bytes(b"half a write")
     train(_cfg(tmp_path, synthetic_dir, "fresh", epochs=1), show_progress=False)
     assert not list(run.glob(".*.tmp"))
 
@@ -250,9 +250,9 @@ def test_stale_temporary_files_are_removed_on_a_fresh_start(tmp_path, synthetic_
 def test_resume_without_a_saved_state_starts_again(tmp_path, synthetic_dir):
     """Killed inside the first save: an adapter_last but no state. --resume restarts the run in place."""
     first = train(_cfg(tmp_path, synthetic_dir, "nostate", epochs=1), show_progress=False)
-    (first / "state.pt").unlink()
+    (first / "state.safetensors").unlink()
     train(_cfg(tmp_path, synthetic_dir, "nostate", epochs=1), resume=True, show_progress=False)
-    assert load_state(first / "state.pt")["progress"]["step"] > 0
+    assert load_state(first / "state.safetensors")["progress"]["step"] > 0
 
 
 # ------------------------------------------------------------------------------------------ resume rules
@@ -377,7 +377,7 @@ def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, synthetic
 
     import samft.engine.checkpointer as ckpt_mod
 
-    real, calls = ckpt_mod.atomic_torch_save, {"n": 0}
+    real, calls = ckpt_mod.save_resume_state, {"n": 0}
 
     def full_disk(*args, **kwargs):
         calls["n"] += 1
@@ -385,14 +385,14 @@ def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, synthetic
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt_mod, "atomic_torch_save", full_disk)
+    monkeypatch.setattr(ckpt_mod, "save_resume_state", full_disk)
     with pytest.raises(SamftError, match=r"no space left on the device while writing the resumable state; free some "
                                          r"space and continue with: samft train --resume .*full"):
         train(_cfg(tmp_path, synthetic_dir, "full", save_every=1), show_progress=False)
     monkeypatch.undo()
-    assert load_state(tmp_path / "full" / "state.pt")["progress"]["step"] == 1
+    assert load_state(tmp_path / "full" / "state.safetensors")["progress"]["step"] == 1
     train(_cfg(tmp_path, synthetic_dir, "full", save_every=1), resume=True, show_progress=False)
-    assert load_state(tmp_path / "full" / "state.pt")["progress"]["step"] == 6
+    assert load_state(tmp_path / "full" / "state.safetensors")["progress"]["step"] == 6
 
 
 # ------------------------------------------------------------------------------------------ what a user is told
@@ -509,3 +509,19 @@ def test_data_check_reports_each_class_share_by_name(tmp_path):
     report = check_data(cfg, show_progress=False).splits[0]
     assert report.values_text() == "sky: 50.0%, road: 25.0%, car: 25.0%"
     assert report.as_dict()["foreground_mean"] is None
+
+
+def test_a_runs_split_can_be_reused(tmp_path, synthetic_dir):
+    from samft.data.layouts import train_val_pairs
+
+    run = train(_cfg(tmp_path, synthetic_dir, "split", epochs=1, max_steps=1), show_progress=False)
+    cfg = _cfg(tmp_path, synthetic_dir, "again")
+    first = train_val_pairs(cfg.data)
+    cfg.data.split_file = str(run / "split.json")
+    cfg.data.val_fraction = 0.5  # ignored: the file decides
+    again = train_val_pairs(cfg.data)
+    assert [[p.image for p in s] for s in again] == [[p.image for p in s] for s in first]
+    (tmp_path / "bad.json").write_text('{"train": []}')
+    cfg.data.split_file = str(tmp_path / "bad.json")
+    with pytest.raises(SamftError, match="is not a split.json"):
+        train_val_pairs(cfg.data)

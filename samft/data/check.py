@@ -18,13 +18,13 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from samft.config import Config
+from samft.config import Config, DataConfig
 from samft.data.classes import ClassSpec
 from samft.data.datasets import load_pair
 from samft.data.io import read_image, read_mask_values
-from samft.data.layouts import Layout, Pair, split_pairs, named_test_splits, train_val_pairs
-from samft.progress import progress
+from samft.data.layouts import Layout, Pair, list_images, named_test_splits, split_pairs, train_val_pairs
 from samft.data.unlabelled import unlabelled_images
+from samft.progress import progress
 from samft.errors import SamftError
 
 
@@ -156,6 +156,37 @@ def _listed(report: SplitReport, load) -> Optional[list[Pair]]:
     return pairs
 
 
+def orphan_masks(data: DataConfig, spec: str) -> Optional[str]:
+    """The problem of a folder split holding masks that no image pairs with (an image deleted, misnamed or
+    in another format's folder), naming the first; None when every mask has its image. CSV and VOC lists
+    name their pairs, so their folders may hold other splits' masks and are not checked."""
+    layout = Layout.of(data)
+    if layout.format in ("voc", "csv") or spec.endswith(".csv"):
+        return None
+    if "::" in spec:
+        image_spec, mask_spec = spec.split("::", 1)
+        image_folder, mask_folder = layout.path(image_spec), layout.path(mask_spec)
+    else:
+        image_folder, mask_folder = layout.path(spec) / layout.image_dir, layout.path(spec) / layout.mask_dir
+    try:
+        images = list_images(image_folder, "image", layout)
+        if image_folder.resolve() == mask_folder.resolve():
+            suffix = layout.mask_suffix.lower()
+            masks = [p for p in images if suffix and p.stem.lower().endswith(suffix)]
+            images = [p for p in images if not (suffix and p.stem.lower().endswith(suffix))]
+        else:
+            masks = list_images(mask_folder, "mask", layout)
+    except SamftError:
+        return None  # the split's own listing reports it
+    wanted = {(p.stem + layout.mask_suffix).lower() for p in images}
+    orphans = [m for m in masks if m.stem.lower() not in wanted]
+    if not orphans:
+        return None
+    stem = orphans[0].stem[:len(orphans[0].stem) - len(layout.mask_suffix)] if layout.mask_suffix else orphans[0].stem
+    return (f"{orphans[0]}: mask without an image (looked for {image_folder / stem}.* with any image extension); "
+            f"{len(orphans)} of {len(masks)} masks in {mask_folder} have no image")
+
+
 def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = True) -> DataReport:
     """Check the training, validation and test splits of ``cfg`` (``mode``: full or quick)."""
     mode = mode or cfg.data.check
@@ -174,10 +205,12 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
         everything = train + val if not layout.val else train
         train_names = {p.image.resolve() for p in everything}
         _check_pairs(train_report, everything, full, workers, show_progress, classes)
+        _report_orphans(train_report, cfg.data, layout.train)
         if layout.val:
             val_report = SplitReport("val")
             reports.append(val_report)
             _check_pairs(val_report, val, full, workers, show_progress, classes)
+            _report_orphans(val_report, cfg.data, layout.val)
     warnings = []
     for name, spec in named_test_splits(cfg.data).items():
         report = SplitReport(f"test:{name}")
@@ -186,6 +219,7 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
         if pairs is None:
             continue
         _check_pairs(report, pairs, full, workers, show_progress, classes)
+        _report_orphans(report, cfg.data, spec)
         shared = sum(p.image.resolve() in train_names for p in pairs)
         if shared:
             warnings.append(f"test set {name} shares {shared} of its {len(pairs)} images with the training split")
@@ -196,6 +230,12 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
         if pairs is not None:
             _check_pairs(report, pairs, full, workers, show_progress)
     return DataReport(reports, warnings)
+
+
+def _report_orphans(report: SplitReport, data: DataConfig, spec: str) -> None:
+    problem = orphan_masks(data, spec)
+    if problem:
+        report.problems.append(problem)
 
 
 def require_clean(report: DataReport) -> None:

@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 from samft import __version__, peft
 from samft.config import config_from_dict, dump_yaml
 from samft.engine.checkpoint import atomic_torch_save, atomic_write_bytes, read_safetensors
-from samft.engine.runs import ADAPTER_FILE, load_run
+from samft.engine.runs import ADAPTER_FILE, is_run_file, load_run
 from samft.errors import CheckpointError, SamftError
 from samft.model import SemanticSAM, build_model
 from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
@@ -106,20 +106,42 @@ def _sam_state(model: SemanticSAM, base_state: dict[str, torch.Tensor]) -> dict[
     return state
 
 
-def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE) -> ExportResult:
-    """Export ``run_dir``'s model to ``out`` (see the module docstring). Runs on the CPU."""
-    out = Path(out)
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """Refuse to write ``out`` (and its head file) onto a folder, a run's own files (even with
+    ``overwrite``) or an existing file (unless ``overwrite``)."""
     if out.is_dir():
         raise SamftError(f"{out}: is a folder; --merged needs a file name such as model.pth")
+    for target in (out, head_path(out)):
+        if is_run_file(target):
+            raise SamftError(f"{target}: is a run's own file; samft export never writes over it (choose another "
+                             f"name, e.g. model.pth)")
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise SamftError(f"{target}: already exists; pass --overwrite to replace it, or choose another name")
+
+
+def _write(path: Path, write) -> None:
+    try:
+        write()
+    except OSError as e:
+        raise SamftError(f"{path}: cannot write the export ({e.strerror or e})") from None
+
+
+def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE,
+               overwrite: bool = False) -> ExportResult:
+    """Export ``run_dir``'s model to ``out`` (see the module docstring). Runs on the CPU. An existing
+    ``out`` is replaced only when ``overwrite``; a run's own files never."""
+    out = Path(out)
+    check_export_target(out, overwrite)
     run = load_run(run_dir, torch.device("cpu"), adapter)
     cfg, model = run.cfg, run.model.eval()
     spec = peft.get(cfg.peft.method)
     if not spec.mergeable:
-        atomic_torch_save({
+        unmerged = {
             "format": UNMERGED_FORMAT, "samft_version": __version__, "peft_method": cfg.peft.method,
             "sam_type": cfg.model.type, "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg),
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        }, out)
+        }
+        _write(out, lambda: atomic_torch_save(unmerged, out))
         return ExportResult(False, cfg.peft.method, [out])
 
     with torch.no_grad():
@@ -138,9 +160,9 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
             "img_size": str(cfg.model.img_size), "num_queries": str(model.decoder.num_queries),
             "num_classes": str(model.num_classes), "peft_method": cfg.peft.method,
             "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg)}
-    atomic_torch_save(state, out)
+    _write(out, lambda: atomic_torch_save(state, out))
     head_file = head_path(out)
-    atomic_write_bytes(head_file, st_save(head, metadata=meta))
+    _write(head_file, lambda: atomic_write_bytes(head_file, st_save(head, metadata=meta)))
     return ExportResult(True, cfg.peft.method, [out, head_file], folded)
 
 
