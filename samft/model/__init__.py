@@ -38,7 +38,7 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = SemanticSAM(sam, num_queries=queries, num_classes=num_classes)
         model.freeze_base()
-        set_attention(model.image_encoder, cfg.model.attention)
+        set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
         adapted = spec.apply(model.image_encoder, cfg.method_cfg)
     model.refresh_aux_modules()
     return BuiltModel(model, adapted, sha)
