@@ -158,6 +158,7 @@ class BRAAttention(EncoderAttention):
     (B, H, W, C) -> (B, H, W, C). ``options``: a :class:`~samft.config.BRAConfig` (None = its defaults).
     """
 
+    dense = False  # another function than SAM's attention (unless topk = regions**2 and LEPE is off)
     use_flex: Optional[bool] = None  # None: FlexAttention on CUDA without extra keys; True/False: force
 
     def __init__(self, attn: nn.Module, options: Any = None) -> None:
