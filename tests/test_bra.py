@@ -273,6 +273,11 @@ def test_blocks_option_chooses_the_blocks():
     assert attention_kinds(model.image_encoder) == ["bra", "bra"]
 
 
+def test_no_block_to_replace_is_a_warning():
+    with pytest.warns(UserWarning, match="model.attention=bra applies to no encoder block"):
+        build_model(tiny_config("lora", model={**BRA, "tiny": {**TINY["tiny"], "global_attn_indexes": []}}))
+
+
 def test_whole_model_with_all_regions_is_the_dense_model():
     """Every block BRA (windows included), topk = all regions, LEPE off: SAM's encoder (with trained-looking
     LoRA layers), float64, output and gradients."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -39,8 +40,10 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = SemanticSAM(sam, num_queries=queries, num_classes=num_classes)
         model.freeze_base()
-        set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
+        used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
         adapted = spec.apply(model.image_encoder, cfg.method_cfg)
+    if not used:
+        warnings.warn(f"model.attention={cfg.model.attention} applies to no encoder block (each uses sdpa)", stacklevel=2)
     model.refresh_aux_modules()
     return BuiltModel(model, adapted, sha)
 
