@@ -213,26 +213,45 @@ class BRAAttention(EncoderAttention):
     def attend(self, r: Routed, extra_kv: ExtraKV = None) -> torch.Tensor:
         """The explicit path: (heads, B*S^2, rt, hd) outputs of each region's queries."""
         q, g, topk = r.q, r.g, r.idx.shape[-1]
-        heads, br, rt, _ = q.shape
+        heads, br, rt, hd = q.shape
         batch = br // g.count
         flat = (r.idx + torch.arange(batch, device=q.device)[:, None, None] * g.count).reshape(-1)
         k, v = gather_regions(r.k, flat, topk), gather_regions(r.v, flat, topk)
-        logits = (q * self.scale) @ k.transpose(-2, -1)  # (heads, B*S^2, rt, topk*rt)
-        view = logits.view(heads, br, rt, topk, g.rh, g.rw)
-        if self.use_rel_pos:
-            rel_h, rel_w = region_rel_pos(q, self.rel_pos_h, self.rel_pos_w, g)
-            rows, cols = key_rows_cols(r.idx, g)
-            rel_h = rel_h.gather(-1, rows[None, :, None, :].expand(heads, -1, rt, -1))
-            rel_w = rel_w.gather(-1, cols[None, :, None, :].expand(heads, -1, rt, -1))
-            view.add_(rel_h.view(heads, br, rt, topk, g.rh, 1)).add_(rel_w.view(heads, br, rt, topk, 1, g.rw))
-        if g.padded:  # padded keys take no part (every query region has chosen at least one real region)
-            keep = g.valid(q.device)[r.idx].view(br, topk * rt)  # (B*S^2, topk*rt)
-            logits.masked_fill_(~keep[None, :, None, :], float("-inf"))
+        bias = self.gathered_bias(r)  # (heads, B*S^2, rt, topk*rt) or None
+        q3, k3 = q.reshape(heads * br, rt, hd), k.view(heads * br, topk * rt, hd)
+        if bias is None:
+            logits = torch.bmm(q3 * self.scale, k3.transpose(1, 2))
+        else:  # one fused op, no in-place update of a view (its backward would copy the whole map)
+            logits = torch.baddbmm(bias.view(heads * br, rt, topk * rt), q3 * self.scale, k3.transpose(1, 2))
+        logits = logits.view(heads, br, rt, topk * rt)
         if extra_kv is not None:
             pk, pv = (t.reshape(t.shape[0], heads, -1).transpose(0, 1).to(q.dtype) for t in extra_kv)  # (heads,T,hd)
             logits = torch.cat([logits, (q * self.scale) @ pk[:, None].transpose(-2, -1)], dim=-1)
             v = torch.cat([v, pv[:, None].expand(-1, br, -1, -1)], dim=2)
         return logits.softmax(dim=-1) @ v
+
+    def gathered_bias(self, r: Routed) -> Optional[torch.Tensor]:
+        """SAM's rel-pos bias at the gathered keys' true rows/columns plus -inf at padded keys:
+        (heads, B*S^2, rt, topk*rt), or None when there is neither. Every query region has chosen at least
+        one region with real keys, so no softmax row is all -inf."""
+        g, idx = r.g, r.idx
+        heads, br, rt, _ = r.q.shape
+        topk = idx.shape[-1]
+        rows, cols = key_rows_cols(idx, g)  # (B*S^2, topk*rh), (B*S^2, topk*rw)
+        pad_h = torch.where(rows < g.h, 0.0, float("-inf")).to(r.q.dtype)[None, :, None]
+        pad_w = torch.where(cols < g.w, 0.0, float("-inf")).to(r.q.dtype)[None, :, None]
+        if self.use_rel_pos:
+            rel_h, rel_w = region_rel_pos(r.q, self.rel_pos_h, self.rel_pos_w, g)
+            rel_h = rel_h.gather(-1, rows[None, :, None, :].expand(heads, -1, rt, -1))
+            rel_w = rel_w.gather(-1, cols[None, :, None, :].expand(heads, -1, rt, -1))
+            if g.padded:
+                rel_h, rel_w = rel_h + pad_h, rel_w + pad_w
+        elif g.padded:
+            rel_h, rel_w = pad_h.expand(heads, -1, rt, -1), pad_w.expand(heads, -1, rt, -1)
+        else:
+            return None
+        bias = rel_h.view(heads, br, rt, topk, g.rh, 1) + rel_w.view(heads, br, rt, topk, 1, g.rw)
+        return bias.view(heads, br, rt, topk * rt)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, regions={self.regions}, topk={self.topk}, "
