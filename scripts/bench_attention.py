@@ -246,9 +246,9 @@ def bra_main(args) -> None:
                     continue
                 result = _run_child(args, impl, img)
                 done.append(result)
-                print(f"# round {r + 1}: {impl} {img}px: " + (f"{result['cpu_ms']:.0f} CPU ms ({result['ms']:.0f} wall), "
-                                                              f"{result['peak_gb']:.2f} GB"
-                                                              if "ms" in result else result["error"]), flush=True)
+                shown = (f"{result['cpu_ms']:.0f} CPU ms ({result['ms']:.0f} wall), {result['peak_gb']:.2f} GB"
+                         if "ms" in result else result["error"])
+                print(f"# round {r + 1}: {impl} {img}px: {shown}", flush=True)
     table = []
     for img in sizes:
         grid = img // 16
@@ -274,8 +274,9 @@ def bra_main(args) -> None:
 
 
 def print_bra_table(table: list[dict], args) -> None:
-    print(f"CPU time per step, {args.threads} thread(s), fp32, batch 1, forward+backward, median of {args.steps} steps after "
-          f"{args.warmup} warm-up, median of {args.rounds} interleaved rounds; RLIMIT_AS {args.limit_gb:g} GB")
+    print(f"CPU time per step, {args.threads} thread(s), fp32, batch 1, forward+backward, median of {args.steps} "
+          f"steps after {args.warmup} warm-up, median of {args.rounds} interleaved rounds; "
+          f"RLIMIT_AS {args.limit_gb:g} GB")
     print("| px | tokens | S | keys/query (bra) | impl | fwd GMACs | CPU ms (rounds min-max) | wall ms | peak GB | "
           "x eager | x sdpa | mem / eager |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

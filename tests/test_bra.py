@@ -436,7 +436,8 @@ def test_info_shows_the_attention_its_options_lepe_and_gmacs(tmp_path):
     result = runner.invoke(app, ["info", "--config", str(config)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "attention bra {'regions': 2, 'topk': 2, 'lepe_kernel': 3, 'blocks': 'global'} (blocks: sdpa x 1, bra x 1)" in text
+    assert ("attention bra {'regions': 2, 'topk': 2, 'lepe_kernel': 3, 'blocks': 'global'} "
+            "(blocks: sdpa x 1, bra x 1)") in text
     assert "attn params 320 new, trainable (lepe.weight 288, lepe.bias 32)" in text
     result = runner.invoke(app, ["info", "--config", str(config), "--json"])
     info = json.loads(result.output)

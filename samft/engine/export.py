@@ -19,9 +19,9 @@
     different tokens, so the semantic output needs this head: :func:`load_exported` rebuilds it.
 - **other methods** (``conv_lora``, ``adapter``, ``vpt``, ``sam_adapter``), and every method with an
   attention that is not SAM's (``model.attention=bra``): their layers cannot be folded into SAM's
-  weights (or SAM's classes cannot run the encoder); ``OUT`` is then the unmerged samft model: a ``torch.save`` dict with the
-  run's config and the full state dict (base weights included, so no base checkpoint is needed to
-  load it) that :func:`load_exported` rebuilds.
+  weights (or SAM's classes cannot run the encoder); ``OUT`` is then the unmerged samft model: a
+  ``torch.save`` dict with the run's config and the full state dict (base weights included, so no base
+  checkpoint is needed to load it) that :func:`load_exported` rebuilds.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
         adapted = spec.apply(model.image_encoder, cfg.method_cfg)
     if not used:
-        warnings.warn(f"model.attention={cfg.model.attention} applies to no encoder block (each uses sdpa)", stacklevel=2)
+        warnings.warn(f"model.attention={cfg.model.attention} applies to no encoder block (each uses sdpa)",
+                      stacklevel=2)
     model.refresh_aux_modules()
     return BuiltModel(model, adapted, sha)
 

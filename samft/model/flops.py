@@ -3,13 +3,13 @@
 Convention: one multiply-add = 2 FLOPs; every FLOP of one forward pass of the image encoder counted
 once. Counted: the patch embedding, in every block the ``qkv`` and ``proj`` projections, the attention
 scores ``q k^T`` and ``attn v``, the decomposed relative-position terms (``q . Rh``, ``q . Rw``), the MLP,
-and the neck's two convolutions. Blocks with BRA (``model.attention=bra``) count instead, per map or window of
-``S x S`` regions of ``rt`` tokens (padded to ``S^2 * rt``): the routing affinity of the region means
-(``S^4 * C`` MACs), ``q k^T`` and ``attn v`` of every padded query against its ``topk * rt`` gathered
-keys, the rel-pos terms of every padded query against the padded map's rows and columns, and the LEPE
-depthwise conv (``k^2 * C`` MACs per token); its qkv/proj run on the unpadded map. Not counted: norms, softmax, GELU, bias and residual additions, the
-position-embedding addition, PEFT adapters (Conv-LoRA/LoRA add < 0.5 %), the prompt encoder and the
-mask decoder.
+and the neck's two convolutions. Blocks with BRA (``model.attention=bra``) count instead, per map or
+window of ``S x S`` regions of ``rt`` tokens (padded to ``S^2 * rt``): the routing affinity of the
+region means (``S^4 * C`` MACs), ``q k^T`` and ``attn v`` of every padded query against its
+``topk * rt`` gathered keys, the rel-pos terms of every padded query against the padded map's rows and
+columns, and the LEPE depthwise conv (``k^2 * C`` MACs per token); its qkv/proj run on the unpadded
+map. Not counted: norms, softmax, GELU, bias and residual additions, the position-embedding addition,
+PEFT adapters (Conv-LoRA/LoRA add < 0.5 %), the prompt encoder and the mask decoder.
 
 Windowed blocks run attention (and ``qkv``/``proj``) on the token grid padded to a multiple of the
 window (SAM pads 64 -> 70 for 14-token windows at 1024 px), so those tokens are counted; the MLP runs on

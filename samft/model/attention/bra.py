@@ -19,11 +19,12 @@ S x S regions of ``rh x rw = ceil(H/S) x ceil(W/S)`` tokens (the map is zero-pad
 With ``topk = S^2`` and LEPE off this is SAM's dense attention (tested to 1e-10 in float64).
 
 Costs per query (C = channels): dense attends to all ``H*W`` keys; BRA to ``topk * rh * rw`` keys plus
-the routing (``S^4 * C`` MACs per image). :func:`bra_flops` counts them (``samft/model/flops.py``).
+the routing (``S^4 * C`` MACs per image). ``bra_attention_flops`` counts them (``samft/model/flops.py``).
 
-On CUDA (no extra keys) the attention runs as FlexAttention (``torch.nn.attention.flex_attention``):
-tokens in region-major order, a ``BlockMask`` with one block per region built from the routing indices
-and the relative-position bias as a ``score_mod``; elsewhere the explicit path below.
+On CUDA (no extra keys, regions of a power of two >= 16 tokens) the attention runs as FlexAttention
+(``torch.nn.attention.flex_attention``): tokens in region-major order, a ``BlockMask`` with one block
+per region built from the routing indices and the relative-position bias as a ``score_mod``
+(``_bra_flex.py``); elsewhere the explicit path below.
 """
 
 from __future__ import annotations
@@ -196,7 +197,9 @@ class BRAAttention(EncoderAttention):
     def forward(self, x: torch.Tensor, extra_kv: ExtraKV = None) -> torch.Tensor:
         b = x.shape[0]
         r, v_map = self.prepare(x)
-        flex = self.use_flex if self.use_flex is not None else (x.is_cuda and extra_kv is None)
+        rt = r.g.tokens  # the kernel's tiles shrink to power-of-two blocks of >= 16 tokens (8 x 8 regions: 64)
+        fits = rt >= 16 and rt & (rt - 1) == 0
+        flex = self.use_flex if self.use_flex is not None else (x.is_cuda and extra_kv is None and fits)
         if flex:
             if extra_kv is not None:
                 raise ValueError("bra: the FlexAttention path takes no extra keys (VPT prompts)")
