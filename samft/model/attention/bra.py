@@ -100,8 +100,9 @@ def route(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, topk: int) -> t
     regions = valid.shape[0]
     heads, br, _, hd = q.shape
 
-    def means(t: torch.Tensor) -> torch.Tensor:  # (B, S^2, heads*hd)
-        m = t.float().sum(2) / count.clamp(min=1).repeat(br // regions)[None, :, None]
+    def means(t: torch.Tensor) -> torch.Tensor:  # (B, S^2, heads*hd), at least float32
+        per_region = count.clamp(min=1).repeat(br // regions)[None, :, None]
+        m = t.sum(2, dtype=torch.promote_types(t.dtype, torch.float32)) / per_region
         return m.permute(1, 0, 2).reshape(br // regions, regions, heads * hd)
 
     affinity = means(q) @ means(k).transpose(-2, -1)  # (B, S^2, S^2)
