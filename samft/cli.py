@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _console():
-    from samft.engine.progress import console
+    from samft.progress import console
 
     return console
 
@@ -174,6 +174,41 @@ def export(
 
     result = export_run(run or newest_run(), merged)
     _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def prune(
+    target_gmacs: float = typer.Option(..., "--target-gmacs", help="encoder GMACs per image (ViT-B dense: 486)"),
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+    search_epochs: Optional[int] = typer.Option(None, "--search-epochs", help="search passes over the training split"),
+    search_steps: Optional[int] = typer.Option(None, "--search-steps", help="search steps (instead of epochs)"),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="fine-tuning passes after pruning"),
+    out: Optional[Path] = typer.Option(None, "--out", help="new run directory (default: RUN-pruned)"),
+    arch_lr: float = typer.Option(5e-4, "--arch-lr", help="learning rate of the gate thresholds"),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="FLOPs-loss weight (default: the authors' rule)"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty --out directory"),
+) -> None:
+    """SPViT: prune the run's encoder to --target-gmacs (attention -> derived convs or skip, fewer MLP
+    units), fine-tune, and write a new run directory."""
+    from samft.engine.runs import newest_run
+    from samft.prune.rebuild import summary
+    from samft.engine.prune import prune_run
+
+    if search_epochs is None and search_steps is None:
+        search_epochs = 1
+        warnings.warn("prune: neither --search-epochs nor --search-steps given: searching for 1 epoch", stacklevel=1)
+    report = prune_run(run or newest_run(), target_gmacs, search_steps, finetune_epochs, out, arch_lr, lam, device,
+                       overwrite, search_epochs)
+    c = _console()
+    c.print(f"architecture   {summary(report.arch)}")
+    reached = "reached" if report.reached else "NOT reached"
+    c.print(f"encoder GMACs  {report.dense_gmacs:.4g} -> {report.pruned_gmacs:.4g} "
+            f"(target {report.target_gmacs:.4g}, {reached})")
+    for stage, values in report.metrics.items():
+        c.print(f"{stage:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    c.print(f"[green]wrote[/] {report.out_dir}")
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import types
@@ -23,12 +24,15 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from samft import peft as _peft
 from samft.errors import ConfigError
 from samft.fields import opt, section
 from samft.metrics import METRIC_CHOICES, canonical
+from samft.protocol import PROTOCOLS, apply_protocol
 
-MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
+def _model_types() -> tuple[str, ...]:
+    from samft.model.sam import sam_sizes  # the size registry, looked up at validation time
+
+    return tuple(sam_sizes())
 
 
 def _attention_names() -> tuple[str, ...]:
@@ -50,6 +54,44 @@ class TinyConfig:
     decoder_depth: int = opt(2, "two-way transformer depth in the mask decoder", minimum=1)
     decoder_mlp_dim: int = opt(256, "two-way transformer MLP width", minimum=1)
     decoder_heads: int = opt(4, "two-way transformer heads ((out_chans / 2) must be divisible by it)", minimum=1)
+
+    def check(self, prefix: str) -> None:
+        """The rules that tie the sizes together (the real classes would fail obscurely otherwise)."""
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"{prefix}.num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
+        if self.out_chans % 8:
+            raise ConfigError(f"{prefix}.out_chans: {self.out_chans} is not divisible by 8")
+        if (self.out_chans // 2) % self.decoder_heads:
+            raise ConfigError(f"{prefix}.decoder_heads: {self.decoder_heads} does not divide out_chans/2 = "
+                              f"{self.out_chans // 2}")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"{prefix}.global_attn_indexes: {bad} outside 0..{self.depth - 1}")
+
+
+# SLIP's zero-shot ImageNet prompt ensemble (its templates.json, "imagenet"), averaged per class name.
+SLIP_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                  "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+@dataclass
+class TextConfig:
+    """Class-name embeddings for the text class head and the region-text loss (SLIP's language branch)."""
+
+    embeddings: Optional[str] = opt(None, "file of precomputed class-name embeddings (.safetensors with one tensor, "
+                                          "or .npy): one row per class of data.classes, in that order")
+    open_clip_model: Optional[str] = opt(None, "open_clip model name (e.g. ViT-B-16) whose text tower embeds the "
+                                               "class names (needs samft[text] and model.text.checkpoint)")
+    checkpoint: Optional[str] = opt(None, "local open_clip weights (.safetensors/.pt/.bin) for "
+                                          "model.text.open_clip_model; nothing is downloaded")
+    templates: list[str] = opt(SLIP_TEMPLATES, "prompt templates with one {} for the class name; each class's "
+                                               "embedding is the normalised mean over them (default: SLIP's ImageNet "
+                                               "ensemble)")
+
+    @property
+    def source(self) -> Optional[str]:
+        """'file', 'open_clip' or None (no class-name embeddings configured)."""
+        return "file" if self.embeddings else "open_clip" if self.open_clip_model else None
 
 
 BRA_BLOCKS = ("global", "all")
@@ -78,7 +120,7 @@ class BRAConfig:
 
 @dataclass
 class ModelConfig:
-    type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", MODEL_TYPES)
+    type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", _model_types)
     checkpoint: Optional[str] = opt(
         None, "official SAM checkpoint (e.g. sam_vit_b_01ec64.pth); null = random weights (a warning is shown)"
     )
@@ -92,6 +134,9 @@ class ModelConfig:
                          _attention_names)
     bra: BRAConfig = section(BRAConfig, "options of model.attention=bra (Bi-Level Routing Attention)")
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
+    class_head: str = opt("linear", "multi-class: how mask tokens are classified: linear (a Linear to C+1 scores) or "
+                          "text (cosine similarity to the class-name embeddings of model.text)", ("linear", "text"))
+    text: TextConfig = section(TextConfig, "class-name embeddings (model.class_head=text, loss.clip.weight)")
 
 
 DATA_FORMATS = ("auto", "folders", "csv", "pranet", "sinet", "isic", "sbu", "voc")
@@ -123,16 +168,29 @@ class DataConfig:
     ignore_colors: list[list[int]] = opt([[224, 224, 192]], "colours of colour-coded masks mapped to ignore_index")
     split_seed: int = opt(0, "seed of the train/validation hold-out split")
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
+    unlabelled: list[str] = opt([], "images without masks for the SSL loss (loss.ssl): folders, globs, CSV lists of "
+                                    "images, or 'train' (the training images); empty = none")
+    resize: Optional[str] = opt(None, "input geometry: pad (longest side to img_size, pad bottom/right; samft) or "
+                                      "squash (resize to img_size x img_size, bicubic, ground truth nearest; "
+                                      "AutoGluon); null = the protocol's", ("pad", "squash"))
 
 
 @dataclass
 class TrainConfig:
     epochs: int = opt(20, "number of passes over the training split", minimum=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = run all epochs)", minimum=0)
-    batch_size: int = opt(4, "images per forward pass (per process)", minimum=1)
-    accum_steps: int = opt(1, "forward passes accumulated per optimizer step", minimum=1)
+    batch_size: Optional[int] = opt(None, "images per forward pass (per process); null = the protocol's (samft 4, "
+                                          "autogluon 1)", minimum=1)
+    accum_steps: Optional[int] = opt(None, "forward passes accumulated per optimizer step; null = the protocol's "
+                                           "(samft 1, autogluon 4)", minimum=1)
     lr: float = opt(1e-4, "peak AdamW learning rate", minimum=0.0)
     weight_decay: float = opt(1e-4, "AdamW weight decay", minimum=0.0)
+    adam_eps: Optional[float] = opt(None, "AdamW eps; null = the protocol's (samft 1e-8, PyTorch's default; "
+                                          "autogluon 1e-6)", minimum=0.0)
+    schedule: Optional[str] = opt(None, "learning-rate decay after the warm-up: linear (to min_lr_ratio) or poly "
+                                        "((1 - t)^poly_power, AutoGluon's polynomial_decay); null = the protocol's",
+                                  ("linear", "poly"))
+    poly_power: float = opt(1.0, "power of the poly schedule (AutoGluon: 1, the same curve as linear)", minimum=0.0)
     warmup_steps: int = opt(0, "linear warm-up steps before the linear decay", minimum=0)
     min_lr_ratio: float = opt(0.0, "learning rate at the end of the linear decay, as a fraction of lr", minimum=0.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", minimum=0.0)
@@ -158,25 +216,84 @@ class TrainConfig:
 
 
 @dataclass
+class AuxLossConfig:
+    """Weights of the named auxiliary losses the model produces (each logged as ``aux_<name>``)."""
+
+    balance: Optional[float] = opt(None, "Conv-LoRA's expert balance loss; null = the protocol's (samft: 1.0 binary, "
+                                         "2.0 multi-class, as the paper; autogluon: 1.0, as AutoGluon's code)",
+                                   minimum=0.0)
+
+
+@dataclass
+class SetLossConfig:
+    points: Optional[int] = opt(None, "mask BCE/Dice on this many points per matched mask, chosen by Mask2Former's "
+                                      "importance sampling, and the matcher on as many random points (0 = every "
+                                      "pixel); null = the protocol's (samft 0, autogluon 12544)", minimum=0)
+    oversample: float = opt(3.0, "point sampling: candidates drawn per point (Mask2Former's oversample_ratio)",
+                            minimum=1.0)
+    importance: float = opt(0.75, "point sampling: fraction of the points taken from the most uncertain candidates "
+                                  "(|logit| smallest), the rest uniform (Mask2Former's importance_sample_ratio)",
+                            minimum=0.0)
+    cost_class: Optional[float] = opt(None, "matcher cost weight of -p(class); null = the protocol's (samft: "
+                                            "loss.class_weight, autogluon 1)", minimum=0.0)
+    cost_mask: Optional[float] = opt(None, "matcher cost weight of the mask BCE; null = the protocol's (samft: "
+                                           "loss.mask_bce_weight, autogluon 5)", minimum=0.0)
+    cost_dice: Optional[float] = opt(None, "matcher cost weight of the mask Dice loss; null = the protocol's "
+                                           "(samft: loss.mask_dice_weight, autogluon 5)", minimum=0.0)
+
+
+@dataclass
+class SSLLossConfig:
+    """SimCLR's NT-Xent on two augmented views of unlabelled images (SLIP's SSL branch)."""
+
+    weight: float = opt(0.0, "weight of the SSL loss in the total loss (0 = off: nothing extra is computed)",
+                        minimum=0.0)
+    temperature: float = opt(0.1, "NT-Xent softmax temperature", minimum=1e-6)
+    mlp_dim: int = opt(4096, "hidden width of the projection MLP (thrown away after training)", minimum=1)
+    emb_dim: int = opt(256, "output width of the projection MLP (the contrasted embedding)", minimum=1)
+    batch_size: int = opt(8, "unlabelled images per forward pass and process (two views each)", minimum=2)
+
+
+@dataclass
+class ClipLossConfig:
+    """Region-text loss: ground-truth class regions of the neck features against the class-name embeddings."""
+
+    weight: float = opt(0.0, "weight of the region-text cross-entropy (0 = off; needs data.classes and model.text)",
+                        minimum=0.0)
+
+
+@dataclass
 class LossConfig:
     bce: str = opt("mean", "BCE term: mean (paper/reference), weighted (PraNet's boundary weights) or balanced "
                            "(shadow detection, SAM-Adapter's balanced BCE)", ("mean", "weighted", "balanced"))
     iou: bool = opt(True, "add the boundary-weighted IoU term of the structure loss")
-    balance_weight: Optional[float] = opt(None, "weight of the Conv-LoRA expert balance loss (null = 1.0 binary, "
-                                                "2.0 multi-class, as the reference)", minimum=0.0)
-    class_weight: float = opt(10.0, "multi-class: weight of the query classification cross-entropy", minimum=0.0)
-    mask_bce_weight: float = opt(5.0, "multi-class: weight of the matched masks' BCE", minimum=0.0)
-    mask_dice_weight: float = opt(5.0, "multi-class: weight of the matched masks' Dice loss", minimum=0.0)
+    class_weight: Optional[float] = opt(None, "multi-class: weight of the query classification cross-entropy; null = "
+                                              "the protocol's (samft 10, autogluon 1)", minimum=0.0)
+    mask_bce_weight: Optional[float] = opt(None, "multi-class: weight of the matched masks' BCE; null = the "
+                                                 "protocol's (samft 5, autogluon 1)", minimum=0.0)
+    mask_dice_weight: Optional[float] = opt(None, "multi-class: weight of the matched masks' Dice loss; null = the "
+                                                  "protocol's (samft 5, autogluon 1)", minimum=0.0)
     no_object_weight: float = opt(0.1, "multi-class: cross-entropy weight of the 'no object' class", minimum=0.0)
     ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
+    set: SetLossConfig = section(SetLossConfig, "multi-class set loss: point sampling and matcher costs")
+    aux: AuxLossConfig = section(AuxLossConfig, "weights of the model's named auxiliary losses")
+    ssl: SSLLossConfig = section(SSLLossConfig, "self-supervised loss on data.unlabelled (SLIP's SimCLR)")
+    clip: ClipLossConfig = section(ClipLossConfig, "region-text loss against class-name embeddings (SLIP's CLIP)")
 
 
 @dataclass
 class EvalConfig:
     threshold: float = opt(0.5, "probability threshold for dice@0.5/iou@0.5/BER and predicted masks", minimum=0.0)
     batch_size: int = opt(4, "images per forward pass during evaluation and prediction", minimum=1)
-    resize_gt_to_input: bool = opt(False, "score at img_size x img_size with the ground truth resized (AutoGluon's "
-                                          "protocol) instead of at each image's original resolution")
+    resize_gt_to_input: Optional[bool] = opt(None, "score at img_size x img_size with the ground truth resized "
+                                                   "(nearest) instead of at each image's original resolution; null = "
+                                                   "the protocol's (samft false, autogluon true)")
+    miou: Optional[str] = opt(None, "multi-class mIoU: dataset (classes absent from prediction and ground truth left "
+                                    "out, ignore-labelled pixels nowhere) or per_class_all (AutoGluon: every class, "
+                                    "absent ones 0, predictions on ignore-labelled pixels in the union); null = the "
+                                    "protocol's", ("dataset", "per_class_all"))
+    ber: Optional[str] = opt(None, "BER: pooled (counts summed over the set) or per_image (the mean of each image's "
+                                   "BER, AutoGluon); null = the protocol's", ("pooled", "per_image"))
 
 
 @dataclass
@@ -185,8 +302,13 @@ class OutputConfig:
     overwrite: bool = opt(False, "allow training into a run directory that already holds a run")
 
 
-def _peft_section_cls() -> type:
-    specs = _peft.registry.all_methods()
+@functools.lru_cache(maxsize=None)
+def peft_config_cls() -> type:
+    """The ``peft`` section's dataclass, built from the PEFT registry on first use (so that importing this
+    module imports neither torch nor the methods)."""
+    from samft.peft import registry
+
+    specs = registry.all_methods()
     cls_fields: list[tuple[str, Any, Any]] = [
         ("method", str, opt("conv_lora", "PEFT method: " + ", ".join(specs), tuple(specs)))
     ]
@@ -195,18 +317,28 @@ def _peft_section_cls() -> type:
     return dataclasses.make_dataclass("PeftConfig", cls_fields)
 
 
-PeftConfig = _peft_section_cls()
+def __getattr__(name: str) -> Any:  # ``samft.config.PeftConfig`` still names the section's class
+    if name == "PeftConfig":
+        return peft_config_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
 class Config:
+    protocol: str = opt("samft", "samft or autogluon (the reference implementation): the value of every option left "
+                                 "null that the two treat differently (see samft/protocol.py and the README's "
+                                 "'Reproducing the paper')", PROTOCOLS)
     model: ModelConfig = section(ModelConfig, "SAM size, checkpoint and input size")
-    peft: PeftConfig = section(PeftConfig, "parameter-efficient fine-tuning method and its options")
+    peft: PeftConfig = dataclasses.field(default_factory=lambda: peft_config_cls()(),  # noqa: F821 (lazy)
+                                         metadata={"help": "parameter-efficient fine-tuning method and its options"})
     data: DataConfig = section(DataConfig, "dataset layout and splits")
     train: TrainConfig = section(TrainConfig, "optimisation and schedule")
     loss: LossConfig = section(LossConfig, "loss terms")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     output: OutputConfig = section(OutputConfig, "where the run is written")
+
+    def __post_init__(self) -> None:
+        apply_protocol(self)  # every Config is resolved, however it was built
 
     @property
     def method_cfg(self) -> Any:
@@ -296,8 +428,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in a config dataclass
 
 
+_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
+def _yaml_bool_word(value: Any, field: dataclasses.Field) -> Any:
+    """YAML 1.1 reads ``off``/``on``/``no``/``yes`` as booleans: give a choice field its word back."""
+    choices = field.metadata.get("choices")
+    if isinstance(value, bool) and choices is not None and not callable(choices):
+        for word in _BOOL_WORDS[value]:
+            if word in choices:
+                return word
+    return value
+
+
 def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns={"PeftConfig": peft_config_cls()} if cls is Config else None)
     names = [f.name for f in fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -307,7 +452,8 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
             valid = ", ".join(names)
             raise ConfigError(f"unknown config key '{dotted}'{hint}; valid keys here: {valid}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        field = next(f for f in fields(cls) if f.name == key)
+        kwargs[key] = _coerce(_yaml_bool_word(value, field), hints[key], dotted)
     obj = cls(**kwargs)
     return obj
 
@@ -336,6 +482,8 @@ def validate(cfg: Config) -> Config:
     _validate(cfg)
     if cfg.model.img_size % 16:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of 16 (the patch size)")
+    if not 0.0 <= cfg.loss.set.importance <= 1.0:
+        raise ConfigError(f"loss.set.importance: {cfg.loss.set.importance} must be in [0, 1]")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     d = cfg.data
@@ -358,21 +506,59 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.metric: {metric!r} is not a {kind} metric; choose from "
                           f"{', '.join(task_metric_names(bool(d.classes)))}")
     cfg.model.bra.check("model.bra")
-    if cfg.model.type == "tiny":
-        t = cfg.model.tiny
-        if t.embed_dim % t.num_heads:
-            raise ConfigError(f"model.tiny.num_heads: {t.num_heads} does not divide embed_dim {t.embed_dim}")
-        if t.out_chans % 8:
-            raise ConfigError(f"model.tiny.out_chans: {t.out_chans} is not divisible by 8")
-        if (t.out_chans // 2) % t.decoder_heads:
-            raise ConfigError(f"model.tiny.decoder_heads: {t.decoder_heads} does not divide out_chans/2 = "
-                              f"{t.out_chans // 2}")
-        bad = [i for i in t.global_attn_indexes if not 0 <= i < t.depth]
-        if bad:
-            raise ConfigError(f"model.tiny.global_attn_indexes: {bad} outside 0..{t.depth - 1}")
-    for name, spec in _peft.registry.all_methods().items():
+    cfg.model.tiny.check("model.tiny")  # checked whether used or not: its defaults are valid
+    from samft.peft import registry
+
+    for name, spec in registry.all_methods().items():
         spec.validate(getattr(cfg.peft, name), f"peft.{name}")
+    _validate_slip(cfg)
     return cfg
+
+
+def _validate_slip(cfg: Config) -> None:
+    """The SSL and language options: what each needs, and sources that exclude each other."""
+    if cfg.loss.ssl.weight > 0 and not cfg.data.unlabelled:
+        raise ConfigError(f"loss.ssl.weight: {cfg.loss.ssl.weight} needs unlabelled images in data.unlabelled "
+                          f"(folders, globs, CSV lists or 'train')")
+    from samft.peft import registry
+
+    spec = registry.get(cfg.peft.method)
+    for key, weight in (("loss.ssl.weight", cfg.loss.ssl.weight), ("loss.clip.weight", cfg.loss.clip.weight)):
+        if weight > 0 and not (spec.adapts_encoder or spec.trains_base):
+            raise ConfigError(f"{key}: {weight} trains the image encoder, but peft.method={cfg.peft.method} "
+                              f"leaves it frozen: the loss could only train its own projection head")
+    text = cfg.model.text
+    if text.embeddings and text.open_clip_model:
+        raise ConfigError("model.text: set either embeddings (a file) or open_clip_model (with checkpoint), not both")
+    if text.open_clip_model and not text.checkpoint:
+        raise ConfigError(f"model.text.checkpoint: open_clip_model {text.open_clip_model!r} needs a local checkpoint "
+                          f"file (samft downloads nothing)")
+    if text.checkpoint and not text.open_clip_model:
+        raise ConfigError("model.text.open_clip_model: model.text.checkpoint is set but no open_clip model name")
+    for t in text.templates:
+        if t.count("{}") != 1:
+            raise ConfigError(f"model.text.templates: {t!r} must contain exactly one {{}} (the class name)")
+    if not text.templates:
+        raise ConfigError("model.text.templates: empty; give at least one template such as 'a photo of a {}.'")
+    users = [key for key, on in (("model.class_head=text", cfg.model.class_head == "text"),
+                                 (f"loss.clip.weight={cfg.loss.clip.weight}", cfg.loss.clip.weight > 0)) if on]
+    for user in users:
+        if not cfg.data.classes:
+            raise ConfigError(f"{user}: needs class names in data.classes (a multi-class task)")
+        if text.source is None:
+            raise ConfigError(f"{user}: needs class-name embeddings: model.text.embeddings (a file) or "
+                              f"model.text.open_clip_model with model.text.checkpoint")
+
+
+def unused_option_warnings(cfg: Config) -> list[str]:
+    """One line per SLIP option that is set but has no effect (for the loop to warn about)."""
+    out = []
+    if cfg.data.unlabelled and cfg.loss.ssl.weight == 0:
+        out.append(f"data.unlabelled lists {len(cfg.data.unlabelled)} source(s) but loss.ssl.weight is 0: "
+                   f"the unlabelled images are not used")
+    if cfg.model.text.source and cfg.model.class_head != "text" and cfg.loss.clip.weight == 0:
+        out.append("model.text is set but neither model.class_head=text nor loss.clip.weight > 0 uses it")
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -406,9 +592,39 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# keys renamed since an earlier version: old dotted key -> new one (old run directories still load)
+RENAMED = {("loss", "balance_weight"): ("loss", "aux", "balance")}
+
+
+def _migrate(data: dict) -> dict:
+    for old, new in RENAMED.items():
+        node = data
+        for part in old[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and old[-1] in node:
+            value = node.pop(old[-1])
+            target = data
+            for part in new[:-1]:
+                target = target.setdefault(part, {})
+            target.setdefault(new[-1], value)
+    return data
+
+
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    data = apply_overrides(json.loads(json.dumps(data or {})), overrides or [])
+    data = _migrate(apply_overrides(json.loads(json.dumps(data or {})), overrides or []))
     return validate(_from_dict(Config, data))
+
+
+def _blame(data: dict, overrides: list[str] | None, message: str, path: Path) -> str:
+    """Where an error comes from: the file when the file alone has it, else the command line."""
+    if not overrides:
+        return str(path)
+    try:
+        config_from_dict(data)
+    except ConfigError as e:
+        if str(e) == message:
+            return str(path)
+    return "command line (key=value)"
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -425,7 +641,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         cfg = config_from_dict(data, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{_blame(data, overrides, str(e), path)}: {e}") from None
     if cfg.output.dir is None:
         cfg.output.dir = str(Path("runs") / path.stem)
     return cfg

@@ -2,7 +2,7 @@
 """Time samft training steps and peak memory for a grid of configurations, side by side.
 
 Each configuration runs in its own fresh process (clean peak memory, no compile caches shared) and
-times the real training step (``samft.engine.train._optimizer_step``: forward, structure + balance
+times the real training step (``samft.engine.train.train_step``: forward, structure + balance
 loss, backward, clipping, AdamW) on random images with random masks, after warm-up steps. It prints
 one row per configuration: median step time, images/s, peak memory, the ratio of images/s against the
 *plain path* measured in the same run (segment_anything's eager attention, fp32, no checkpointing, the
@@ -67,10 +67,9 @@ def run_one(spec: dict) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from samft.config import config_from_dict
-    from samft.engine.distributed import DistInfo
-    from samft.engine.runtime import check_compile, compile_blocks, pick_device, resolve_precision
-    from samft.engine.train import TrainState, _optimizer_step, make_optimizer
-    from samft.model import build_model
+    from samft.engine.runtime import pick_device, resolve_precision
+    from samft.engine.setup import build_training
+    from samft.engine.train import train_step
     from samft.model.flops import encoder_flops
 
     warnings.filterwarnings("ignore", message=".*random weights.*")
@@ -86,20 +85,13 @@ def run_one(spec: dict) -> dict:
                   "grad_checkpointing": spec["checkpointing"], "compile": spec["compile"], "progress": False},
     })
     precision = resolve_precision(cfg.train.precision, device)
-    if cfg.train.compile:
-        check_compile(device)
     torch.manual_seed(0)
-    model = build_model(cfg).model.to(device).train()
-    model.grad_checkpointing = cfg.train.grad_checkpointing
-    if cfg.train.compile:
-        compile_blocks(model.image_encoder.blocks)
-    optimizer = make_optimizer(model, 1e-4, 1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    parts = build_training(cfg, device, precision, total_steps=spec["warmup"] + spec["steps"])  # what train runs
+    model = parts.model.train()
     b, s = spec["batch_size"], spec["img_size"]
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(b, 3, s, s, generator=g), "mask": (torch.rand(b, s, s, generator=g) > 0.5),
              "valid_hw": torch.tensor([[s, s]] * b)}
-    state, info = TrainState(), DistInfo()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,7 +100,7 @@ def run_one(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        _optimizer_step(model, model, [batch], cfg, device, precision, optimizer, scaler, state, info)
+        train_step(parts, [{"labelled": batch}])
         if cuda:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0

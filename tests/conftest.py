@@ -38,6 +38,10 @@ def shared(name: str) -> Path:
     return path
 
 
+# the files a finished training leaves in its run directory
+RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv", "split.json",
+             "curves.png", ".samft-run"}
+
 TINY = {"type": "tiny", "img_size": 64,
         "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 2, "global_attn_indexes": [1],
                  "out_chans": 32, "decoder_depth": 2, "decoder_mlp_dim": 64, "decoder_heads": 2}}

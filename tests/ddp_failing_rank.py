@@ -8,7 +8,7 @@ import samft.engine.train as train_module
 from samft.cli import main
 from samft.errors import DataError
 
-_real_step = train_module._optimizer_step
+_real_step = train_module.train_step
 _calls = {"n": 0}
 
 
@@ -19,6 +19,6 @@ def _failing_step(*args, **kwargs):
     return _real_step(*args, **kwargs)
 
 
-train_module._optimizer_step = _failing_step
+train_module.train_step = _failing_step
 sys.argv = ["samft", *sys.argv[1:]]
 main()

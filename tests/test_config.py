@@ -16,7 +16,8 @@ def test_defaults_are_the_paper_settings():
     assert (c.rank, c.alpha, c.experts, c.top_k, c.gate_scales_output) == (3, 32.0, 8, 1, False)
     assert c.expert_scales() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-4, 1e-4, 1.0)
-    assert cfg.loss.balance_weight is None and cfg.loss.bce == "mean"  # None: 1.0 binary, 2.0 multi-class
+    assert cfg.protocol == "samft" and cfg.loss.bce == "mean"
+    assert cfg.loss.aux.balance == 1.0  # the paper's: 1.0 binary, 2.0 multi-class (tests/test_protocol.py)
     assert (cfg.loss.class_weight, cfg.loss.mask_bce_weight, cfg.loss.mask_dice_weight) == (10.0, 5.0, 5.0)
     assert cfg.loss.no_object_weight == 0.1 and cfg.model.num_mask_tokens == 10 and cfg.train.metric == "auto"
 

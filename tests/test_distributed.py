@@ -18,10 +18,7 @@ from samft.engine.checkpoint import read_adapter
 from samft.engine.distributed import tensors_sha256
 from samft.engine.evaluate import evaluate_run
 
-from conftest import ROOT, TINY
-
-RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv",
-             "curves.png"}
+from conftest import ROOT, RUN_FILES, TINY
 
 
 def torchrun(*args: str, cwd: Path, script: tuple[str, ...] = ("-m", "samft")) -> subprocess.CompletedProcess:

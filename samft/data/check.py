@@ -1,5 +1,7 @@
 """Checking every split before a long run: ``samft data check`` and the start of ``samft train``.
 
+The images of ``data.unlabelled`` are checked too (as the split ``unlabelled``: images only).
+
 ``full`` decodes every image and mask (corrupt or truncated files, size mismatches, masks that are not
 binary); ``quick`` lists the pairs and reads image headers only. Every problem is reported with the
 file it concerns; the check does not stop at the first one.
@@ -19,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from samft.config import Config
 from samft.data.classes import ClassSpec
 from samft.data.datasets import load_pair
-from samft.data.io import read_mask_values
+from samft.data.io import read_image, read_mask_values
 from samft.data.layouts import Layout, Pair, split_pairs, named_test_splits, train_val_pairs
-from samft.engine.progress import progress
+from samft.progress import progress
+from samft.data.unlabelled import unlabelled_images
 from samft.errors import SamftError
 
 
@@ -84,6 +87,8 @@ class _CheckDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
         try:
+            if pair.mask is None:  # an unlabelled image (data.unlabelled)
+                return {"size": _image_size(pair.image, self.full)}
             if self.full:
                 image, mask = load_pair(pair, self.classes)
                 raw = mask if self.classes else read_mask_values(pair.mask)  # class ids, or the binary mask's values
@@ -104,6 +109,15 @@ class _CheckDataset(Dataset):
             return {"problem": str(e)}
         except (OSError, ValueError, SyntaxError) as e:
             return {"problem": f"{pair.image}: cannot read ({e})"}
+
+
+def _image_size(path: Path, full: bool) -> tuple[int, int]:
+    """(w, h) of an image: decoded in full (as training reads it), else from its header."""
+    if full:
+        image = read_image(path)
+        return image.shape[1], image.shape[0]
+    with Image.open(path) as im:
+        return im.size
 
 
 def _check_pairs(report: SplitReport, pairs: list[Pair], full: bool, workers: int, show_progress: bool,
@@ -167,6 +181,12 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
         shared = sum(p.image.resolve() in train_names for p in pairs)
         if shared:
             warnings.append(f"test set {name} shares {shared} of its {len(pairs)} images with the training split")
+    if cfg.data.unlabelled:
+        report = SplitReport("unlabelled")
+        reports.append(report)
+        pairs = _listed(report, lambda: [Pair(p, None, p.stem) for p in unlabelled_images(cfg.data)])
+        if pairs is not None:
+            _check_pairs(report, pairs, full, workers, show_progress)
     return DataReport(reports, warnings)
 
 

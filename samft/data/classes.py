@@ -11,66 +11,13 @@ is an error naming the file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from samft.config import DataConfig
 from samft.data.io import _mask_array
 from samft.errors import DataError
-
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """Pascal VOC's colour map: (n, 3) uint8, class i -> the colour of VOC's palette PNGs."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    """What a multi-class mask means: class names, their colours, and what is ignored."""
-
-    names: tuple[str, ...]
-    palette: np.ndarray  # (C, 3) uint8
-    ignore_index: int
-    ignore_colors: tuple[tuple[int, int, int], ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.names)
-
-    @classmethod
-    def of(cls, data: DataConfig) -> Optional["ClassSpec"]:
-        """The spec of a multi-class config, or None for a binary one (empty ``data.classes``)."""
-        if not data.classes:
-            return None
-        n = len(data.classes)
-        palette = np.array(data.palette, dtype=np.uint8).reshape(-1, 3) if data.palette else voc_colormap(n)[:n]
-        return cls(tuple(data.classes), palette, data.ignore_index,
-                   tuple(tuple(int(v) for v in c) for c in data.ignore_colors))
-
-    def palette_bytes(self) -> list[int]:
-        """A 256-entry PIL palette: the classes' colours, then VOC's colour map; ignore shown in cream."""
-        full = voc_colormap(256)
-        full[: self.num_classes] = self.palette
-        if 0 <= self.ignore_index < 256:
-            full[self.ignore_index] = (224, 224, 192)
-        return full.reshape(-1).tolist()
+from samft.tasks import VOC_CLASSES, ClassSpec, voc_colormap  # noqa: F401  (re-exported)
 
 
 def colours_to_ids(rgb: np.ndarray, spec: ClassSpec, path: Path) -> np.ndarray:

@@ -42,12 +42,11 @@ from samft.engine.runs import ADAPTER_FILE, load_run
 from samft.errors import CheckpointError, SamftError
 from samft.model import SemanticSAM, build_model
 from samft.model.attention import attention_function
-from samft.model.sam import build_sam, interpolate_pos_embed, set_image_size
+from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
 from samft.peft.inject import AdapterLayer
 
 HEAD_FORMAT = "samft-merged-head-1"
 UNMERGED_FORMAT = "samft-unmerged-model-1"
-SAM_NATIVE_SIZE = 1024  # the official SAM sizes are built for 1024 px input (a 64 x 64 token grid)
 POS_EMBED = "image_encoder.pos_embed"
 
 
@@ -80,9 +79,7 @@ def head_path(out: str | Path) -> Path:
 
 def _native_model_cfg(model_cfg):
     """The model config at SAM's native input size (the size of the checkpoint's pos_embed)."""
-    if model_cfg.type == "tiny":
-        return model_cfg
-    return dataclasses.replace(model_cfg, img_size=SAM_NATIVE_SIZE)
+    return dataclasses.replace(model_cfg, img_size=sam_size(model_cfg.type).native_size(model_cfg))
 
 
 def _sam_state(model: SemanticSAM, base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -197,8 +194,7 @@ def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optio
         sam.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: not a SAM {cfg.model.type} checkpoint: {e}") from None
-    if cfg.model.type != "tiny":
-        set_image_size(sam, cfg.model.img_size)
+    set_image_size(sam, cfg.model.img_size)
     if POS_EMBED in head:
         sam.image_encoder.pos_embed = torch.nn.Parameter(head[POS_EMBED], requires_grad=False)
     model = SemanticSAM(sam, int(meta["num_queries"]), int(meta["num_classes"]))

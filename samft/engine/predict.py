@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import glob
+import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-from PIL import Image
-
-from samft.data.classes import ClassSpec
 from samft.data.layouts import Pair, unique_names
 from samft.data.io import is_image_name, read_image
 from samft.engine.checkpoint import atomic_write_bytes
 from samft.engine.evaluate import iter_predictions
-from samft.engine.progress import progress
 from samft.engine.runtime import pick_device, resolve_precision
 from samft.engine.runs import load_run
 from samft.errors import SamftError
-
-OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
+from samft.progress import progress
+from samft.tasks import class_overlay, label_image, make_task, overlay  # noqa: F401  (re-exported)
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -50,55 +46,6 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
-def _png_bytes(image: np.ndarray | Image.Image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The image with the mask tinted red and its outline drawn."""
-    import cv2
-
-    out = image.astype(np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * OVERLAY_COLOUR
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    out = out.astype(np.uint8)
-    cv2.drawContours(out, contours, -1, (255, 255, 0), max(1, round(max(mask.shape) / 400)))
-    return out
-
-
-def label_image(labels: np.ndarray, classes: ClassSpec) -> Image.Image:
-    """A label map as a palette PNG: pixel values are class ids, shown in the classes' colours."""
-    im = Image.fromarray(labels.astype(np.uint8), mode="P")
-    im.putpalette(classes.palette_bytes())
-    return im
-
-
-def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alpha: float = 0.5) -> Image.Image:
-    """The image blended with the class colours (background left as it is), with a legend of the classes shown."""
-    from PIL import ImageDraw
-
-    colours = classes.palette[labels]
-    blend = image.astype(np.float32)
-    fg = labels > 0
-    blend[fg] = (1 - alpha) * blend[fg] + alpha * colours[fg]
-    present = [int(c) for c in np.unique(labels)]
-    row = 18
-    legend_w = 12 + 8 * max(len(classes.names[c]) for c in present) + 30
-    h, w = labels.shape
-    canvas = Image.new("RGB", (w + legend_w, max(h, row * len(present) + 8)), (255, 255, 255))
-    canvas.paste(Image.fromarray(blend.astype(np.uint8)), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, c in enumerate(present):
-        y = 4 + k * row
-        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.palette[c]), outline=(0, 0, 0))
-        draw.text((w + 26, y), classes.names[c], fill=(0, 0, 0))
-    return canvas
-
-
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
                 with_overlay: bool = False, device: str = "auto", show_progress: bool = True) -> list[Path]:
     """Write ``out_dir/<name>.png`` for every input image; overlays go to ``out_dir/overlays/``.
@@ -108,28 +55,27 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     files = collect_inputs(inputs)
     dev = pick_device(device)
     run = load_run(run_dir, dev)
-    classes = ClassSpec.of(run.cfg.data)
+    task = make_task(run.cfg)
     out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     if with_overlay:
         (out / "overlays").mkdir(exist_ok=True)
     pairs = unique_names([Pair(f, None, f.stem) for f in files])
     precision = resolve_precision(run.cfg.train.precision, dev)
-    written = []
+    written, empty = [], 0
     with progress("predict", len(pairs), show_progress) as advance:
-        for pair, scores, _ in iter_predictions(run.model, pairs, run.cfg.eval.batch_size, dev, precision,
-                                                run.cfg.data.num_workers, classes=classes):
+        for pair, scores, _ in iter_predictions(run.model, pairs, run.cfg.eval.batch_size, dev, task, precision,
+                                                run.cfg.data.num_workers, resize=run.cfg.data.resize):
             target = out / f"{pair.name}.png"
-            if classes is None:
-                mask = scores >= run.cfg.eval.threshold
-                atomic_write_bytes(target, _png_bytes(mask.astype(np.uint8) * 255))
-                picture = overlay(read_image(pair.image), mask) if with_overlay else None
-            else:
-                labels = scores.argmax(0)
-                atomic_write_bytes(target, _png_bytes(label_image(labels, classes)))
-                picture = class_overlay(read_image(pair.image), labels, classes) if with_overlay else None
+            labels = task.labels(scores)
+            atomic_write_bytes(target, task.mask_png(labels))
             written.append(target)
-            if picture is not None:
-                atomic_write_bytes(out / "overlays" / f"{pair.name}.png", _png_bytes(picture))
+            empty += int(task.is_empty(labels))
+            if with_overlay:
+                atomic_write_bytes(out / "overlays" / f"{pair.name}.png",
+                                   task.overlay_png(read_image(pair.image), labels))
             advance()
+    if written and empty == len(written):
+        warnings.warn(f"every one of the {len(written)} predicted masks is empty: the run may have learnt nothing; "
+                      f"check its metrics.csv (and eval.threshold {run.cfg.eval.threshold})")
     return written

@@ -14,7 +14,7 @@ import numpy as np
 
 from samft.data.io import IMAGE_EXTS, read_binary_mask, read_mask_values
 from samft.data.layouts import list_images
-from samft.engine.progress import progress
+from samft.progress import progress
 from samft.errors import DataError
 from samft.metrics import BinaryMetrics
 

@@ -10,11 +10,11 @@ import torch
 
 from samft import peft
 from samft.config import Config
-from samft.data.classes import ClassSpec
 from samft.model.attention import EncoderAttention, attention_kinds, set_attention
 from samft.model.flops import encoder_flops
 from samft.model.sam import base_fingerprint, build_sam
 from samft.model.semantic import SegOutput, SemanticSAM
+from samft.tasks import make_task
 
 
 @dataclass
@@ -35,10 +35,9 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
     sam = build_sam(cfg.model, meta=meta)
     sha = "" if meta else base_fingerprint(cfg.model, sam)
     spec = peft.get(cfg.peft.method)
-    classes = ClassSpec.of(cfg.data)
-    queries, num_classes = (cfg.model.num_mask_tokens, classes.num_classes) if classes else (1, 1)
+    task = make_task(cfg)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        model = SemanticSAM(sam, num_queries=queries, num_classes=num_classes)
+        model = SemanticSAM(sam, num_queries=task.num_queries, num_classes=task.num_classes)
         model.freeze_base()
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
         adapted = spec.apply(model.image_encoder, cfg.method_cfg)

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import warnings
+from typing import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,9 +25,7 @@ from torch import nn
 from samft.config import ModelConfig
 from samft.errors import CheckpointError
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-PATCH = 16
+from samft.constants import PATCH, PIXEL_MEAN, PIXEL_STD  # noqa: F401  (re-exported)
 
 # encoder width -> (type, depth) of the official checkpoints, to name a wrong file
 OFFICIAL = {768: ("vit_b", 12), 1024: ("vit_l", 24), 1280: ("vit_h", 32)}
@@ -143,46 +143,84 @@ def set_image_size(sam: Sam, img_size: int) -> None:
     pe.mask_input_size = (4 * grid, 4 * grid)
 
 
+@dataclass(frozen=True)
+class SamSize:
+    """One entry of the size registry: how to build the model, load its weights, and its native input."""
+
+    name: str
+    build: Callable[[ModelConfig], Sam]  # the structure with random weights
+    load: Callable[[Sam, str | Path, str], None]  # checkpoint -> the built model (strict, clear errors)
+    native_size: Callable[[ModelConfig], int]  # the input size its pos_embed is made for
+    official: bool  # has official checkpoints (random weights get a warning)
+
+
+def _official(name: str) -> SamSize:
+    return SamSize(name, lambda cfg: sam_model_registry[name](checkpoint=None), load_checkpoint,
+                   lambda cfg: SAM_NATIVE_SIZE, True)
+
+
+SAM_NATIVE_SIZE = 1024
+
+
+def sam_sizes() -> dict[str, SamSize]:
+    """The registry: ``tiny`` (built at ``model.img_size`` from ``model.tiny``) and the official sizes."""
+    return {"tiny": SamSize("tiny", build_tiny, load_tiny_checkpoint, lambda cfg: cfg.img_size, False),
+            **{name: _official(name) for name in ("vit_b", "vit_l", "vit_h")}}
+
+
+def sam_size(name: str) -> SamSize:
+    sizes = sam_sizes()
+    if name not in sizes:
+        raise CheckpointError(f"model.type: {name!r} is not one of {', '.join(sizes)}")
+    return sizes[name]
+
+
 def build_sam(cfg: ModelConfig, meta: bool = False) -> Sam:
-    """SAM of ``cfg.type`` at ``cfg.img_size``: official weights from ``cfg.checkpoint``, else random.
+    """SAM of ``cfg.type`` at ``cfg.img_size``: weights from ``cfg.checkpoint``, else random.
 
     ``meta=True`` builds the structure without weights (instantly, no memory), for counting parameters.
     """
+    size = sam_size(cfg.type)
     with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
         torch.manual_seed(cfg.seed)
-        if cfg.type == "tiny":
-            sam = build_tiny(cfg)
-        else:
-            sam = sam_model_registry[cfg.type](checkpoint=None)
-    if meta:
-        set_image_size(sam, cfg.img_size)
-        return sam
-    if cfg.checkpoint:
-        if cfg.type == "tiny":
-            load_tiny_checkpoint(sam, cfg.checkpoint)
-        else:
-            load_checkpoint(sam, cfg.checkpoint, cfg.type)
-    elif cfg.type != "tiny":
-        warnings.warn(
-            f"model.checkpoint is null: SAM {cfg.type} has random weights. Pass model.checkpoint=PATH to an "
-            "official checkpoint (e.g. sam_vit_b_01ec64.pth) to fine-tune the pretrained model.",
-            stacklevel=2,
-        )
-    if cfg.type != "tiny":
-        set_image_size(sam, cfg.img_size)
-    sam.eval()
+        sam = size.build(cfg)
+    if not meta:
+        if cfg.checkpoint:
+            size.load(sam, cfg.checkpoint, cfg.type)
+        elif size.official:
+            warnings.warn(
+                f"model.checkpoint is null: SAM {cfg.type} has random weights. Pass model.checkpoint=PATH to an "
+                "official checkpoint (e.g. sam_vit_b_01ec64.pth) to fine-tune the pretrained model.",
+                stacklevel=2,
+            )
+    set_image_size(sam, cfg.img_size)
+    if not meta:
+        sam.eval()
     return sam
 
 
-def load_tiny_checkpoint(sam: Sam, path: str | Path) -> None:
+def load_tiny_checkpoint(sam: Sam, path: str | Path, model_type: str = "tiny") -> None:
     """A tiny model's base weights saved with ``torch.save(sam.state_dict())`` (tests, custom bases)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
     state = _read_state_dict(path)
     own = sam.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise CheckpointError(f"{path}: does not match the tiny SAM of this config (keys or shapes differ)")
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the tiny SAM of this config: {len(missing)} missing keys "
+                              f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (compare model.tiny)")
+    for key in own:
+        if state[key].shape == own[key].shape:
+            continue
+        if key == "image_encoder.pos_embed" and state[key].shape[-1] == own[key].shape[-1]:
+            state[key] = interpolate_pos_embed(state[key], tuple(own[key].shape[1:3]))  # saved at another img_size
+        elif key.endswith((".rel_pos_h", ".rel_pos_w")) and state[key].shape[-1] == own[key].shape[-1]:
+            module, name = key.rsplit(".", 1)  # SAM's attention interpolates its tables to the grid it sees
+            setattr(sam.get_submodule(module), name, nn.Parameter(torch.empty_like(state[key])))
+        else:
+            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, the tiny SAM of this "
+                                  f"config expects {tuple(own[key].shape)} (compare model.tiny)")
     sam.load_state_dict(state, strict=True)
 
 

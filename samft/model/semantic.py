@@ -25,13 +25,26 @@ from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from samft.model.sam import interpolate_pos_embed
+from samft.model.encoder import embed, neck
+from samft.tasks import semantic_probs  # noqa: F401  (re-exported)
+
+
+def _aux_name(module: nn.Module) -> str:
+    return getattr(module, "aux_name", "") or ""
 
 
 class SegOutput(NamedTuple):
     masks: torch.Tensor  # (B, Q, H/4, W/4) mask logits
     class_logits: Optional[torch.Tensor]  # (B, Q, K+1) or None for binary models
-    aux_loss: torch.Tensor  # scalar: sum of the PEFT layers' auxiliary losses (0 when none)
+    aux_losses: dict[str, torch.Tensor]  # named scalar auxiliary losses (Conv-LoRA's "balance", ...)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """The unweighted sum of the auxiliary losses (0 when none)."""
+        total = self.masks.new_zeros((), dtype=torch.float32)
+        for value in self.aux_losses.values():
+            total = total + value
+        return total
 
 
 class SemanticMaskDecoder(nn.Module):
@@ -87,7 +100,8 @@ class SemanticSAM(nn.Module):
         self.grad_checkpointing = False  # non-reentrant activation checkpointing of the encoder blocks
         self._aux_modules: list[nn.Module] = []
         self._block_aux_modules: list[list[nn.Module]] = []
-        self._pending_aux: list[torch.Tensor] = []  # balance losses returned by checkpointed blocks
+        self._aux_names: list[str] = []
+        self._pending_aux: list[torch.Tensor] = []  # (len(aux_names),) losses returned by checkpointed blocks
 
     @property
     def img_size(self) -> int:
@@ -100,22 +114,32 @@ class SemanticSAM(nn.Module):
         self.decoder.requires_grad_(True)
 
     def refresh_aux_modules(self) -> None:
-        """Remember which modules produce an auxiliary loss (call after a PEFT method is applied)."""
-        self._aux_modules = [m for m in self.image_encoder.modules() if hasattr(m, "aux_loss")]
-        self._block_aux_modules = [[m for m in blk.modules() if hasattr(m, "aux_loss")]
-                                   for blk in self.image_encoder.blocks]
+        """Remember which modules produce an auxiliary loss (call after the encoder's modules change).
+
+        A module produces one when it has a non-empty ``aux_name`` (Conv-LoRA's layers: ``balance``) and
+        stores the loss in ``aux_loss`` during forward; it is cleared when collected.
+        """
+        self._aux_modules = [m for m in self.image_encoder.modules() if _aux_name(m)]
+        self._block_aux_modules = [[m for m in blk.modules() if _aux_name(m)] for blk in self.image_encoder.blocks]
+        self._aux_names = sorted({_aux_name(m) for m in self._aux_modules})
+
+    @property
+    def aux_loss_names(self) -> list[str]:
+        """Names of the auxiliary losses this model's modules can produce."""
+        return list(self._aux_names)
 
     @staticmethod
-    def _run_block(blk: nn.Module, aux_modules: list[nn.Module], x: torch.Tensor
+    def _run_block(blk: nn.Module, aux_modules: list[nn.Module], names: list[str], x: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block, returning its PEFT layers' auxiliary losses (summed, float32) with its output."""
+        """One block, returning its modules' auxiliary losses (float32, one per name) with its output."""
         y = blk(x)
-        aux = y.new_zeros((), dtype=torch.float32)
+        aux = [y.new_zeros((), dtype=torch.float32) for _ in names]
         for m in aux_modules:
             if m.aux_loss is not None:
-                aux = aux + m.aux_loss.float()
+                i = names.index(m.aux_name)
+                aux[i] = aux[i] + m.aux_loss.float()
                 m.aux_loss = None
-        return y, aux
+        return y, torch.stack(aux) if aux else y.new_zeros(0, dtype=torch.float32)
 
     def _checkpointing(self) -> bool:
         return self.grad_checkpointing and self.training and torch.is_grad_enabled()
@@ -134,9 +158,7 @@ class SemanticSAM(nn.Module):
         so Conv-LoRA's gate noise and expert choices are the same as in the forward pass.
         """
         enc = self.image_encoder
-        x = enc.patch_embed(images)
-        if enc.pos_embed is not None:
-            x = x + interpolate_pos_embed(enc.pos_embed, tuple(x.shape[1:3]))
+        x = embed(enc, images)
         checkpointing = self._checkpointing()
         self._pending_aux = []
         if checkpointing and len(self._block_aux_modules) != len(enc.blocks):
@@ -144,23 +166,25 @@ class SemanticSAM(nn.Module):
         for i, blk in enumerate(enc.blocks):
             if checkpointing:
                 with set_checkpoint_early_stop(False):  # recompute whole blocks: see the docstring
-                    x, aux = checkpoint(self._run_block, blk, self._block_aux_modules[i], x, use_reentrant=False)
+                    x, aux = checkpoint(self._run_block, blk, self._block_aux_modules[i], self._aux_names, x,
+                                        use_reentrant=False)
                 self._pending_aux.append(aux)
             else:
                 x = blk(x)
-        return enc.neck(x.permute(0, 3, 1, 2))
+        return neck(enc, x)
 
-    def collect_aux_loss(self, like: torch.Tensor) -> torch.Tensor:
-        """Sum and clear the auxiliary losses the PEFT layers stored during the last forward."""
-        total = like.new_zeros((), dtype=torch.float32)
+    def collect_aux_losses(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sum per name and clear the auxiliary losses the encoder's modules stored during the last forward."""
+        totals = {name: like.new_zeros((), dtype=torch.float32) for name in self._aux_names}
         for aux in self._pending_aux:
-            total = total + aux
+            for i, name in enumerate(self._aux_names):
+                totals[name] = totals[name] + aux[i]
         self._pending_aux = []
         for m in self._aux_modules:
             if m.aux_loss is not None:
-                total = total + m.aux_loss.float()
+                totals[m.aux_name] = totals[m.aux_name] + m.aux_loss.float()
                 m.aux_loss = None
-        return total
+        return totals
 
     def forward(self, images: torch.Tensor) -> SegOutput:
         emb = self.encode(images)
@@ -168,7 +192,7 @@ class SemanticSAM(nn.Module):
         pe = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).to(emb.dtype)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(emb.dtype)
         masks, class_logits = self.decoder(emb, pe, dense)
-        return SegOutput(masks, class_logits, self.collect_aux_loss(masks))
+        return SegOutput(masks, class_logits, self.collect_aux_losses(masks))
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -182,12 +206,3 @@ def logits_to_original(logits: torch.Tensor, input_size: int, valid_hw: tuple[in
     x = upsample_logits(logits.unsqueeze(0), (input_size, input_size))
     x = x[..., : valid_hw[0], : valid_hw[1]]
     return upsample_logits(x, tuple(orig_hw))[0]
-
-
-def semantic_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """MaskFormer's semantic inference: per-pixel class scores ``sum_q softmax(class_q)[:C] * sigmoid(mask_q)``.
-
-    class_logits (..., Q, C+1), mask_logits (..., Q, H, W) -> (..., C, H, W); the label map is the argmax.
-    """
-    classes = class_logits.float().softmax(-1)[..., :-1]
-    return torch.einsum("...qc,...qhw->...chw", classes, mask_logits.float().sigmoid())

@@ -131,6 +131,8 @@ class ConvLoRALinear(AdapterLayer):
     Input (N, H, W, in) — SAM's attention layout — or (N, L, in) with a square L; output (..., out).
     """
 
+    aux_name = "balance"  # the experts' balance loss, weighted by loss.aux.balance
+
     # data-dependent group sizes: torch.compile (train.compile) leaves these to eager, the rest compiles
     eager_methods = ("mixture", "mixture_reference")
 

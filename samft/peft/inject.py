@@ -14,11 +14,13 @@ class AdapterLayer(nn.Module):
     """Base of every wrapper: the wrapped original module is ``self.base_layer`` (frozen).
 
     A layer that produces an auxiliary loss (Conv-LoRA's expert balance loss) stores it in
-    ``self.aux_loss`` during forward; the model collects and clears it after the forward pass.
+    ``self.aux_loss`` during forward, named by ``aux_name``; the model collects and clears it after the
+    forward pass and the training loop weighs it by ``loss.aux.<aux_name>``.
     """
 
     base_layer: nn.Module
     aux_loss: torch.Tensor | None = None
+    aux_name: str = ""  # non-empty: this layer produces the auxiliary loss of that name
 
 
 def replace_modules(

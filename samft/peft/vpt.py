@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from samft.constants import PATCH
 from samft.errors import ConfigError
 from samft.fields import opt
 from samft.peft.inject import AdapterLayer, replace_modules
 from samft.peft.registry import register
 
-PATCH = 16
 
 
 @dataclass

@@ -1,0 +1,133 @@
+"""The run's saved state during training: the resumable state, the last and the best adapters.
+
+- ``state`` (every ``train.save_every`` steps and at each epoch end): trainable tensors, optimizer,
+  scheduler, scaler, the loop's counters, the RNG states and the rows of ``metrics.csv`` written so far.
+- ``adapter_last.safetensors``: the trainable tensors of the same moment.
+- ``adapter.safetensors``: the best epoch by the selection metric (ties: the later epoch wins, so a
+  metric that never moves keeps the latest weights, and the choice is said in the metadata).
+
+Every file is written atomically; on resume the best adapter may be newer than the state (a kill
+between the two writes) and is reconciled.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from samft import __version__
+from samft.engine.checkpoint import (atomic_torch_save, load_state, load_trainable, read_adapter, save_adapter,
+                                     trainable_state)
+from samft.engine.runs import ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE
+from samft.errors import SamftError
+from samft.metrics import higher_is_better
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # current epoch (0-based)
+    micro_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    step: int = 0  # optimizer steps done
+    best_value: Optional[float] = None
+    best_epoch: int = -1
+    epoch_loss_sum: float = 0.0  # running sum/count of this epoch's step losses (survives a resume)
+    epoch_loss_count: int = 0
+    rng: dict = field(default_factory=dict)  # RNG state right after the last completed step
+    streams: dict = field(default_factory=dict)  # extra stream name -> {"epoch", "consumed"}
+    log_rows: Optional[int] = None  # metrics.csv data rows written when this state was saved
+
+
+def better(value: float, best: Optional[float], metric: str) -> bool:
+    """Whether ``value`` should replace ``best``: strictly better, or equal (ties go to the later epoch)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value >= best if higher_is_better(metric) else value <= best
+
+
+class Checkpointer:
+    """Writes (rank 0 only) and restores the run's state; see the module docstring."""
+
+    def __init__(self, run_dir: Path, parts: Any, meta: dict[str, str], metric: str, enabled: bool) -> None:
+        self.run_dir, self.parts, self.meta, self.metric, self.enabled = run_dir, parts, meta, metric, enabled
+
+    def _guard(self, what: str):
+        return _DiskGuard(self.run_dir, what)
+
+    def save(self, state: TrainState, rng: dict, log_rows: int, streams: dict) -> None:
+        """The resumable state and the last adapter, as of the last completed step."""
+        if not self.enabled:
+            return
+        p = self.parts
+        with self._guard("the resumable state"):
+            save_adapter(p.model, self.run_dir / LAST_ADAPTER_FILE,
+                         {**self.meta, "step": str(state.step), "epoch": str(state.epoch)})
+            progress = {**state.__dict__, "rng": rng, "log_rows": log_rows, "streams": streams}
+            atomic_torch_save({
+                "samft_version": __version__,
+                "trainable": {k: v.cpu().clone() for k, v in trainable_state(p.model).items()},
+                "optimizer": p.optimizer.state_dict(),
+                "scheduler": p.scheduler.state_dict(),
+                "scaler": p.scaler.state_dict() if p.scaler.is_enabled() else None,
+                "progress": progress,
+            }, self.run_dir / STATE_FILE)
+
+    def offer_best(self, state: TrainState, epoch: int, value: float) -> bool:
+        """Keep ``value`` of ``epoch`` as the best when it is (see :func:`better`); returns whether it was."""
+        if not better(value, state.best_value, self.metric):
+            return False
+        tie = state.best_value is not None and value == state.best_value
+        state.best_value, state.best_epoch = value, epoch
+        if self.enabled:
+            with self._guard("the best adapter"):
+                save_adapter(self.parts.model, self.run_dir / ADAPTER_FILE, {
+                    **self.meta, "step": str(state.step), "epoch": str(epoch), "metric": self.metric,
+                    "best_value": repr(value), "selected_by": "tie, later epoch" if tie else "best"})
+        return True
+
+    def save_final_fallback(self, state: TrainState) -> bool:
+        """No finite validation result: the last weights become ``adapter.safetensors``; returns whether written."""
+        if not self.enabled or (self.run_dir / ADAPTER_FILE).exists():
+            return False
+        with self._guard("the adapter"):
+            save_adapter(self.parts.model, self.run_dir / ADAPTER_FILE,
+                         {**self.meta, "step": str(state.step), "epoch": str(state.epoch)})
+        return True
+
+    def restore(self) -> TrainState:
+        """Load the saved state into the parts; returns the loop's counters."""
+        p = self.parts
+        saved = load_state(self.run_dir / STATE_FILE)
+        load_trainable(p.model, saved["trainable"], str(self.run_dir / STATE_FILE))
+        p.optimizer.load_state_dict(saved["optimizer"])
+        p.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            p.scaler.load_state_dict(saved["scaler"])
+        known = set(TrainState.__dataclass_fields__)
+        state = TrainState(**{k: v for k, v in saved["progress"].items() if k in known})
+        best_path = self.run_dir / ADAPTER_FILE
+        if best_path.is_file():  # the best adapter may be newer than the state (killed in between)
+            best_meta = read_adapter(best_path)[1]
+            if "best_value" in best_meta and int(best_meta.get("epoch", -1)) > state.best_epoch:
+                state.best_value, state.best_epoch = float(best_meta["best_value"]), int(best_meta["epoch"])
+        return state
+
+
+class _DiskGuard:
+    """Turn a full disk into one line naming the folder (the run stays resumable from its last save)."""
+
+    def __init__(self, run_dir: Path, what: str) -> None:
+        self.run_dir, self.what = run_dir, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and issubclass(exc_type, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SamftError(f"{self.run_dir}: no space left on the device while writing {self.what}; free some "
+                             f"space and continue with: samft train --resume {self.run_dir}") from None
+        return False

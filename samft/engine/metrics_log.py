@@ -1,0 +1,99 @@
+"""``metrics.csv`` (one row per logged step and one per epoch) and ``curves.png``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Optional
+
+from samft.engine.checkpoint import atomic_write_text
+
+STEP_COLUMNS = ["kind", "epoch", "step", "lr", "loss", "task_loss", "grad_norm", "images_per_s", "seconds"]
+
+
+def metrics_columns(aux_names: list[str], metric_names: tuple[str, ...]) -> list[str]:
+    """The columns: step columns, one ``aux_<name>`` per auxiliary/extra loss, one ``val_<metric>`` per metric."""
+    return STEP_COLUMNS + [f"aux_{n}" for n in aux_names] + [f"val_{m}" for m in metric_names]
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class MetricsLog:
+    """Appends rows as training goes. On resume the file is cut back to the rows the saved state had
+    written (``keep_rows``; older states: the rows up to ``keep_until_step``), so a row logged after the
+    last save is written once, not twice."""
+
+    def __init__(self, path: Path, columns: list[str], enabled: bool, keep_rows: Optional[int] = None,
+                 keep_until_step: Optional[int] = None) -> None:
+        self.path, self.enabled, self.columns = path, enabled, columns
+        self.rows = 0
+        if not enabled:
+            return
+        kept = self._kept(keep_rows, keep_until_step)
+        lines = [",".join(columns)] + [",".join(str(r.get(c) or "") for c in columns) for r in kept]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        self.rows = len(kept)
+
+    def _kept(self, keep_rows: Optional[int], keep_until_step: Optional[int]) -> list[dict]:
+        if (keep_rows is None and keep_until_step is None) or not self.path.is_file():
+            return []
+        rows: list[dict] = []
+        with open(self.path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    step = int(row["step"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # a row cut short by a kill
+                if keep_rows is not None and len(rows) >= keep_rows:
+                    break
+                if keep_rows is not None or step <= keep_until_step:
+                    rows.append(row)
+        return rows
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        cells = []
+        for c in self.columns:
+            v = row.get(c, "")
+            cells.append(f"{v:.6g}" if isinstance(v, float) else str(v))
+        with open(self.path, "a") as f:
+            f.write(",".join(cells) + "\n")
+        self.rows += 1
+
+
+def plot_curves(run_dir: Path, metrics_file: str, plot_file: str, metric: str, shown_metrics: tuple[str, ...]) -> None:
+    """Training loss per step (loss and task loss, both averaged over the same logging window) and the
+    validation metrics per epoch, the selection metric drawn thicker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir / metrics_file)
+    steps = [r for r in rows if r["kind"] == "step" and r["loss"]]
+    epochs = [r for r in rows if r["kind"] == "epoch" and r.get(f"val_{metric}")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = [int(r["step"]) for r in steps]
+    axes[0].plot(x, [float(r["loss"]) for r in steps], label="loss (total)")
+    axes[0].plot(x, [float(r["task_loss"]) for r in steps], label="task loss", alpha=0.7)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training loss (mean over each logging window)")
+    if steps:
+        axes[0].legend()
+    for name in dict.fromkeys(list(shown_metrics) + [metric]):
+        values = [(int(r["epoch"]), float(r[f"val_{name}"])) for r in epochs if r.get(f"val_{name}")]
+        if values:
+            axes[1].plot(*zip(*values), marker="o", label=name, linewidth=2.5 if name == metric else 1)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title(f"validation (best by {metric})")
+    if axes[1].lines:  # nothing to label before the first validation (train.val_every > 1)
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = run_dir / f".{plot_file}.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(run_dir / plot_file)

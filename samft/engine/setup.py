@@ -1,0 +1,223 @@
+"""Training set-up in parts: :func:`prepare_run` (device, precision, paths, data check, splits) and
+:func:`build_training` (model, task, optimizer, schedule, scaler, DDP wrapper, loss weights).
+
+``scripts/bench_train.py`` and the tests build a training with these too, so what they measure or check
+is what ``samft train`` runs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from samft import peft
+from samft.config import Config
+from samft.data.check import check_data, require_clean
+from samft.data.layouts import Pair, train_val_pairs
+from samft.engine import distributed as D
+from samft.engine.runtime import check_compile, compile_blocks, pick_device, resolve_precision
+from samft.engine.schedule import lr_factor
+from samft.errors import ConfigError, SamftError
+from samft.model import build_model, count_params
+from samft.model.semantic import SemanticSAM
+from samft.tasks import Task, make_task
+
+
+@dataclass
+class RunContext:
+    """Where and on what a training runs, and the splits it uses."""
+
+    cfg: Config
+    info: D.DistInfo
+    device: torch.device
+    precision: str
+    resume: bool
+    train_pairs: list[Pair]
+    val_pairs: list[Pair]
+    show_progress: bool = True
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.output.dir or "runs/run")
+
+    @property
+    def main(self) -> bool:
+        return self.info.is_main
+
+
+def configure_threads(num_threads: int) -> None:
+    """``train.num_threads`` (0 = torch's default) for the intra-op pool."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def prepare_run(cfg: Config, resume: bool, info: D.DistInfo, show_progress: bool = True) -> RunContext:
+    """Device, precision, seeds, absolute data paths, the data check (before anything is written) and the
+    train/validation splits."""
+    tc = cfg.train
+    device = D.device_for(info, pick_device(tc.device))
+    precision = resolve_precision(tc.precision, device)
+    configure_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
+    if not resume:  # relative paths are stored absolute so the run can be evaluated from anywhere
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+        if cfg.model.checkpoint:
+            cfg.model.checkpoint = str(Path(cfg.model.checkpoint).expanduser().resolve())
+    if cfg.data.check != "off":
+        _check_data(cfg, info, device, show_progress)
+    train_pairs, val_pairs = train_val_pairs(cfg.data)
+    return RunContext(cfg, info, device, precision, resume, train_pairs, val_pairs, show_progress)
+
+
+def _check_data(cfg: Config, info: D.DistInfo, device: torch.device, show_progress: bool) -> None:
+    report = check_data(cfg, show_progress=show_progress) if info.is_main else None
+    if D.broadcast_flag(bool(report and report.problems), info, device):
+        if info.is_main:
+            require_clean(report)
+        raise SamftError("the data check on rank 0 found problems")
+    if info.is_main:
+        for warning in report.warnings:
+            warnings.warn(warning, stacklevel=3)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW (``train.adam_eps``); matrices and convolution kernels decay, biases/norms/embeddings-of-one-row do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps)
+
+
+LossFn = Callable[[torch.nn.Module, dict], dict]
+
+
+@dataclass
+class ExtraStream:
+    """A second data stream (e.g. unlabelled images for a self-supervised loss).
+
+    ``loss(model, batch) -> {name: scalar}``: its loss terms, each added to the total with ``weights[name]``
+    and logged as ``aux_<name>``. The dataset may have ``set_epoch(epoch)``; the stream cycles through its
+    own epochs independently of the labelled one and resumes exactly.
+    """
+
+    name: str
+    dataset: Any
+    batch_size: int
+    loss: LossFn
+    weights: dict[str, float]
+    collate: Optional[Callable] = None
+
+
+@dataclass
+class TrainingParts:
+    """Everything one optimizer step needs (see :func:`samft.engine.train.train_step`)."""
+
+    cfg: Config
+    model: SemanticSAM
+    module: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    task: Task
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: str
+    aux_weights: dict[str, float]
+    base_sha256: str = ""
+    extra_streams: list[ExtraStream] = field(default_factory=list)
+
+    @property
+    def loss_names(self) -> list[str]:
+        """Every auxiliary and extra loss term logged (``aux_<name>`` columns)."""
+        names = list(self.aux_weights)
+        for stream in self.extra_streams:
+            names += [n for n in stream.weights if n not in names]
+        return names
+
+
+def aux_weights(cfg: Config, task: Task, model: SemanticSAM) -> dict[str, float]:
+    """Weight of each auxiliary loss the model produces: ``loss.aux.<name>``, else the task's default."""
+    weights = {}
+    for name in model.aux_loss_names:
+        if not hasattr(cfg.loss.aux, name):
+            raise ConfigError(f"loss.aux: the model produces an auxiliary loss {name!r} that has no weight key")
+        weights[name] = task.aux_weight(name, getattr(cfg.loss.aux, name))
+    return weights
+
+
+def build_training(cfg: Config, device: torch.device, precision: str, total_steps: int,
+                   info: Optional[D.DistInfo] = None, extra_streams: Optional[list[ExtraStream]] = None,
+                   task: Optional[Task] = None) -> TrainingParts:
+    """Model (PEFT applied, on ``device``), task, AdamW, warm-up + linear decay, scaler, DDP when distributed."""
+    tc = cfg.train
+    info = info or D.DistInfo()
+    _refuse_unwired(cfg)
+    if tc.compile:
+        check_compile(device)
+    built = build_model(cfg)
+    model: SemanticSAM = built.model.to(device)
+    model.grad_checkpointing = tc.grad_checkpointing
+    if tc.compile:
+        compile_blocks(model.image_encoder.blocks)
+    task = task or make_task(cfg)
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, tc.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, tc.warmup_steps, total_steps, tc.min_lr_ratio, tc.schedule, tc.poly_power))
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    module: torch.nn.Module = model
+    if info.enabled:
+        module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=peft.get(cfg.peft.method).unused_params)
+    return TrainingParts(cfg, model, module, task, optimizer, scheduler, scaler, device, precision,
+                         aux_weights(cfg, task, model), built.base_sha256, list(extra_streams or []))
+
+
+def _refuse_unwired(cfg: Config) -> None:
+    """SLIP's options exist (config, losses, heads, tested) but the loop does not run them yet: never let
+    a user believe they trained with them."""
+    unwired = [key for key, on in (("loss.ssl.weight", cfg.loss.ssl.weight > 0), ("loss.clip.weight",
+                                   cfg.loss.clip.weight > 0), ("model.class_head=text", cfg.model.class_head == "text"))
+               if on]
+    if unwired:
+        raise ConfigError(f"{unwired[0]}: SLIP's losses and text head are not wired into training in this version; "
+                          f"leave {', '.join(unwired)} at the default")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many micro-batches and optimizer steps a training has."""
+
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, cfg: Config, samples_per_rank: int) -> "Schedule":
+        tc = cfg.train
+        micro = math.ceil(samples_per_rank / tc.batch_size)
+        steps = math.ceil(micro / tc.accum_steps)
+        total = tc.epochs * steps
+        return cls(micro, steps, min(total, tc.max_steps) if tc.max_steps else total)
+
+
+def describe_start(ctx: RunContext, parts: TrainingParts, schedule: Schedule) -> str:
+    """The one-line summary printed when a training starts."""
+    cfg, info = ctx.cfg, ctx.info
+    params = count_params(parts.model)
+    speed = [f"{cfg.model.attention} attention"] + (["checkpointing"] if cfg.train.grad_checkpointing else []) + (
+        ["compiled"] if cfg.train.compile else [])
+    procs = f" x {info.world_size} processes" if info.enabled else ""
+    from samft import __version__
+    from samft.protocol import summary as protocol_summary
+
+    return (f"[bold]samft {__version__}[/] {cfg.model.type} + {cfg.peft.method}: "
+            f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters | "
+            f"{len(ctx.train_pairs)} train / {len(ctx.val_pairs)} val images | {ctx.device}{procs} {ctx.precision}, "
+            f"{', '.join(speed)} | {schedule.total_steps} steps | {protocol_summary(cfg)} -> {ctx.run_dir}")

@@ -1,0 +1,302 @@
+"""Tasks: what a segmentation problem means, in one object per kind.
+
+A task owns everything that differs between binary and multi-class segmentation, so the model, the
+training loop, evaluation and prediction never branch on it:
+
+- the model's shape: ``num_queries`` mask tokens and ``num_classes`` for the class head (binary: one query,
+  no class head);
+- the loss on a batch (binary: structure loss; multi-class: MaskFormer's matched set loss);
+- post-processing: per-pixel scores from the decoder's outputs (binary: the foreground probability
+  (H, W); multi-class: MaskFormer's class scores (C, H, W)) and the label map from them;
+- the metrics accumulator and how a prediction updates it, the metric names, the default selection
+  metric and the default weight of Conv-LoRA's balance loss (1.0 binary, 2.0 multi-class: the paper's);
+- the prediction writer: the PNG of a label map and its overlay picture.
+
+:func:`make_task` builds the task of a config. :class:`ClassSpec` (class names, colours, ignore id) lives
+here too: it is what a multi-class task is about, used by the data layer to decode masks.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from samft.losses import PointSampling, SetLossWeights, set_loss, structure_loss
+from samft.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
+
+
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """Pascal VOC's colour map: (n, 3) uint8, class i -> the colour of VOC's palette PNGs."""
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """What a multi-class mask means: class names, their colours, and what is ignored."""
+
+    names: tuple[str, ...]
+    palette: np.ndarray  # (C, 3) uint8
+    ignore_index: int
+    ignore_colors: tuple[tuple[int, int, int], ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def of(cls, data: Any) -> Optional["ClassSpec"]:
+        """The spec of a multi-class ``DataConfig``, or None for a binary one (empty ``data.classes``)."""
+        if not data.classes:
+            return None
+        n = len(data.classes)
+        palette = np.array(data.palette, dtype=np.uint8).reshape(-1, 3) if data.palette else voc_colormap(n)[:n]
+        return cls(tuple(data.classes), palette, data.ignore_index,
+                   tuple(tuple(int(v) for v in c) for c in data.ignore_colors))
+
+    def palette_bytes(self) -> list[int]:
+        """A 256-entry PIL palette: the classes' colours, then VOC's colour map; ignore shown in cream."""
+        full = voc_colormap(256)
+        full[: self.num_classes] = self.palette
+        if 0 <= self.ignore_index < 256:
+            full[self.ignore_index] = (224, 224, 192)
+        return full.reshape(-1).tolist()
+
+
+def png_bytes(image: np.ndarray | Any) -> bytes:
+    """A PNG file's bytes from an array or a PIL image."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with the mask tinted red and its outline drawn."""
+    import cv2
+
+    out = image.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * OVERLAY_COLOUR
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    out = out.astype(np.uint8)
+    cv2.drawContours(out, contours, -1, (255, 255, 0), max(1, round(max(mask.shape) / 400)))
+    return out
+
+
+def label_image(labels: np.ndarray, classes: ClassSpec):
+    """A label map as a palette PNG: pixel values are class ids, shown in the classes' colours."""
+    from PIL import Image
+
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    im.putpalette(classes.palette_bytes())
+    return im
+
+
+def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alpha: float = 0.5):
+    """The image blended with the class colours (background left as it is), with a legend of the classes shown."""
+    from PIL import Image, ImageDraw
+
+    colours = classes.palette[labels]
+    blend = image.astype(np.float32)
+    fg = labels > 0
+    blend[fg] = (1 - alpha) * blend[fg] + alpha * colours[fg]
+    present = [int(c) for c in np.unique(labels)]
+    row = 18
+    legend_w = 12 + 8 * max(len(classes.names[c]) for c in present) + 30
+    h, w = labels.shape
+    canvas = Image.new("RGB", (w + legend_w, max(h, row * len(present) + 8)), (255, 255, 255))
+    canvas.paste(Image.fromarray(blend.astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, c in enumerate(present):
+        y = 4 + k * row
+        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.palette[c]), outline=(0, 0, 0))
+        draw.text((w + 26, y), classes.names[c], fill=(0, 0, 0))
+    return canvas
+
+
+def semantic_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """MaskFormer's semantic inference: per-pixel class scores ``sum_q softmax(class_q)[:C] * sigmoid(mask_q)``.
+
+    class_logits (..., Q, C+1), mask_logits (..., Q, H, W) -> (..., C, H, W); the label map is the argmax.
+    """
+    classes = class_logits.float().softmax(-1)[..., :-1]
+    return torch.einsum("...qc,...qhw->...chw", classes, mask_logits.float().sigmoid())
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A UserWarning shown once per process (the task is built by training, eval and predict alike)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+
+
+class Task:
+    """The interface; see the module docstring. Built by :func:`make_task`."""
+
+    kind = ""
+    classes: Optional[ClassSpec] = None
+    num_queries = 1
+    num_classes = 1  # the model's class head: 1 = none (binary)
+    metric_names: tuple[str, ...] = ()
+    plot_metrics: tuple[str, ...] = ()  # drawn in curves.png (with the selection metric)
+    default_metric = ""
+    default_balance_weight = 1.0
+    learning_hints = "Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs or a larger model.img_size."
+
+    def selection_metric(self, metric: str) -> str:
+        """The eval.json name of ``train.metric`` (``auto`` = the task's default)."""
+        return self.default_metric if metric == "auto" else canonical(metric)
+
+    def aux_weight(self, name: str, configured: Optional[float]) -> float:
+        """Weight of a named auxiliary loss: the configured one, else the task's default (balance) or 1."""
+        if configured is not None:
+            return float(configured)
+        return self.default_balance_weight if name == "balance" else 1.0
+
+    def loss(self, logits: torch.Tensor, class_logits: Optional[torch.Tensor], target: torch.Tensor,
+             valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """Task loss. logits (B, Q, S, S) at the input size, target (B, S, S), valid (B, 1, S, S) or None."""
+        raise NotImplementedError
+
+    def scores(self, mask_logits: torch.Tensor, class_logits: Optional[torch.Tensor]) -> torch.Tensor:
+        """One image's per-pixel scores from (Q, H, W) mask logits (and (Q, K+1) class logits)."""
+        raise NotImplementedError
+
+    def labels(self, scores: np.ndarray) -> np.ndarray:
+        """The label map of :meth:`scores`: a bool mask (binary) or class ids (multi-class)."""
+        raise NotImplementedError
+
+    def is_empty(self, labels: np.ndarray) -> bool:
+        """Whether a label map predicts nothing (binary: no foreground pixel; multi-class: never)."""
+        return False
+
+    def new_metrics(self) -> BinaryMetrics | ConfusionMetrics:
+        raise NotImplementedError
+
+    def update(self, metrics: Any, scores: np.ndarray, gt: np.ndarray, name: str) -> None:
+        """Add one image's scores against its ground truth to ``metrics``."""
+        raise NotImplementedError
+
+    def mask_png(self, labels: np.ndarray) -> bytes:
+        """The PNG file of a prediction (0/255 mask, or palette PNG of class ids)."""
+        raise NotImplementedError
+
+    def overlay_png(self, image: np.ndarray, labels: np.ndarray) -> bytes:
+        """The PNG of the image with the prediction drawn on it."""
+        raise NotImplementedError
+
+
+class BinaryTask(Task):
+    """Foreground vs background: one mask token, structure loss, SOD/polyp metrics, 0/255 PNG masks."""
+
+    kind = "binary"
+    metric_names = tuple(BINARY_METRICS)
+    plot_metrics = ("dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE")  # BER (percent) only when selected
+    default_metric = "Sm"
+    default_balance_weight = 1.0
+    learning_hints = ("Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs, a larger model.img_size for small "
+                      "structures, or loss.bce=balanced for rare foreground.")
+
+    def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True, ber: str = "pooled") -> None:
+        self.threshold, self.bce, self.iou, self.ber = threshold, bce, iou, ber
+
+    def loss(self, logits, class_logits, target, valid):
+        return structure_loss(logits, target.float().unsqueeze(1), valid, self.bce, self.iou)
+
+    def scores(self, mask_logits, class_logits):
+        return torch.sigmoid(mask_logits[0])
+
+    def labels(self, scores):
+        return scores >= self.threshold
+
+    def is_empty(self, labels):
+        return not labels.any()
+
+    def new_metrics(self):
+        return BinaryMetrics(self.threshold, self.ber)
+
+    def update(self, metrics, scores, gt, name):
+        metrics.update(scores, gt.astype(bool), name)
+
+    def mask_png(self, labels):
+        return png_bytes(labels.astype(np.uint8) * 255)
+
+    def overlay_png(self, image, labels):
+        return png_bytes(overlay(image, labels))
+
+
+class MultiClassTask(Task):
+    """Classes of ``data.classes``: Q mask tokens + class head, set loss, confusion metrics, palette PNGs."""
+
+    kind = "multiclass"
+    metric_names = tuple(MULTICLASS_METRICS)
+    plot_metrics = ("mIoU", "mAcc", "pixel_acc")
+    default_metric = "mIoU"
+    default_balance_weight = 2.0
+
+    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights, miou: str = "dataset",
+                 sampling: Optional[PointSampling] = None) -> None:
+        self.classes, self.num_queries, self.weights, self.miou = classes, num_queries, weights, miou
+        self.sampling = sampling  # None: mask losses on every pixel; else Mask2Former's sampled points
+        self.num_classes = classes.num_classes
+        if num_queries < classes.num_classes:
+            warn_once(f"model.num_mask_tokens is {num_queries} for {classes.num_classes} classes: an image with "
+                          f"more classes than mask tokens cannot have all of them matched; set "
+                          f"model.num_mask_tokens to at least {classes.num_classes}")
+
+    def loss(self, logits, class_logits, target, valid):
+        keep = valid[:, 0].bool() if valid is not None else torch.ones_like(target, dtype=torch.bool)
+        return set_loss(class_logits, logits, target.long(), keep, self.classes.ignore_index, self.weights,
+                        self.sampling)["loss"]  # points drawn from the global RNG: saved and restored on resume
+
+    def scores(self, mask_logits, class_logits):
+        return semantic_probs(class_logits, mask_logits)
+
+    def labels(self, scores):
+        return scores.argmax(0)
+
+    def new_metrics(self):
+        return ConfusionMetrics(self.classes.names, self.classes.ignore_index, self.miou)
+
+    def update(self, metrics, scores, gt, name):
+        metrics.update(self.labels(scores), gt, name)
+
+    def mask_png(self, labels):
+        return png_bytes(label_image(labels, self.classes))
+
+    def overlay_png(self, image, labels):
+        return png_bytes(class_overlay(image, labels, self.classes))
+
+
+def make_task(cfg: Any) -> Task:
+    """The task of a config: multi-class when ``data.classes`` is set, else binary."""
+    classes = ClassSpec.of(cfg.data)
+    if classes is None:
+        return BinaryTask(cfg.eval.threshold, cfg.loss.bce, cfg.loss.iou, cfg.eval.ber)
+    return MultiClassTask(classes, cfg.model.num_mask_tokens, SetLossWeights.from_config(cfg.loss), cfg.eval.miou,
+                          PointSampling.from_config(cfg.loss.set))
+
