@@ -221,7 +221,7 @@ def info(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
 ) -> None:
-    """Show the model, PEFT method, adapted modules and parameter counts of a config."""
+    """Show the model, attention, PEFT method, adapted modules, parameter counts and encoder GMACs of a config."""
     from samft.config import load_config
     from samft.model import describe
 
@@ -233,6 +233,13 @@ def info(
     c = _console()
     adapted = result["adapted_modules"]
     c.print(f"model          {cfg.model.type} @ {cfg.model.img_size}px (checkpoint: {cfg.model.checkpoint})")
+    blocks = ", ".join(f"{k} x {n}" for k, n in result["attention_blocks"].items())
+    options = f" {result['attention_options']}" if result["attention_options"] else ""
+    c.print(f"attention      {result['attention']}{options} (blocks: {blocks})")
+    if result["attention_params"]:
+        new = ", ".join(f"{k} {n:,}" for k, n in result["attention_params"].items())
+        c.print(f"attn params    {sum(result['attention_params'].values()):,} new, trainable ({new})")
+    c.print(f"encoder        {result['encoder_gmacs']:,} GMACs forward per image at {cfg.model.img_size}px")
     c.print(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
     c.print(f"adapted        {len(adapted)}" + (f": {adapted[0]} ... {adapted[-1]}" if adapted else " (nothing wrapped)"))
     c.print(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "

@@ -95,6 +95,30 @@ class TextConfig:
         return "file" if self.embeddings else "open_clip" if self.open_clip_model else None
 
 
+BRA_BLOCKS = ("global", "all")
+
+
+@dataclass
+class BRAConfig:
+    """Options of ``model.attention=bra``: BiFormer's Bi-Level Routing Attention (samft/model/attention/bra.py)."""
+
+    regions: int = opt(8, "regions per side S: the token map (or window) is split into S x S regions, padded "
+                       "(padded keys masked) when S does not divide it", minimum=1)
+    topk: int = opt(16, "key regions each query region attends to (at most regions**2, which is dense attention)",
+                    minimum=1)
+    lepe_kernel: int = opt(5, "kernel of the zero-initialised depthwise LEPE conv on v, added before proj "
+                           "(odd; 0 = off)", minimum=0)
+    blocks: str = opt("global", "blocks that use BRA: global (SAM's global-attention blocks; windowed blocks keep "
+                      "their windows) or all (every block; windowed blocks route inside each window)", BRA_BLOCKS)
+
+    def check(self, prefix: str) -> None:
+        if self.topk > self.regions ** 2:
+            raise ConfigError(f"{prefix}.topk: {self.topk} exceeds regions**2 = {self.regions ** 2} "
+                              f"(the number of regions)")
+        if self.lepe_kernel and self.lepe_kernel % 2 == 0:
+            raise ConfigError(f"{prefix}.lepe_kernel: {self.lepe_kernel} is even; use an odd kernel or 0 (off)")
+
+
 @dataclass
 class ModelConfig:
     type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", _model_types)
@@ -106,8 +130,10 @@ class ModelConfig:
     num_mask_tokens: int = opt(10, "multi-class: mask tokens (queries) decoded per image; binary models use one",
                                minimum=1)
     attention: str = opt("sdpa", "encoder attention implementation (samft/model/attention/): sdpa (fused "
-                         "scaled_dot_product_attention), eager (segment_anything's own, the plain reference)",
+                         "scaled_dot_product_attention), eager (segment_anything's own, the plain reference), bra "
+                         "(BiFormer's Bi-Level Routing Attention: sparse, for 1536-2048 px; see model.bra)",
                          _attention_names)
+    bra: BRAConfig = section(BRAConfig, "options of model.attention=bra (Bi-Level Routing Attention)")
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
     class_head: str = opt("linear", "multi-class: how mask tokens are classified: linear (a Linear to C+1 scores) or "
                           "text (cosine similarity to the class-name embeddings of model.text)", ("linear", "text"))
@@ -501,6 +527,7 @@ def validate(cfg: Config) -> Config:
         kind = "multi-class" if d.classes else "binary"
         raise ConfigError(f"train.metric: {metric!r} is not a {kind} metric; choose from "
                           f"{', '.join(task_metric_names(bool(d.classes)))}")
+    cfg.model.bra.check("model.bra")
     cfg.model.tiny.check("model.tiny")  # checked whether used or not: its defaults are valid
     from samft.peft import registry
 

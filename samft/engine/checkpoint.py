@@ -77,11 +77,17 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 def check_adapter_meta(path: str | Path, meta: dict[str, str], expected: dict[str, str]) -> None:
-    """Refuse an adapter trained on another SAM type, base checkpoint or PEFT method."""
-    labels = {"sam_type": "SAM type", "base_sha256": "base checkpoint sha256", "peft_method": "PEFT method"}
+    """Refuse an adapter trained on another SAM type, base checkpoint, PEFT method or attention function
+    (``bra`` vs SAM's dense attention; eager and sdpa are the same function)."""
+    from samft.model.attention import attention_function
+
+    labels = {"sam_type": "SAM type", "base_sha256": "base checkpoint sha256", "peft_method": "PEFT method",
+              "attention": "encoder attention (model.attention)"}
     for key, want in expected.items():
         got = meta.get(key)
-        if got is not None and want and got != want:
+        differ = (attention_function(got) != attention_function(want)) if key == "attention" and got and want \
+            else got != want
+        if got is not None and want and differ:
             raise CheckpointError(f"{path}: adapter was trained with {labels.get(key, key)} {got!r}, "
                                   f"but this model has {want!r}")
 

@@ -17,10 +17,11 @@
     embedding the run used at its ``img_size``, and metadata (SAM type, image size, queries, classes,
     PEFT method, base sha256, the run's config). SAM's own prompt-driven decoder path attends over
     different tokens, so the semantic output needs this head: :func:`load_exported` rebuilds it.
-- **other methods** (``conv_lora``, ``adapter``, ``vpt``, ``sam_adapter``): their layers cannot be
-  folded into SAM's weights; ``OUT`` is then the unmerged samft model: a ``torch.save`` dict with the
-  run's config and the full state dict (base weights included, so no base checkpoint is needed to
-  load it) that :func:`load_exported` rebuilds.
+- **other methods** (``conv_lora``, ``adapter``, ``vpt``, ``sam_adapter``), and every method with an
+  attention that is not SAM's (``model.attention=bra``): their layers cannot be folded into SAM's
+  weights (or SAM's classes cannot run the encoder); ``OUT`` is then the unmerged samft model: a
+  ``torch.save`` dict with the run's config and the full state dict (base weights included, so no base
+  checkpoint is needed to load it) that :func:`load_exported` rebuilds.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from samft.engine.checkpoint import atomic_torch_save, atomic_write_bytes, read_
 from samft.engine.runs import ADAPTER_FILE, is_run_file, load_run
 from samft.errors import CheckpointError, SamftError
 from samft.model import SemanticSAM, build_model
+from samft.model.attention import attention_function
 from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
 from samft.peft.inject import AdapterLayer
 
@@ -54,6 +56,7 @@ class ExportResult:
     method: str
     files: list[Path]
     merged_layers: int = 0  # adapter layers folded into the encoder (0 when nothing was wrapped)
+    reason: str = ""  # why an export is unmerged, when not the PEFT method (another attention function)
 
     def message(self) -> str:
         if self.merged:
@@ -61,6 +64,9 @@ class ExportResult:
                 else f"{self.method}: the encoder is plain SAM, nothing to fold"
             return (f"{what}; wrote {self.files[0]} (plain segment_anything checkpoint) and {self.files[1]} "
                     f"(samft decoder head)")
+        if self.reason:
+            return (f"{self.reason}; wrote the unmerged samft model to {self.files[0]} (load it with "
+                    f"samft.engine.export.load_exported)")
         return (f"{self.method} cannot be merged: its layers cannot be folded into SAM's weights; wrote the unmerged "
                 f"samft model to {self.files[0]} (load it with samft.engine.export.load_exported)")
 
@@ -135,14 +141,17 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
     run = load_run(run_dir, torch.device("cpu"), adapter)
     cfg, model = run.cfg, run.model.eval()
     spec = peft.get(cfg.peft.method)
-    if not spec.mergeable:
+    sam_function = attention_function(cfg.model.attention) == "dense"
+    if not spec.mergeable or not sam_function:
         unmerged = {
             "format": UNMERGED_FORMAT, "samft_version": __version__, "peft_method": cfg.peft.method,
             "sam_type": cfg.model.type, "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg),
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         }
         _write(out, lambda: atomic_torch_save(unmerged, out))
-        return ExportResult(False, cfg.peft.method, [out])
+        reason = "" if sam_function else (f"model.attention={cfg.model.attention} is not SAM's attention, so plain "
+                                          f"segment_anything cannot run this encoder")
+        return ExportResult(False, cfg.peft.method, [out], reason=reason)
 
     with torch.no_grad():
         pos_embed = model.image_encoder.pos_embed.detach().clone() if model.image_encoder.pos_embed is not None \

@@ -75,7 +75,8 @@ def read_run_config(run_dir: str | Path, overrides: Optional[list[str]] = None) 
 
 
 def adapter_expectations(cfg: Config, base_sha256: str) -> dict[str, str]:
-    return {"sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method}
+    return {"sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method,
+            "attention": cfg.model.attention}
 
 
 @dataclass

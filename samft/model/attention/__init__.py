@@ -43,6 +43,7 @@ class EncoderAttention(nn.Module):
     """Base of the registered implementations: SAM's ``Attention`` parameters, taken over by name."""
 
     kind: ClassVar[str] = ""
+    dense: ClassVar[bool] = True  # computes SAM's own attention function (eager, sdpa); False: another one (bra)
 
     def __init__(self, attn: nn.Module, options: Any = None) -> None:
         super().__init__()
@@ -163,6 +164,14 @@ def set_attention(encoder: nn.Module, name: str = FALLBACK, options: Any = None)
     return count
 
 
+def attention_function(name: str) -> str:
+    """``dense`` for implementations of SAM's own attention function (interchangeable: an adapter trained
+    with one runs on another), else the name itself (``bra``)."""
+    _discover()
+    cls = _REGISTRY.get(name)
+    return "dense" if cls is not None and cls.dense else name
+
+
 def attention_impl(encoder: nn.Module) -> str:
     """The implementation name the encoder's attention modules use, ``mixed`` or ``none``."""
     kinds = {m.kind if isinstance(m, EncoderAttention) else "eager" for m in encoder.modules() if _sam_attention(m)}
@@ -176,5 +185,5 @@ def attention_kinds(encoder: nn.Module) -> list[str]:
 
 from samft.model.attention.bias import rel_pos_bias  # noqa: E402  (re-exported)
 
-__all__ = ["EncoderAttention", "attention_names", "attention_impl", "attention_kinds", "convert_attention",
+__all__ = ["EncoderAttention", "attention_function", "attention_names", "attention_impl", "attention_kinds", "convert_attention",
            "get_attention", "register_attention", "rel_pos_bias", "set_attention", "FALLBACK"]
