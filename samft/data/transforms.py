@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-from samft.model.sam import PIXEL_MEAN, PIXEL_STD
+from samft.constants import PIXEL_MEAN, PIXEL_STD
 
 
 class SamTransform:

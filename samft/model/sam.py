@@ -21,10 +21,9 @@ from segment_anything.build_sam import sam_model_registry
 from torch import nn
 
 from samft.config import ModelConfig
+from samft.constants import PIXEL_MEAN, PIXEL_STD  # noqa: F401  (re-exported)
 from samft.errors import CheckpointError
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 PATCH = 16
 
 # encoder width -> (type, depth) of the official checkpoints, to name a wrong file
