@@ -164,16 +164,33 @@ def predict(
 @app.command()
 @user_errors
 def export(
-    merged: Path = typer.Option(..., "--merged", help="output file, e.g. model.pth"),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="output file, e.g. model.pth"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="output ONNX file, e.g. model.onnx: the whole model, "
+                                        "normalised image -> mask logits / class scores (needs samft[onnx])"),
     run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (14-20)"),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="ONNX: any batch size (default: 1)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="ONNX: a real image to verify on besides a random one"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="ONNX: replace an existing file"),
 ) -> None:
     """Fold the adapters into SAM's weights (LoRA, SSF, BitFit ...) and write a plain SAM checkpoint plus
-    the decoder head; for methods that cannot be merged, say so and write the unmerged model."""
-    from samft.engine.export import export_run
+    the decoder head (--merged); for methods that cannot be merged, say so and write the unmerged model.
+    --onnx writes the whole model as one ONNX graph, checked against PyTorch with onnxruntime."""
     from samft.engine.runs import newest_run
 
-    result = export_run(run or newest_run(), merged)
-    _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
+    if merged is None and onnx is None:
+        raise SamftError("export needs --merged FILE and/or --onnx FILE")
+    run_dir = run or newest_run()
+    if merged is not None:
+        from samft.engine.export import export_run
+
+        result = export_run(run_dir, merged)
+        _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
+    if onnx is not None:
+        from samft.engine.onnx_export import export_onnx
+
+        result = export_onnx(run_dir, onnx, opset, dynamic_batch, image, overwrite=overwrite)
+        _console().print(f"[green]{result.message()}[/]", soft_wrap=True)
 
 
 @app.command()

@@ -39,10 +39,10 @@ META_PREFIX = "samft."
 
 
 def longest_side_size(hw: tuple[int, int], img_size: int) -> tuple[int, int]:
-    """The (h, w) after resizing the longest side to ``img_size`` (as albumentations' LongestMaxSize,
-    whose ``int(side * scale)`` can give ``img_size - 1``)."""
+    """The (h, w) after resizing the longest side to ``img_size``, rounded as albumentations'
+    LongestMaxSize (samft's pipeline) rounds: Python's ``round`` of ``side * img_size / longest``."""
     scale = img_size / max(hw)
-    return int(hw[0] * scale), int(hw[1] * scale)
+    return max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
 
 
 def _axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
