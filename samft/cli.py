@@ -109,6 +109,9 @@ def eval_(
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH test set (folder or CSV); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print eval.json to stdout"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    tile: Optional[int] = typer.Option(None, "--tile", help="score large images by overlapping SIZE x SIZE tiles "
+                                       "at native resolution (as samft predict --tile)"),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in pixels (default SIZE/8)"),
 ) -> None:
     """Evaluate a run at each image's original resolution; writes RUN/eval.json."""
     from samft.engine.evaluate import evaluate_run
@@ -116,7 +119,7 @@ def eval_(
 
     run_dir = run or newest_run()
     named = {k: str(Path(v).expanduser().resolve()) for k, v in _parse_named(data, "--data").items()}  # from cwd
-    results = evaluate_run(run_dir, named or None, device, show_progress=not as_json)
+    results = evaluate_run(run_dir, named or None, device, show_progress=not as_json, tile=tile, overlap=overlap)
     if _rank() != 0:  # under torchrun: rank 0 prints
         return
     if as_json:
@@ -151,14 +154,24 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/predictions)"),
     with_overlay: bool = typer.Option(False, "--overlay", help="also write image+mask overlays to OUT/overlays/"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    tile: Optional[int] = typer.Option(None, "--tile", help="predict large images by overlapping SIZE x SIZE tiles "
+                                       "at native resolution, blended (smaller images: one tile, as without)"),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in pixels (default SIZE/8)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="image-decoding processes "
+                                          "(default: the run's data.num_workers)"),
 ) -> None:
     """Predict masks (0/255 PNG at the original size, named after each input)."""
+    import time
+
     from samft.engine.predict import predict_run
     from samft.engine.runs import newest_run
 
     run_dir = run or newest_run()
-    written = predict_run(run_dir, inputs, out, with_overlay, device)
-    _console().print(f"[green]wrote {len(written)} mask(s)[/] to {written[0].parent if written else out}")
+    t0 = time.perf_counter()
+    written = predict_run(run_dir, inputs, out, with_overlay, device, tile=tile, overlap=overlap, workers=workers)
+    seconds = time.perf_counter() - t0
+    _console().print(f"[green]wrote {len(written)} mask(s)[/] to {written[0].parent if written else out} in "
+                     f"{seconds:.1f} s ({len(written) / seconds:.1f} images/s, model loading included)")
 
 
 @app.command()

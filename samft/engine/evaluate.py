@@ -22,6 +22,8 @@ from samft.engine.checkpoint import atomic_write_text
 from samft.engine.progress import progress
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.engine.runs import ADAPTER_FILE, EVAL_FILE, load_run
+from samft.engine.tiling import check_tiling, iter_tiled_predictions
+from samft.errors import SamftError
 from samft.metrics import BinaryMetrics, ConfusionMetrics
 from samft.model.semantic import SemanticSAM, logits_to_original, semantic_probs
 
@@ -69,12 +71,18 @@ def new_metrics(cfg: Config) -> BinaryMetrics | ConfusionMetrics:
 
 
 def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, precision: str,
-                   description: str = "eval", show_progress: bool = True) -> BinaryMetrics | ConfusionMetrics:
+                   description: str = "eval", show_progress: bool = True, tile: Optional[int] = None,
+                   overlap: Optional[int] = None) -> BinaryMetrics | ConfusionMetrics:
+    """``tile``: predict by tiles at native resolution (``samft.engine.tiling``; overlap checked)."""
     classes = ClassSpec.of(cfg.data)
     metrics = new_metrics(cfg)
+    if tile:
+        source = iter_tiled_predictions(model, pairs, tile, overlap, cfg.eval.batch_size, device, precision, classes)
+    else:
+        source = iter_predictions(model, pairs, cfg.eval.batch_size, device, precision, cfg.data.num_workers,
+                                  cfg.eval.resize_gt_to_input, classes)
     with progress(description, len(pairs), show_progress) as advance:
-        for pair, scores, gt in iter_predictions(model, pairs, cfg.eval.batch_size, device, precision,
-                                                 cfg.data.num_workers, cfg.eval.resize_gt_to_input, classes):
+        for pair, scores, gt in source:
             if classes is None:
                 metrics.update(scores, gt.astype(bool), pair.name)
             else:
@@ -84,8 +92,11 @@ def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: t
 
 
 def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, device: str = "auto",
-                 show_progress: bool = True, write: bool = True) -> dict:
+                 show_progress: bool = True, write: bool = True, tile: Optional[int] = None,
+                 overlap: Optional[int] = None) -> dict:
     """Evaluate a run's best adapter on its test sets (or ``data``) and write ``eval.json``.
+
+    ``tile``/``overlap``: predict each image by tiles at native resolution (protocol ``tiled_<tile>``).
 
     Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
     merges the per-image results and writes ``eval.json``; every rank returns the merged results.
@@ -94,7 +105,9 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
     info = D.setup(device)
     ok = False
     try:
-        results = _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info)
+        tiling = (tile, check_tiling(tile, overlap)) if tile else None
+        results = _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info,
+                                tiling)
         ok = True
         return results
     finally:
@@ -103,20 +116,25 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
 
 
 def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torch.device, show_progress: bool,
-                  write: bool, info: D.DistInfo) -> dict:
+                  write: bool, info: D.DistInfo, tiling: Optional[tuple[int, int]] = None) -> dict:
     run = load_run(run_dir, dev)
     cfg = run.cfg
+    if tiling and cfg.eval.resize_gt_to_input:
+        raise SamftError("--tile scores at native resolution; the run's eval.resize_gt_to_input=true scores at the "
+                         "input size: drop one of them")
     precision = resolve_precision(cfg.train.precision, dev)
     sets = eval_sets(cfg.data, data)
     checkpoint = str(Path(run_dir) / ADAPTER_FILE)
     chash = config_hash(cfg)
     protocol = "input_size" if cfg.eval.resize_gt_to_input else "original_resolution"
+    if tiling:
+        protocol = f"original_resolution, tiles {tiling[0]} px overlapping {tiling[1]} px"
     results: dict = {"samft_version": __version__, "run": str(run_dir), "checkpoint": checkpoint,
                      "config_hash": chash, "protocol": protocol, "sets": {}}
     for name, pairs in sets.items():
         t0 = time.perf_counter()
         metrics = evaluate_pairs(run.model, D.shard(pairs, info), cfg, dev, precision, f"eval {name}",
-                                 show_progress and info.is_main)
+                                 show_progress and info.is_main, *(tiling or ()))
         metrics = D.merge_across(metrics, info)
         results["sets"][name] = {
             "n_images": len(metrics),

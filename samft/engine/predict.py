@@ -17,6 +17,8 @@ from samft.engine.evaluate import iter_predictions
 from samft.engine.progress import progress
 from samft.engine.runtime import pick_device, resolve_precision
 from samft.engine.runs import load_run
+from samft.engine.tiling import check_tiling, iter_tiled_predictions
+from samft.engine.writer import BackgroundWriter
 from samft.errors import SamftError
 
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
@@ -99,13 +101,32 @@ def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alp
     return canvas
 
 
+def _write_prediction(target: Path, prediction: np.ndarray, classes: Optional[ClassSpec], image_path: Path,
+                      overlays: Optional[Path]) -> None:
+    """Encode and write one mask (and its overlay); runs on a writer thread."""
+    if classes is None:
+        atomic_write_bytes(target, _png_bytes(prediction.astype(np.uint8) * 255))
+        picture = overlay(read_image(image_path), prediction) if overlays else None
+    else:
+        atomic_write_bytes(target, _png_bytes(label_image(prediction, classes)))
+        picture = class_overlay(read_image(image_path), prediction, classes) if overlays else None
+    if picture is not None:
+        atomic_write_bytes(overlays / target.name, _png_bytes(picture))
+
+
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
-                with_overlay: bool = False, device: str = "auto", show_progress: bool = True) -> list[Path]:
+                with_overlay: bool = False, device: str = "auto", show_progress: bool = True,
+                tile: Optional[int] = None, overlap: Optional[int] = None, workers: Optional[int] = None,
+                write_threads: int = 2) -> list[Path]:
     """Write ``out_dir/<name>.png`` for every input image; overlays go to ``out_dir/overlays/``.
 
     Binary runs write 0/255 masks; multi-class runs write palette PNGs whose values are class ids.
+    ``tile``: predict each image by overlapping tiles of that many pixels at native resolution
+    (``samft.engine.tiling``). ``workers``: image-decoding processes (default the run's
+    ``data.num_workers``); ``write_threads``: threads encoding and writing the PNGs (0: in turn).
     """
     files = collect_inputs(inputs)
+    overlap = check_tiling(tile, overlap) if tile else None
     dev = pick_device(device)
     run = load_run(run_dir, dev)
     classes = ClassSpec.of(run.cfg.data)
@@ -115,21 +136,16 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
         (out / "overlays").mkdir(exist_ok=True)
     pairs = unique_names([Pair(f, None, f.stem) for f in files])
     precision = resolve_precision(run.cfg.train.precision, dev)
+    batch, workers = run.cfg.eval.batch_size, run.cfg.data.num_workers if workers is None else workers
+    source = (iter_tiled_predictions(run.model, pairs, tile, overlap, batch, dev, precision, classes) if tile
+              else iter_predictions(run.model, pairs, batch, dev, precision, workers, classes=classes))
     written = []
-    with progress("predict", len(pairs), show_progress) as advance:
-        for pair, scores, _ in iter_predictions(run.model, pairs, run.cfg.eval.batch_size, dev, precision,
-                                                run.cfg.data.num_workers, classes=classes):
+    with progress("predict", len(pairs), show_progress) as advance, BackgroundWriter(write_threads) as writer:
+        for pair, scores, _ in source:
             target = out / f"{pair.name}.png"
-            if classes is None:
-                mask = scores >= run.cfg.eval.threshold
-                atomic_write_bytes(target, _png_bytes(mask.astype(np.uint8) * 255))
-                picture = overlay(read_image(pair.image), mask) if with_overlay else None
-            else:
-                labels = scores.argmax(0)
-                atomic_write_bytes(target, _png_bytes(label_image(labels, classes)))
-                picture = class_overlay(read_image(pair.image), labels, classes) if with_overlay else None
+            prediction = scores >= run.cfg.eval.threshold if classes is None else scores.argmax(0)
+            writer.submit(_write_prediction, target, prediction, classes, pair.image,
+                          out / "overlays" if with_overlay else None)
             written.append(target)
-            if picture is not None:
-                atomic_write_bytes(out / "overlays" / f"{pair.name}.png", _png_bytes(picture))
             advance()
     return written
