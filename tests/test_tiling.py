@@ -154,3 +154,18 @@ def test_background_writer_runs_every_job_and_raises_errors():
     with pytest.raises(OSError, match="disk full"):
         with BackgroundWriter(2) as writer:
             writer.submit(fail, 1)
+
+
+def test_background_loading_and_writing_give_the_same_masks(tmp_path, synthetic_dir):
+    from samft.engine.predict import predict_run
+
+    run, _ = make_run(tmp_path / "run", "conv_lora")
+    images = str(synthetic_dir / "images")
+    plain = predict_run(run, [images], tmp_path / "plain", device="cpu", show_progress=False, workers=0,
+                        write_threads=0, with_overlay=True)
+    fast = predict_run(run, [images], tmp_path / "fast", device="cpu", show_progress=False, workers=2,
+                       write_threads=2, with_overlay=True)
+    assert [p.name for p in plain] == [p.name for p in fast] and len(plain) == 24
+    for a, b in zip(plain, fast):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        assert (b.parent / "overlays" / b.name).is_file()
