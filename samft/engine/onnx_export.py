@@ -183,10 +183,10 @@ def export_onnx(run_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET
         raise SamftError(f"{out}: already exists; pass --overwrite to replace it")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise SamftError(f"--opset {opset}: expected {MIN_OPSET} to {MAX_OPSET}")
-    require_onnx()
     run = load_run(run_dir, torch.device("cpu"), adapter)
     cfg, model = run.cfg, run.model.eval()
     check_exportable(model, cfg.model.attention)
+    require_onnx()
     size = cfg.model.img_size
     graph = OnnxGraph(model).eval()
     inputs = {"random image": torch.randn(2 if dynamic_batch else 1, 3, size, size,
