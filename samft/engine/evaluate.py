@@ -73,7 +73,7 @@ def new_metrics(cfg: Config) -> BinaryMetrics | ConfusionMetrics:
 def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, precision: str,
                    description: str = "eval", show_progress: bool = True, tile: Optional[int] = None,
                    overlap: Optional[int] = None) -> BinaryMetrics | ConfusionMetrics:
-    """``tile``: predict by tiles at native resolution (``samft.engine.tiling``; overlap checked)."""
+    """``tile``: predict by tiles at native resolution (``samft.engine.tiling``; ``overlap`` None = default)."""
     classes = ClassSpec.of(cfg.data)
     metrics = new_metrics(cfg)
     if tile:
@@ -96,7 +96,7 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
                  overlap: Optional[int] = None) -> dict:
     """Evaluate a run's best adapter on its test sets (or ``data``) and write ``eval.json``.
 
-    ``tile``/``overlap``: predict each image by tiles at native resolution (protocol ``tiled_<tile>``).
+    ``tile``/``overlap``: predict each image by tiles at native resolution (the protocol names them).
 
     Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
     merges the per-image results and writes ``eval.json``; every rank returns the merged results.

@@ -166,11 +166,12 @@ def model_tile_predictor(model: SemanticSAM, device: torch.device, precision: st
     return predict
 
 
-def iter_tiled_predictions(model: SemanticSAM, pairs: list[Pair], tile: int, overlap: int, batch_size: int,
+def iter_tiled_predictions(model: SemanticSAM, pairs: list[Pair], tile: int, overlap: Optional[int], batch_size: int,
                            device: torch.device, precision: str = "fp32", classes: Optional[ClassSpec] = None,
                            ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
     """Like ``evaluate.iter_predictions`` (pair, scores at the original size, ground truth or None), each
-    image predicted by tiles at native resolution."""
+    image predicted by tiles at native resolution (``overlap`` None: the default)."""
+    overlap = check_tiling(tile, overlap)
     was_training = model.training
     model.eval()
     predict = model_tile_predictor(model, device, precision)
