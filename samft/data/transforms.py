@@ -22,7 +22,6 @@ import torch
 
 from samft.constants import PIXEL_MEAN, PIXEL_STD
 
-
 RESIZES = ("pad", "squash")
 
 

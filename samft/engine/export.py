@@ -112,6 +112,16 @@ def _sam_state(model: SemanticSAM, base_state: dict[str, torch.Tensor]) -> dict[
     return state
 
 
+def merge_encoder(model: SemanticSAM, method: str) -> int:
+    """Fold a mergeable method's adapter layers into the encoder's weights in place; returns how many.
+    Raises when a layer is left (the encoder must then be plain SAM)."""
+    folded = peft.get(method).merge(model.image_encoder)
+    left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
+    if left:
+        raise SamftError(f"PEFT method {method}: merging left adapter layers {left[:3]}")
+    return folded
+
+
 def check_export_target(out: Path, overwrite: bool) -> None:
     """Refuse to write ``out`` (and its head file) onto a folder, a run's own files (even with
     ``overwrite``) or an existing file (unless ``overwrite``)."""
@@ -156,10 +166,7 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
     with torch.no_grad():
         pos_embed = model.image_encoder.pos_embed.detach().clone() if model.image_encoder.pos_embed is not None \
             else None
-        folded = spec.merge(model.image_encoder)
-        left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
-        if left:
-            raise SamftError(f"PEFT method {cfg.peft.method}: merging left adapter layers {left[:3]}")
+        folded = merge_encoder(model, cfg.peft.method)
         base = build_sam(_native_model_cfg(cfg.model))  # the base's full SAM (IoU head, other mask tokens)
         state = _sam_state(model, base.state_dict())
     head = {f"decoder.{k}": v.detach().cpu().contiguous().clone() for k, v in model.decoder.state_dict().items()}

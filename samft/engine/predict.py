@@ -7,15 +7,19 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
 from samft.engine.checkpoint import atomic_write_bytes
 from samft.engine.evaluate import iter_predictions
 from samft.engine.runtime import pick_device, resolve_precision
 from samft.engine.runs import is_run_file, load_run
+from samft.engine.tiling import check_tiling, iter_tiled_predictions
+from samft.engine.writer import BackgroundWriter
 from samft.errors import SamftError
 from samft.progress import progress
-from samft.tasks import class_overlay, label_image, make_task, overlay  # noqa: F401  (re-exported)
+from samft.tasks import Task, class_overlay, label_image, make_task, overlay  # noqa: F401  (re-exported)
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -87,16 +91,28 @@ def _write(path: Path, data: bytes) -> None:
         raise SamftError(f"{path}: cannot write the prediction ({e.strerror or e})") from None
 
 
+def _write_prediction(task: Task, target: Path, labels: np.ndarray, image_path: Path, overlays: Optional[Path]) -> None:
+    """Encode and write one mask (and its overlay); runs on a writer thread."""
+    _write(target, task.mask_png(labels))
+    if overlays is not None:
+        _write(overlays / target.name, task.overlay_png(read_image(image_path), labels))
+
+
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
                 with_overlay: bool = False, device: str = "auto", show_progress: bool = True,
-                overwrite: bool = False) -> list[Path]:
+                overwrite: bool = False, tile: Optional[int] = None, overlap: Optional[int] = None,
+                workers: Optional[int] = None, write_threads: int = 2) -> list[Path]:
     """Write ``out_dir/<name>.png`` for every input image; overlays go to ``out_dir/overlays/``.
 
     Names are the inputs' stems, made distinct (:func:`samft.data.layouts.distinct_names`); existing files
     are kept unless ``overwrite``, and an input image is never written to. Binary runs write 0/255 masks;
-    multi-class runs write palette PNGs whose values are class ids.
+    multi-class runs write palette PNGs whose values are class ids. ``tile``: predict each image by
+    overlapping tiles of that many pixels at native resolution (``samft.engine.tiling``). ``workers``:
+    image-decoding processes (default the run's ``data.num_workers``); ``write_threads``: threads encoding
+    and writing the PNGs (0: in turn).
     """
     files = collect_inputs(inputs)
+    overlap = check_tiling(tile, overlap) if tile else None
     out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
     pairs = plan_outputs(files, out, with_overlay, overwrite)
     dev = pick_device(device)
@@ -107,17 +123,17 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     except OSError as e:
         raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     precision = resolve_precision(run.cfg.train.precision, dev)
+    batch, workers = run.cfg.eval.batch_size, run.cfg.data.num_workers if workers is None else workers
+    source = (iter_tiled_predictions(run.model, pairs, tile, overlap, batch, dev, task, precision) if tile
+              else iter_predictions(run.model, pairs, batch, dev, task, precision, workers, resize=run.cfg.data.resize))
     written, empty = [], 0
-    with progress("predict", len(pairs), show_progress) as advance:
-        for pair, scores, _ in iter_predictions(run.model, pairs, run.cfg.eval.batch_size, dev, task, precision,
-                                                run.cfg.data.num_workers, resize=run.cfg.data.resize):
+    with progress("predict", len(pairs), show_progress) as advance, BackgroundWriter(write_threads) as writer:
+        for pair, scores, _ in source:
             target = out / f"{pair.name}.png"
             labels = task.labels(scores)
-            _write(target, task.mask_png(labels))
+            writer.submit(_write_prediction, task, target, labels, pair.image, out / "overlays" if with_overlay else None)
             written.append(target)
             empty += int(task.is_empty(labels))
-            if with_overlay:
-                _write(out / "overlays" / f"{pair.name}.png", task.overlay_png(read_image(pair.image), labels))
             advance()
     if written and empty == len(written):
         warnings.warn(f"every one of the {len(written)} predicted masks is empty: the run may have learnt nothing; "

@@ -23,9 +23,8 @@ from segment_anything.build_sam import sam_model_registry
 from torch import nn
 
 from samft.config import ModelConfig
-from samft.errors import CheckpointError
-
 from samft.constants import PATCH, PIXEL_MEAN, PIXEL_STD  # noqa: F401  (re-exported)
+from samft.errors import CheckpointError
 
 # encoder width -> (type, depth) of the official checkpoints, to name a wrong file
 OFFICIAL = {768: ("vit_b", 12), 1024: ("vit_l", 24), 1280: ("vit_h", 32)}

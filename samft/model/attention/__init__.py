@@ -17,6 +17,8 @@ Contract of an implementation's ``forward(x, extra_kv=None)``:
 block whether it applies (``applies(block, options)``); where it does not, the registry's ``fallback``
 (sdpa) is used. Apply it before the PEFT method.
 
+An implementation whose forward cannot be exported to ONNX sets ``onnx_exportable = False``.
+
 Adding an implementation: one module of this package with a subclass of :class:`EncoderAttention`
 decorated by :func:`register_attention` (modules are discovered on first use, like PEFT methods).
 """
@@ -44,6 +46,9 @@ class EncoderAttention(nn.Module):
 
     kind: ClassVar[str] = ""
     dense: ClassVar[bool] = True  # computes SAM's own attention function (eager, sdpa); False: another one (bra)
+    # False: its forward does not trace to a static ONNX graph; ``samft export --onnx`` then refuses
+    # the model with an error naming ``model.attention`` instead of failing inside the exporter
+    onnx_exportable: ClassVar[bool] = True
 
     def __init__(self, attn: nn.Module, options: Any = None) -> None:
         super().__init__()
