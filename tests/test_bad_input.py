@@ -157,7 +157,7 @@ def config_cases() -> dict[str, Callable]:
              "below_minimum": below_minimum, "bad_choice": bad_choice, "img_size": img_size}
     for key, value, shown in [("train.lr", "nan", "nan"), ("train.lr", "inf", "inf"), ("train.lr", "-.inf", "-inf"),
                               ("train.weight_decay", ".nan", "nan"), ("train.grad_clip", "inf", "inf"),
-                              ("loss.balance_weight", "nan", "nan"), ("eval.threshold", "inf", "inf"),
+                              ("loss.aux.balance", "nan", "nan"), ("eval.threshold", "inf", "inf"),
                               ("data.val_fraction", "nan", "nan"), ("peft.lora.alpha", "inf", "inf"),
                               ("train.min_lr_ratio", "1e999", "inf")]:
         cases[f"nonfinite_{key}={value}"] = (
@@ -431,10 +431,10 @@ def resume_cases() -> dict[str, Callable]:
     def adapter_file(path):
         shutil.copy(path.parent / "adapter.safetensors", path)
 
-    def no_state(c):
+    def no_state(c):  # a folder that is not a run (no config.yaml): nothing to resume
         run = c.run()
-        (run / "state.safetensors").unlink()
-        return ["train", "--resume", run], "nothing to resume"
+        (run / "config.yaml").unlink()
+        return ["train", "--resume", run], "not a run directory"
 
     def locked(c):
         run = c.run()

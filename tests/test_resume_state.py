@@ -146,7 +146,9 @@ def test_a_write_cut_short_leaves_the_previous_state(tmp_path, monkeypatch):
     def killed(*args):
         raise KeyboardInterrupt  # the process dies between writing the temporary file and the rename
 
-    monkeypatch.setattr(ckpt.os, "replace", killed)
+    import samft.files
+
+    monkeypatch.setattr(samft.files.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         save_resume_state(path, {"trainable": {}, "optimizer": {}, "scheduler": {}, "progress": {"step": 2}})
     monkeypatch.undo()

@@ -109,8 +109,7 @@ class Checkpointer:
             p.scheduler.load_state_dict(saved["scheduler"])
             if saved.get("scaler"):
                 p.scaler.load_state_dict(saved["scaler"])
-            known = set(TrainState.__dataclass_fields__)
-            state = TrainState(**{k: v for k, v in saved["progress"].items() if k in known})
+            state = TrainState(**saved["progress"])  # an unknown key (a tampered or newer state) is refused
             set_rng_state(state.rng)
         except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
             raise CheckpointError(f"{path}: does not fit this run ({type(e).__name__}: "
