@@ -525,3 +525,15 @@ def test_a_runs_split_can_be_reused(tmp_path, synthetic_dir):
     cfg.data.split_file = str(tmp_path / "bad.json")
     with pytest.raises(SamftError, match="is not a split.json"):
         train_val_pairs(cfg.data)
+
+
+def test_repeated_problems_are_grouped_with_a_hint():
+    from samft.data.check import group_problems
+
+    problems = [f"/d/masks/{i}.png: class id(s) [11] outside the 11 classes of data.classes (ids 0..10, 255 = ignore)"
+                for i in range(700)] + ["/d/images/x.png: cannot read (truncated)", "split val is empty"]
+    lines = group_problems(problems)
+    assert len(lines) == 3
+    assert lines[0].startswith("700 files: class id(s) [11] outside") and "e.g. /d/masks/0.png, /d/masks/1.png" in lines[0]
+    assert lines[0].endswith("if 11 is the void/unlabelled id, set data.ignore_index: 11")
+    assert lines[1:] == ["/d/images/x.png: cannot read (truncated)", "split val is empty"]

@@ -238,11 +238,36 @@ def _report_orphans(report: SplitReport, data: DataConfig, spec: str) -> None:
         report.problems.append(problem)
 
 
+def group_problems(problems: list[str], examples: int = 3) -> list[str]:
+    """Problems that differ only by their file, as one line each: ``N files: WHAT (e.g. A, B, C)``, with a
+    hint where one helps (class ids outside data.classes: perhaps the void label)."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for problem in problems:
+        path, _, what = problem.partition(": ")
+        key = what if what and ("/" in path or "." in path) else problem
+        groups.setdefault(key, []).append(path if key == what else "")
+    lines = []
+    for what, paths in groups.items():
+        if len(paths) == 1 or not paths[0]:
+            lines += [f"{p}: {what}" if p else what for p in paths]
+            continue
+        shown = ", ".join(paths[:examples]) + (", ..." if len(paths) > examples else "")
+        line = f"{len(paths)} files: {what} (e.g. {shown})"
+        ids = re.search(r"class id\(s\) \[(\d+)\] outside", what)
+        if ids:
+            line += f"; if {ids.group(1)} is the void/unlabelled id, set data.ignore_index: {ids.group(1)}"
+        lines.append(line)
+    return lines
+
+
 def require_clean(report: DataReport) -> None:
-    """Raise one error listing every problem (the first ones in full)."""
+    """Raise one error listing every problem (grouped; the first ones in full)."""
     problems = report.problems
     if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        grouped = group_problems(problems)
+        shown = "\n  ".join(grouped[:20])
+        more = f"\n  ... and {len(grouped) - 20} more" if len(grouped) > 20 else ""
         raise SamftError(f"data check found {len(problems)} problem(s); fix them or set data.check=off:\n  "
                          f"{shown}{more}")
