@@ -113,3 +113,13 @@ def test_polyp_config_is_the_paper_setup():
     assert cfg.model.type == "vit_b" and cfg.model.img_size == 1024
     assert cfg.peft.conv_lora.rank == 3 and cfg.peft.conv_lora.alpha == 32 and cfg.peft.conv_lora.experts == 8
     assert set(cfg.data.test) == {"CVC-300", "CVC-ClinicDB", "Kvasir", "CVC-ColonDB", "ETIS-LaribPolypDB"}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "examples").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_configs_load(path):
+    """Every example config of the README's "Your own data" section is valid as written."""
+    from samft.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.data.root.startswith("data/") and cfg.model.checkpoint
