@@ -331,6 +331,8 @@ def data_check(
             table.add_row(split.name, str(split.pairs), d["image_sizes"], d["mask_values"], fg,
                           str(len(split.problems)))
         Console().print(table)
+        for note in report.notes:
+            _console().print(f"note: {note}")
         for w in report.warnings:
             _console().print(f"[yellow]warning:[/] {w}")
         from samft.data.check import group_problems

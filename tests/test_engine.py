@@ -506,7 +506,10 @@ def test_data_check_reports_each_class_share_by_name(tmp_path):
         Image.fromarray(ids).save(tmp_path / "masks" / f"{i}.png")
     cfg = tiny_config("lora", data={"root": str(tmp_path), "train": ".", "val_fraction": 0.25,
                                      "classes": ["sky", "road", "car"], "background": None})
-    report = check_data(cfg, show_progress=False).splits[0]
+    full = check_data(cfg, show_progress=False)
+    assert full.notes == ["the train split's 4 pairs: 3 train / 1 val, held out at random (data.val_fraction 0.25, "
+                          "data.split_seed 0)"]
+    report = full.splits[0]
     assert report.values_text() == "sky: 50.0%, road: 25.0%, car: 25.0%"
     assert report.as_dict()["foreground_mean"] is None
 

@@ -69,6 +69,7 @@ class SplitReport:
 class DataReport:
     splits: list[SplitReport]
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts worth a line (how the train/val split is made)
 
     @property
     def problems(self) -> list[str]:
@@ -76,7 +77,7 @@ class DataReport:
 
     def as_dict(self) -> dict:
         return {"splits": {s.name: s.as_dict() for s in self.splits}, "warnings": self.warnings,
-                "ok": not self.problems}
+                "notes": self.notes, "ok": not self.problems}
 
 
 class _CheckDataset(Dataset):
@@ -200,9 +201,15 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
     train_report = SplitReport("train")
     split = _listed(train_report, lambda: train_val_pairs(cfg.data))
     reports.append(train_report)
+    notes = []
     if split is not None:
         train, val = split
         everything = train + val if not layout.val else train
+        if cfg.data.split_file:
+            notes.append(f"split from {cfg.data.split_file}: {len(train)} train / {len(val)} val images")
+        elif not layout.val:
+            notes.append(f"the train split's {len(everything)} pairs: {len(train)} train / {len(val)} val, held out at "
+                         f"random (data.val_fraction {cfg.data.val_fraction}, data.split_seed {cfg.data.split_seed})")
         train_names = {p.image.resolve() for p in everything}
         _check_pairs(train_report, everything, full, workers, show_progress, classes)
         _report_orphans(train_report, cfg.data, layout.train)
@@ -229,7 +236,7 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
         pairs = _listed(report, lambda: [Pair(p, None, p.stem) for p in unlabelled_images(cfg.data)])
         if pairs is not None:
             _check_pairs(report, pairs, full, workers, show_progress)
-    return DataReport(reports, warnings)
+    return DataReport(reports, warnings, notes)
 
 
 def _report_orphans(report: SplitReport, data: DataConfig, spec: str) -> None:
