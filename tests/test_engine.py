@@ -540,3 +540,24 @@ def test_repeated_problems_are_grouped_with_a_hint():
     assert lines[0].startswith("700 files: class id(s) [11] outside") and "e.g. /d/masks/0.png, /d/masks/1.png" in lines[0]
     assert lines[0].endswith("if 11 is the void/unlabelled id, set data.ignore_index: 11")
     assert lines[1:] == ["/d/images/x.png: cannot read (truncated)", "split val is empty"]
+
+
+def test_predict_and_eval_take_an_exported_model(tmp_path, synthetic_dir):
+    """An export (merged or not) runs through predict, eval and the Segmenter like the run it came from."""
+    from samft.engine.evaluate import evaluate_run
+    from samft.engine.export import export_run
+    from samft.engine.predict import predict_run
+
+    for method in ("lora", "conv_lora"):  # mergeable, not mergeable
+        run = train(_cfg(tmp_path, synthetic_dir, f"exp-{method}", method=method, epochs=1), show_progress=False)
+        model_file = tmp_path / f"{method}.pth"
+        export_run(run, model_file)
+        image = sorted((synthetic_dir / "images").iterdir())[0]
+        from_run = predict_run(run, [str(image)], tmp_path / f"a-{method}", device="cpu", show_progress=False)
+        from_export = predict_run(model_file, [str(image)], None, device="cpu", show_progress=False)
+        assert from_export[0].parent == tmp_path / f"{method}-predictions"
+        a, b = np.array(Image.open(from_run[0])), np.array(Image.open(from_export[0]))
+        assert (a != b).mean() < 1e-3  # merged weights: float rounding may flip a boundary pixel
+        results = evaluate_run(model_file, device="cpu", show_progress=False)
+        assert (tmp_path / f"{method}.eval.json").is_file() and results["checkpoint"] == str(model_file)
+        assert np.array_equal(samft.Segmenter.from_run(model_file, device="cpu").predict(image), b > 0)

@@ -114,7 +114,8 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
                          "input size: drop one of them")
     precision = resolve_precision(cfg.train.precision, dev)
     sets = eval_sets(cfg.data, data)
-    checkpoint = str(Path(run_dir) / ADAPTER_FILE)
+    exported = Path(run_dir).is_file()  # an exported model file: results go next to it
+    checkpoint = str(run_dir) if exported else str(Path(run_dir) / ADAPTER_FILE)
     chash = config_hash(cfg)
     scoring = "input_size" if cfg.eval.resize_gt_to_input else "original_resolution"
     if tiling:
@@ -136,8 +137,8 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
             "seconds": round(time.perf_counter() - t0, 3),
         }
     if write and info.is_main:
-        merged = merge_eval_json(Path(run_dir) / EVAL_FILE, results)
-        atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(merged, indent=2))
+        target = Path(run_dir).with_name(Path(run_dir).stem + ".eval.json") if exported else Path(run_dir) / EVAL_FILE
+        atomic_write_text(target, json.dumps(merge_eval_json(target, results), indent=2))
     D.barrier(info)
     return results
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -198,7 +198,7 @@ def _config(yaml_text: str, source: str):
         raise CheckpointError(f"{source}: the stored config is not valid for this samft: {e}") from None
 
 
-def _load_unmerged(path: Path, data: dict, device: torch.device) -> SemanticSAM:
+def _load_unmerged(path: Path, data: dict, device: torch.device) -> tuple[SemanticSAM, Any]:
     cfg = _config(data["config_yaml"], str(path))
     built = build_model(cfg, meta=True)  # the structure only; every tensor comes from the file
     try:
@@ -206,10 +206,11 @@ def _load_unmerged(path: Path, data: dict, device: torch.device) -> SemanticSAM:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit the model of its own config: {e}") from None
     built.model.requires_grad_(False)
-    return built.model.to(device).eval()
+    return built.model.to(device).eval(), cfg
 
 
-def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optional[Path]) -> SemanticSAM:
+def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optional[Path]
+                 ) -> tuple[SemanticSAM, Any]:
     head_file = head_file or head_path(path)
     if not head_file.is_file():
         raise CheckpointError(f"{path}: a merged SAM checkpoint needs its decoder head {head_file} (written by "
@@ -233,13 +234,19 @@ def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optio
     except RuntimeError as e:
         raise CheckpointError(f"{head_file}: does not fit the decoder: {e}") from None
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return model.to(device).eval(), cfg
 
 
 def load_exported(path: str | Path, device: torch.device | str = "cpu",
                   head_file: Optional[str | Path] = None) -> SemanticSAM:
     """The SemanticSAM of an export (frozen, in eval mode): a merged SAM checkpoint + its head, or an
     unmerged samft model."""
+    return load_exported_with_config(path, device, head_file)[0]
+
+
+def load_exported_with_config(path: str | Path, device: torch.device | str = "cpu",
+                              head_file: Optional[str | Path] = None) -> tuple[SemanticSAM, Any]:
+    """:func:`load_exported` and the config the export was made from (its task, sizes, thresholds)."""
     path = Path(path)
     data = _read(path)
     device = torch.device(device)

@@ -84,6 +84,11 @@ def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bo
     return pairs
 
 
+def default_output(run: Path) -> Path:
+    """``RUN/predictions``, or ``MODEL-predictions`` next to an exported model file."""
+    return run.with_name(run.stem + "-predictions") if run.is_file() else run / "predictions"
+
+
 def _write(path: Path, data: bytes) -> None:
     try:
         atomic_write_bytes(path, data)
@@ -113,7 +118,7 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     """
     files = collect_inputs(inputs)
     overlap = check_tiling(tile, overlap) if tile else None
-    out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
+    out = Path(out_dir) if out_dir else default_output(Path(run_dir))
     pairs = plan_outputs(files, out, with_overlay, overwrite)
     dev = pick_device(device)
     run = load_run(run_dir, dev)

@@ -88,8 +88,17 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_FILE) -> LoadedRun:
-    """Rebuild a run's model from its config and load its adapter (checked against the base)."""
+    """Rebuild a run's model from its config and load its adapter (checked against the base).
+
+    ``run_dir`` may also be an exported model file (``samft export --merged``: merged SAM checkpoint + its
+    head file, or the unmerged model): its own config comes with it.
+    """
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        from samft.engine.export import load_exported_with_config
+
+        model, cfg = load_exported_with_config(run_dir, device)
+        return LoadedRun(run_dir, cfg, model, {"exported": str(run_dir)})
     cfg = read_run_config(run_dir)
     adapter_path = run_dir / adapter
     if not adapter_path.is_file():
