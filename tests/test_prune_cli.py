@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load as st_load
 from typer.testing import CliRunner
 
 import samft.engine.prune as prune_module
@@ -112,6 +114,13 @@ def test_pruned_run_without_finetuning_is_a_normal_run(work, fixed_search, tmp_p
         np.testing.assert_array_equal(written, seg.predict(image))
     assert (Segmenter.from_run(out, device="cpu").predict_scores(images[0]) == seg.predict_scores(images[0])).all()
 
+    moved = tmp_path / "moved"  # a moved run finds its own pruned.safetensors (and says so)
+    shutil.copytree(out, moved)
+    (out / PRUNED_FILE).rename(out / "gone.safetensors")
+    with pytest.warns(UserWarning, match="not found; using"):
+        again = load_run(moved, torch.device("cpu")).model
+    torch.testing.assert_close(_outputs(again, x), ref, rtol=0, atol=0)
+
 
 def test_export_and_info_of_a_pruned_run(work, fixed_search):
     out = work / "pruned_export"
@@ -155,15 +164,31 @@ def test_finetuning_runs_the_training_loop_and_resumes(work, fixed_search):
     assert epochs == 1 and evaluated == pytest.approx(logged, rel=1e-4, abs=1e-5)
     report = json.loads((out / REPORT_FILE).read_text())["metrics"]
     assert report["finetuned"] == pytest.approx(evaluated, rel=1e-6, abs=1e-9)
+    # the fine-tuning started from the pruned state: the run's frozen tensors and buffers are the file's
+    tuned = load_run(out, torch.device("cpu")).model
+    saved = st_load((out / PRUNED_FILE).read_bytes())
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert any(n.endswith("conv.bn.weight") for n in trainable) and any("lora" in n for n in trainable)
+    frozen = {k: v for k, v in tuned.state_dict().items() if k not in trainable}
+    assert frozen.keys() == saved.keys() - trainable and any(k.endswith("running_var") for k in frozen)
+    for k, v in frozen.items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
     x = torch.randn(1, 3, 64, 64)
     before = _outputs(load_pruned_run(out).model, x)
-    assert not torch.equal(_outputs(load_run(out, torch.device("cpu")).model, x), before)  # fine-tuning moved it
+    assert not torch.equal(_outputs(tuned, x), before)  # fine-tuning moved it
 
     cli("prune", "--resume", out, "train.epochs=2", "--no-progress")  # one more epoch, resumed by the loop
     assert _last_validation(out)[1] == 2
+    result = CliRunner().invoke(app, ["prune", "--run", str(out), "--target-gmacs", "0.0005", "--search-steps", "1"])
+    assert result.exit_code == 2 and "already a pruned run" in result.output
 
 
 def test_prune_user_errors(work, tmp_path):
+    result = CliRunner().invoke(app, ["info", "--config", str(work / "tiny.yaml"), f"model.pruned={tmp_path / 'x'}"])
+    assert result.exit_code == 2 and "file not found" in result.output
+    (tmp_path / "x").write_bytes(b"not a pruned model")
+    result = CliRunner().invoke(app, ["info", "--config", str(work / "tiny.yaml"), f"model.pruned={tmp_path / 'x'}"])
+    assert result.exit_code == 2 and "not a safetensors file" in result.output
     result = CliRunner().invoke(app, ["prune", "--resume", str(tmp_path / "nothing"), "--search-steps", "1"])
     assert result.exit_code == 2 and "--target-gmacs" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["prune", "--run", str(work / "dense"), "--target-gmacs", "0.0008",

@@ -160,6 +160,8 @@ def prune_run(run_dir: Optional[str | Path], target_gmacs: Optional[float], sear
         raise PruneError(f"prune: needs the source run and a positive target GMACs (got {run_dir}, {target_gmacs})")
     run_dir = Path(run_dir)
     loaded = load_run(run_dir, device)
+    if loaded.cfg.model.pruned:
+        raise PruneError(f"{run_dir}: is already a pruned run (model.pruned); prune its source run instead")
     if make_task(loaded.cfg).kind != "binary":  # the search's loss is written for one mask token
         raise PruneError(f"{run_dir}: pruning supports binary-mask runs for now (this run is multi-class)")
     out = _out_path(run_dir, out_dir)
@@ -200,7 +202,8 @@ def _resume(out: Path, device: torch.device, show_progress: bool, overrides: Opt
     if record.get("finetune_epochs"):
         _finetune(cfg, out, resume=True, show_progress=show_progress)
     else:
-        warnings.warn(f"prune --resume: {out} was pruned without fine-tuning: nothing to continue", stacklevel=3)
+        warnings.warn(f"prune --resume: {out} was pruned without fine-tuning: nothing to continue (fine-tune it "
+                      f"with: samft train --resume {out} train.epochs=N)", stacklevel=3)
     return _finish(out, arch, record, report, device)
 
 

@@ -31,7 +31,7 @@ PRUNED_FORMAT = "samft-pruned-1"
 def _header(data: bytes, path: Path) -> dict[str, str]:
     try:
         meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {}) or {}
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
         raise PruneError(f"{path}: not a safetensors file ({e})") from None
     if meta.get("format") != PRUNED_FORMAT:
         raise PruneError(f"{path}: not a samft pruned model (metadata format {meta.get('format')!r}, expected "
@@ -40,11 +40,17 @@ def _header(data: bytes, path: Path) -> dict[str, str]:
 
 
 def read_pruned(path: str | Path, tensors: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict, str]:
-    """(architecture, state (empty when ``tensors`` is false), metadata, sha256 of the file)."""
+    """(architecture, state, metadata, sha256 of the file); with ``tensors`` false only the header is read
+    (state empty, sha256 "")."""
     path = Path(path)
     if not path.is_file():
         raise PruneError(f"model.pruned {path}: file not found (written by samft prune as pruned.safetensors)")
-    data = path.read_bytes()
+    if tensors:
+        data = path.read_bytes()
+    else:
+        with path.open("rb") as f:
+            head = f.read(8)
+            data = head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
     meta = _header(data, path)
     try:
         arch = json.loads(meta["architecture"])
@@ -56,7 +62,7 @@ def read_pruned(path: str | Path, tensors: bool = True) -> tuple[dict[str, Any],
             state = st_load(data)
         except SafetensorError as e:
             raise PruneError(f"{path}: unreadable tensors ({e})") from None
-    return arch, state, meta, "pruned:" + hashlib.sha256(data).hexdigest()
+    return arch, state, meta, "pruned:" + hashlib.sha256(data).hexdigest() if tensors else ""
 
 
 def load_pruned_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
