@@ -20,8 +20,9 @@ run directory that every command reads like any other run (``eval``, ``predict``
 - ``prune.json``: the search history and the validation metrics of the source, of the pruned model
   before fine-tuning and after it.
 
-The search keeps no checkpoint: an interrupted search starts again (``resume`` continues only the
-fine-tuning of a directory whose search finished).
+The search saves its state (``search_state.pt``, :mod:`samft.prune.search_state`) every
+``search_save_every`` steps; ``resume`` continues it (same source run and settings), or the fine-tuning
+of a directory whose search finished.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.rebuild import rebuild
 from samft.prune.search import search
+from samft.prune.search_state import SearchCheckpoint
 from samft.prune.state import PRUNED_FORMAT, read_pruned
 from samft.tasks import make_task
 
 REPORT_FILE = "prune.json"
+SEARCH_STATE_FILE = "search_state.pt"  # the search's resumable state, removed once the pruned run is written
 __all__ = ["ARCH_FILE", "PRUNED_FILE", "REPORT_FILE", "PruneReport", "load_pruned_run", "prune_run",
            "read_architecture"]
 
@@ -113,8 +116,10 @@ def pruned_config(cfg: Config, out: Path, finetune_epochs: int, device: torch.de
 
 
 def _search_phase(loaded: LoadedRun, target_gmacs: float, steps: Optional[int], epochs: Optional[int],
-                  arch_lr: float, lam: Optional[float], device: torch.device, log) -> tuple[dict, dict, dict]:
-    """Search, rebuild, validate before/after: (architecture, record for architecture.json, report)."""
+                  arch_lr: float, lam: Optional[float], device: torch.device, log,
+                  checkpoint: SearchCheckpoint) -> tuple[dict, dict, dict]:
+    """Search (resumable from ``checkpoint``), rebuild, validate before/after: (architecture, record for
+    architecture.json, report)."""
     cfg = loaded.cfg
     train_pairs, val_pairs = train_val_pairs(cfg.data)
     size = loaded.model.img_size
@@ -123,8 +128,10 @@ def _search_phase(loaded: LoadedRun, target_gmacs: float, steps: Optional[int], 
     if steps is None:
         steps = epochs * math.ceil(len(dataset) / cfg.train.batch_size)
     metrics = {"source": _validate(loaded, val_pairs, device, "source")}
+    checkpoint.identity = {"source_run": str(loaded.run_dir.resolve()), "target_gmacs": float(target_gmacs),
+                           "steps": int(steps), "arch_lr": float(arch_lr), "lambda": lam, "lr": float(cfg.train.lr)}
     result = search(loaded.model, loader_fn, target_gmacs, steps, arch_lr=arch_lr, lam=lam,
-                    lr=cfg.train.lr, device=device, log=log)
+                    lr=cfg.train.lr, device=device, log=log, checkpoint=checkpoint)
     arch = rebuild(loaded.model.image_encoder)
     loaded.model.refresh_aux_modules()
     pruned = gmacs(encoder_block_flops(loaded.model.image_encoder, size)["total"])
@@ -140,20 +147,19 @@ def prune_run(run_dir: Optional[str | Path], target_gmacs: Optional[float], sear
               finetune_epochs: int = 0, out_dir: Optional[str | Path] = None, arch_lr: float = 5e-4,
               lam: Optional[float] = None, device: str | torch.device = "cpu", overwrite: bool = False,
               search_epochs: Optional[int] = None, log: Optional[Callable[[dict], None]] = None,
-              overrides: Optional[list[str]] = None, resume: bool = False, show_progress: bool = False) -> PruneReport:
+              overrides: Optional[list[str]] = None, resume: bool = False, show_progress: bool = False,
+              search_save_every: int = 100) -> PruneReport:
     """Prune the run at ``run_dir`` to ``target_gmacs`` per image and write the pruned run (module doc).
 
     The search runs ``search_steps`` optimizer steps, or ``search_epochs`` passes over the training split;
     ``finetune_epochs`` epochs of the normal training loop follow (``overrides``: ``key=value`` for the
-    pruned run's config, e.g. ``train.lr=1e-4``). ``resume`` with ``out_dir`` continues the fine-tuning of
-    a pruned run whose search finished; without a finished search it starts the search again (warned).
+    pruned run's config, e.g. ``train.lr=1e-4``). The search saves its state every ``search_save_every``
+    steps (``OUT/search_state.pt``). ``resume`` with ``out_dir``: continues the search from that state
+    (same source run and settings required), or the fine-tuning of a run whose search finished.
     """
     device = torch.device(device)
     if resume and out_dir is not None and (Path(out_dir) / PRUNED_FILE).is_file():
         return _resume(Path(out_dir), device, show_progress, overrides)
-    if resume:
-        warnings.warn(f"prune --resume: {out_dir} holds no finished search (the search keeps no checkpoint): "
-                      f"searching again", stacklevel=2)
     if (search_steps is None) == (search_epochs is None) or (search_steps or search_epochs or 0) < 1:
         raise PruneError(f"prune: give one of search steps ({search_steps}) or search epochs ({search_epochs}), >= 1")
     if run_dir is None or target_gmacs is None or target_gmacs <= 0:
@@ -167,14 +173,29 @@ def prune_run(run_dir: Optional[str | Path], target_gmacs: Optional[float], sear
     out = _out_path(run_dir, out_dir)
     cfg = pruned_config(loaded.cfg, out, finetune_epochs, device, overrides)  # bad overrides fail before search
     _claim_out(out, overwrite or resume)
-    arch, record, report = _search_phase(loaded, target_gmacs, search_steps, search_epochs, arch_lr, lam, device, log)
+    checkpoint = SearchCheckpoint(out / SEARCH_STATE_FILE, search_save_every)
+    _note_search_start(checkpoint.path, resume)
+    arch, record, report = _search_phase(loaded, target_gmacs, search_steps, search_epochs, arch_lr, lam, device, log,
+                                         checkpoint)
     record["finetune_epochs"] = finetune_epochs
     sha = _write(out, loaded, cfg, arch, record, report)
+    checkpoint.path.unlink(missing_ok=True)
     if finetune_epochs:
         _finetune(cfg, out, resume=False, show_progress=show_progress)
     else:
         save_adapter(loaded.model, out / ADAPTER_FILE, adapter_expectations(cfg, sha))
     return _finish(out, arch, record, report, device)
+
+
+def _note_search_start(state: Path, resume: bool) -> None:
+    """A fresh search drops an earlier one's state; a resumed one says where it continues from."""
+    if not resume:
+        state.unlink(missing_ok=True)
+    elif state.is_file():
+        warnings.warn(f"prune --resume: continuing the search saved in {state}", stacklevel=3)
+    else:
+        warnings.warn(f"prune --resume: {state.parent} holds no saved search state: searching from the start",
+                      stacklevel=3)
 
 
 def _finetune(cfg: Config, out: Path, resume: bool, show_progress: bool) -> None:
