@@ -193,8 +193,10 @@ def prune(
     lam: Optional[float] = typer.Option(None, "--lambda", help="FLOPs-loss weight (default: the authors' rule)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty --out directory"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the fine-tuning of this pruned run "
-                                          "(an unfinished search starts again)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue this pruned run: its saved search (give "
+                                          "the same --run, --target-gmacs and search options) or its fine-tuning"),
+    search_save_every: int = typer.Option(100, "--search-save-every", min=1, help="save the search's state every "
+                                          "N steps (for --resume)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
 ) -> None:
     """SPViT: prune the run's encoder to --target-gmacs (attention -> derived convs or skip, fewer MLP
@@ -212,7 +214,7 @@ def prune(
     source = None if finished else (run or newest_run())
     report = prune_run(source, target_gmacs, search_steps, finetune_epochs, resume or out, arch_lr, lam, device,
                        overwrite, search_epochs, overrides=overrides, resume=resume is not None,
-                       show_progress=not no_progress)
+                       show_progress=not no_progress, search_save_every=search_save_every)
     c = _console()
     c.print(f"architecture   {summary(report.arch)}")
     reached = "reached" if report.reached else "NOT reached"

@@ -194,3 +194,31 @@ def test_prune_user_errors(work, tmp_path):
     result = CliRunner().invoke(app, ["prune", "--run", str(work / "dense"), "--target-gmacs", "0.0008",
                                       "--search-steps", "1", "--out", str(tmp_path / "o"), "train.nope=1"])
     assert result.exit_code == 2 and "train.nope" in result.output and not (tmp_path / "o").exists()
+
+
+def test_an_interrupted_search_resumes_through_the_cli(work, monkeypatch):
+    out = work / "pruned_resume"
+    real = prune_module.search
+    seen = []
+
+    def interrupted(model, *args, **kwargs):
+        def log(record):
+            seen.append(record)
+            if record["step"] == 3:
+                raise KeyboardInterrupt
+        return real(model, *args, **{**kwargs, "log": log})
+
+    monkeypatch.setattr(prune_module, "search", interrupted)
+    common = ["--run", str(work / "dense"), "--target-gmacs", "0.0008", "--arch-lr", "1e-3", "--search-save-every",
+              "2", "--no-progress"]
+    args = [*common, "--search-steps", "4"]
+    result = CliRunner().invoke(app, ["prune", *args, "--out", str(out)])
+    assert result.exit_code == 130 and "interrupted" in result.output
+    assert (out / "search_state.pt").is_file() and not (out / PRUNED_FILE).exists()
+    monkeypatch.setattr(prune_module, "search", real)
+    changed = CliRunner().invoke(app, ["prune", *common, "--search-steps", "5", "--resume", str(out)])
+    assert changed.exit_code == 2 and "steps=4" in changed.output  # another setting: refused, not continued
+    result = cli("prune", *args, "--resume", out)
+    assert not (out / "search_state.pt").exists() and (out / PRUNED_FILE).is_file()
+    history = json.loads((out / REPORT_FILE).read_text())["history"]
+    assert [r["step"] for r in history] == [1, 2, 3, 4] and history[:2] == seen[:2]

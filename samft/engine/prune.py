@@ -85,7 +85,8 @@ def _out_path(run_dir: Path, out_dir: Optional[str | Path]) -> Path:
 
 def _claim_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PruneError(f"{out}: already exists and is not empty (pass overwrite to replace its files)")
+        raise PruneError(f"{out}: already exists and is not empty (pass overwrite to replace its files, or resume "
+                         f"to continue the pruning there)")
     out.mkdir(parents=True, exist_ok=True)
 
 
