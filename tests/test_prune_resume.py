@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from samft.engine.checkpoint import atomic_torch_save
 from samft.model import build_model
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
@@ -43,7 +44,8 @@ def test_an_interrupted_search_resumes_to_the_same_result(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = search(model, lambda: batches, **kw)
-        ckpt = SearchCheckpoint(tmp_path / "search_state.pt", every=3, identity={"target_gmacs": kw["target_gmacs"]})
+        ckpt = SearchCheckpoint(tmp_path / "search_state.pt", every=3, write=atomic_torch_save,
+                                identity={"target_gmacs": kw["target_gmacs"]})
 
         def stop(record):
             if record["step"] == 5:
@@ -64,13 +66,14 @@ def test_an_interrupted_search_resumes_to_the_same_result(tmp_path):
 def test_a_foreign_or_broken_search_state_is_refused(tmp_path):
     model = _model()
     opt = torch.optim.AdamW(model.decoder.parameters())
-    ckpt = SearchCheckpoint(tmp_path / "s.pt", every=1, identity={"target_gmacs": 1.0, "steps": 10})
+    ckpt = SearchCheckpoint(tmp_path / "s.pt", every=1, write=atomic_torch_save,
+                            identity={"target_gmacs": 1.0, "steps": 10})
     save_search_state(ckpt, 2, model, opt, None, 3.0, [])
     assert load_search_state(ckpt)["step"] == 2
-    other = SearchCheckpoint(ckpt.path, every=1, identity={"target_gmacs": 2.0, "steps": 10})
+    other = SearchCheckpoint(ckpt.path, every=1, write=atomic_torch_save, identity={"target_gmacs": 2.0, "steps": 10})
     with pytest.raises(PruneError, match="target_gmacs=1.0.*2.0"):
         load_search_state(other)
     ckpt.path.write_bytes(b"garbage")
     with pytest.raises(PruneError, match="not a readable search state"):
         load_search_state(ckpt)
-    assert load_search_state(SearchCheckpoint(tmp_path / "none.pt", every=1)) is None
+    assert load_search_state(SearchCheckpoint(tmp_path / "none.pt", every=1, write=atomic_torch_save)) is None

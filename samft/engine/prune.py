@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from samft.config import Config, config_from_dict, dump_yaml
 from samft.data.datasets import TrainDataset, collate
 from samft.data.layouts import train_val_pairs
-from samft.engine.checkpoint import atomic_write_bytes, atomic_write_text, save_adapter
+from samft.engine.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_text, save_adapter
 from samft.engine.evaluate import evaluate_pairs
 from samft.engine.rundir import init_run_dir
 from samft.engine.runs import (ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, LoadedRun, adapter_expectations,
@@ -174,7 +174,7 @@ def prune_run(run_dir: Optional[str | Path], target_gmacs: Optional[float], sear
     out = _out_path(run_dir, out_dir)
     cfg = pruned_config(loaded.cfg, out, finetune_epochs, device, overrides)  # bad overrides fail before search
     _claim_out(out, overwrite or resume)
-    checkpoint = SearchCheckpoint(out / SEARCH_STATE_FILE, search_save_every)
+    checkpoint = SearchCheckpoint(out / SEARCH_STATE_FILE, search_save_every, atomic_torch_save)
     _note_search_start(checkpoint.path, resume)
     arch, record, report = _search_phase(loaded, target_gmacs, search_steps, search_epochs, arch_lr, lam, device, log,
                                          checkpoint)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -25,10 +25,12 @@ SEARCH_STATE_FORMAT = "samft-search-state-1"
 
 @dataclass
 class SearchCheckpoint:
-    """Where and how often a search saves its state, and what it must have been saved by."""
+    """Where and how often a search saves its state, and what it must have been saved by. ``write(obj,
+    path)`` writes atomically (the engine passes ``samft.engine.checkpoint.atomic_torch_save``)."""
 
     path: Path
     every: int
+    write: Callable[[Any, Path], None]
     identity: dict[str, Any] = field(default_factory=dict)
 
     def due(self, done: int, steps: int) -> bool:
@@ -37,9 +39,7 @@ class SearchCheckpoint:
 
 def save_search_state(ckpt: SearchCheckpoint, done: int, model: nn.Module, opt_arch: torch.optim.Optimizer,
                       opt_w: Optional[torch.optim.Optimizer], lam: Optional[float], history: list[dict]) -> None:
-    from samft.engine.checkpoint import atomic_torch_save  # the engine's atomic writer (lazy: no import cycle)
-
-    atomic_torch_save({
+    ckpt.write({
         "format": SEARCH_STATE_FORMAT, "identity": dict(ckpt.identity), "step": done, "lam": lam,
         "history": [dict(r) for r in history], "model": model.state_dict(), "opt_arch": opt_arch.state_dict(),
         "opt_w": opt_w.state_dict() if opt_w is not None else None, "rng": torch.get_rng_state(),
