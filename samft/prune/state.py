@@ -45,12 +45,12 @@ def read_pruned(path: str | Path, tensors: bool = True) -> tuple[dict[str, Any],
     path = Path(path)
     if not path.is_file():
         raise PruneError(f"model.pruned {path}: file not found (written by samft prune as pruned.safetensors)")
-    if tensors:
-        data = path.read_bytes()
-    else:
-        with path.open("rb") as f:
-            head = f.read(8)
-            data = head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= path.stat().st_size - 8:
+            raise PruneError(f"{path}: not a safetensors file (no valid header)")
+        data = head + f.read() if tensors else head + f.read(length)
     meta = _header(data, path)
     try:
         arch = json.loads(meta["architecture"])
