@@ -157,7 +157,8 @@ def test_finetuning_runs_the_training_loop_and_resumes(work, fixed_search):
     _prune(work, out, "--finetune-epochs", "1", "train.lr=5e-4")
     assert {p.name for p in out.iterdir()} == PRUNED_FILES | RUN_FILES
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["train"]["epochs"] == 1 and cfg["train"]["lr"] == 5e-4 and cfg["model"]["pruned"] == str(out / PRUNED_FILE)
+    assert cfg["train"]["epochs"] == 1 and cfg["train"]["lr"] == 5e-4
+    assert cfg["model"]["pruned"] == str(out / PRUNED_FILE)
     # eval of the run = the training loop's own validation of the fine-tuned model (metrics.csv, 6 digits)
     evaluated = json.loads(cli("eval", "--run", out, "--json").stdout)["sets"]["val"]["metrics"]
     logged, epochs = _last_validation(out)

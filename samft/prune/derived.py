@@ -132,7 +132,8 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
 
 class ConvBottleneck(nn.Module):
     """The plain module a converted attention becomes: ``reduce`` Conv2d (C -> d, k x k, padding k // 2),
-    ``bn`` BatchNorm2d(d) with frozen statistics (:class:`FrozenStatsBatchNorm2d`), ReLU, ``expand`` Linear (d -> C). Shapes: (B, H, W, C) -> (B, H, W, C)."""
+    ``bn`` BatchNorm2d(d) with frozen statistics (:class:`FrozenStatsBatchNorm2d`), ReLU, ``expand``
+    Linear (d -> C). Shapes: (B, H, W, C) -> (B, H, W, C)."""
 
     def __init__(self, dim: int, bottleneck_dim: int, kernel: int) -> None:
         super().__init__()
