@@ -213,16 +213,25 @@ def export(
 @app.command()
 @user_errors
 def prune(
-    target_gmacs: float = typer.Option(..., "--target-gmacs", help="encoder GMACs per image (ViT-B dense: 486)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value for the pruned run's config (its "
+                                                    "fine-tuning), e.g. train.lr=1e-4"),
+    target_gmacs: Optional[float] = typer.Option(None, "--target-gmacs", help="encoder GMACs per image (ViT-B dense: "
+                                                 "486); not needed with --resume"),
     run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
     search_epochs: Optional[int] = typer.Option(None, "--search-epochs", help="search passes over the training split"),
     search_steps: Optional[int] = typer.Option(None, "--search-steps", help="search steps (instead of epochs)"),
-    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="fine-tuning passes after pruning"),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="fine-tuning epochs after pruning (the normal "
+                                        "training loop)"),
     out: Optional[Path] = typer.Option(None, "--out", help="new run directory (default: RUN-pruned)"),
     arch_lr: float = typer.Option(5e-4, "--arch-lr", help="learning rate of the gate thresholds"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="FLOPs-loss weight (default: the authors' rule)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty --out directory"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue this pruned run: its saved search (give "
+                                          "the same --run, --target-gmacs and search options) or its fine-tuning"),
+    search_save_every: int = typer.Option(100, "--search-save-every", min=1, help="save the search's state every "
+                                          "N steps (for --resume)"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
 ) -> None:
     """SPViT: prune the run's encoder to --target-gmacs (attention -> derived convs or skip, fewer MLP
     units), fine-tune, and write a new run directory."""
@@ -230,11 +239,16 @@ def prune(
     from samft.prune.rebuild import summary
     from samft.engine.prune import prune_run
 
-    if search_epochs is None and search_steps is None:
+    finished = resume is not None and (resume / "pruned.safetensors").is_file()
+    if search_epochs is None and search_steps is None and not finished:
         search_epochs = 1
         warnings.warn("prune: neither --search-epochs nor --search-steps given: searching for 1 epoch", stacklevel=1)
-    report = prune_run(run or newest_run(), target_gmacs, search_steps, finetune_epochs, out, arch_lr, lam, device,
-                       overwrite, search_epochs)
+    if target_gmacs is None and not finished:
+        raise SamftError("prune needs --target-gmacs (or --resume PRUNED_RUN of a finished search)")
+    source = None if finished else (run or newest_run())
+    report = prune_run(source, target_gmacs, search_steps, finetune_epochs, resume or out, arch_lr, lam, device,
+                       overwrite, search_epochs, overrides=overrides, resume=resume is not None,
+                       show_progress=not no_progress, search_save_every=search_save_every)
     c = _console()
     c.print(f"architecture   {summary(report.arch)}")
     reached = "reached" if report.reached else "NOT reached"
@@ -276,6 +290,12 @@ def info(
     c.print(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "
             f"adapters {result['adapter_params']:,} + decoder {result['decoder_params']:,}")
     c.print(f"total          {result['total_params']:,}")
+    if "pruned_blocks" in result:
+        c.print(f"pruned         {result['pruned_architecture']}; encoder GMACs {result['encoder_gmacs_dense']:.4g} -> "
+                f"{result['encoder_gmacs']:.4g}")
+        for b in result["pruned_blocks"]:
+            c.print(f"  block {b['block']:<3d}  {b['attn']:5s}  MLP {b['mlp_units']}/{b['mlp_units_dense']}  GMACs "
+                    f"{b['gmacs_before']:.4g} -> {b['gmacs_after']:.4g}")
 
 
 @app.command()

@@ -127,6 +127,8 @@ class ModelConfig:
     )
     img_size: int = opt(1024, "square input side (multiple of 16); pos_embed is interpolated when not 1024", minimum=16)
     seed: int = opt(0, "seed of the random base weights when checkpoint is null")
+    pruned: Optional[str] = opt(None, "SPViT-pruned model (pruned.safetensors written by samft prune: the "
+                                "architecture and the whole pruned state) that replaces the base; null = dense SAM")
     num_mask_tokens: int = opt(10, "multi-class: mask tokens (queries) decoded per image; binary models use one",
                                minimum=1)
     attention: str = opt("sdpa", "encoder attention implementation (samft/model/attention/): sdpa (fused "

@@ -10,7 +10,7 @@ import torch
 
 from samft.config import dump_yaml
 from samft.engine.checkpoint import save_adapter
-from samft.engine.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations
+from samft.engine.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations, load_run
 from samft.model import build_model
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
@@ -51,12 +51,15 @@ def test_prune_run_writes_a_run_that_loads_back(tmp_path, synthetic_dir):
     assert set(report.metrics) == {"source", "pruned", "finetuned"}
     saved = json.loads((out / ARCH_FILE).read_text())
     assert saved["architecture"] == report.arch and saved["pruned_gmacs"] == report.pruned_gmacs
-    loaded = load_pruned_run(out)
+    assert (out / ADAPTER_FILE).is_file() and (out / "metrics.csv").is_file()  # fine-tuned by the training loop
+    loaded = load_run(out, torch.device("cpu"))  # as eval/predict/export load it: the fine-tuned model
     assert all(isinstance(b, PrunedBlock) for b in loaded.model.image_encoder.blocks)
     assert gmacs(encoder_block_flops(loaded.model.image_encoder, 64)["total"]) == pytest.approx(report.pruned_gmacs)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x).masks, report.model.eval()(x).masks)
+        before = load_pruned_run(out).model(x).masks  # the model as it left the search
+    assert not torch.equal(before, loaded.model(x).masks)
     with pytest.raises(PruneError, match="not empty"):
         prune_run(run, target, search_steps=1, out_dir=out)
     with pytest.raises(PruneError, match="not a pruned run"):

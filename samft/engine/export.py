@@ -22,11 +22,16 @@
   weights (or SAM's classes cannot run the encoder); ``OUT`` is then the unmerged samft model: a
   ``torch.save`` dict with the run's config and the full state dict (base weights included, so no base
   checkpoint is needed to load it) that :func:`load_exported` rebuilds.
+- **pruned runs** (``samft prune``, config key ``model.pruned``): SAM's checkpoint format cannot hold a
+  pruned encoder, so ``OUT`` is a ``torch.save`` dict (format ``samft-pruned-model-1``) with the run's
+  config (``model.pruned`` cleared), the architecture description and the whole state dict, the
+  adapters folded in first when the method is mergeable; :func:`load_exported` rebuilds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +53,7 @@ from samft.peft.inject import AdapterLayer
 HEAD_FORMAT = "samft-merged-head-1"
 UNMERGED_FORMAT = "samft-unmerged-model-1"
 POS_EMBED = "image_encoder.pos_embed"
+PRUNED_EXPORT_FORMAT = "samft-pruned-model-1"
 
 
 @dataclass
@@ -57,8 +63,14 @@ class ExportResult:
     files: list[Path]
     merged_layers: int = 0  # adapter layers folded into the encoder (0 when nothing was wrapped)
     reason: str = ""  # why an export is unmerged, when not the PEFT method (another attention function)
+    pruned: bool = False  # a pruned run: one file, architecture + state dict
 
     def message(self) -> str:
+        if self.pruned:
+            how = f"{self.merged_layers} {self.method} layer(s) merged" if self.merged else \
+                f"{self.method} layers kept unmerged (they cannot be folded)"
+            return (f"pruned model ({how}): wrote {self.files[0]} (architecture + state dict; load it with "
+                    f"samft.engine.export.load_exported)")
         if self.merged:
             what = f"merged {self.merged_layers} {self.method} layer(s) into the encoder" if self.merged_layers \
                 else f"{self.method}: the encoder is plain SAM, nothing to fold"
@@ -150,6 +162,8 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
     check_export_target(out, overwrite)
     run = load_run(run_dir, torch.device("cpu"), adapter)
     cfg, model = run.cfg, run.model.eval()
+    if cfg.model.pruned:
+        return _export_pruned(run, out)
     spec = peft.get(cfg.peft.method)
     sam_function = attention_function(cfg.model.attention) == "dense"
     if not spec.mergeable or not sam_function:
@@ -180,6 +194,51 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
     head_file = head_path(out)
     _write(head_file, lambda: atomic_write_bytes(head_file, st_save(head, metadata=meta)))
     return ExportResult(True, cfg.peft.method, [out, head_file], folded)
+
+
+def _export_pruned(run, out: Path) -> ExportResult:
+    """A pruned run: adapters folded when mergeable, then architecture + whole state dict in one file."""
+    from samft.prune.state import read_pruned
+
+    cfg, model = run.cfg, run.model.eval()
+    spec = peft.get(cfg.peft.method)
+    arch = read_pruned(cfg.model.pruned, tensors=False)[0]
+    folded = 0
+    if spec.mergeable:
+        with torch.no_grad():
+            folded = spec.merge(model.image_encoder)
+        left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
+        if left:
+            raise SamftError(f"PEFT method {cfg.peft.method}: merging left adapter layers {left[:3]}")
+    stored = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pruned=None))
+    atomic_torch_save({
+        "format": PRUNED_EXPORT_FORMAT, "samft_version": __version__, "peft_method": cfg.peft.method,
+        "merged": spec.mergeable, "sam_type": cfg.model.type, "base_sha256": run.meta.get("base_sha256", ""),
+        "config_yaml": dump_yaml(stored), "architecture": json.dumps(arch),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }, out)
+    return ExportResult(spec.mergeable, cfg.peft.method, [out], folded, pruned=True)
+
+
+def _load_pruned(path: Path, data: dict, device: torch.device) -> tuple[SemanticSAM, Any]:
+    from samft.prune.errors import PruneError
+    from samft.prune.rebuild import build_pruned_encoder
+
+    cfg = _config(data["config_yaml"], str(path))
+    built = build_model(cfg, meta=True)  # the structure only; every tensor comes from the file
+    try:
+        build_pruned_encoder(built.model.image_encoder, json.loads(data["architecture"]))
+    except (PruneError, ValueError) as e:
+        raise CheckpointError(f"{path}: its architecture does not fit its config: {e}") from None
+    if data.get("merged"):
+        peft.get(cfg.peft.method).merge(built.model.image_encoder)
+    try:
+        built.model.load_state_dict(data["state_dict"], strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit its architecture: {str(e).splitlines()[0]}") from None
+    built.model.refresh_aux_modules()
+    built.model.requires_grad_(False)
+    return built.model.to(device).eval(), cfg
 
 
 def _read(path: Path) -> dict:
@@ -239,8 +298,8 @@ def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optio
 
 def load_exported(path: str | Path, device: torch.device | str = "cpu",
                   head_file: Optional[str | Path] = None) -> SemanticSAM:
-    """The SemanticSAM of an export (frozen, in eval mode): a merged SAM checkpoint + its head, or an
-    unmerged samft model."""
+    """The SemanticSAM of an export (frozen, in eval mode): a merged SAM checkpoint + its head, an
+    unmerged samft model, or a pruned model."""
     return load_exported_with_config(path, device, head_file)[0]
 
 
@@ -252,6 +311,8 @@ def load_exported_with_config(path: str | Path, device: torch.device | str = "cp
     device = torch.device(device)
     if isinstance(data, dict) and data.get("format") == UNMERGED_FORMAT:
         return _load_unmerged(path, data, device)
+    if isinstance(data, dict) and data.get("format") == PRUNED_EXPORT_FORMAT:
+        return _load_pruned(path, data, device)
     if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
         return _load_merged(path, data, device, Path(head_file) if head_file else None)
     raise CheckpointError(f"{path}: neither a merged SAM checkpoint nor an unmerged samft export")

@@ -1,53 +1,67 @@
 """Prune a trained run into a new run directory: load, search, rebuild, fine-tune, write.
 
-``prune_run`` loads a binary-task run (``samft.engine.runs.load_run``: its config, base weights and
-adapter), searches an architecture for ``target_gmacs`` on the run's training split, rebuilds the
-encoder with plain modules, optionally fine-tunes (the run's PEFT parameters on the remaining attention
-blocks, the new conv/BatchNorm parameters and the decoder) and writes a new run directory:
+``prune_run`` loads a binary-task run (``samft.engine.runs.load_run``), searches an architecture for
+``target_gmacs`` on the run's training split, rebuilds the encoder with plain modules and writes a new
+run directory that every command reads like any other run (``eval``, ``predict``, ``export``, ``info``,
+``Segmenter.from_run``):
 
-- ``config.yaml``: the source run's resolved config (``output.dir`` pointing at the new directory);
+- ``pruned.safetensors``: the whole pruned model's state right after the search (sliced MLPs, derived
+  convolutions and their BatchNorm statistics), the architecture in its metadata (:mod:`samft.prune.state`);
+- ``config.yaml``: the source run's config with ``model.pruned`` naming that file (so ``build_model``
+  rebuilds the pruned model as the run's base), ``output.dir`` the new directory, ``train.epochs`` the
+  fine-tuning epochs;
 - ``architecture.json``: the architecture description plus what the search found (GMACs dense /
   target / pruned, whether the target was reached, lambda, the source run);
-- ``pruned.safetensors``: the whole pruned model's state (the rebuilt encoder is no longer the base
-  checkpoint plus an adapter: sliced MLPs and BatchNorm statistics are in it), with the architecture in
-  its metadata;
+- the fine-tuning is the normal training loop (:func:`samft.engine.train.train`) on that config: the
+  run's PEFT parameters on the remaining attention blocks, the new conv/BatchNorm parameters and the
+  decoder; it writes ``adapter.safetensors`` (best), ``adapter_last.safetensors``, ``state.pt``,
+  ``metrics.csv`` as any run, and resumes like one. Without fine-tuning, ``adapter.safetensors`` holds
+  the pruned model's trainable parameters;
 - ``prune.json``: the search history and the validation metrics of the source, of the pruned model
   before fine-tuning and after it.
 
-``load_pruned_run`` rebuilds such a run's model (``build_model`` + :func:`build_pruned_encoder` + a
-strict state-dict load). The fine-tuning here is a plain loop (AdamW, the run's lr, no schedule, no
-resume); the engine's training loop should take it over (see the report in docs/pruning.md).
+The search saves its state (``search_state.pt``, :mod:`samft.prune.search_state`) every
+``search_save_every`` steps; ``resume`` continues it (same source run and settings), or the fine-tuning
+of a directory whose search finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors.torch import load as st_load
+import yaml
 from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
-from samft.config import dump_yaml
+from samft.config import Config, config_from_dict, dump_yaml
 from samft.data.datasets import TrainDataset, collate
 from samft.data.layouts import train_val_pairs
-from samft.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from samft.engine.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_text, save_adapter
 from samft.engine.evaluate import evaluate_pairs
-from samft.engine.runs import CONFIG_FILE, LoadedRun, load_run, read_run_config
+from samft.engine.rundir import init_run_dir
+from samft.engine.runs import (ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, LoadedRun, adapter_expectations,
+                               load_run, locate_pruned, read_run_config)
+from samft.errors import SamftError
 from samft.model import build_model
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
-from samft.prune.rebuild import build_pruned_encoder, rebuild
-from samft.prune.search import binary_task_loss, search
+from samft.prune.rebuild import rebuild
+from samft.prune.search import search
+from samft.prune.search_state import SearchCheckpoint
+from samft.prune.state import PRUNED_FORMAT, read_pruned
 from samft.tasks import make_task
 
-ARCH_FILE = "architecture.json"
-PRUNED_FILE = "pruned.safetensors"
 REPORT_FILE = "prune.json"
+SEARCH_STATE_FILE = "search_state.pt"  # the search's resumable state, removed once the pruned run is written
+__all__ = ["ARCH_FILE", "PRUNED_FILE", "REPORT_FILE", "PruneReport", "load_pruned_run", "prune_run",
+           "read_architecture"]
 
 
 @dataclass
@@ -62,14 +76,18 @@ class PruneReport:
     model: torch.nn.Module  # the pruned (and fine-tuned) model, in eval mode
 
 
-def _out_dir(run_dir: Path, out_dir: Optional[str | Path], overwrite: bool) -> Path:
+def _out_path(run_dir: Path, out_dir: Optional[str | Path]) -> Path:
     out = Path(out_dir) if out_dir else run_dir.parent / f"{run_dir.name}-pruned"
     if out.resolve() == run_dir.resolve():
         raise PruneError(f"{out}: the pruned run needs its own directory, not the source run's")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PruneError(f"{out}: already exists and is not empty (pass overwrite to replace its files)")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _claim_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PruneError(f"{out}: already exists and is not empty (pass overwrite to replace its files, or resume "
+                         f"to continue the pruning there)")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _loader_fn(dataset: TrainDataset, batch_size: int, seed: int) -> Callable[[], DataLoader]:
@@ -82,81 +100,156 @@ def _validate(loaded: LoadedRun, pairs, device: torch.device, name: str) -> dict
     return evaluate_pairs(loaded.model, pairs, loaded.cfg, device, "fp32", name, show_progress=False).compute()
 
 
-def finetune(model: torch.nn.Module, loader_fn: Callable[[], DataLoader], epochs: int, lr: float,
-             device: torch.device) -> list[float]:
-    """``epochs`` passes of AdamW on the trainable parameters with the binary task loss; epoch mean losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(epochs):
-        model.train()
-        total, count = 0.0, 0
-        for batch in loader_fn():
-            loss = binary_task_loss(model, batch, device)
-            if not math.isfinite(float(loss.detach())):
-                raise PruneError(f"prune fine-tuning: the loss became {float(loss.detach())}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + float(loss.detach()), count + 1
-        losses.append(total / max(1, count))
-    model.eval()
-    return losses
+def pruned_config(cfg: Config, out: Path, finetune_epochs: int, device: torch.device,
+                  overrides: Optional[list[str]] = None) -> Config:
+    """The pruned run's config: the source's with ``model.pruned`` = OUT/pruned.safetensors, ``output.dir``
+    = OUT, the fine-tuning's epochs (no ``max_steps`` cap) and device, then the user's ``key=value``."""
+    data = yaml.safe_load(dump_yaml(cfg))
+    data["model"]["pruned"] = str((out / PRUNED_FILE).resolve())
+    data["output"].update({"dir": str(out.resolve()), "overwrite": False})
+    if finetune_epochs:
+        data["train"].update({"epochs": finetune_epochs, "max_steps": 0})
+    data["train"]["device"] = str(device)
+    try:
+        return config_from_dict(data, overrides)
+    except SamftError as e:
+        raise PruneError(f"prune: the pruned run's config: {e}") from None
 
 
-def prune_run(run_dir: str | Path, target_gmacs: float, search_steps: Optional[int] = None, finetune_epochs: int = 0,
-              out_dir: Optional[str | Path] = None, arch_lr: float = 5e-4, lam: Optional[float] = None,
-              device: str | torch.device = "cpu", overwrite: bool = False, search_epochs: Optional[int] = None,
-              log: Optional[Callable[[dict], None]] = None) -> PruneReport:
-    """Prune the run at ``run_dir`` to ``target_gmacs`` per image and write the pruned run (module doc).
-
-    The search runs ``search_steps`` optimizer steps, or ``search_epochs`` passes over the training split.
-    """
-    if (search_steps is None) == (search_epochs is None) or (search_steps or search_epochs or 0) < 1:
-        raise PruneError(f"prune: give one of search steps ({search_steps}) or search epochs ({search_epochs}), >= 1")
-    if target_gmacs <= 0:
-        raise PruneError(f"prune: target GMACs {target_gmacs} must be positive")
-    run_dir, device = Path(run_dir), torch.device(device)
-    loaded = load_run(run_dir, device)
+def _search_phase(loaded: LoadedRun, target_gmacs: float, steps: Optional[int], epochs: Optional[int],
+                  arch_lr: float, lam: Optional[float], device: torch.device, log,
+                  checkpoint: SearchCheckpoint) -> tuple[dict, dict, dict]:
+    """Search (resumable from ``checkpoint``), rebuild, validate before/after: (architecture, record for
+    architecture.json, report)."""
     cfg = loaded.cfg
-    task = make_task(cfg)
-    if task.kind != "binary":  # the search's loss and the rebuild's checks are written for one mask token
-        raise PruneError(f"{run_dir}: pruning supports binary-mask runs for now (this run is multi-class)")
-    out = _out_dir(run_dir, out_dir, overwrite)
     train_pairs, val_pairs = train_val_pairs(cfg.data)
     size = loaded.model.img_size
     dataset = TrainDataset(train_pairs, size, cfg.train.hflip, cfg.train.seed)
     loader_fn = _loader_fn(dataset, cfg.train.batch_size, cfg.train.seed)
-    if search_steps is None:
-        search_steps = search_epochs * math.ceil(len(dataset) / cfg.train.batch_size)
-    metric_name = task.selection_metric(cfg.train.metric)
+    if steps is None:
+        steps = epochs * math.ceil(len(dataset) / cfg.train.batch_size)
     metrics = {"source": _validate(loaded, val_pairs, device, "source")}
-    result = search(loaded.model, loader_fn, target_gmacs, search_steps, arch_lr=arch_lr, lam=lam,
-                    lr=cfg.train.lr, device=device, log=log)
+    checkpoint.identity = {"source_run": str(loaded.run_dir.resolve()), "target_gmacs": float(target_gmacs),
+                           "steps": int(steps), "arch_lr": float(arch_lr), "lambda": lam, "lr": float(cfg.train.lr)}
+    result = search(loaded.model, loader_fn, target_gmacs, steps, arch_lr=arch_lr, lam=lam,
+                    lr=cfg.train.lr, device=device, log=log, checkpoint=checkpoint)
     arch = rebuild(loaded.model.image_encoder)
     loaded.model.refresh_aux_modules()
     pruned = gmacs(encoder_block_flops(loaded.model.image_encoder, size)["total"])
     metrics["pruned"] = _validate(loaded, val_pairs, device, "pruned")
-    losses = finetune(loaded.model, loader_fn, finetune_epochs, cfg.train.lr, device) if finetune_epochs else []
+    record = {"source_run": str(loaded.run_dir.resolve()), "dense_gmacs": result.dense_gmacs,
+              "target_gmacs": target_gmacs, "pruned_gmacs": pruned, "reached": result.reached, "lambda": result.lam,
+              "search_steps": steps, "arch_lr": arch_lr}
+    metric_name = make_task(cfg).selection_metric(cfg.train.metric)
+    return arch, record, {"history": result.history, "metric": metric_name, "metrics": metrics}
+
+
+def prune_run(run_dir: Optional[str | Path], target_gmacs: Optional[float], search_steps: Optional[int] = None,
+              finetune_epochs: int = 0, out_dir: Optional[str | Path] = None, arch_lr: float = 5e-4,
+              lam: Optional[float] = None, device: str | torch.device = "cpu", overwrite: bool = False,
+              search_epochs: Optional[int] = None, log: Optional[Callable[[dict], None]] = None,
+              overrides: Optional[list[str]] = None, resume: bool = False, show_progress: bool = False,
+              search_save_every: int = 100) -> PruneReport:
+    """Prune the run at ``run_dir`` to ``target_gmacs`` per image and write the pruned run (module doc).
+
+    The search runs ``search_steps`` optimizer steps, or ``search_epochs`` passes over the training split;
+    ``finetune_epochs`` epochs of the normal training loop follow (``overrides``: ``key=value`` for the
+    pruned run's config, e.g. ``train.lr=1e-4``). The search saves its state every ``search_save_every``
+    steps (``OUT/search_state.pt``). ``resume`` with ``out_dir``: continues the search from that state
+    (same source run and settings required), or the fine-tuning of a run whose search finished.
+    """
+    device = torch.device(device)
+    if resume and out_dir is not None and (Path(out_dir) / PRUNED_FILE).is_file():
+        return _resume(Path(out_dir), device, show_progress, overrides)
+    if (search_steps is None) == (search_epochs is None) or (search_steps or search_epochs or 0) < 1:
+        raise PruneError(f"prune: give one of search steps ({search_steps}) or search epochs ({search_epochs}), >= 1")
+    if run_dir is None or target_gmacs is None or target_gmacs <= 0:
+        raise PruneError(f"prune: needs the source run and a positive target GMACs (got {run_dir}, {target_gmacs})")
+    run_dir = Path(run_dir)
+    loaded = load_run(run_dir, device)
+    if loaded.cfg.model.pruned:
+        raise PruneError(f"{run_dir}: is already a pruned run (model.pruned); prune its source run instead")
+    if make_task(loaded.cfg).kind != "binary":  # the search's loss is written for one mask token
+        raise PruneError(f"{run_dir}: pruning supports binary-mask runs for now (this run is multi-class)")
+    out = _out_path(run_dir, out_dir)
+    cfg = pruned_config(loaded.cfg, out, finetune_epochs, device, overrides)  # bad overrides fail before search
+    _claim_out(out, overwrite or resume)
+    checkpoint = SearchCheckpoint(out / SEARCH_STATE_FILE, search_save_every, atomic_torch_save)
+    _note_search_start(checkpoint.path, resume)
+    arch, record, report = _search_phase(loaded, target_gmacs, search_steps, search_epochs, arch_lr, lam, device, log,
+                                         checkpoint)
+    record["finetune_epochs"] = finetune_epochs
+    sha = _write(out, loaded, cfg, arch, record, report)
+    checkpoint.path.unlink(missing_ok=True)
     if finetune_epochs:
-        metrics["finetuned"] = _validate(loaded, val_pairs, device, "finetuned")
-    cfg.output.dir = str(out.resolve())
-    record = {"source_run": str(run_dir.resolve()), "dense_gmacs": result.dense_gmacs, "target_gmacs": target_gmacs,
-              "pruned_gmacs": pruned, "reached": result.reached, "lambda": result.lam, "search_steps": search_steps,
-              "arch_lr": arch_lr, "finetune_epochs": finetune_epochs}
-    _write(out, loaded, cfg, arch, record, {"history": result.history, "finetune_losses": losses,
-                                             "metric": metric_name, "metrics": metrics})
-    return PruneReport(out, arch, result.dense_gmacs, target_gmacs, pruned, result.reached, metrics, loaded.model)
+        _finetune(cfg, out, resume=False, show_progress=show_progress)
+    else:
+        save_adapter(loaded.model, out / ADAPTER_FILE, adapter_expectations(cfg, sha))
+    return _finish(out, arch, record, report, device)
 
 
-def _write(out: Path, loaded: LoadedRun, cfg, arch: dict, record: dict, report: dict) -> None:
+def _note_search_start(state: Path, resume: bool) -> None:
+    """A fresh search drops an earlier one's state; a resumed one says where it continues from."""
+    if not resume:
+        state.unlink(missing_ok=True)
+    elif state.is_file():
+        warnings.warn(f"prune --resume: continuing the search saved in {state}", stacklevel=3)
+    else:
+        warnings.warn(f"prune --resume: {state.parent} holds no saved search state: searching from the start",
+                      stacklevel=3)
+
+
+def _finetune(cfg: Config, out: Path, resume: bool, show_progress: bool) -> None:
+    """The normal training loop on the pruned run's config (its base: the pruned model)."""
+    from samft.engine.train import train
+
+    try:
+        train(cfg, resume=resume, show_progress=show_progress)
+    except Exception:
+        if not (out / CONFIG_FILE).is_file():  # a failed start removed config + marker: keep the run resumable
+            init_run_dir(out, dump_yaml(cfg))
+        raise
+
+
+def _resume(out: Path, device: torch.device, show_progress: bool, overrides: Optional[list[str]]) -> PruneReport:
+    """Continue the fine-tuning of a pruned run (``overrides`` as ``samft train --resume`` takes them)."""
+    cfg = read_run_config(out, overrides)
+    cfg.output.dir = str(out)
+    try:
+        record = json.loads((out / ARCH_FILE).read_text())
+        report = json.loads((out / REPORT_FILE).read_text())
+        arch = record.pop("architecture")
+    except (OSError, ValueError, KeyError) as e:
+        raise PruneError(f"{out}: not a pruned run to resume ({e})") from None
+    if record.get("finetune_epochs"):
+        _finetune(cfg, out, resume=True, show_progress=show_progress)
+    else:
+        warnings.warn(f"prune --resume: {out} was pruned without fine-tuning: nothing to continue (fine-tune it "
+                      f"with: samft train --resume {out} train.epochs=N)", stacklevel=3)
+    return _finish(out, arch, record, report, device)
+
+
+def _finish(out: Path, arch: dict, record: dict, report: dict, device: torch.device) -> PruneReport:
+    """Load the finished run as every command does, validate the fine-tuned model, write prune.json."""
+    loaded = load_run(out, device)
+    if record.get("finetune_epochs"):
+        report["metrics"]["finetuned"] = _validate(loaded, train_val_pairs(loaded.cfg.data)[1], device, "finetuned")
+    atomic_write_text(out / REPORT_FILE, json.dumps({**record, **report}, indent=1, default=float))
+    return PruneReport(out, arch, record["dense_gmacs"], record["target_gmacs"], record["pruned_gmacs"],
+                       record["reached"], report["metrics"], loaded.model)
+
+
+def _write(out: Path, loaded: LoadedRun, cfg: Config, arch: dict, record: dict, report: dict) -> str:
+    """The pruned run's files before fine-tuning; returns the pruned file's identity (``pruned:<sha256>``)."""
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in loaded.model.state_dict().items()}
-    meta = {"format": "samft-pruned-1", "architecture": json.dumps(arch), "peft_method": cfg.peft.method,
+    meta = {"format": PRUNED_FORMAT, "architecture": json.dumps(arch), "peft_method": cfg.peft.method,
             "sam_type": cfg.model.type, "adapter_meta": json.dumps(loaded.meta)}
-    atomic_write_bytes(out / PRUNED_FILE, st_save(state, metadata=meta))
+    data = st_save(state, metadata=meta)
+    init_run_dir(out, dump_yaml(cfg))  # the marker (samft's folder) and config.yaml; stale run files go
+    atomic_write_bytes(out / PRUNED_FILE, data)
     atomic_write_text(out / ARCH_FILE, json.dumps({**record, "architecture": arch}, indent=1))
     atomic_write_text(out / REPORT_FILE, json.dumps({**record, **report}, indent=1, default=float))
-    atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
+    return "pruned:" + hashlib.sha256(data).hexdigest()
 
 
 def read_architecture(run_dir: str | Path) -> Optional[dict[str, Any]]:
@@ -171,22 +264,14 @@ def read_architecture(run_dir: str | Path) -> Optional[dict[str, Any]]:
 
 
 def load_pruned_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """A pruned run's model: the base model of its config, rebuilt to its architecture, its state loaded."""
+    """A pruned run's model exactly as it left the search (before fine-tuning): the base model of its
+    config rebuilt to the architecture with ``pruned.safetensors`` loaded. ``load_run`` gives the run's
+    trained model (its best adapter on that base), as every command uses it."""
     run_dir = Path(run_dir)
-    arch = read_architecture(run_dir)
-    if arch is None:
+    if read_architecture(run_dir) is None:
         raise PruneError(f"{run_dir}: not a pruned run ({ARCH_FILE} not found)")
     cfg = read_run_config(run_dir)
+    locate_pruned(run_dir, cfg)
     built = build_model(cfg)
-    build_pruned_encoder(built.model.image_encoder, arch)
-    path = run_dir / PRUNED_FILE
-    if not path.is_file():
-        raise PruneError(f"{path}: the pruned model's state is missing")
-    data = path.read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {}) or {}
-    try:
-        built.model.load_state_dict(st_load(data), strict=True)
-    except RuntimeError as e:
-        raise PruneError(f"{path}: does not fit the architecture in {ARCH_FILE} ({str(e).splitlines()[0]})") from None
-    built.model.refresh_aux_modules()
-    return LoadedRun(run_dir, cfg, built.model.to(torch.device(device)).eval(), header)
+    _, _, meta, _ = read_pruned(cfg.model.pruned, tensors=False)
+    return LoadedRun(run_dir, cfg, built.model.to(torch.device(device)).eval(), meta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,9 +26,11 @@ PLOT_FILE = "curves.png"
 SPLIT_FILE = "split.json"
 MARKER_FILE = ".samft-run"  # a folder samft created
 RESUMES_FILE = "resumes.jsonl"
+ARCH_FILE = "architecture.json"  # a pruned run (samft prune): the architecture and what the search found
+PRUNED_FILE = "pruned.safetensors"  # a pruned run: the pruned model's whole state (config key model.pruned)
 
 RUN_FILES = (CONFIG_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, LEGACY_STATE_FILE, METRICS_FILE, EVAL_FILE,
-             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ".lock")
+             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ARCH_FILE, PRUNED_FILE, ".lock")
 
 
 def state_file(run_dir: str | Path) -> Path:
@@ -87,11 +90,32 @@ class LoadedRun:
     meta: dict
 
 
+def locate_pruned(run_dir: Path, cfg: Config) -> None:
+    """A pruned run's ``model.pruned``: a relative path is the run directory's; a path that no longer exists
+    (the run was moved) falls back, with a warning, to the run directory's own ``pruned.safetensors``."""
+    if not cfg.model.pruned:
+        if (run_dir / ARCH_FILE).is_file():
+            raise SamftError(f"{run_dir}: holds {ARCH_FILE} but its config has no model.pruned (a pruned run of an "
+                             f"earlier samft: set model.pruned: {run_dir / PRUNED_FILE} in its {CONFIG_FILE})")
+        return
+    path = Path(cfg.model.pruned).expanduser()
+    if not path.is_absolute() and (run_dir / path).is_file():
+        path = run_dir / path
+    own = run_dir / PRUNED_FILE
+    if not path.is_file() and own.is_file():
+        warnings.warn(f"{run_dir}: model.pruned {cfg.model.pruned} not found; using {own} (was the run moved?)",
+                      stacklevel=3)
+        path = own
+    cfg.model.pruned = str(path)
+
+
 def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_FILE) -> LoadedRun:
     """Rebuild a run's model from its config and load its adapter (checked against the base).
 
     ``run_dir`` may also be an exported model file (``samft export --merged``: merged SAM checkpoint + its
     head file, or the unmerged model): its own config comes with it.
+    A pruned run (``samft prune``; config key ``model.pruned``) is rebuilt the same way: ``build_model``
+    builds the pruned architecture with the pruned state as its base, then the adapter is loaded on it.
     """
     run_dir = Path(run_dir)
     if run_dir.is_file():
@@ -100,6 +124,7 @@ def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_F
         model, cfg = load_exported_with_config(run_dir, device)
         return LoadedRun(run_dir, cfg, model, {"exported": str(run_dir)})
     cfg = read_run_config(run_dir)
+    locate_pruned(run_dir, cfg)
     adapter_path = run_dir / adapter
     if not adapter_path.is_file():
         raise SamftError(f"{run_dir}: no {adapter} yet (has the run finished an epoch?)")

@@ -30,10 +30,12 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
     Afterwards exactly the PEFT parameters and the mask decoder require grad. ``meta=True`` builds the
     structure only (no weights, no checkpoint read), for counting parameters. The encoder's attention
     implementation (``cfg.model.attention``) is set before the PEFT method is applied, so methods that
-    wrap ``blk.attn`` or ``attn.qkv`` see SAM's attribute names.
+    wrap ``blk.attn`` or ``attn.qkv`` see SAM's attribute names. With ``model.pruned`` (a file written by
+    ``samft prune``) the encoder is then rebuilt to the pruned architecture and the file's whole state is
+    loaded (:mod:`samft.prune.state`); ``base_sha256`` is then that file's.
     """
     sam = build_sam(cfg.model, meta=meta)
-    sha = "" if meta else base_fingerprint(cfg.model, sam)
+    sha = "" if meta or cfg.model.pruned else base_fingerprint(cfg.model, sam)
     spec = peft.get(cfg.peft.method)
     task = make_task(cfg)
     with torch.device("meta") if meta else contextlib.nullcontext():
@@ -41,6 +43,12 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
         model.freeze_base()
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
         adapted = spec.apply(model.image_encoder, cfg.method_cfg)
+        if cfg.model.pruned:  # SPViT: the pruned architecture and its whole state replace the base
+            from samft.prune.state import apply_pruned
+
+            sha = apply_pruned(model, cfg.model.pruned, meta=meta)
+            kept = {n for n, _ in model.image_encoder.named_modules()}
+            adapted = [n for n in adapted if n in kept]  # removed attentions took their adapters with them
     if not used:
         warnings.warn(f"model.attention={cfg.model.attention} applies to no encoder block (each uses sdpa)",
                       stacklevel=2)
@@ -81,7 +89,7 @@ def describe(cfg: Config) -> dict:
     counts = count_params(built.model)
     options = getattr(cfg.model, cfg.model.attention, None)
     kinds = attention_kinds(built.model.image_encoder)
-    return {
+    result = {
         "model": cfg.model.type,
         "img_size": cfg.model.img_size,
         "checkpoint": cfg.model.checkpoint,
@@ -97,6 +105,11 @@ def describe(cfg: Config) -> dict:
         **counts,
         "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4),
     }
+    if cfg.model.pruned:  # SPViT-pruned: the pruned encoder's GMACs, per block choice and units
+        from samft.prune.state import describe_pruned
+
+        result.update(describe_pruned(cfg, built.model.image_encoder))
+    return result
 
 
 __all__ = ["BuiltModel", "SegOutput", "SemanticSAM", "build_model", "count_params", "describe"]

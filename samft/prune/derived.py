@@ -120,15 +120,26 @@ def bottleneck(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bn: nn
     return F.linear(y, expand.to(y.dtype), None if expand_bias is None else expand_bias.to(y.dtype))
 
 
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that always normalises with its running statistics (those estimated in the search);
+    its affine ``weight``/``bias`` still train. samft's checkpoints hold trainable parameters only, and SAM
+    trains on batches of a few images, so batch statistics would be noisy and would be lost between the
+    fine-tuning's validation and the saved run. Same state-dict keys as ``nn.BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
 class ConvBottleneck(nn.Module):
     """The plain module a converted attention becomes: ``reduce`` Conv2d (C -> d, k x k, padding k // 2),
-    ``bn`` BatchNorm2d(d), ReLU, ``expand`` Linear (d -> C). Shapes: (B, H, W, C) -> (B, H, W, C)."""
+    ``bn`` BatchNorm2d(d) with frozen statistics (:class:`FrozenStatsBatchNorm2d`), ReLU, ``expand``
+    Linear (d -> C). Shapes: (B, H, W, C) -> (B, H, W, C)."""
 
     def __init__(self, dim: int, bottleneck_dim: int, kernel: int) -> None:
         super().__init__()
         self.kernel = kernel
         self.reduce = nn.Conv2d(dim, bottleneck_dim, kernel, padding=kernel // 2, bias=True)
-        self.bn = nn.BatchNorm2d(bottleneck_dim)
+        self.bn = FrozenStatsBatchNorm2d(bottleneck_dim)
         self.expand = nn.Linear(bottleneck_dim, dim)
 
     @classmethod

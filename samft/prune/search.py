@@ -32,6 +32,7 @@ from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs, search_flops, stem_flops
 from samft.prune.rebuild import architecture, summary
 from samft.prune.search_block import ALPHA, THETA, SearchBlock
+from samft.prune.search_state import SearchCheckpoint, load_search_state, restore_search_state, save_search_state
 
 LAMBDA_MARGIN = 1.1
 TOLERANCE = 0.15
@@ -129,13 +130,16 @@ def _check_target(target: float, dense: float, floor: float, steps: int, arch_lr
 def search(model: nn.Module, loader_fn: Callable[[], Iterable[dict]], target_gmacs: float, steps: int,
            arch_lr: float = 5e-4, lam: Optional[float] = None, lr: float = 1e-4, alpha: float = ALPHA,
            theta: float = THETA, loss_fn: LossFn = binary_task_loss, tolerance: float = TOLERANCE,
-           device: Optional[torch.device] = None, log: Optional[Callable[[dict], None]] = None) -> SearchResult:
+           device: Optional[torch.device] = None, log: Optional[Callable[[dict], None]] = None,
+           checkpoint: Optional[SearchCheckpoint] = None) -> SearchResult:
     """Search ``model``'s (a SemanticSAM) encoder architecture for ``target_gmacs`` per image at its input
     size, for ``steps`` optimizer steps over ``loader_fn()`` (called again at each pass; batches are
     dicts with ``image`` (B, 3, S, S), ``mask`` (B, S, S) and optionally ``valid_hw`` (B, 2)).
 
     The encoder's blocks stay SearchBlocks (call :func:`samft.prune.rebuild.rebuild` to prune them);
-    the model is left in eval mode. ``log`` receives each step's record.
+    the model is left in eval mode. ``log`` receives each step's record. ``checkpoint``: the state is
+    saved there every ``checkpoint.every`` steps, and a state found there is continued (same steps as an
+    uninterrupted search: ``loader_fn`` must give the same batch order again, as a seeded loader does).
     """
     enc = model.image_encoder
     device = device or next(model.parameters()).device
@@ -147,31 +151,46 @@ def search(model: nn.Module, loader_fn: Callable[[], Iterable[dict]], target_gma
     arch_params, weight_params = _parameter_groups(model)
     opt_arch = torch.optim.AdamW(arch_params, lr=arch_lr, weight_decay=0.0)
     opt_w = torch.optim.AdamW(weight_params, lr=lr, weight_decay=0.0) if weight_params and lr > 0 else None
+    saved = load_search_state(checkpoint) if checkpoint is not None else None
+    start, lam, history, rng = restore_search_state(saved, model, opt_arch, opt_w, lam)
     model.train()
-    history = []
     for step, batch in enumerate(_batches(loader_fn, steps)):
-        task = loss_fn(model, batch, device)
-        now = gmacs(search_flops(enc, size))
-        if lam is None:
-            lam = auto_lambda(float(task.detach()), float(now.detach()), target_gmacs)
-        flops_loss = flops_term(now, target_gmacs, lam)
-        loss = task + flops_loss.to(task.dtype)
-        if not torch.isfinite(loss.detach()):
-            raise PruneError(f"prune search: the loss became {float(loss.detach())} at step {step + 1}")
-        opt_arch.zero_grad(set_to_none=True)
-        if opt_w is not None:
-            opt_w.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_arch.step()
-        if opt_w is not None:
-            opt_w.step()
-        record = {"step": step + 1, "task_loss": float(task.detach()), "flops_loss": float(flops_loss.detach()),
-                  "gmacs": float(now.detach())}
+        if step < start:  # resumed: the same batch order, the steps already taken skipped
+            continue
+        if step == start and rng is not None:
+            torch.set_rng_state(rng)
+        record, lam = _step(model, batch, device, size, target_gmacs, lam, loss_fn, opt_arch, opt_w, step)
         history.append(record)
         if log is not None:
             log(record)
+        if checkpoint is not None and checkpoint.due(step + 1, steps):
+            save_search_state(checkpoint, step + 1, model, opt_arch, opt_w, lam, history)
     model.eval()
     return _result(enc, size, target_gmacs, dense, floor, lam, tolerance, history)
+
+
+def _step(model: nn.Module, batch: dict, device: torch.device, size: int, target_gmacs: float, lam: Optional[float],
+          loss_fn: LossFn, opt_arch: torch.optim.Optimizer, opt_w: Optional[torch.optim.Optimizer],
+          step: int) -> tuple[dict[str, float], float]:
+    """One search step (task loss + FLOPs term, both optimizers); (its record, lambda)."""
+    task = loss_fn(model, batch, device)
+    now = gmacs(search_flops(model.image_encoder, size))
+    if lam is None:
+        lam = auto_lambda(float(task.detach()), float(now.detach()), target_gmacs)
+    flops_loss = flops_term(now, target_gmacs, lam)
+    loss = task + flops_loss.to(task.dtype)
+    if not torch.isfinite(loss.detach()):
+        raise PruneError(f"prune search: the loss became {float(loss.detach())} at step {step + 1}")
+    opt_arch.zero_grad(set_to_none=True)
+    if opt_w is not None:
+        opt_w.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_arch.step()
+    if opt_w is not None:
+        opt_w.step()
+    record = {"step": step + 1, "task_loss": float(task.detach()), "flops_loss": float(flops_loss.detach()),
+              "gmacs": float(now.detach())}
+    return record, lam
 
 
 def _parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
