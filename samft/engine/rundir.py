@@ -15,11 +15,15 @@ from pathlib import Path
 
 from samft import __version__
 from samft.engine.checkpoint import atomic_write_text
-from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, MARKER_FILE, METRICS_FILE, RESUMES_FILE,
-                               RUN_FILES, SPLIT_FILE, state_file)
+from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, EVAL_FILE, LAST_ADAPTER_FILE, LEGACY_STATE_FILE, MARKER_FILE,
+                               METRICS_FILE, PLOT_FILE, RESUMES_FILE, SPLIT_FILE, STATE_FILE, state_file)
 from samft.errors import SamftError
 
 LOCK_FILE = ".lock"
+# what a training writes, deleted when a run is started again (a pruned run's pruned.safetensors and
+# architecture.json are its base, written by samft prune before its training starts: they stay)
+TRAINING_FILES = (STATE_FILE, LEGACY_STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, EVAL_FILE,
+                  SPLIT_FILE, RESUMES_FILE)
 
 
 def is_samft_run(run_dir: Path) -> bool:
@@ -62,9 +66,8 @@ def claim_run_dir(run_dir: Path, overwrite: bool) -> bool:
 def init_run_dir(run_dir: Path, config_yaml: str) -> None:
     """Clear samft's own files of an earlier run there, then write the marker and ``config.yaml``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        if name != LOCK_FILE:  # held by this training
-            (run_dir / name).unlink(missing_ok=True)
+    for name in TRAINING_FILES:
+        (run_dir / name).unlink(missing_ok=True)
     atomic_write_text(run_dir / MARKER_FILE, json.dumps({"samft_version": __version__, "created": time.time()}))
     atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
 

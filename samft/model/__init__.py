@@ -97,7 +97,8 @@ def describe(cfg: Config) -> dict:
         "attention_options": dict(vars(options)) if options is not None else {},
         "attention_blocks": {k: kinds.count(k) for k in dict.fromkeys(kinds)},
         "attention_params": attention_params(built.model.image_encoder),
-        "encoder_gmacs": round(encoder_flops(built.model.image_encoder, cfg.model.img_size)["total"] / 2e9, 3),
+        "encoder_gmacs": None if cfg.model.pruned else  # a pruned encoder's: from describe_pruned below
+        round(encoder_flops(built.model.image_encoder, cfg.model.img_size)["total"] / 2e9, 3),
         "peft_method": cfg.peft.method,
         "peft_options": dict(vars(cfg.method_cfg)),
         "mergeable": peft.get(cfg.peft.method).mergeable,

@@ -185,7 +185,11 @@ def attention_impl(encoder: nn.Module) -> str:
 
 def attention_kinds(encoder: nn.Module) -> list[str]:
     """Per block, the implementation its attention uses."""
-    return [b.attn.kind if isinstance(b.attn, EncoderAttention) else "eager" for b in encoder.blocks]
+    kinds = []
+    for block in encoder.blocks:
+        attn = getattr(block, "attn", None)  # a pruned block may have none (SPViT's skip or conv)
+        kinds.append(attn.kind if isinstance(attn, EncoderAttention) else "eager" if attn is not None else "none")
+    return kinds
 
 
 from samft.model.attention.bias import rel_pos_bias  # noqa: E402  (re-exported)
