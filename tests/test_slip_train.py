@@ -144,7 +144,7 @@ def test_cli_trains_with_unlabelled_images(tmp_path, synthetic_dir):
 
     config.write_text(dump_yaml(cfg))
     result = CliRunner().invoke(app, ["train", "--config", str(config), "--no-progress",
-                                      "data.unlabelled=[images/000?.png]", "loss.ssl.weight=0.5"])
+                                      'data.unlabelled=["images/000?.png"]', "loss.ssl.weight=0.5"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "cli"
     assert "SSL loss: 10 unlabelled images" in result.output
