@@ -152,3 +152,43 @@ def test_cli_trains_with_unlabelled_images(tmp_path, synthetic_dir):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["loss"]["ssl"]["weight"] == 0.5 and saved["data"]["unlabelled"] == ["images/000?.png"]
     assert "unlabelled" in load_state(run / "state.pt")["extra_modules"]
+
+
+def test_compare_methods_with_and_without_the_ssl_loss(synthetic_dir, tmp_path, monkeypatch):
+    from conftest import TINY, load_script
+
+    import json
+
+    import yaml
+
+    config = {"model": TINY, "peft": {"method": "lora"},
+              "data": {"root": str(synthetic_dir), "train": ".", "val_fraction": 0.25, "num_workers": 0,
+                       "unlabelled": ["images"]},
+              "loss": {"ssl": {"batch_size": 4, "mlp_dim": 16, "emb_dim": 8}},
+              "train": {"epochs": 1, "batch_size": 6, "device": "cpu"}, "eval": {"batch_size": 6}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    cm = load_script("compare_methods")
+    assert cm.main(["--config", "c.yaml", "--methods", "lora", "--seeds", "3", "--out", "cmp.md", "--workdir", "runs",
+                    "--ssl-weight", "0.5", "--in-process"]) == 0
+    rows = [line.split("|")[1].strip() for line in (tmp_path / "cmp.md").read_text().splitlines() if line.startswith("| `")]
+    assert rows == ["`lora`", "`lora+ssl`"]
+    raw = json.loads((tmp_path / "cmp.json").read_text())
+    assert [(r["method"], r["ssl_weight"]) for r in raw] == [("lora", 0.0), ("lora+ssl", 0.5)]
+    assert raw[1]["request"]["overrides"][-1] == "loss.ssl.weight=0.5"
+    ssl_rows = read_metrics(tmp_path / "runs" / "lora+ssl" / "seed3" / "metrics.csv")
+    assert all(float(r["aux_ssl"]) > 0 for r in ssl_rows if r["kind"] == "step")
+
+
+def test_ssl_under_torchrun_is_refused_in_one_line(tmp_path, synthetic_dir):
+    """The head would sit outside the DDP wrapper (its gradients not averaged): refused, naming the option."""
+    from types import SimpleNamespace
+
+    from samft.engine import distributed as D
+    from samft.engine.slip import config_streams
+
+    cfg = _cfg(tmp_path, synthetic_dir, "ddp", weight=1.0)
+    with pytest.raises(SamftError, match=r"^loss.ssl.weight: 1.0: the SSL loss is not supported under torchrun"):
+        config_streams(SimpleNamespace(cfg=cfg, info=D.DistInfo(rank=0, world_size=2), main=True))
+    with pytest.raises(SamftError, match="training-only modules are not synchronised"):
+        build_training(cfg, torch.device("cpu"), "fp32", 2, D.DistInfo(rank=0, world_size=2), [ssl_stream(cfg)])
