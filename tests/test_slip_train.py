@@ -124,11 +124,91 @@ def test_too_few_unlabelled_images_is_one_clear_line(tmp_path, synthetic_dir):
         train(cfg, show_progress=False)
 
 
-def test_the_text_options_are_still_refused(tmp_path, synthetic_dir):
+def test_the_text_class_head_is_still_refused(tmp_path, synthetic_dir):
     cfg = _cfg(tmp_path, synthetic_dir, "text", unlabelled=False)
-    cfg.loss.clip.weight = 1.0
-    with pytest.raises(SamftError, match="loss.clip.weight: .*not wired"):
+    cfg.model.class_head = "text"
+    with pytest.raises(SamftError, match="model.class_head=text: .*not wired"):
         build_training(cfg, torch.device("cpu"), "fp32", 2)
+
+
+# ------------------------------------------------------------------------------------------ region-text loss
+
+def _classes_dir(root):
+    """8 noisy 64x64 images with class-id masks: background 0, a rectangle of class 1 and one of class 2."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    for i in range(8):
+        mask = np.zeros((64, 64), np.uint8)
+        y, x = rng.integers(0, 32, 2)
+        mask[y:y + 24, x:x + 20] = 1
+        mask[40:60, 4 + i * 4:20 + i * 4] = 2
+        image = (rng.integers(0, 60, (64, 64, 3)) + mask[..., None] * 80).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    return root
+
+
+def _voc_cfg(tmp_path, name, weight=1.0, method="lora", **train_opts):
+    import numpy as np
+
+    emb = tmp_path / "names.npy"
+    np.save(emb, np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32))
+    root = tmp_path / "classes"
+    if not root.is_dir():
+        _classes_dir(root)
+    opts = {"epochs": 1, "batch_size": 2, "lr": 1e-3, "log_every": 1, "progress": False, "device": "cpu",
+            **train_opts}
+    return tiny_config(method, model={"num_mask_tokens": 4, "text": {"embeddings": str(emb)}},
+                       data={"root": str(root), "train": ".", "classes": ["background", "a", "b"],
+                             "val_fraction": 0.25},
+                       loss={"clip": {"weight": weight}}, train=opts, output={"dir": str(tmp_path / name)})
+
+
+def test_region_text_term_is_the_loss_of_the_labelled_forward_with_padding_ignored(tmp_path):
+    from samft.engine.checkpoint import trainable_state
+    from samft.text import region_text_loss
+
+    cfg = _voc_cfg(tmp_path, "unit", weight=0.5, grad_clip=0.0)
+    parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=2)
+    head = parts.extra_modules["clip"]
+    assert parts.aux_weights == {} and parts.loss_names == ["clip"]
+    g = torch.Generator().manual_seed(3)
+    mask = torch.randint(0, 2, (2, 64, 64), generator=g)
+    mask[:, :8] = 255  # ignored pixels
+    mask[1, :, 48:] = 2  # class 2 only in image 1's padding: it must not become a region
+    batch = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": mask,
+             "valid_hw": torch.tensor([[64, 64], [64, 48]])}
+    with torch.no_grad():
+        feats = parts.model(batch["image"]).features
+        gt = mask.clone()
+        gt[1, :, 48:] = 255
+        expected = float(region_text_loss(feats, gt, 255, head.proj, head.text_emb, head.logit_scale))
+        padded = float(region_text_loss(feats, mask, 255, head.proj, head.text_emb, head.logit_scale))
+    assert abs(expected - padded) > 1e-4, "the padding must matter for this test to mean anything"
+    head_before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    encoder_before = {n: p.detach().clone() for n, p in parts.model.image_encoder.named_parameters()}
+    stats = train_mod.train_step(parts, [{"labelled": batch}])
+    assert stats["aux_clip"] == pytest.approx(expected, rel=1e-5)
+    assert stats["loss"] == pytest.approx(stats["task_loss"] + 0.5 * expected, rel=1e-5)
+    assert all(not torch.equal(p.detach(), head_before[n]) for n, p in head.named_parameters())
+    moved = {n for n, p in parts.model.image_encoder.named_parameters() if not torch.equal(p.detach(), encoder_before[n])}
+    assert moved and all(parts.model.image_encoder.get_parameter(n).requires_grad for n in moved)
+    assert not any(n.startswith("proj") or "logit_scale" in n for n in trainable_state(parts.model))
+
+
+def test_a_run_with_the_region_text_loss_logs_it_and_keeps_its_head_out_of_the_adapter(tmp_path):
+    run = train(_voc_cfg(tmp_path, "clip"), show_progress=False)
+    steps = [r for r in read_metrics(run / "metrics.csv") if r["kind"] == "step"]
+    assert steps and all(float(r["aux_clip"]) > 0 for r in steps)
+    plain = build_training(_voc_cfg(tmp_path, "plain", weight=0.0), torch.device("cpu"), "fp32", 2)
+    from samft.engine.checkpoint import trainable_state
+
+    assert set(read_adapter(run / "adapter.safetensors")[0]) == set(trainable_state(plain.model))
+    assert set(load_state(run / "state.pt")["extra_modules"]["clip"]) == {"proj.weight", "text_emb", "logit_scale"}
 
 
 def test_cli_trains_with_unlabelled_images(tmp_path, synthetic_dir):

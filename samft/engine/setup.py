@@ -138,6 +138,21 @@ class ExtraStream:
 
 
 @dataclass
+class LabelledTerm:
+    """A loss term on the labelled batch beside the task loss (e.g. SLIP's region-text loss).
+
+    ``loss(out, batch) -> {name: scalar}`` with the model's :class:`SegOutput` and the labelled batch;
+    each term is added with ``weights[name]`` and logged as ``aux_<name>``. ``modules``: as
+    :class:`ExtraStream`'s (training-only, in the optimizer and the resumable state, never in adapters).
+    """
+
+    name: str
+    loss: Callable[[Any, dict], dict]
+    weights: dict[str, float]
+    modules: Union[nn.Module, Callable[[SemanticSAM], nn.Module], None] = None
+
+
+@dataclass
 class TrainingParts:
     """Everything one optimizer step needs (see :func:`samft.engine.train.train_step`)."""
 
@@ -153,19 +168,21 @@ class TrainingParts:
     aux_weights: dict[str, float]
     base_sha256: str = ""
     extra_streams: list[ExtraStream] = field(default_factory=list)
+    labelled_terms: list[LabelledTerm] = field(default_factory=list)
 
     @property
     def loss_names(self) -> list[str]:
         """Every auxiliary and extra loss term logged (``aux_<name>`` columns)."""
         names = list(self.aux_weights)
-        for stream in self.extra_streams:
-            names += [n for n in stream.weights if n not in names]
+        for part in (*self.labelled_terms, *self.extra_streams):
+            names += [n for n in part.weights if n not in names]
         return names
 
     @property
     def extra_modules(self) -> dict[str, nn.Module]:
-        """The training-only modules of the extra streams, by stream name."""
-        return {s.name: s.modules for s in self.extra_streams if isinstance(s.modules, nn.Module)}
+        """The training-only modules of the labelled terms and the extra streams, by their name."""
+        return {s.name: s.modules for s in (*self.labelled_terms, *self.extra_streams)
+                if isinstance(s.modules, nn.Module)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer steps: the model's trainable tensors, then those of the extra streams' modules."""
@@ -198,8 +215,12 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
     if tc.compile:
         compile_blocks(model.image_encoder.blocks)
     task = task or make_task(cfg)
+    from samft.engine.slip import config_terms
+
+    terms = _bind_modules(config_terms(cfg), model, device, info)
     streams = _bind_modules(list(extra_streams or []), model, device, info)
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, [s.modules for s in streams if s.modules is not None])
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay,
+                               [s.modules for s in (*terms, *streams) if s.modules is not None])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tc.warmup_steps, total_steps, tc.min_lr_ratio))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -208,11 +229,10 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
         module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                          find_unused_parameters=peft.get(cfg.peft.method).unused_params)
     return TrainingParts(cfg, model, module, task, optimizer, scheduler, scaler, device, precision,
-                         aux_weights(cfg, task, model), built.base_sha256, streams)
+                         aux_weights(cfg, task, model), built.base_sha256, streams, terms)
 
 
-def _bind_modules(streams: list[ExtraStream], model: SemanticSAM, device: torch.device, info: D.DistInfo
-                  ) -> list[ExtraStream]:
+def _bind_modules(streams: list, model: SemanticSAM, device: torch.device, info: D.DistInfo) -> list:
     """Build each stream's training-only modules for ``model`` (when given as a function), on ``device``,
     in training mode. They live outside the DDP wrapper, so their gradients would not be averaged across
     processes: refused when distributed."""
@@ -223,7 +243,7 @@ def _bind_modules(streams: list[ExtraStream], model: SemanticSAM, device: torch.
             modules = modules(model)
         if modules is not None:
             if info.enabled:
-                raise ConfigError(f"extra data stream {stream.name!r}: its training-only modules are not "
+                raise ConfigError(f"loss term / data stream {stream.name!r}: its training-only modules are not "
                                   f"synchronised across processes; train it in one process (without torchrun)")
             modules = modules.to(device).train()
         bound.append(replace(stream, modules=modules))
@@ -231,13 +251,11 @@ def _bind_modules(streams: list[ExtraStream], model: SemanticSAM, device: torch.
 
 
 def _refuse_unwired(cfg: Config) -> None:
-    """SLIP's language options exist (config, loss, heads, tested) but the loop does not run them yet: never
-    let a user believe they trained with them. (The SSL loss, loss.ssl, is wired: samft.engine.slip.)"""
-    unwired = [key for key, on in (("loss.clip.weight", cfg.loss.clip.weight > 0),
-                                   ("model.class_head=text", cfg.model.class_head == "text")) if on]
-    if unwired:
-        raise ConfigError(f"{unwired[0]}: SLIP's region-text loss and text class head are not wired into training "
-                          f"in this version; leave {', '.join(unwired)} at the default")
+    """SLIP's text class head exists (tested) but is not part of a trained model yet: never let a user believe
+    they trained with it. (The SSL and region-text losses are wired: samft.engine.slip.)"""
+    if cfg.model.class_head == "text":
+        raise ConfigError("model.class_head=text: SLIP's text class head is not wired into training in this "
+                          "version; leave model.class_head at linear (loss.clip.weight works with it)")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""SLIP's self-supervised loss in training: the unlabelled stream that ``loss.ssl.weight > 0`` asks for.
+"""SLIP's losses in training: the unlabelled stream that ``loss.ssl.weight > 0`` asks for, and the
+region-text term on the labelled batch that ``loss.clip.weight > 0`` asks for.
 
     data.unlabelled images -> UnlabelledDataset: {view1, view2 (B, 3, S, S), index (B,)} per batch of
     loss.ssl.batch_size (each epoch's last incomplete batch dropped: the head's BatchNorm needs > 1 image
@@ -9,6 +10,12 @@
 The projection head (:class:`samft.ssl.SSLHead`) is the stream's training-only module: trained with the
 model, saved in the resumable state, never in an adapter file or an export. With ``loss.ssl.weight`` 0
 nothing is built, read or drawn: training is that of a run without the option.
+
+Region-text (``loss.clip.weight``): the neck features of the labelled forward (``SegOutput.features``,
+(B, C, S/16, S/16)) averaged over each ground-truth class region (padding excluded), projected, and
+classified against the class-name embeddings of ``model.text`` (:func:`samft.text.region_text_loss`); the
+term "clip", logged as ``aux_clip``. Its projection and logit scale (:class:`samft.text.RegionTextHead`)
+are training-only modules like the SSL head. (``model.class_head=text`` is still refused in training.)
 
 Under torchrun the SSL branch is refused (one line naming the option): the head would live outside the
 DDP wrapper and calling ``encode`` outside DDP's forward breaks its reducer (see tests/test_ssl.py).
@@ -24,9 +31,11 @@ from torch import nn
 
 from samft.config import Config, unused_option_warnings
 from samft.data.unlabelled import UnlabelledDataset, unlabelled_images
-from samft.engine.setup import ExtraStream
+from samft.data.transforms import valid_mask
+from samft.engine.setup import ExtraStream, LabelledTerm
 from samft.errors import ConfigError
 from samft.ssl import build_ssl_head, ssl_loss
+from samft.text import build_text_heads
 
 SSL_STREAM = "unlabelled"
 
@@ -68,6 +77,34 @@ def ssl_stream(cfg: Config) -> Optional[ExtraStream]:
                        drop_last=True)
 
 
+class RegionTerm:
+    """The labelled batch's region-text loss: ``(SegOutput, batch) -> {"clip": cross-entropy}``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.head: Optional[nn.Module] = None
+
+    def build_head(self, model: nn.Module) -> nn.Module:
+        """Projection + logit scale for ``model``'s neck width (reads the class-name embeddings once)."""
+        _, self.head = build_text_heads(self.cfg, model)
+        return self.head
+
+    def __call__(self, out: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        feats = out.features
+        size, ignore = feats.shape[-1] * 16, self.cfg.data.ignore_index
+        gt = batch["mask"].to(feats.device, non_blocking=True).long()
+        inside = valid_mask(batch["valid_hw"].to(feats.device), size)[:, 0].bool()
+        return {"clip": self.head(feats, gt.masked_fill(~inside, ignore), ignore)}
+
+
+def config_terms(cfg: Config) -> list[LabelledTerm]:
+    """The labelled-batch loss terms ``cfg`` asks for (``loss.clip.weight > 0``: region-text), else []."""
+    if cfg.loss.clip.weight == 0:
+        return []
+    term = RegionTerm(cfg)
+    return [LabelledTerm("clip", term, {"clip": cfg.loss.clip.weight}, modules=term.build_head)]
+
+
 def config_streams(ctx) -> list[ExtraStream]:
     """The extra streams ``ctx.cfg`` asks for (a RunContext); refuses the SSL loss under torchrun and warns
     of SLIP options set without effect."""
@@ -87,4 +124,4 @@ def config_streams(ctx) -> list[ExtraStream]:
     return [stream] if stream is not None else []
 
 
-__all__ = ["SSLTerm", "ssl_stream", "config_streams", "SSL_STREAM"]
+__all__ = ["SSLTerm", "RegionTerm", "ssl_stream", "config_streams", "config_terms", "SSL_STREAM"]

@@ -159,6 +159,9 @@ def _loss_terms(parts: TrainingParts, batches: dict[str, Any]) -> tuple[torch.Te
     logits = upsample_logits(out.masks, (size, size))
     task = parts.task.loss(logits, out.class_logits, target, valid)
     terms = dict(out.aux_losses)
+    for term in parts.labelled_terms:
+        with autocast(parts.device, parts.precision):
+            terms.update(term.loss(out, batch))
     for stream in parts.extra_streams:
         with autocast(parts.device, parts.precision):
             terms.update(stream.loss(parts.module, batches[stream.name]))
@@ -167,7 +170,7 @@ def _loss_terms(parts: TrainingParts, batches: dict[str, Any]) -> tuple[torch.Te
 
 def _weights(parts: TrainingParts) -> dict[str, float]:
     weights = dict(parts.aux_weights)
-    for stream in parts.extra_streams:
+    for stream in (*parts.labelled_terms, *parts.extra_streams):
         weights.update(stream.weights)
     return weights
 
