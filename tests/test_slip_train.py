@@ -261,7 +261,7 @@ def test_compare_methods_with_and_without_the_ssl_loss(synthetic_dir, tmp_path, 
 
 
 def test_ssl_under_torchrun_is_refused_in_one_line(tmp_path, synthetic_dir):
-    """The head would sit outside the DDP wrapper (its gradients not averaged): refused, naming the option."""
+    """The heads would sit outside the DDP wrapper (their gradients not averaged): refused, naming the option."""
     from types import SimpleNamespace
 
     from samft.engine import distributed as D
@@ -272,3 +272,5 @@ def test_ssl_under_torchrun_is_refused_in_one_line(tmp_path, synthetic_dir):
         config_streams(SimpleNamespace(cfg=cfg, info=D.DistInfo(rank=0, world_size=2), main=True))
     with pytest.raises(SamftError, match="training-only modules are not synchronised"):
         build_training(cfg, torch.device("cpu"), "fp32", 2, D.DistInfo(rank=0, world_size=2), [ssl_stream(cfg)])
+    with pytest.raises(SamftError, match=r"^loss.clip.weight: 1.0: the region-text loss is not supported under torchrun"):
+        build_training(_voc_cfg(tmp_path, "ddp2"), torch.device("cpu"), "fp32", 2, D.DistInfo(rank=0, world_size=2))

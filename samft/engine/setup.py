@@ -217,7 +217,7 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
     task = task or make_task(cfg)
     from samft.engine.slip import config_terms
 
-    terms = _bind_modules(config_terms(cfg), model, device, info)
+    terms = _bind_modules(config_terms(cfg, info.enabled), model, device, info)
     streams = _bind_modules(list(extra_streams or []), model, device, info)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay,
                                [s.modules for s in (*terms, *streams) if s.modules is not None])

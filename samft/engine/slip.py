@@ -97,10 +97,14 @@ class RegionTerm:
         return {"clip": self.head(feats, gt.masked_fill(~inside, ignore), ignore)}
 
 
-def config_terms(cfg: Config) -> list[LabelledTerm]:
-    """The labelled-batch loss terms ``cfg`` asks for (``loss.clip.weight > 0``: region-text), else []."""
+def config_terms(cfg: Config, distributed: bool = False) -> list[LabelledTerm]:
+    """The labelled-batch loss terms ``cfg`` asks for (``loss.clip.weight > 0``: region-text), else [];
+    refused under torchrun (``distributed``)."""
     if cfg.loss.clip.weight == 0:
         return []
+    if distributed:
+        raise ConfigError(f"loss.clip.weight: {cfg.loss.clip.weight}: the region-text loss is not supported under "
+                          f"torchrun in this version; train in one process or set loss.clip.weight=0")
     term = RegionTerm(cfg)
     return [LabelledTerm("clip", term, {"clip": cfg.loss.clip.weight}, modules=term.build_head)]
 
