@@ -109,6 +109,9 @@ def eval_(
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH test set (folder or CSV); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print eval.json to stdout"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    tile: Optional[int] = typer.Option(None, "--tile", help="score large images by overlapping SIZE x SIZE tiles "
+                                       "at native resolution (as samft predict --tile)"),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in pixels (default SIZE/8)"),
 ) -> None:
     """Evaluate a run at each image's original resolution; writes RUN/eval.json."""
     from samft.engine.evaluate import evaluate_run
@@ -116,7 +119,7 @@ def eval_(
 
     run_dir = run or newest_run()
     named = {k: str(Path(v).expanduser().resolve()) for k, v in _parse_named(data, "--data").items()}  # from cwd
-    results = evaluate_run(run_dir, named or None, device, show_progress=not as_json)
+    results = evaluate_run(run_dir, named or None, device, show_progress=not as_json, tile=tile, overlap=overlap)
     if _rank() != 0:  # under torchrun: rank 0 prints
         return
     if as_json:
@@ -151,29 +154,60 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/predictions)"),
     with_overlay: bool = typer.Option(False, "--overlay", help="also write image+mask overlays to OUT/overlays/"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing files in OUT (input images are "
+                                   "never written to)"),
+    tile: Optional[int] = typer.Option(None, "--tile", help="predict large images by overlapping SIZE x SIZE tiles "
+                                       "at native resolution, blended (smaller images: one tile, as without)"),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in pixels (default SIZE/8)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="image-decoding processes "
+                                          "(default: the run's data.num_workers)"),
 ) -> None:
-    """Predict masks (0/255 PNG at the original size, named after each input)."""
+    """Predict masks (0/255 PNG at the original size, named after each input; same stems get distinct names)."""
+    import time
+
     from samft.engine.predict import predict_run
     from samft.engine.runs import newest_run
 
     run_dir = run or newest_run()
-    written = predict_run(run_dir, inputs, out, with_overlay, device)
-    _console().print(f"[green]wrote {len(written)} mask(s)[/] to {written[0].parent if written else out}")
+    t0 = time.perf_counter()
+    written = predict_run(run_dir, inputs, out, with_overlay, device, overwrite=overwrite, tile=tile, overlap=overlap,
+                          workers=workers)
+    seconds = max(time.perf_counter() - t0, 1e-9)
+    _console().print(f"[green]wrote {len(written)} mask(s)[/] to {written[0].parent if written else out} in "
+                     f"{seconds:.1f} s ({len(written) / seconds:.1f} images/s, model loading included)")
 
 
 @app.command()
 @user_errors
 def export(
-    merged: Path = typer.Option(..., "--merged", help="output file, e.g. model.pth"),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="output file, e.g. model.pth"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="output ONNX file, e.g. model.onnx: the whole model, "
+                                        "normalised image -> mask logits / class scores (needs samft[onnx])"),
     run: Optional[Path] = typer.Option(None, "--run", help="run directory (default: the newest under runs/)"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (14-20)"),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="ONNX: any batch size (default: 1)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="ONNX: a real image to verify on besides a random one"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file (a run's own files "
+                                   "never)"),
 ) -> None:
     """Fold the adapters into SAM's weights (LoRA, SSF, BitFit ...) and write a plain SAM checkpoint plus
-    the decoder head; for methods that cannot be merged, say so and write the unmerged model."""
-    from samft.engine.export import export_run
+    the decoder head (--merged); for methods that cannot be merged, say so and write the unmerged model.
+    --onnx writes the whole model as one ONNX graph, checked against PyTorch with onnxruntime."""
     from samft.engine.runs import newest_run
 
-    result = export_run(run or newest_run(), merged)
-    _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
+    if merged is None and onnx is None:
+        raise SamftError("export needs --merged FILE and/or --onnx FILE")
+    run_dir = run or newest_run()
+    if merged is not None:
+        from samft.engine.export import export_run
+
+        result = export_run(run_dir, merged, overwrite=overwrite)
+        _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
+    if onnx is not None:
+        from samft.engine.onnx_export import export_onnx
+
+        result = export_onnx(run_dir, onnx, opset, dynamic_batch, image, overwrite=overwrite)
+        _console().print(f"[green]{result.message()}[/]", soft_wrap=True)
 
 
 @app.command()
@@ -218,7 +252,7 @@ def info(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
 ) -> None:
-    """Show the model, PEFT method, adapted modules and parameter counts of a config."""
+    """Show the model, attention, PEFT method, adapted modules, parameter counts and encoder GMACs of a config."""
     from samft.config import load_config
     from samft.model import describe
 
@@ -230,6 +264,13 @@ def info(
     c = _console()
     adapted = result["adapted_modules"]
     c.print(f"model          {cfg.model.type} @ {cfg.model.img_size}px (checkpoint: {cfg.model.checkpoint})")
+    blocks = ", ".join(f"{k} x {n}" for k, n in result["attention_blocks"].items())
+    options = f" {result['attention_options']}" if result["attention_options"] else ""
+    c.print(f"attention      {result['attention']}{options} (blocks: {blocks})")
+    if result["attention_params"]:
+        new = ", ".join(f"{k} {n:,}" for k, n in result["attention_params"].items())
+        c.print(f"attn params    {sum(result['attention_params'].values()):,} new, trainable ({new})")
+    c.print(f"encoder        {result['encoder_gmacs']:,} GMACs forward per image at {cfg.model.img_size}px")
     c.print(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
     c.print(f"adapted        {len(adapted)}" + (f": {adapted[0]} ... {adapted[-1]}" if adapted else " (nothing wrapped)"))
     c.print(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "
@@ -290,9 +331,13 @@ def data_check(
             table.add_row(split.name, str(split.pairs), d["image_sizes"], d["mask_values"], fg,
                           str(len(split.problems)))
         Console().print(table)
+        for note in report.notes:
+            _console().print(f"note: {note}")
         for w in report.warnings:
             _console().print(f"[yellow]warning:[/] {w}")
-        for p in report.problems:
+        from samft.data.check import group_problems
+
+        for p in group_problems(report.problems):
             _console().print(f"[red]problem:[/] {p}", soft_wrap=True)
     if report.problems:
         raise SamftError(f"{len(report.problems)} problem(s) found")
@@ -306,15 +351,25 @@ def demo_data(
     out_dir: Path = typer.Argument(..., help="folder to create (images/ and masks/)"),
     n: int = typer.Option(64, "--n", min=2, help="number of image/mask pairs"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing files of the same names in OUT"),
 ) -> None:
     """Write a synthetic binary-segmentation dataset for a first run."""
     from samft.data.synthetic import write_dataset
 
-    write_dataset(out_dir, n, seed)
+    write_dataset(out_dir, n, seed, overwrite=overwrite)
     _console().print(f"wrote {n} pairs to {out_dir}/images and {out_dir}/masks")
 
 
+def quiet_openmp() -> None:
+    """OpenMP threads that wait for work sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the
+    user chose otherwise. Spinning threads on a machine that other processes keep busy steal the cores the
+    working threads need (a training measured 8x slower); set before torch loads its OpenMP runtime."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main() -> None:
+    quiet_openmp()
     try:
         app()
     except SystemExit:

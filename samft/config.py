@@ -16,6 +16,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -27,6 +28,7 @@ import yaml
 from samft.errors import ConfigError
 from samft.fields import opt, section
 from samft.metrics import METRIC_CHOICES, canonical
+from samft.protocol import PROTOCOLS, apply_protocol
 
 def _model_types() -> tuple[str, ...]:
     from samft.model.sam import sam_sizes  # the size registry, looked up at validation time
@@ -93,6 +95,30 @@ class TextConfig:
         return "file" if self.embeddings else "open_clip" if self.open_clip_model else None
 
 
+BRA_BLOCKS = ("global", "all")
+
+
+@dataclass
+class BRAConfig:
+    """Options of ``model.attention=bra``: BiFormer's Bi-Level Routing Attention (samft/model/attention/bra.py)."""
+
+    regions: int = opt(8, "regions per side S: the token map (or window) is split into S x S regions, padded "
+                       "(padded keys masked) when S does not divide it", minimum=1)
+    topk: int = opt(16, "key regions each query region attends to (at most regions**2, which is dense attention)",
+                    minimum=1)
+    lepe_kernel: int = opt(5, "kernel of the zero-initialised depthwise LEPE conv on v, added before proj "
+                           "(odd; 0 = off)", minimum=0)
+    blocks: str = opt("global", "blocks that use BRA: global (SAM's global-attention blocks; windowed blocks keep "
+                      "their windows) or all (every block; windowed blocks route inside each window)", BRA_BLOCKS)
+
+    def check(self, prefix: str) -> None:
+        if self.topk > self.regions ** 2:
+            raise ConfigError(f"{prefix}.topk: {self.topk} exceeds regions**2 = {self.regions ** 2} "
+                              f"(the number of regions)")
+        if self.lepe_kernel and self.lepe_kernel % 2 == 0:
+            raise ConfigError(f"{prefix}.lepe_kernel: {self.lepe_kernel} is even; use an odd kernel or 0 (off)")
+
+
 @dataclass
 class ModelConfig:
     type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", _model_types)
@@ -104,8 +130,10 @@ class ModelConfig:
     num_mask_tokens: int = opt(10, "multi-class: mask tokens (queries) decoded per image; binary models use one",
                                minimum=1)
     attention: str = opt("sdpa", "encoder attention implementation (samft/model/attention/): sdpa (fused "
-                         "scaled_dot_product_attention), eager (segment_anything's own, the plain reference)",
+                         "scaled_dot_product_attention), eager (segment_anything's own, the plain reference), bra "
+                         "(BiFormer's Bi-Level Routing Attention: sparse, for 1536-2048 px; see model.bra)",
                          _attention_names)
+    bra: BRAConfig = section(BRAConfig, "options of model.attention=bra (Bi-Level Routing Attention)")
     tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
     class_head: str = opt("linear", "multi-class: how mask tokens are classified: linear (a Linear to C+1 scores) or "
                           "text (cosine similarity to the class-name embeddings of model.text)", ("linear", "text"))
@@ -138,21 +166,37 @@ class DataConfig:
     palette: list[list[int]] = opt([], "RGB colour of each class in colour-coded masks and predicted palette PNGs "
                                        "(empty = Pascal VOC's colour map)")
     ignore_index: int = opt(255, "class id excluded from the loss and the metrics (VOC's boundary)")
+    background: Optional[int] = opt(0, "multi-class: class id of the background (left untinted in overlays, not "
+                                        "'foreground' in data check); null = the data has no background class "
+                                        "(e.g. CamVid's sky is class 0)")
     ignore_colors: list[list[int]] = opt([[224, 224, 192]], "colours of colour-coded masks mapped to ignore_index")
     split_seed: int = opt(0, "seed of the train/validation hold-out split")
+    split_file: Optional[str] = opt(None, "a run's split.json (its train and validation file lists) to use as the "
+                                          "train/val split instead of data.train/val/val_fraction")
     num_workers: int = opt(2, "data-loading worker processes (0 = load in the main process)", minimum=0)
     unlabelled: list[str] = opt([], "images without masks for the SSL loss (loss.ssl): folders, globs, CSV lists of "
                                     "images, or 'train' (the training images); empty = none")
+    resize: Optional[str] = opt(None, "input geometry: pad (longest side to img_size, pad bottom/right; samft) or "
+                                      "squash (resize to img_size x img_size, bicubic, ground truth nearest; "
+                                      "AutoGluon); null = the protocol's", ("pad", "squash"))
 
 
 @dataclass
 class TrainConfig:
     epochs: int = opt(20, "number of passes over the training split", minimum=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = run all epochs)", minimum=0)
-    batch_size: int = opt(4, "images per forward pass (per process)", minimum=1)
-    accum_steps: int = opt(1, "forward passes accumulated per optimizer step", minimum=1)
+    batch_size: Optional[int] = opt(None, "images per forward pass (per process); null = the protocol's (samft 4, "
+                                          "autogluon 1)", minimum=1)
+    accum_steps: Optional[int] = opt(None, "forward passes accumulated per optimizer step; null = the protocol's "
+                                           "(samft 1, autogluon 4)", minimum=1)
     lr: float = opt(1e-4, "peak AdamW learning rate", minimum=0.0)
     weight_decay: float = opt(1e-4, "AdamW weight decay", minimum=0.0)
+    adam_eps: Optional[float] = opt(None, "AdamW eps; null = the protocol's (samft 1e-8, PyTorch's default; "
+                                          "autogluon 1e-6)", minimum=0.0)
+    schedule: Optional[str] = opt(None, "learning-rate decay after the warm-up: linear (to min_lr_ratio) or poly "
+                                        "((1 - t)^poly_power, AutoGluon's polynomial_decay); null = the protocol's",
+                                  ("linear", "poly"))
+    poly_power: float = opt(1.0, "power of the poly schedule (AutoGluon: 1, the same curve as linear)", minimum=0.0)
     warmup_steps: int = opt(0, "linear warm-up steps before the linear decay", minimum=0)
     min_lr_ratio: float = opt(0.0, "learning rate at the end of the linear decay, as a fraction of lr", minimum=0.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", minimum=0.0)
@@ -181,8 +225,27 @@ class TrainConfig:
 class AuxLossConfig:
     """Weights of the named auxiliary losses the model produces (each logged as ``aux_<name>``)."""
 
-    balance: Optional[float] = opt(None, "Conv-LoRA's expert balance loss (null = 1.0 binary, 2.0 multi-class, "
-                                         "as the paper)", minimum=0.0)
+    balance: Optional[float] = opt(None, "Conv-LoRA's expert balance loss; null = the protocol's (samft: 1.0 binary, "
+                                         "2.0 multi-class, as the paper; autogluon: 1.0, as AutoGluon's code)",
+                                   minimum=0.0)
+
+
+@dataclass
+class SetLossConfig:
+    points: Optional[int] = opt(None, "mask BCE/Dice on this many points per matched mask, chosen by Mask2Former's "
+                                      "importance sampling, and the matcher on as many random points (0 = every "
+                                      "pixel); null = the protocol's (samft 0, autogluon 12544)", minimum=0)
+    oversample: float = opt(3.0, "point sampling: candidates drawn per point (Mask2Former's oversample_ratio)",
+                            minimum=1.0)
+    importance: float = opt(0.75, "point sampling: fraction of the points taken from the most uncertain candidates "
+                                  "(|logit| smallest), the rest uniform (Mask2Former's importance_sample_ratio)",
+                            minimum=0.0)
+    cost_class: Optional[float] = opt(None, "matcher cost weight of -p(class); null = the protocol's (samft: "
+                                            "loss.class_weight, autogluon 1)", minimum=0.0)
+    cost_mask: Optional[float] = opt(None, "matcher cost weight of the mask BCE; null = the protocol's (samft: "
+                                           "loss.mask_bce_weight, autogluon 5)", minimum=0.0)
+    cost_dice: Optional[float] = opt(None, "matcher cost weight of the mask Dice loss; null = the protocol's "
+                                           "(samft: loss.mask_dice_weight, autogluon 5)", minimum=0.0)
 
 
 @dataclass
@@ -210,11 +273,15 @@ class LossConfig:
     bce: str = opt("mean", "BCE term: mean (paper/reference), weighted (PraNet's boundary weights) or balanced "
                            "(shadow detection, SAM-Adapter's balanced BCE)", ("mean", "weighted", "balanced"))
     iou: bool = opt(True, "add the boundary-weighted IoU term of the structure loss")
-    class_weight: float = opt(10.0, "multi-class: weight of the query classification cross-entropy", minimum=0.0)
-    mask_bce_weight: float = opt(5.0, "multi-class: weight of the matched masks' BCE", minimum=0.0)
-    mask_dice_weight: float = opt(5.0, "multi-class: weight of the matched masks' Dice loss", minimum=0.0)
+    class_weight: Optional[float] = opt(None, "multi-class: weight of the query classification cross-entropy; null = "
+                                              "the protocol's (samft 10, autogluon 1)", minimum=0.0)
+    mask_bce_weight: Optional[float] = opt(None, "multi-class: weight of the matched masks' BCE; null = the "
+                                                 "protocol's (samft 5, autogluon 1)", minimum=0.0)
+    mask_dice_weight: Optional[float] = opt(None, "multi-class: weight of the matched masks' Dice loss; null = the "
+                                                  "protocol's (samft 5, autogluon 1)", minimum=0.0)
     no_object_weight: float = opt(0.1, "multi-class: cross-entropy weight of the 'no object' class", minimum=0.0)
     ignore_padding: bool = opt(True, "leave the padding added to make the input square out of the loss")
+    set: SetLossConfig = section(SetLossConfig, "multi-class set loss: point sampling and matcher costs")
     aux: AuxLossConfig = section(AuxLossConfig, "weights of the model's named auxiliary losses")
     ssl: SSLLossConfig = section(SSLLossConfig, "self-supervised loss on data.unlabelled (SLIP's SimCLR)")
     clip: ClipLossConfig = section(ClipLossConfig, "region-text loss against class-name embeddings (SLIP's CLIP)")
@@ -224,8 +291,15 @@ class LossConfig:
 class EvalConfig:
     threshold: float = opt(0.5, "probability threshold for dice@0.5/iou@0.5/BER and predicted masks", minimum=0.0)
     batch_size: int = opt(4, "images per forward pass during evaluation and prediction", minimum=1)
-    resize_gt_to_input: bool = opt(False, "score at img_size x img_size with the ground truth resized (AutoGluon's "
-                                          "protocol) instead of at each image's original resolution")
+    resize_gt_to_input: Optional[bool] = opt(None, "score at img_size x img_size with the ground truth resized "
+                                                   "(nearest) instead of at each image's original resolution; null = "
+                                                   "the protocol's (samft false, autogluon true)")
+    miou: Optional[str] = opt(None, "multi-class mIoU: dataset (classes absent from prediction and ground truth left "
+                                    "out, ignore-labelled pixels nowhere) or per_class_all (AutoGluon: every class, "
+                                    "absent ones 0, predictions on ignore-labelled pixels in the union); null = the "
+                                    "protocol's", ("dataset", "per_class_all"))
+    ber: Optional[str] = opt(None, "BER: pooled (counts summed over the set) or per_image (the mean of each image's "
+                                   "BER, AutoGluon); null = the protocol's", ("pooled", "per_image"))
 
 
 @dataclass
@@ -257,6 +331,9 @@ def __getattr__(name: str) -> Any:  # ``samft.config.PeftConfig`` still names th
 
 @dataclass
 class Config:
+    protocol: str = opt("samft", "samft or autogluon (the reference implementation): the value of every option left "
+                                 "null that the two treat differently (see samft/protocol.py and the README's "
+                                 "'Reproducing the paper')", PROTOCOLS)
     model: ModelConfig = section(ModelConfig, "SAM size, checkpoint and input size")
     peft: PeftConfig = dataclasses.field(default_factory=lambda: peft_config_cls()(),  # noqa: F821 (lazy)
                                          metadata={"help": "parameter-efficient fine-tuning method and its options"})
@@ -265,6 +342,9 @@ class Config:
     loss: LossConfig = section(LossConfig, "loss terms")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     output: OutputConfig = section(OutputConfig, "where the run is written")
+
+    def __post_init__(self) -> None:
+        apply_protocol(self)  # every Config is resolved, however it was built
 
     @property
     def method_cfg(self) -> Any:
@@ -398,9 +478,22 @@ def _validate(obj: Any, prefix: str = "") -> None:
             near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        _require_finite(value, dotted)
         minimum = f.metadata.get("minimum")
         if minimum is not None and value is not None and value < minimum:
             raise ConfigError(f"{dotted}: {value!r} is below the minimum {minimum}")
+
+
+def _require_finite(value: Any, key: str) -> None:
+    """Every float of the config (in lists and mappings too) is a finite number: NaN and inf are refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _require_finite(v, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _require_finite(v, f"{key}.{k}")
 
 
 def validate(cfg: Config) -> Config:
@@ -408,6 +501,8 @@ def validate(cfg: Config) -> Config:
     _validate(cfg)
     if cfg.model.img_size % 16:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of 16 (the patch size)")
+    if not 0.0 <= cfg.loss.set.importance <= 1.0:
+        raise ConfigError(f"loss.set.importance: {cfg.loss.set.importance} must be in [0, 1]")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     d = cfg.data
@@ -420,6 +515,9 @@ def validate(cfg: Config) -> Config:
     if d.classes and 0 <= d.ignore_index < len(d.classes):
         raise ConfigError(f"data.ignore_index: {d.ignore_index} is a class id of data.classes "
                           f"({d.classes[d.ignore_index]!r}); use an id outside 0..{len(d.classes) - 1}")
+    if d.classes and d.background is not None and not 0 <= d.background < len(d.classes):
+        raise ConfigError(f"data.background: {d.background} is not a class id of data.classes (0..{len(d.classes) - 1}); "
+                          f"null = no background class")
     if len(d.classes) == 1:
         raise ConfigError("data.classes: one class is a binary task; leave data.classes empty for binary masks")
     from samft.metrics import task_metric_names  # the metric must exist for the task
@@ -429,6 +527,7 @@ def validate(cfg: Config) -> Config:
         kind = "multi-class" if d.classes else "binary"
         raise ConfigError(f"train.metric: {metric!r} is not a {kind} metric; choose from "
                           f"{', '.join(task_metric_names(bool(d.classes)))}")
+    cfg.model.bra.check("model.bra")
     cfg.model.tiny.check("model.tiny")  # checked whether used or not: its defaults are valid
     from samft.peft import registry
 
@@ -538,6 +637,25 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return validate(_from_dict(Config, data))
 
 
+def _blame(data: dict, overrides: list[str] | None, message: str, path: Path) -> str:
+    """Where an error comes from: the file when the file alone has it, else the command line."""
+    if not overrides:
+        return str(path)
+    try:
+        config_from_dict(data)
+    except ConfigError as e:
+        if str(e) == message:
+            return str(path)
+    return "command line (key=value)"
+def yaml_error(e: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    context = getattr(e, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}" + (f" ({' '.join(context.split())})" if context else "")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config strictly, apply overrides, validate, and default ``output.dir``."""
     path = Path(path)
@@ -546,13 +664,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config is expected)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, peft:, ...), got {type(data).__name__}")
     try:
         cfg = config_from_dict(data, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{_blame(data, overrides, str(e), path)}: {e}") from None
     if cfg.output.dir is None:
         cfg.output.dir = str(Path("runs") / path.stem)
     return cfg

@@ -1,4 +1,8 @@
-"""Numbers shared across layers (torch-free): SAM's pixel normalisation and patch size."""
+"""Numbers shared by the model, the data pipeline and the torch-free deployment code (no imports).
+
+SAM normalises images with the ImageNet pixel mean and standard deviation on the 0-255 scale
+(``segment_anything.modeling.Sam``'s defaults): ``(pixel - PIXEL_MEAN) / PIXEL_STD`` per RGB channel.
+"""
 
 from __future__ import annotations
 

@@ -10,12 +10,13 @@ Names in ``eval.json`` (and the alias accepted by ``train.metric``):
 | wFm | wfm | weighted F-measure (pysodmetrics) |
 | meanEm, maxEm, adpEm | em, maxem, adpem | E-measure: mean / max of the 256-threshold curve, adaptive (pysodmetrics) |
 | MAE | mae | mean absolute error of the min-max normalised map (pysodmetrics) |
-| BER | ber | balanced error rate in percent at 0.5, ``100 (1 - (TP/P + TN/N) / 2)`` from counts pooled over the set (shadow detection) |
+| BER | ber | balanced error rate in percent at 0.5, ``100 (1 - (TP/P + TN/N) / 2)`` from counts pooled over the set (shadow detection); ``eval.ber=per_image``: the mean of each image's BER (AutoGluon, see ``image_ber``) |
 
 Multi-class (``data.classes``): ``mIoU`` (alias miou; mean over classes, background included, of
 TP / (TP + FP + FN), classes absent from both prediction and ground truth left out), ``mAcc`` (macc; mean
 per-class recall), ``pixel_acc`` (acc), and the IoU of each class, all from one confusion matrix over the
 pixels whose ground truth is not ``ignore_index``; matrices from several processes add up exactly.
+``eval.miou=per_class_all`` is AutoGluon's mIoU instead (see ``per_class_all_iou``).
 
 S-measure, E-measure, weighted F-measure and MAE come from ``pysodmetrics`` (checked against the MATLAB
 toolbox); predictions reach it as 8-bit grey maps, which it min-max normalises per image: the standard
@@ -67,6 +68,29 @@ def task_metric_names(multiclass: bool) -> tuple[str, ...]:
     return tuple(MULTICLASS_METRICS if multiclass else BINARY_METRICS)
 
 
+def image_ber(tp: float, tn: float, pos: float, neg: float) -> float:
+    """One image's BER in percent as AutoGluon's ``Balanced_Error_Rate`` computes it (torchmetrics' sample-wise
+    macro accuracy over the classes {background, foreground}): ``100 (1 - mean of the classes' recalls)``, where a
+    class absent from both the ground truth and the prediction is left out and a recall of 0/0 counts 0 (a
+    foreground predicted on an image without any scores 50 % or worse). A fully correct image scores 0."""
+    fp, fn = neg - tn, pos - tp
+    classes = ((tp, pos, tp + fp + fn), (tn, neg, tn + fn + fp))  # (hits, support, tp + fp + fn) per class
+    recalls = [hits / support if support else 0.0 for hits, support, seen in classes if seen > 0]
+    return 100.0 * (1.0 - float(np.mean(recalls))) if recalls else 0.0
+
+
+def per_class_all_iou(matrix: np.ndarray, ignored_pred: np.ndarray) -> np.ndarray:
+    """AutoGluon's per-class IoU (``Multiclass_IoU``: histograms of prediction, label and intersection).
+
+    matrix (C, C): confusion over non-ignored pixels (rows ground truth); ignored_pred (C,): predictions on
+    ignore-labelled pixels, which enter each class's prediction area, hence its union. A class with an empty
+    union scores 0 (its mean is over every class).
+    """
+    tp = np.diag(matrix).astype(np.float64)
+    union = matrix.sum(0) + ignored_pred + matrix.sum(1) - tp
+    return np.divide(tp, union, out=np.zeros_like(tp), where=union > 0)
+
+
 def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     """Dice and IoU of two boolean masks; both empty counts as a perfect match."""
     inter = np.logical_and(pred, gt).sum()
@@ -104,8 +128,10 @@ class BinaryMetrics:
 
     KEYS = ("name", "dice", "iou", "sm", "wfm", "mae", "em_curve", "em_adp", "dice_curve", "iou_curve", "counts")
 
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = threshold
+    def __init__(self, threshold: float = 0.5, ber: str = "pooled") -> None:
+        if ber not in ("pooled", "per_image"):
+            raise ValueError(f"unknown BER mode {ber!r}; expected pooled or per_image")
+        self.threshold, self.ber = threshold, ber
         self.records: dict[str, list] = {k: [] for k in self.KEYS}
 
     def __len__(self) -> int:
@@ -170,6 +196,9 @@ class BinaryMetrics:
         tp, tn, pos, neg = np.sum(np.array(r["counts"], dtype=np.float64), axis=0)
         sensitivity = tp / pos if pos else 1.0
         specificity = tn / neg if neg else 1.0
+        ber = 100.0 * (1.0 - 0.5 * (sensitivity + specificity))
+        if self.ber == "per_image":
+            ber = float(np.mean([image_ber(*counts) for counts in r["counts"]]))
         return {
             "dice@0.5": float(np.mean(r["dice"])),
             "iou@0.5": float(np.mean(r["iou"])),
@@ -182,18 +211,21 @@ class BinaryMetrics:
             "maxEm": float(np.max(em_curve)),
             "adpEm": float(np.mean(r["em_adp"])),
             "MAE": float(np.mean(r["mae"])),
-            "BER": float(100.0 * (1.0 - 0.5 * (sensitivity + specificity))),
+            "BER": float(ber),
         }
 
 
 class ConfusionMetrics:
     """Multi-class metrics from a confusion matrix (rows: ground truth, columns: prediction)."""
 
-    def __init__(self, class_names: tuple[str, ...], ignore_index: int = 255) -> None:
+    def __init__(self, class_names: tuple[str, ...], ignore_index: int = 255, miou: str = "dataset") -> None:
+        if miou not in ("dataset", "per_class_all"):
+            raise ValueError(f"unknown mIoU mode {miou!r}; expected dataset or per_class_all")
         self.class_names = tuple(class_names)
-        self.ignore_index = ignore_index
+        self.ignore_index, self.miou = ignore_index, miou
         n = len(class_names)
         self.matrix = np.zeros((n, n), dtype=np.int64)
+        self.ignored_pred = np.zeros(n, dtype=np.int64)  # predictions on ignore-labelled pixels (per_class_all)
         self.images = 0
 
     def __len__(self) -> int:
@@ -207,6 +239,7 @@ class ConfusionMetrics:
         keep = gt != self.ignore_index
         index = gt[keep].astype(np.int64) * n + pred[keep].astype(np.int64)
         self.matrix += np.bincount(index, minlength=n * n).reshape(n, n)
+        self.ignored_pred += np.bincount(pred[~keep].astype(np.int64), minlength=n)[:n]
         self.images += 1
 
     def extras(self) -> dict:
@@ -222,9 +255,13 @@ class ConfusionMetrics:
 
     def merge(self, other: "ConfusionMetrics") -> None:
         self.matrix += other.matrix
+        self.ignored_pred += other.ignored_pred
         self.images += other.images
 
     def per_class_iou(self) -> dict[str, Optional[float]]:
+        """Each class's IoU (``dataset``: None for a class absent from prediction and ground truth)."""
+        if self.miou == "per_class_all":
+            return dict(zip(self.class_names, map(float, per_class_all_iou(self.matrix, self.ignored_pred))))
         tp = np.diag(self.matrix).astype(np.float64)
         union = self.matrix.sum(0) + self.matrix.sum(1) - tp
         return {name: (float(tp[i] / union[i]) if union[i] else None) for i, name in enumerate(self.class_names)}
@@ -235,8 +272,11 @@ class ConfusionMetrics:
         gt_count = self.matrix.sum(1)
         total = self.matrix.sum()
         present = union > 0
+        miou = float(np.mean(tp[present] / union[present])) if present.any() else float("nan")
+        if self.miou == "per_class_all":
+            miou = float(np.mean(per_class_all_iou(self.matrix, self.ignored_pred)))
         return {
-            "mIoU": float(np.mean(tp[present] / union[present])) if present.any() else float("nan"),
+            "mIoU": miou,
             "mAcc": float(np.mean(tp[gt_count > 0] / gt_count[gt_count > 0])) if (gt_count > 0).any() else float("nan"),
             "pixel_acc": float(tp.sum() / total) if total else float("nan"),
         }

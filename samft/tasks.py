@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from samft.losses import SetLossWeights, set_loss, structure_loss
+from samft.losses import PointSampling, SetLossWeights, set_loss, structure_loss
 from samft.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -49,14 +49,37 @@ def voc_colormap(n: int = 256) -> np.ndarray:
     return cmap
 
 
+def distinct_palette(n: int, background: Optional[int] = 0) -> np.ndarray:
+    """(n, 3) uint8 colours far apart (golden-ratio hues, two brightness levels); the background black."""
+    import colorsys
+
+    colours = np.zeros((n, 3), dtype=np.uint8)
+    k = 0
+    for i in range(n):
+        if i == background:
+            continue
+        hue = (k * 0.618033988749895) % 1.0
+        value = 0.95 if k % 2 == 0 else 0.7
+        colours[i] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.85, value)]
+        k += 1
+    return colours
+
+
 @dataclass(frozen=True)
 class ClassSpec:
-    """What a multi-class mask means: class names, their colours, and what is ignored."""
+    """What a multi-class mask means: class names, their colours, and what is ignored.
+
+    ``palette`` decodes colour-coded masks (``data.palette``, else VOC's colour map); ``display`` colours
+    predictions and overlays (``data.palette``, else VOC's colours for VOC data, else distinct colours with
+    the background black). ``background`` is the background class id, or None when the data has none.
+    """
 
     names: tuple[str, ...]
     palette: np.ndarray  # (C, 3) uint8
     ignore_index: int
     ignore_colors: tuple[tuple[int, int, int], ...]
+    background: Optional[int] = 0
+    display: Optional[np.ndarray] = None  # (C, 3) uint8; None = palette
 
     @property
     def num_classes(self) -> int:
@@ -68,14 +91,25 @@ class ClassSpec:
         if not data.classes:
             return None
         n = len(data.classes)
-        palette = np.array(data.palette, dtype=np.uint8).reshape(-1, 3) if data.palette else voc_colormap(n)[:n]
+        background = getattr(data, "background", 0)
+        if data.palette:
+            palette = display = np.array(data.palette, dtype=np.uint8).reshape(-1, 3)
+        else:
+            palette = voc_colormap(n)[:n]
+            voc = getattr(data, "format", "") == "voc" or tuple(data.classes) == VOC_CLASSES[:n]
+            display = palette if voc else distinct_palette(n, background)
         return cls(tuple(data.classes), palette, data.ignore_index,
-                   tuple(tuple(int(v) for v in c) for c in data.ignore_colors))
+                   tuple(tuple(int(v) for v in c) for c in data.ignore_colors), background, display)
+
+    @property
+    def colours(self) -> np.ndarray:
+        """The display colours (see the class docstring)."""
+        return self.palette if self.display is None else self.display
 
     def palette_bytes(self) -> list[int]:
         """A 256-entry PIL palette: the classes' colours, then VOC's colour map; ignore shown in cream."""
         full = voc_colormap(256)
-        full[: self.num_classes] = self.palette
+        full[: self.num_classes] = self.colours
         if 0 <= self.ignore_index < 256:
             full[self.ignore_index] = (224, 224, 192)
         return full.reshape(-1).tolist()
@@ -112,12 +146,13 @@ def label_image(labels: np.ndarray, classes: ClassSpec):
 
 
 def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alpha: float = 0.5):
-    """The image blended with the class colours (background left as it is), with a legend of the classes shown."""
+    """The image blended with the class colours (the background class, if any, left as it is), with a legend of
+    the classes shown."""
     from PIL import Image, ImageDraw
 
-    colours = classes.palette[labels]
+    colours = classes.colours[labels]
     blend = image.astype(np.float32)
-    fg = labels > 0
+    fg = labels != classes.background if classes.background is not None else np.ones(labels.shape, bool)
     blend[fg] = (1 - alpha) * blend[fg] + alpha * colours[fg]
     present = [int(c) for c in np.unique(labels)]
     row = 18
@@ -128,7 +163,7 @@ def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alp
     draw = ImageDraw.Draw(canvas)
     for k, c in enumerate(present):
         y = 4 + k * row
-        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.palette[c]), outline=(0, 0, 0))
+        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.colours[c]), outline=(0, 0, 0))
         draw.text((w + 26, y), classes.names[c], fill=(0, 0, 0))
     return canvas
 
@@ -142,6 +177,18 @@ def semantic_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> tor
     return torch.einsum("...qc,...qhw->...chw", classes, mask_logits.float().sigmoid())
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A UserWarning shown once per process (the task is built by training, eval and predict alike)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+
+
 class Task:
     """The interface; see the module docstring. Built by :func:`make_task`."""
 
@@ -153,6 +200,7 @@ class Task:
     plot_metrics: tuple[str, ...] = ()  # drawn in curves.png (with the selection metric)
     default_metric = ""
     default_balance_weight = 1.0
+    learning_hints = "Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs or a larger model.img_size."
 
     def selection_metric(self, metric: str) -> str:
         """The eval.json name of ``train.metric`` (``auto`` = the task's default)."""
@@ -205,9 +253,11 @@ class BinaryTask(Task):
     plot_metrics = ("dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE")  # BER (percent) only when selected
     default_metric = "Sm"
     default_balance_weight = 1.0
+    learning_hints = ("Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs, a larger model.img_size for small "
+                      "structures, or loss.bce=balanced for rare foreground.")
 
-    def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True) -> None:
-        self.threshold, self.bce, self.iou = threshold, bce, iou
+    def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True, ber: str = "pooled") -> None:
+        self.threshold, self.bce, self.iou, self.ber = threshold, bce, iou, ber
 
     def loss(self, logits, class_logits, target, valid):
         return structure_loss(logits, target.float().unsqueeze(1), valid, self.bce, self.iou)
@@ -222,7 +272,7 @@ class BinaryTask(Task):
         return not labels.any()
 
     def new_metrics(self):
-        return BinaryMetrics(self.threshold)
+        return BinaryMetrics(self.threshold, self.ber)
 
     def update(self, metrics, scores, gt, name):
         metrics.update(scores, gt.astype(bool), name)
@@ -243,13 +293,20 @@ class MultiClassTask(Task):
     default_metric = "mIoU"
     default_balance_weight = 2.0
 
-    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights) -> None:
-        self.classes, self.num_queries, self.weights = classes, num_queries, weights
+    def __init__(self, classes: ClassSpec, num_queries: int, weights: SetLossWeights, miou: str = "dataset",
+                 sampling: Optional[PointSampling] = None) -> None:
+        self.classes, self.num_queries, self.weights, self.miou = classes, num_queries, weights, miou
+        self.sampling = sampling  # None: mask losses on every pixel; else Mask2Former's sampled points
         self.num_classes = classes.num_classes
+        if num_queries < classes.num_classes:
+            warn_once(f"model.num_mask_tokens is {num_queries} for {classes.num_classes} classes: an image with "
+                          f"more classes than mask tokens cannot have all of them matched; set "
+                          f"model.num_mask_tokens to at least {classes.num_classes}")
 
     def loss(self, logits, class_logits, target, valid):
         keep = valid[:, 0].bool() if valid is not None else torch.ones_like(target, dtype=torch.bool)
-        return set_loss(class_logits, logits, target.long(), keep, self.classes.ignore_index, self.weights)["loss"]
+        return set_loss(class_logits, logits, target.long(), keep, self.classes.ignore_index, self.weights,
+                        self.sampling)["loss"]  # points drawn from the global RNG: saved and restored on resume
 
     def scores(self, mask_logits, class_logits):
         return semantic_probs(class_logits, mask_logits)
@@ -258,7 +315,7 @@ class MultiClassTask(Task):
         return scores.argmax(0)
 
     def new_metrics(self):
-        return ConfusionMetrics(self.classes.names, self.classes.ignore_index)
+        return ConfusionMetrics(self.classes.names, self.classes.ignore_index, self.miou)
 
     def update(self, metrics, scores, gt, name):
         metrics.update(self.labels(scores), gt, name)
@@ -274,8 +331,7 @@ def make_task(cfg: Any) -> Task:
     """The task of a config: multi-class when ``data.classes`` is set, else binary."""
     classes = ClassSpec.of(cfg.data)
     if classes is None:
-        return BinaryTask(cfg.eval.threshold, cfg.loss.bce, cfg.loss.iou)
-    weights = SetLossWeights(cfg.loss.class_weight, cfg.loss.mask_bce_weight, cfg.loss.mask_dice_weight,
-                             cfg.loss.no_object_weight)
-    return MultiClassTask(classes, cfg.model.num_mask_tokens, weights)
+        return BinaryTask(cfg.eval.threshold, cfg.loss.bce, cfg.loss.iou, cfg.eval.ber)
+    return MultiClassTask(classes, cfg.model.num_mask_tokens, SetLossWeights.from_config(cfg.loss), cfg.eval.miou,
+                          PointSampling.from_config(cfg.loss.set))
 

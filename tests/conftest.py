@@ -39,7 +39,7 @@ def shared(name: str) -> Path:
 
 
 # the files a finished training leaves in its run directory
-RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.pt", "metrics.csv", "split.json",
+RUN_FILES = {"config.yaml", "adapter.safetensors", "adapter_last.safetensors", "state.safetensors", "metrics.csv", "split.json",
              "curves.png", ".samft-run"}
 
 TINY = {"type": "tiny", "img_size": 64,

@@ -87,7 +87,7 @@ def test_eval_json_and_file(workdir):
                                     "maxEm", "adpEm", "MAE", "BER"]
     assert all(0 <= v <= 1 for k, v in val["metrics"].items() if k != "BER")
     assert 0 <= val["metrics"]["BER"] <= 100
-    assert result["protocol"] == "original_resolution"
+    assert (result["protocol"], result["scoring"], result["resize"]) == ("samft", "original_resolution", "pad")
     assert val["config_hash"] == result["config_hash"] and val["checkpoint"].endswith("adapter.safetensors")
 
 

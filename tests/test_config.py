@@ -16,7 +16,8 @@ def test_defaults_are_the_paper_settings():
     assert (c.rank, c.alpha, c.experts, c.top_k, c.gate_scales_output) == (3, 32.0, 8, 1, False)
     assert c.expert_scales() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-4, 1e-4, 1.0)
-    assert cfg.loss.aux.balance is None and cfg.loss.bce == "mean"  # None: 1.0 binary, 2.0 multi-class
+    assert cfg.protocol == "samft" and cfg.loss.bce == "mean"
+    assert cfg.loss.aux.balance == 1.0  # the paper's: 1.0 binary, 2.0 multi-class (tests/test_protocol.py)
     assert (cfg.loss.class_weight, cfg.loss.mask_bce_weight, cfg.loss.mask_dice_weight) == (10.0, 5.0, 5.0)
     assert cfg.loss.no_object_weight == 0.1 and cfg.model.num_mask_tokens == 10 and cfg.train.metric == "auto"
 
@@ -112,3 +113,13 @@ def test_polyp_config_is_the_paper_setup():
     assert cfg.model.type == "vit_b" and cfg.model.img_size == 1024
     assert cfg.peft.conv_lora.rank == 3 and cfg.peft.conv_lora.alpha == 32 and cfg.peft.conv_lora.experts == 8
     assert set(cfg.data.test) == {"CVC-300", "CVC-ClinicDB", "Kvasir", "CVC-ColonDB", "ETIS-LaribPolypDB"}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "examples").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_configs_load(path):
+    """Every example config of the README's "Your own data" section is valid as written."""
+    from samft.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.data.root.startswith("data/") and cfg.model.checkpoint

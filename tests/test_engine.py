@@ -15,7 +15,7 @@ from PIL import Image
 import samft
 import samft.engine.train as train_mod
 from samft.config import config_from_dict
-from samft.engine.checkpoint import load_state, read_adapter
+from samft.engine.checkpoint import load_resume_state as load_state, read_adapter
 from samft.engine.checkpointer import Checkpointer, better
 from samft.engine.metrics_log import read_metrics
 from samft.engine.setup import ExtraStream, build_training
@@ -159,7 +159,7 @@ def test_an_extra_stream_trains_logs_and_resumes_exactly(tmp_path, synthetic_dir
         train(_cfg(tmp_path, synthetic_dir, "r"), show_progress=False, extra_streams=_stream())
     # 2 steps x 2 micro-batches of the 7-image stream in batches of 3: 3 + 3 + 1, then 3 of its next epoch
     # (the batches drawn for the interrupted third step are not counted: they are drawn again on resume)
-    assert load_state(tmp_path / "r" / "state.pt")["progress"]["streams"]["unlabelled"] == {"epoch": 1,
+    assert load_state(tmp_path / "r" / "state.safetensors")["progress"]["streams"]["unlabelled"] == {"epoch": 1,
                                                                                             "consumed": 3}
     monkeypatch.undo()
     train(_cfg(tmp_path, synthetic_dir, "r"), resume=True, show_progress=False, extra_streams=_stream())
@@ -242,7 +242,7 @@ def test_run_lock_refuses_a_second_training_and_a_symlink(tmp_path, synthetic_di
 def test_stale_temporary_files_are_removed_on_a_fresh_start(tmp_path, synthetic_dir):
     run = tmp_path / "fresh"
     run.mkdir()
-    (run / ".state.pt.123.tmp").write_bytes(b"half a write")
+    (run / ".state.safetensors.123.tmp").write_bytes(b"half a write")
     train(_cfg(tmp_path, synthetic_dir, "fresh", epochs=1), show_progress=False)
     assert not list(run.glob(".*.tmp"))
 
@@ -250,9 +250,9 @@ def test_stale_temporary_files_are_removed_on_a_fresh_start(tmp_path, synthetic_
 def test_resume_without_a_saved_state_starts_again(tmp_path, synthetic_dir):
     """Killed inside the first save: an adapter_last but no state. --resume restarts the run in place."""
     first = train(_cfg(tmp_path, synthetic_dir, "nostate", epochs=1), show_progress=False)
-    (first / "state.pt").unlink()
+    (first / "state.safetensors").unlink()
     train(_cfg(tmp_path, synthetic_dir, "nostate", epochs=1), resume=True, show_progress=False)
-    assert load_state(first / "state.pt")["progress"]["step"] > 0
+    assert load_state(first / "state.safetensors")["progress"]["step"] > 0
 
 
 # ------------------------------------------------------------------------------------------ resume rules
@@ -287,7 +287,7 @@ def test_data_check_off_from_yaml_and_command_line(tmp_path):
 
 
 def test_scores_at_input_size_stretch_prediction_and_ground_truth(synthetic_dir):
-    """eval.resize_gt_to_input: both at img_size x img_size; the ground truth resized nearest."""
+    """eval.resize_gt_to_input: both at img_size x img_size; the ground truth resized nearest as PIL (AutoGluon)."""
     import cv2
 
     from samft.data.layouts import train_val_pairs
@@ -302,7 +302,7 @@ def test_scores_at_input_size_stretch_prediction_and_ground_truth(synthetic_dir)
                                              at_input_size=True):
         assert scores.shape == gt.shape == (64, 64)
         original = np.array(Image.open(pair.mask).convert("L")) > 127
-        expected = cv2.resize(original.astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST)
+        expected = cv2.resize(original.astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST_EXACT)
         assert np.array_equal(gt.astype(bool), expected.astype(bool))
 
 
@@ -377,7 +377,7 @@ def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, synthetic
 
     import samft.engine.checkpointer as ckpt_mod
 
-    real, calls = ckpt_mod.atomic_torch_save, {"n": 0}
+    real, calls = ckpt_mod.save_resume_state, {"n": 0}
 
     def full_disk(*args, **kwargs):
         calls["n"] += 1
@@ -385,14 +385,14 @@ def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, synthetic
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt_mod, "atomic_torch_save", full_disk)
+    monkeypatch.setattr(ckpt_mod, "save_resume_state", full_disk)
     with pytest.raises(SamftError, match=r"no space left on the device while writing the resumable state; free some "
                                          r"space and continue with: samft train --resume .*full"):
         train(_cfg(tmp_path, synthetic_dir, "full", save_every=1), show_progress=False)
     monkeypatch.undo()
-    assert load_state(tmp_path / "full" / "state.pt")["progress"]["step"] == 1
+    assert load_state(tmp_path / "full" / "state.safetensors")["progress"]["step"] == 1
     train(_cfg(tmp_path, synthetic_dir, "full", save_every=1), resume=True, show_progress=False)
-    assert load_state(tmp_path / "full" / "state.pt")["progress"]["step"] == 6
+    assert load_state(tmp_path / "full" / "state.safetensors")["progress"]["step"] == 6
 
 
 # ------------------------------------------------------------------------------------------ what a user is told
@@ -435,3 +435,108 @@ def test_degenerate_predictions_are_named():
     c = ConfusionMetrics(("sky", "road"))
     c.update(np.zeros((4, 4), int), gt.astype(int), "a")
     assert c.degenerate() == "one class: sky"
+
+
+def test_a_tiny_base_saved_at_one_size_loads_at_another(tmp_path):
+    from samft.model.sam import build_sam
+
+    small = tiny_config("lora").model
+    torch.save(build_sam(small).state_dict(), tmp_path / "tiny64.pth")
+    big = tiny_config("lora", model={"img_size": 128, "checkpoint": str(tmp_path / "tiny64.pth")}).model
+    sam = build_sam(big)
+    assert sam.image_encoder.pos_embed.shape[1:3] == (8, 8)
+    with torch.no_grad():
+        assert torch.isfinite(sam.image_encoder(torch.randn(1, 3, 128, 128))).all()
+    other = tiny_config("lora", model={"tiny": {"embed_dim": 48, "num_heads": 2}, "checkpoint": str(tmp_path / "tiny64.pth")}).model
+    with pytest.raises(SamftError, match=r"tensor image_encoder\.\S+ has shape \(.*\), the tiny SAM of this config "
+                                         r"expects \(.*\)"):
+        build_sam(other)
+
+
+def test_an_unknown_key_is_blamed_where_it_was_written(tmp_path):
+    from samft.config import load_config
+    from samft.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"^command line \(key=value\): unknown config key 'train.lrr'"):
+        load_config(path, ["train.lrr=3"])
+    path.write_text("train:\n  lrr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'train.lrr'"):
+        load_config(path, ["train.epochs=3"])
+
+
+def test_fewer_mask_tokens_than_classes_is_warned():
+    from samft.tasks import make_task
+
+    with pytest.warns(UserWarning, match="model.num_mask_tokens is 2 for 3 classes"):
+        make_task(tiny_config("lora", model={"num_mask_tokens": 2}, data={"classes": ["a", "b", "c"]}))
+
+
+def test_data_without_a_background_class():
+    """CamVid-like: class 0 is sky. Distinct display colours for every class, every class tinted."""
+    from samft.config import DataConfig
+    from samft.tasks import ClassSpec, class_overlay
+
+    spec = ClassSpec.of(DataConfig(classes=["sky", "road", "car"], background=None))
+    assert len({tuple(c) for c in spec.colours}) == 3 and (spec.colours.sum(axis=1) > 0).all()
+    image = np.full((4, 4, 3), 128, np.uint8)
+    labels = np.zeros((4, 4), int)
+    out = np.asarray(class_overlay(image, labels, spec))[:4, :4]
+    assert not np.array_equal(out, image)  # sky (class 0) is tinted like any class
+    with_bg = ClassSpec.of(DataConfig(classes=["background", "road", "car"]))
+    assert tuple(with_bg.colours[0]) == (0, 0, 0)
+    assert np.array_equal(np.asarray(class_overlay(image, labels, with_bg))[:4, :4], image)
+    voc = ClassSpec.of(DataConfig(classes=["background", "aeroplane"]))
+    assert np.array_equal(voc.colours, voc.palette)  # VOC's classes keep VOC's colours
+    with pytest.raises(SamftError, match="data.background: 3 is not a class id"):
+        config_from_dict({"data": {"classes": ["a", "b", "c"], "background": 3}})
+
+
+def test_data_check_reports_each_class_share_by_name(tmp_path):
+    from samft.data.check import check_data
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        ids = np.zeros((4, 4), np.uint8)
+        ids[:, :1] = 1
+        ids[:, 1:2] = 2
+        Image.fromarray(ids).save(tmp_path / "masks" / f"{i}.png")
+    cfg = tiny_config("lora", data={"root": str(tmp_path), "train": ".", "val_fraction": 0.25,
+                                     "classes": ["sky", "road", "car"], "background": None})
+    full = check_data(cfg, show_progress=False)
+    assert full.notes == ["the train split's 4 pairs: 3 train / 1 val, held out at random (data.val_fraction 0.25, "
+                          "data.split_seed 0)"]
+    report = full.splits[0]
+    assert report.values_text() == "sky: 50.0%, road: 25.0%, car: 25.0%"
+    assert report.as_dict()["foreground_mean"] is None
+
+
+def test_a_runs_split_can_be_reused(tmp_path, synthetic_dir):
+    from samft.data.layouts import train_val_pairs
+
+    run = train(_cfg(tmp_path, synthetic_dir, "split", epochs=1, max_steps=1), show_progress=False)
+    cfg = _cfg(tmp_path, synthetic_dir, "again")
+    first = train_val_pairs(cfg.data)
+    cfg.data.split_file = str(run / "split.json")
+    cfg.data.val_fraction = 0.5  # ignored: the file decides
+    again = train_val_pairs(cfg.data)
+    assert [[p.image for p in s] for s in again] == [[p.image for p in s] for s in first]
+    (tmp_path / "bad.json").write_text('{"train": []}')
+    cfg.data.split_file = str(tmp_path / "bad.json")
+    with pytest.raises(SamftError, match="is not a split.json"):
+        train_val_pairs(cfg.data)
+
+
+def test_repeated_problems_are_grouped_with_a_hint():
+    from samft.data.check import group_problems
+
+    problems = [f"/d/masks/{i}.png: class id(s) [11] outside the 11 classes of data.classes (ids 0..10, 255 = ignore)"
+                for i in range(700)] + ["/d/images/x.png: cannot read (truncated)", "split val is empty"]
+    lines = group_problems(problems)
+    assert len(lines) == 3
+    assert lines[0].startswith("700 files: class id(s) [11] outside") and "e.g. /d/masks/0.png, /d/masks/1.png" in lines[0]
+    assert lines[0].endswith("if 11 is the void/unlabelled id, set data.ignore_index: 11")
+    assert lines[1:] == ["/d/images/x.png: cannot read (truncated)", "split val is empty"]

@@ -37,3 +37,23 @@ def test_formula_equals_flop_counter_official_sizes(sam_type, img_size, gflops):
     flops = encoder_flops(model.image_encoder, img_size)
     assert flops["total"] == counted
     assert flops["total"] / 1e9 == pytest.approx(gflops, rel=1e-3)
+
+
+# BRA (routing, gathered attention, rel-pos at the gathered keys, LEPE) in the global block or every block;
+# 80 x 48 px = a 5 x 3 grid that 2 regions do not divide (padded 6 x 4); the other blocks eager (counted)
+@pytest.mark.parametrize("blocks", ["global", "all"])
+@pytest.mark.parametrize("hw", [(64, 64), (80, 48), (96, 64)])
+@pytest.mark.parametrize("regions,topk,lepe", [(2, 2, 3), (3, 9, 0)])
+def test_formula_equals_flop_counter_bra(blocks, hw, regions, topk, lepe):
+    from samft.model.attention import convert_attention
+
+    bra = {"regions": regions, "topk": topk, "lepe_kernel": lepe, "blocks": blocks}
+    model = build_model(tiny_config("decoder_only", model={"attention": "bra", "bra": bra})).model.eval()
+    for blk in model.image_encoder.blocks:
+        if blk.attn.kind != "bra":
+            blk.attn = convert_attention(blk.attn, "eager")
+    assert [b.attn.kind for b in model.image_encoder.blocks] == (["eager", "bra"] if blocks == "global" else ["bra"] * 2)
+    counted = _counted(model, torch.randn(1, 3, *hw))
+    flops = encoder_flops(model.image_encoder, *hw)
+    assert flops["total"] == counted
+    assert flops["routing"] > 0 and (flops["lepe"] > 0) == bool(lepe)

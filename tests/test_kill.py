@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from samft.data.synthetic import write_dataset
-from samft.engine.checkpoint import load_state
+from samft.engine.checkpoint import load_resume_state
 
 from conftest import ROOT, TINY
 from test_cli_e2e import samft
@@ -61,14 +61,14 @@ def test_sigkill_then_resume(tmp_path):
     _wait_for_step(run, 5, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    state = load_state(run / "state.pt")  # never half-written: it loads
+    state = load_resume_state(run / "state.safetensors")  # never half-written: it loads
     saved = state["progress"]["step"]
     assert saved >= 4
     samft("train", "--resume", "runs/k", f"train.max_steps={saved + 3}", "--no-progress", cwd=cwd)
     assert not list(run.glob(".*.tmp")), "a write cut short by the kill is cleaned up"
     steps = _logged_steps(run)
     assert steps == list(range(1, saved + 4)), "every step exactly once, none lost or repeated"
-    final = load_state(run / "state.pt")
+    final = load_resume_state(run / "state.safetensors")
     assert final["progress"]["step"] == saved + 3
     assert all(torch.isfinite(t).all() for t in final["trainable"].values())
     assert (run / "adapter.safetensors").is_file()
@@ -84,7 +84,7 @@ def test_ctrl_c_saves_the_last_step_and_resumes(tmp_path):
     assert proc.returncode == 130, err
     err = " ".join(err.split())
     assert "interrupted at step" in err and "samft train --resume runs/k" in err and "Traceback" not in err
-    saved = load_state(run / "state.pt")["progress"]["step"]
+    saved = load_resume_state(run / "state.safetensors")["progress"]["step"]
     assert saved >= 3
     samft("train", "--resume", "runs/k", f"train.max_steps={saved + 2}", "--no-progress", cwd=cwd)
     assert _logged_steps(run) == list(range(1, saved + 3))

@@ -242,7 +242,7 @@ def test_unlabelled_views_are_deterministic_per_seed_epoch_index(tmp_path):
 
 
 def test_two_view_transform_is_normalised_like_sam():
-    from samft.model.sam import PIXEL_MEAN, PIXEL_STD
+    from samft.constants import PIXEL_MEAN, PIXEL_STD
 
     grey = np.full((20, 30, 3), 77, dtype=np.uint8)  # a flat image stays flat under crop, blur and flip
     views = TwoViewTransform(16)(grey, seed=3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import samft.engine.train as train_mod
-from samft.engine.checkpoint import load_state, read_adapter
+from samft.engine.checkpoint import load_resume_state, read_adapter
 from samft.engine.metrics_log import read_metrics
 from samft.engine.train import TrainingDiverged, TrainingInterrupted, lr_factor, train
 
@@ -46,7 +46,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, synthetic_dir, 
     cfg = _cfg(tmp_path, synthetic_dir, "resumed")
     with pytest.raises(TrainingInterrupted, match=f"interrupted at step {stop_at}"):
         train(cfg, show_progress=False)
-    assert load_state(tmp_path / "resumed" / "state.pt")["progress"]["step"] == stop_at
+    assert load_resume_state(tmp_path / "resumed" / "state.safetensors")["progress"]["step"] == stop_at
     monkeypatch.undo()
     train(_cfg(tmp_path, synthetic_dir, "resumed"), resume=True, show_progress=False)
 
@@ -80,7 +80,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, synthetic_dir, m
     cfg = _cfg(tmp_path, synthetic_dir, "nan", save_every=1)
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3 \(epoch 1\)"):
         train(cfg, show_progress=False)
-    state = load_state(tmp_path / "nan" / "state.pt")
+    state = load_resume_state(tmp_path / "nan" / "state.safetensors")
     assert state["progress"]["step"] == 2
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
 

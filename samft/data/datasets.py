@@ -44,9 +44,10 @@ class TrainDataset(Dataset):
     """Training samples: image (3, S, S), mask (S, S) (0/1, or class ids with padding = ignore), valid_hw (2,)."""
 
     def __init__(self, pairs: list[Pair], img_size: int, hflip: float, seed: int,
-                 classes: Optional[ClassSpec] = None) -> None:
+                 classes: Optional[ClassSpec] = None, resize: str = "pad") -> None:
         self.pairs, self.seed, self.epoch, self.classes = pairs, seed, 0, classes
-        self.transform = SamTransform(img_size, hflip, mask_fill=classes.ignore_index if classes else 0)
+        self.transform = SamTransform(img_size, hflip, mask_fill=classes.ignore_index if classes else 0,
+                                      resize=resize)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,9 +66,10 @@ class EvalDataset(Dataset):
     """Evaluation/prediction samples: the preprocessed image plus what is needed to go back to the
     original resolution (orig_hw) and, when there is a mask, the ground truth at that resolution."""
 
-    def __init__(self, pairs: list[Pair], img_size: int, classes: Optional[ClassSpec] = None) -> None:
+    def __init__(self, pairs: list[Pair], img_size: int, classes: Optional[ClassSpec] = None,
+                 resize: str = "pad") -> None:
         self.pairs, self.classes = pairs, classes
-        self.transform = SamTransform(img_size, 0.0)
+        self.transform = SamTransform(img_size, 0.0, resize=resize)
 
     def __len__(self) -> int:
         return len(self.pairs)

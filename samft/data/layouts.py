@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,15 +240,48 @@ def voc_pairs(layout: Layout, spec: str) -> list[Pair]:
     return pairs
 
 
+def _safe_name(name: str) -> str:
+    """A single file-name component: no separators, not hidden, not ``.``/``..``."""
+    name = "".join("_" if ch in '/\\\0:' else ch for ch in name)
+    return "_" + name if not name or name.startswith(".") else name
+
+
+def distinct_names(paths: list[Path]) -> list[str]:
+    """One output name per path: its stem where that is unique (case-insensitively), else the stem with the
+    folders that tell the paths apart (``a_x``, ``b_x``) and, for one folder, the extension (``x_png``,
+    ``x_jpg``); a counter as the last resort. Names are single components: never absolute, never ``..``."""
+    resolved = [p.resolve() for p in paths]
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(resolved):
+        groups.setdefault(_safe_name(p.stem).casefold(), []).append(i)
+    names = [_safe_name(p.stem) for p in resolved]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        parents = [resolved[i].parent for i in members]
+        common = Path(os.path.commonpath([str(q) for q in parents]))
+        for i, parent in zip(members, parents):
+            parts = [_safe_name(part) for part in parent.relative_to(common).parts]
+            names[i] = "_".join([*parts, _safe_name(resolved[i].stem)])
+        keys = [names[i].casefold() for i in members]
+        for i in members:
+            if keys.count(names[i].casefold()) > 1 and resolved[i].suffix:
+                names[i] = f"{names[i]}_{_safe_name(resolved[i].suffix.lstrip('.'))}"
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        candidate, n = name, 1
+        while candidate.casefold() in seen:
+            n += 1
+            candidate = f"{name}_{n}"
+        seen.add(candidate.casefold())
+        names[i] = candidate
+    return names
+
+
 def unique_names(pairs: list[Pair]) -> list[Pair]:
-    """Make output names unique by prefixing parent folders where stems repeat."""
-    counts: dict[str, int] = {}
-    for p in pairs:
-        counts[p.name] = counts.get(p.name, 0) + 1
-    if all(c == 1 for c in counts.values()):
-        return pairs
-    return [Pair(p.image, p.mask, "_".join([*p.image.parent.parts[-2:], p.image.stem])) if counts[p.name] > 1 else p
-            for p in pairs]
+    """The pairs with distinct output names (see :func:`distinct_names`)."""
+    names = distinct_names([p.image for p in pairs])
+    return [p if p.name == n else Pair(p.image, p.mask, n) for p, n in zip(pairs, names)]
 
 
 def split_pairs(data: DataConfig, spec: str) -> list[Pair]:
@@ -274,8 +308,31 @@ def split_pairs(data: DataConfig, spec: str) -> list[Pair]:
     return pairs
 
 
+def split_file_pairs(path: str | Path, root: str | Path) -> tuple[list[Pair], list[Pair]]:
+    """The train and validation pairs listed by a run's ``split.json`` (relative paths from ``root``)."""
+    import json
+
+    path = Path(root) / Path(path).expanduser()
+    try:
+        listed = json.loads(path.read_text())
+        splits = [[Pair(Path(root) / img, Path(root) / mask if mask else None, Path(img).stem)
+                   for img, mask in listed[name]] for name in ("train", "val")]
+    except FileNotFoundError:
+        raise DataError(f"data.split_file: {path} not found") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"data.split_file: {path} is not a split.json (lists 'train' and 'val' of [image, mask]): "
+                        f"{type(e).__name__}: {e}") from None
+    missing = [p.image for s in splits for p in s if not p.image.is_file()]
+    if missing:
+        raise DataError(f"data.split_file: {path} lists {len(missing)} image(s) that do not exist, e.g. {missing[0]}")
+    return splits[0], splits[1]
+
+
 def train_val_pairs(data: DataConfig) -> tuple[list[Pair], list[Pair]]:
-    """Training and validation pairs; without a validation split a seeded ``val_fraction`` is held out."""
+    """Training and validation pairs: ``data.split_file`` when set; else the layout's splits, and without a
+    validation split a seeded ``val_fraction`` is held out."""
+    if data.split_file:
+        return split_file_pairs(data.split_file, data.root)
     layout = Layout.of(data)
     train = split_pairs(data, layout.train)
     if layout.val:

@@ -6,11 +6,15 @@ is the ellipses only, not the rectangles drawn as distractors.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from samft.files import atomic_write_bytes
+from samft.errors import SamftError
 
 
 def make_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -36,14 +40,28 @@ def make_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def write_dataset(out_dir: str | Path, n: int = 64, seed: int = 0) -> Path:
-    """Write ``n`` pairs to ``out_dir/images/NNNN.png`` and ``out_dir/masks/NNNN.png``."""
+def write_dataset(out_dir: str | Path, n: int = 64, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write ``n`` pairs to ``out_dir/images/NNNN.png`` and ``out_dir/masks/NNNN.png``; existing files of
+    those names are refused (a SamftError naming the first) unless ``overwrite``."""
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    names = [f"{i:04d}.png" for i in range(n)]
+    targets = [out / sub / name for name in names for sub in ("images", "masks")]
+    existing = [t for t in targets if t.exists() or t.is_symlink()]
+    if existing and not overwrite:
+        raise SamftError(f"{existing[0]}: already exists ({len(existing)} of the {len(targets)} files to write); "
+                         f"pass --overwrite to replace them, or choose another folder")
     rng = np.random.default_rng(seed)
-    for i in range(n):
-        image, mask = make_sample(rng)
-        Image.fromarray(image).save(out / "images" / f"{i:04d}.png")
-        Image.fromarray(mask).save(out / "masks" / f"{i:04d}.png")
+    try:
+        for name in names:
+            image, mask = make_sample(rng)
+            atomic_write_bytes(out / "images" / name, _png(image))
+            atomic_write_bytes(out / "masks" / name, _png(mask))
+    except OSError as e:
+        raise SamftError(f"{out}: cannot write the dataset ({e.strerror or e})") from None
     return out
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

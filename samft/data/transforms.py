@@ -1,8 +1,14 @@
 """SAM-style preprocessing with albumentations.
 
-Resize the longest side to ``img_size`` (aspect ratio kept), optionally flip, normalise with SAM's pixel
-mean/std, then pad bottom/right with zeros to ``img_size`` x ``img_size`` (zero = the mean colour after
-normalisation, as SAM pads). The valid (unpadded) size is returned so predictions can be cropped.
+``resize="pad"`` (samft, SAM's own): resize the longest side to ``img_size`` (aspect ratio kept), optionally
+flip, normalise with SAM's pixel mean/std, then pad bottom/right with zeros to ``img_size`` x ``img_size``
+(zero = the mean colour after normalisation, as SAM pads). The valid (unpadded) size is returned so
+predictions can be cropped.
+
+``resize="squash"`` (AutoGluon, ``data/process_image.py`` ``resize_to_square``/``resize_gt_to_square``):
+optionally flip, then resize to ``img_size`` x ``img_size`` whatever the aspect ratio, the image bicubic as
+PIL does it (torchvision's ``Resize`` on a PIL image), the mask nearest as PIL does it; no padding, so the
+valid size is the whole input and a prediction goes back to the original size by resizing it.
 """
 
 from __future__ import annotations
@@ -16,13 +22,35 @@ import torch
 
 from samft.constants import PIXEL_MEAN, PIXEL_STD
 
+RESIZES = ("pad", "squash")
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each of ``n_out`` samples over ``n_in``: ``floor((i + 0.5) n_in / n_out)``, PIL's
+    nearest (and OpenCV's INTER_NEAREST_EXACT; plain INTER_NEAREST uses ``floor(i n_in / n_out)``)."""
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+def squash_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) mask of any dtype (class ids, 0/1, ignore values kept) -> (size, size), nearest as PIL."""
+    return mask[nearest_indices(mask.shape[0], size)][:, nearest_indices(mask.shape[1], size)]
+
+
+def squash_image(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8, PIL's bicubic (antialiased when shrinking), as AutoGluon."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
 
 class SamTransform:
     """(H, W, 3) uint8 image [+ (H, W) uint8 mask] -> normalised padded tensors and the valid size."""
 
-    def __init__(self, img_size: int, hflip: float = 0.0, mask_fill: int = 0) -> None:
-        self.img_size = img_size
-        geometric = [A.LongestMaxSize(max_size=img_size)]
+    def __init__(self, img_size: int, hflip: float = 0.0, mask_fill: int = 0, resize: str = "pad") -> None:
+        if resize not in RESIZES:
+            raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZES)}")
+        self.img_size, self.resize = img_size, resize
+        geometric = [A.LongestMaxSize(max_size=img_size)] if resize == "pad" else []
         if hflip > 0:
             geometric.append(A.HorizontalFlip(p=hflip))
         self.geometric = A.Compose(geometric)
@@ -37,6 +65,10 @@ class SamTransform:
             self.geometric.set_random_seed(seed)
         args = {"image": image} if mask is None else {"image": image, "mask": mask}
         out = self.geometric(**args)
+        if self.resize == "squash":
+            out["image"] = squash_image(out["image"], self.img_size)
+            if mask is not None:
+                out["mask"] = squash_mask(out["mask"], self.img_size)
         valid = out["image"].shape[:2]
         out = self.finish(**out)
         result = {

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from samft import __version__
-from samft.engine.checkpoint import (atomic_torch_save, load_state, load_trainable, read_adapter, save_adapter,
-                                     trainable_state)
-from samft.engine.runs import ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE
-from samft.errors import SamftError
+from samft.engine.checkpoint import (load_resume_state, load_trainable, read_adapter, save_adapter, save_resume_state,
+                                     set_rng_state, trainable_state)
+from samft.engine.runs import ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, state_file
+from samft.errors import CheckpointError, SamftError
 from samft.metrics import higher_is_better
 
 
@@ -68,7 +68,7 @@ class Checkpointer:
             save_adapter(p.model, self.run_dir / LAST_ADAPTER_FILE,
                          {**self.meta, "step": str(state.step), "epoch": str(state.epoch)})
             progress = {**state.__dict__, "rng": rng, "log_rows": log_rows, "streams": streams}
-            atomic_torch_save({
+            save_resume_state(self.run_dir / STATE_FILE, {
                 "samft_version": __version__,
                 "trainable": {k: v.cpu().clone() for k, v in trainable_state(p.model).items()},
                 "optimizer": p.optimizer.state_dict(),
@@ -77,7 +77,7 @@ class Checkpointer:
                 "progress": progress,
                 "extra_modules": {name: {k: v.cpu().clone() for k, v in m.state_dict().items()}
                                   for name, m in p.extra_modules.items()},
-            }, self.run_dir / STATE_FILE)
+            })
 
     def offer_best(self, state: TrainState, epoch: int, value: float) -> bool:
         """Keep ``value`` of ``epoch`` as the best when it is (see :func:`better`); returns whether it was."""
@@ -102,17 +102,22 @@ class Checkpointer:
         return True
 
     def restore(self) -> TrainState:
-        """Load the saved state into the parts; returns the loop's counters."""
+        """Load the saved state into the parts and the RNGs; returns the loop's counters."""
         p = self.parts
-        saved = load_state(self.run_dir / STATE_FILE)
-        load_trainable(p.model, saved["trainable"], str(self.run_dir / STATE_FILE))
-        p.optimizer.load_state_dict(saved["optimizer"])
-        p.scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler"):
-            p.scaler.load_state_dict(saved["scaler"])
-        _restore_modules(p.extra_modules, saved.get("extra_modules") or {}, self.run_dir / STATE_FILE)
-        known = set(TrainState.__dataclass_fields__)
-        state = TrainState(**{k: v for k, v in saved["progress"].items() if k in known})
+        path = state_file(self.run_dir)
+        saved = load_resume_state(path)
+        load_trainable(p.model, saved["trainable"], str(path))
+        try:  # a state edited by hand or from another run: one line, not a traceback
+            p.optimizer.load_state_dict(saved["optimizer"])
+            p.scheduler.load_state_dict(saved["scheduler"])
+            if saved.get("scaler"):
+                p.scaler.load_state_dict(saved["scaler"])
+            _restore_modules(p.extra_modules, saved.get("extra_modules") or {}, path)
+            state = TrainState(**saved["progress"])  # an unknown key (a tampered or newer state) is refused
+            set_rng_state(state.rng)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: does not fit this run ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
         best_path = self.run_dir / ADAPTER_FILE
         if best_path.is_file():  # the best adapter may be newer than the state (killed in between)
             best_meta = read_adapter(best_path)[1]
@@ -124,13 +129,13 @@ class Checkpointer:
 def _restore_modules(modules: dict, saved: dict, source: Path) -> None:
     """Load the extra streams' training-only modules (e.g. the SSL head) saved in the state."""
     if set(modules) != set(saved):
-        raise SamftError(f"{source}: the saved training-only modules {sorted(saved)} do not match this run's "
+        raise CheckpointError(f"{source}: the saved training-only modules {sorted(saved)} do not match this run's "
                          f"{sorted(modules)} (a loss that needs one was switched on or off since)")
     for name, module in modules.items():
         try:
             module.load_state_dict(saved[name])
         except RuntimeError as e:
-            raise SamftError(f"{source}: the saved {name!r} module does not fit ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{source}: the saved {name!r} module does not fit ({str(e).splitlines()[0]})") from None
 
 
 class _DiskGuard:

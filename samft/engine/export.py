@@ -17,10 +17,11 @@
     embedding the run used at its ``img_size``, and metadata (SAM type, image size, queries, classes,
     PEFT method, base sha256, the run's config). SAM's own prompt-driven decoder path attends over
     different tokens, so the semantic output needs this head: :func:`load_exported` rebuilds it.
-- **other methods** (``conv_lora``, ``adapter``, ``vpt``, ``sam_adapter``): their layers cannot be
-  folded into SAM's weights; ``OUT`` is then the unmerged samft model: a ``torch.save`` dict with the
-  run's config and the full state dict (base weights included, so no base checkpoint is needed to
-  load it) that :func:`load_exported` rebuilds.
+- **other methods** (``conv_lora``, ``adapter``, ``vpt``, ``sam_adapter``), and every method with an
+  attention that is not SAM's (``model.attention=bra``): their layers cannot be folded into SAM's
+  weights (or SAM's classes cannot run the encoder); ``OUT`` is then the unmerged samft model: a
+  ``torch.save`` dict with the run's config and the full state dict (base weights included, so no base
+  checkpoint is needed to load it) that :func:`load_exported` rebuilds.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from safetensors.torch import save as st_save
 from samft import __version__, peft
 from samft.config import config_from_dict, dump_yaml
 from samft.engine.checkpoint import atomic_torch_save, atomic_write_bytes, read_safetensors
-from samft.engine.runs import ADAPTER_FILE, load_run
+from samft.engine.runs import ADAPTER_FILE, is_run_file, load_run
 from samft.errors import CheckpointError, SamftError
 from samft.model import SemanticSAM, build_model
+from samft.model.attention import attention_function
 from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
 from samft.peft.inject import AdapterLayer
 
@@ -54,6 +56,7 @@ class ExportResult:
     method: str
     files: list[Path]
     merged_layers: int = 0  # adapter layers folded into the encoder (0 when nothing was wrapped)
+    reason: str = ""  # why an export is unmerged, when not the PEFT method (another attention function)
 
     def message(self) -> str:
         if self.merged:
@@ -61,6 +64,9 @@ class ExportResult:
                 else f"{self.method}: the encoder is plain SAM, nothing to fold"
             return (f"{what}; wrote {self.files[0]} (plain segment_anything checkpoint) and {self.files[1]} "
                     f"(samft decoder head)")
+        if self.reason:
+            return (f"{self.reason}; wrote the unmerged samft model to {self.files[0]} (load it with "
+                    f"samft.engine.export.load_exported)")
         return (f"{self.method} cannot be merged: its layers cannot be folded into SAM's weights; wrote the unmerged "
                 f"samft model to {self.files[0]} (load it with samft.engine.export.load_exported)")
 
@@ -106,29 +112,61 @@ def _sam_state(model: SemanticSAM, base_state: dict[str, torch.Tensor]) -> dict[
     return state
 
 
-def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE) -> ExportResult:
-    """Export ``run_dir``'s model to ``out`` (see the module docstring). Runs on the CPU."""
-    out = Path(out)
+def merge_encoder(model: SemanticSAM, method: str) -> int:
+    """Fold a mergeable method's adapter layers into the encoder's weights in place; returns how many.
+    Raises when a layer is left (the encoder must then be plain SAM)."""
+    folded = peft.get(method).merge(model.image_encoder)
+    left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
+    if left:
+        raise SamftError(f"PEFT method {method}: merging left adapter layers {left[:3]}")
+    return folded
+
+
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """Refuse to write ``out`` (and its head file) onto a folder, a run's own files (even with
+    ``overwrite``) or an existing file (unless ``overwrite``)."""
     if out.is_dir():
         raise SamftError(f"{out}: is a folder; --merged needs a file name such as model.pth")
+    for target in (out, head_path(out)):
+        if is_run_file(target):
+            raise SamftError(f"{target}: is a run's own file; samft export never writes over it (choose another "
+                             f"name, e.g. model.pth)")
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise SamftError(f"{target}: already exists; pass --overwrite to replace it, or choose another name")
+
+
+def _write(path: Path, write) -> None:
+    try:
+        write()
+    except OSError as e:
+        raise SamftError(f"{path}: cannot write the export ({e.strerror or e})") from None
+
+
+def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE,
+               overwrite: bool = False) -> ExportResult:
+    """Export ``run_dir``'s model to ``out`` (see the module docstring). Runs on the CPU. An existing
+    ``out`` is replaced only when ``overwrite``; a run's own files never."""
+    out = Path(out)
+    check_export_target(out, overwrite)
     run = load_run(run_dir, torch.device("cpu"), adapter)
     cfg, model = run.cfg, run.model.eval()
     spec = peft.get(cfg.peft.method)
-    if not spec.mergeable:
-        atomic_torch_save({
+    sam_function = attention_function(cfg.model.attention) == "dense"
+    if not spec.mergeable or not sam_function:
+        unmerged = {
             "format": UNMERGED_FORMAT, "samft_version": __version__, "peft_method": cfg.peft.method,
             "sam_type": cfg.model.type, "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg),
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        }, out)
-        return ExportResult(False, cfg.peft.method, [out])
+        }
+        _write(out, lambda: atomic_torch_save(unmerged, out))
+        reason = "" if sam_function else (f"model.attention={cfg.model.attention} is not SAM's attention, so plain "
+                                          f"segment_anything cannot run this encoder")
+        return ExportResult(False, cfg.peft.method, [out], reason=reason)
 
     with torch.no_grad():
         pos_embed = model.image_encoder.pos_embed.detach().clone() if model.image_encoder.pos_embed is not None \
             else None
-        folded = spec.merge(model.image_encoder)
-        left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
-        if left:
-            raise SamftError(f"PEFT method {cfg.peft.method}: merging left adapter layers {left[:3]}")
+        folded = merge_encoder(model, cfg.peft.method)
         base = build_sam(_native_model_cfg(cfg.model))  # the base's full SAM (IoU head, other mask tokens)
         state = _sam_state(model, base.state_dict())
     head = {f"decoder.{k}": v.detach().cpu().contiguous().clone() for k, v in model.decoder.state_dict().items()}
@@ -138,9 +176,9 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
             "img_size": str(cfg.model.img_size), "num_queries": str(model.decoder.num_queries),
             "num_classes": str(model.num_classes), "peft_method": cfg.peft.method,
             "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg)}
-    atomic_torch_save(state, out)
+    _write(out, lambda: atomic_torch_save(state, out))
     head_file = head_path(out)
-    atomic_write_bytes(head_file, st_save(head, metadata=meta))
+    _write(head_file, lambda: atomic_write_bytes(head_file, st_save(head, metadata=meta)))
     return ExportResult(True, cfg.peft.method, [out, head_file], folded)
 
 

@@ -7,15 +7,19 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from samft.data.layouts import Pair, unique_names
+import numpy as np
+
+from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
 from samft.engine.checkpoint import atomic_write_bytes
 from samft.engine.evaluate import iter_predictions
 from samft.engine.runtime import pick_device, resolve_precision
-from samft.engine.runs import load_run
+from samft.engine.runs import is_run_file, load_run
+from samft.engine.tiling import check_tiling, iter_tiled_predictions
+from samft.engine.writer import BackgroundWriter
 from samft.errors import SamftError
 from samft.progress import progress
-from samft.tasks import class_overlay, label_image, make_task, overlay  # noqa: F401  (re-exported)
+from samft.tasks import Task, class_overlay, label_image, make_task, overlay  # noqa: F401  (re-exported)
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -46,34 +50,90 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
+def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bool) -> list[Pair]:
+    """The input pairs with distinct output names, after checking that writing them loses nothing:
+    no output lands on an input file (whatever ``overwrite`` says), and no existing file in ``out`` is
+    replaced unless ``overwrite``. A SamftError naming the file otherwise."""
+    if out.exists() and not out.is_dir():
+        raise SamftError(f"{out}: --out is an existing file, not a folder; give a folder for the masks")
+    pairs = [Pair(f, None, n) for f, n in zip(files, distinct_names(files))]
+    renamed = [p for p in pairs if p.name != p.image.stem]
+    if renamed:
+        warnings.warn(f"{len(renamed)} input(s) share a file stem with another; their masks are named after their "
+                      f"folders or extensions, e.g. {renamed[0].image} -> {renamed[0].name}.png", stacklevel=2)
+    inputs = {f.resolve(): f for f in files}
+    inodes = {(st.st_dev, st.st_ino): f for f in files for st in [f.stat()]}  # hard links too
+    targets = [out / f"{p.name}.png" for p in pairs]
+    if with_overlay:
+        targets += [out / "overlays" / f"{p.name}.png" for p in pairs]
+    clashes = []
+    for target in targets:
+        st = target.stat() if target.exists() else None
+        same = inputs.get(target.resolve()) or (inodes.get((st.st_dev, st.st_ino)) if st else None)
+        if same is not None:
+            raise SamftError(f"{same}: --out {out} would write a mask onto this input image; "
+                             f"choose another output folder")
+        if is_run_file(target):
+            raise SamftError(f"{target}: is a run's own file; samft predict never writes over it (choose another "
+                             f"--out)")
+        if target.exists() or target.is_symlink():
+            clashes.append(target)
+    if clashes and not overwrite:
+        raise SamftError(f"{clashes[0]}: already exists in {out} ({len(clashes)} of the {len(targets)} output "
+                         f"file(s) exist); pass --overwrite to replace them, or choose another --out")
+    return pairs
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise SamftError(f"{path}: cannot write the prediction ({e.strerror or e})") from None
+
+
+def _write_prediction(task: Task, target: Path, labels: np.ndarray, image_path: Path, overlays: Optional[Path]) -> None:
+    """Encode and write one mask (and its overlay); runs on a writer thread."""
+    _write(target, task.mask_png(labels))
+    if overlays is not None:
+        _write(overlays / target.name, task.overlay_png(read_image(image_path), labels))
+
+
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
-                with_overlay: bool = False, device: str = "auto", show_progress: bool = True) -> list[Path]:
+                with_overlay: bool = False, device: str = "auto", show_progress: bool = True,
+                overwrite: bool = False, tile: Optional[int] = None, overlap: Optional[int] = None,
+                workers: Optional[int] = None, write_threads: int = 2) -> list[Path]:
     """Write ``out_dir/<name>.png`` for every input image; overlays go to ``out_dir/overlays/``.
 
-    Binary runs write 0/255 masks; multi-class runs write palette PNGs whose values are class ids.
+    Names are the inputs' stems, made distinct (:func:`samft.data.layouts.distinct_names`); existing files
+    are kept unless ``overwrite``, and an input image is never written to. Binary runs write 0/255 masks;
+    multi-class runs write palette PNGs whose values are class ids. ``tile``: predict each image by
+    overlapping tiles of that many pixels at native resolution (``samft.engine.tiling``). ``workers``:
+    image-decoding processes (default the run's ``data.num_workers``); ``write_threads``: threads encoding
+    and writing the PNGs (0: in turn).
     """
     files = collect_inputs(inputs)
+    overlap = check_tiling(tile, overlap) if tile else None
+    out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
+    pairs = plan_outputs(files, out, with_overlay, overwrite)
     dev = pick_device(device)
     run = load_run(run_dir, dev)
     task = make_task(run.cfg)
-    out = Path(out_dir) if out_dir else Path(run_dir) / "predictions"
-    out.mkdir(parents=True, exist_ok=True)
-    if with_overlay:
-        (out / "overlays").mkdir(exist_ok=True)
-    pairs = unique_names([Pair(f, None, f.stem) for f in files])
+    try:
+        (out / "overlays" if with_overlay else out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     precision = resolve_precision(run.cfg.train.precision, dev)
+    batch, workers = run.cfg.eval.batch_size, run.cfg.data.num_workers if workers is None else workers
+    source = (iter_tiled_predictions(run.model, pairs, tile, overlap, batch, dev, task, precision) if tile
+              else iter_predictions(run.model, pairs, batch, dev, task, precision, workers, resize=run.cfg.data.resize))
     written, empty = [], 0
-    with progress("predict", len(pairs), show_progress) as advance:
-        for pair, scores, _ in iter_predictions(run.model, pairs, run.cfg.eval.batch_size, dev, task, precision,
-                                                run.cfg.data.num_workers):
+    with progress("predict", len(pairs), show_progress) as advance, BackgroundWriter(write_threads) as writer:
+        for pair, scores, _ in source:
             target = out / f"{pair.name}.png"
             labels = task.labels(scores)
-            atomic_write_bytes(target, task.mask_png(labels))
+            writer.submit(_write_prediction, task, target, labels, pair.image, out / "overlays" if with_overlay else None)
             written.append(target)
             empty += int(task.is_empty(labels))
-            if with_overlay:
-                atomic_write_bytes(out / "overlays" / f"{pair.name}.png",
-                                   task.overlay_png(read_image(pair.image), labels))
             advance()
     if written and empty == len(written):
         warnings.warn(f"every one of the {len(written)} predicted masks is empty: the run may have learnt nothing; "

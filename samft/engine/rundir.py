@@ -15,27 +15,23 @@ from pathlib import Path
 
 from samft import __version__
 from samft.engine.checkpoint import atomic_write_text
-from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, EVAL_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE,
-                               STATE_FILE)
+from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, LAST_ADAPTER_FILE, MARKER_FILE, METRICS_FILE, RESUMES_FILE,
+                               RUN_FILES, SPLIT_FILE, state_file)
 from samft.errors import SamftError
 
-MARKER_FILE = ".samft-run"
 LOCK_FILE = ".lock"
-RUN_FILES = (STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, EVAL_FILE, CONFIG_FILE,
-             "split.json", "resumes.jsonl")
 
 
 def is_samft_run(run_dir: Path) -> bool:
     """Whether samft created ``run_dir`` (marker, or an earlier version's run files)."""
     if (run_dir / MARKER_FILE).is_file():
         return True
-    return (run_dir / CONFIG_FILE).is_file() and any((run_dir / f).is_file()
-                                                     for f in (STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE))
+    return (run_dir / CONFIG_FILE).is_file() and has_progress(run_dir)
 
 
 def has_progress(run_dir: Path) -> bool:
     """Whether the run holds trained weights or a resumable state."""
-    return any((run_dir / f).exists() for f in (STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE))
+    return state_file(run_dir).exists() or any((run_dir / f).exists() for f in (ADAPTER_FILE, LAST_ADAPTER_FILE))
 
 
 def _user_files(run_dir: Path) -> list[str]:
@@ -67,7 +63,8 @@ def init_run_dir(run_dir: Path, config_yaml: str) -> None:
     """Clear samft's own files of an earlier run there, then write the marker and ``config.yaml``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
+        if name != LOCK_FILE:  # held by this training
+            (run_dir / name).unlink(missing_ok=True)
     atomic_write_text(run_dir / MARKER_FILE, json.dumps({"samft_version": __version__, "created": time.time()}))
     atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
 
@@ -76,7 +73,7 @@ def remove_failed_start(run_dir: Path, existed: bool) -> None:
     """Undo :func:`init_run_dir` after a start that failed before saving anything."""
     if has_progress(run_dir):
         return
-    for name in (CONFIG_FILE, MARKER_FILE, METRICS_FILE, "split.json"):
+    for name in (CONFIG_FILE, MARKER_FILE, METRICS_FILE, SPLIT_FILE):
         (run_dir / name).unlink(missing_ok=True)
     if not existed:
         try:
@@ -180,5 +177,5 @@ def record_resume(run_dir: Path, changes: dict[str, tuple[object, object]], step
     """Write the changed config into the run and append the change to ``resumes.jsonl``."""
     atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
     entry = {"time": time.time(), "at": step_hint, "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
-    with open(run_dir / "resumes.jsonl", "a") as f:
+    with open(run_dir / RESUMES_FILE, "a") as f:
         f.write(json.dumps(entry) + "\n")

@@ -9,18 +9,41 @@ from typing import Optional
 import torch
 import yaml
 
-from samft.config import Config, config_from_dict
+from samft.config import Config, config_from_dict, yaml_error
 from samft.engine.checkpoint import load_adapter
-from samft.errors import SamftError
+from samft.errors import ConfigError, SamftError
 from samft.model import SemanticSAM, build_model
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
 LAST_ADAPTER_FILE = "adapter_last.safetensors"
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"  # the resumable state (never a pickle)
+LEGACY_STATE_FILE = "state.pt"  # an earlier version's state: read with weights_only=True
 METRICS_FILE = "metrics.csv"
 EVAL_FILE = "eval.json"
 PLOT_FILE = "curves.png"
+SPLIT_FILE = "split.json"
+MARKER_FILE = ".samft-run"  # a folder samft created
+RESUMES_FILE = "resumes.jsonl"
+
+RUN_FILES = (CONFIG_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, LEGACY_STATE_FILE, METRICS_FILE, EVAL_FILE,
+             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ".lock")
+
+
+def state_file(run_dir: str | Path) -> Path:
+    """The run's resumable state: ``state.safetensors``, or an earlier version's ``state.pt``."""
+    run_dir = Path(run_dir)
+    legacy = run_dir / LEGACY_STATE_FILE
+    return legacy if legacy.is_file() and not (run_dir / STATE_FILE).is_file() else run_dir / STATE_FILE
+
+
+def is_run_file(path: str | Path) -> bool:
+    """Whether ``path`` (followed through links) is one of a run directory's own files (config.yaml,
+    adapter*, state*, metrics.csv ...), which other commands must never write to."""
+    path = Path(path).resolve()
+    if not (path.parent / CONFIG_FILE).is_file():
+        return False
+    return path.name in RUN_FILES or path.name.startswith(("adapter", "state", ".state", ".adapter"))
 
 
 def newest_run(root: str | Path = "runs") -> Path:
@@ -36,7 +59,15 @@ def read_run_config(run_dir: str | Path, overrides: Optional[list[str]] = None) 
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise SamftError(f"{run_dir}: not a run directory ({CONFIG_FILE} not found)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: the run's config is not valid YAML ({yaml_error(e)}); tags such as "
+                          f"!!python/... are never read") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the run's config is a {type(data).__name__}, expected a mapping of sections")
     try:
         return config_from_dict(data, overrides)
     except SamftError as e:
@@ -44,7 +75,8 @@ def read_run_config(run_dir: str | Path, overrides: Optional[list[str]] = None) 
 
 
 def adapter_expectations(cfg: Config, base_sha256: str) -> dict[str, str]:
-    return {"sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method}
+    return {"sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method,
+            "attention": cfg.model.attention}
 
 
 @dataclass

@@ -47,6 +47,8 @@ def score_folders(pred_dir: str | Path, gt_dir: str | Path, threshold: float = 0
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found")
     gts = {p.stem: p for p in list_images(gt_dir, "ground-truth")}
+    if not gts:
+        raise DataError(f"{gt_dir}: the ground-truth folder holds no masks; nothing to score")
     preds: dict[str, Path] = {}
     for p in sorted(pred_dir.iterdir()):
         if p.is_file() and p.suffix.lower() in PRED_EXTS and not p.name.startswith("."):

@@ -20,11 +20,10 @@ import torch
 from samft.config import Config
 from samft.data.io import read_image
 from samft.data.transforms import SamTransform
-from samft.engine.evaluate import image_scores
 from samft.engine.runs import ADAPTER_FILE, load_run
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.errors import DataError
-from samft.model.semantic import SemanticSAM
+from samft.model.semantic import SemanticSAM, image_scores
 from samft.tasks import Task, make_task
 
 
@@ -52,7 +51,7 @@ class Segmenter:
                  task: Optional[Task] = None) -> None:
         self.model, self.cfg, self.device, self.precision = model.eval(), cfg, device, precision
         self.task = task or make_task(cfg)
-        self.transform = SamTransform(model.img_size, 0.0)
+        self.transform = SamTransform(model.img_size, 0.0, resize=cfg.data.resize)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", adapter: str = ADAPTER_FILE) -> "Segmenter":

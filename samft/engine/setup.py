@@ -23,6 +23,7 @@ from samft.data.check import check_data, require_clean
 from samft.data.layouts import Pair, train_val_pairs
 from samft.engine import distributed as D
 from samft.engine.runtime import check_compile, compile_blocks, pick_device, resolve_precision
+from samft.engine.schedule import lr_factor
 from samft.errors import ConfigError, SamftError
 from samft.model import build_model, count_params
 from samft.model.semantic import SemanticSAM
@@ -86,17 +87,9 @@ def _check_data(cfg: Config, info: D.DistInfo, device: torch.device, show_progre
             warnings.warn(warning, stacklevel=3)
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then linear decay to ``min_ratio`` at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return max(min_ratio, 1.0 - frac * (1.0 - min_ratio))
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float = 1e-8,
                    extra: Iterable[torch.nn.Module] = ()) -> torch.optim.AdamW:
-    """AdamW; matrices and convolution kernels decay, biases/norms/embeddings-of-one-row do not.
+    """AdamW (``train.adam_eps``); matrices and convolution kernels decay, biases/norms/embeddings-of-one-row do not.
 
     ``extra``: training-only modules (an extra stream's heads) whose parameters train too, after the model's.
     """
@@ -106,7 +99,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps)
 
 
 LossFn = Callable[[torch.nn.Module, dict], dict]
@@ -219,10 +212,10 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
 
     terms = _bind_modules(config_terms(cfg, info.enabled), model, device, info)
     streams = _bind_modules(list(extra_streams or []), model, device, info)
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay,
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, tc.adam_eps,
                                [s.modules for s in (*terms, *streams) if s.modules is not None])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps, total_steps, tc.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, tc.warmup_steps, total_steps, tc.min_lr_ratio, tc.schedule, tc.poly_power))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     module: torch.nn.Module = model
     if info.enabled:
@@ -283,8 +276,9 @@ def describe_start(ctx: RunContext, parts: TrainingParts, schedule: Schedule) ->
         ["compiled"] if cfg.train.compile else [])
     procs = f" x {info.world_size} processes" if info.enabled else ""
     from samft import __version__
+    from samft.protocol import summary as protocol_summary
 
     return (f"[bold]samft {__version__}[/] {cfg.model.type} + {cfg.peft.method}: "
             f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters | "
             f"{len(ctx.train_pairs)} train / {len(ctx.val_pairs)} val images | {ctx.device}{procs} {ctx.precision}, "
-            f"{', '.join(speed)} | {schedule.total_steps} steps -> {ctx.run_dir}")
+            f"{', '.join(speed)} | {schedule.total_steps} steps | {protocol_summary(cfg)} -> {ctx.run_dir}")

@@ -9,7 +9,8 @@ Loss = the task's loss (structure loss for binary masks; MaskFormer's matched se
 loss terms of any extra data stream x their weights. Each term has its own ``aux_<name>`` column in
 ``metrics.csv``.
 
-Nothing is lost on an interruption: the resumable state is written atomically at each epoch end and
+Nothing is lost on an interruption: the resumable state (``state.safetensors``: tensors and JSON, never a
+pickle) is written atomically at each epoch end and
 every ``train.save_every`` steps, and on Ctrl-C / SIGTERM the state of the last completed step is saved
 before exiting. ``--resume`` continues from it with the same data order, augmentation and noise as an
 uninterrupted run: the data order comes from (seed, epoch), each sample's augmentation from (seed, epoch,
@@ -39,26 +40,23 @@ from samft.config import Config, config_hash, dump_yaml
 from samft.data.datasets import TrainDataset, collate
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
-from samft.engine.checkpoint import rng_state, set_rng_state, trainable_state
+from samft.engine.checkpoint import rng_state, trainable_state
 from samft.engine.checkpointer import Checkpointer, TrainState
 from samft.engine.evaluate import evaluate_pairs
 from samft.engine.metrics_log import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
 from samft.engine.rundir import (RunLock, claim_run_dir, clean_stale_tmp, init_run_dir, record_resume,
                                  remove_failed_start, resume_changes)
-from samft.engine.runs import METRICS_FILE, PLOT_FILE, STATE_FILE, adapter_expectations
+from samft.engine.runs import METRICS_FILE, PLOT_FILE, adapter_expectations, state_file
 from samft.engine.runtime import autocast
+from samft.engine.schedule import lr_factor  # noqa: F401  (re-exported)
 from samft.engine.slip import config_streams
 from samft.engine.setup import (ExtraStream, RunContext, Schedule, TrainingParts, build_training, describe_start,
-                                lr_factor, make_optimizer, prepare_run)  # noqa: F401  (re-exported)
+                                make_optimizer, prepare_run)  # noqa: F401  (re-exported)
 from samft.engine.streams import StreamCursor, epoch_loader
 from samft.errors import SamftError
 from samft.model.semantic import upsample_logits
 from samft.progress import console, progress
 from samft.tasks import make_task
-
-
-LEARNING_HINTS = ("Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs, a larger model.img_size for small "
-                  "structures, or loss.bce=balanced for rare foreground.")
 
 
 class TrainingInterrupted(SamftError):
@@ -112,7 +110,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
     run_dir = Path(cfg.output.dir or "runs/run")
     if info.is_main:
         clean_stale_tmp(run_dir)
-    if resume and not (run_dir / STATE_FILE).is_file():
+    if resume and not state_file(run_dir).is_file():
         resume = False  # nothing was saved yet (killed before the first save): start again in place
         cfg.output.overwrite = True
         if info.is_main:
@@ -230,7 +228,7 @@ class Fit:
         self.run_dir = ctx.run_dir
         task = make_task(cfg)
         self.dataset = TrainDataset(ctx.train_pairs, cfg.model.img_size, cfg.train.hflip, cfg.train.seed,
-                                    task.classes)
+                                    task.classes, resize=cfg.data.resize)
         self.sampler = DistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=cfg.train.seed)
         self.schedule = Schedule.of(cfg, len(self.sampler))
@@ -256,7 +254,6 @@ class Fit:
         ctx, parts = self.ctx, self.parts
         if ctx.resume:
             self.state = self.checkpointer.restore()
-            set_rng_state(self.state.rng)
             if self.main:
                 console.print(f"resuming {self.run_dir} at step {self.state.step}/{self.schedule.total_steps} "
                               f"(epoch {self.state.epoch + 1})")
@@ -368,7 +365,7 @@ class Fit:
         kind = metrics.degenerate()
         if kind and self.main:
             warnings.warn(f"epoch {epoch_no}: the validation predictions are {kind} for every image: "
-                          f"the model has not learnt the masks yet. {LEARNING_HINTS}", stacklevel=2)
+                          f"the model has not learnt the masks yet. {self.parts.task.learning_hints}", stacklevel=2)
         return metrics.compute()
 
     def _warn_if_flat(self) -> None:
@@ -377,7 +374,7 @@ class Fit:
                   if r["kind"] == "epoch" and r.get(f"val_{self.metric}")]
         if len(values) >= 2 and max(values) - min(values) <= 1e-9:
             warnings.warn(f"validation {self.metric} stayed at {values[0]:.4f} in all {len(values)} validated epochs: "
-                          f"the run learnt nothing measurable. {LEARNING_HINTS}", stacklevel=2)
+                          f"the run learnt nothing measurable. {self.parts.task.learning_hints}", stacklevel=2)
 
     def _finish(self) -> None:
         if self.info.enabled:  # DDP keeps the processes in step; check it (cheap: once per run)

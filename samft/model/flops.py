@@ -3,9 +3,13 @@
 Convention: one multiply-add = 2 FLOPs; every FLOP of one forward pass of the image encoder counted
 once. Counted: the patch embedding, in every block the ``qkv`` and ``proj`` projections, the attention
 scores ``q k^T`` and ``attn v``, the decomposed relative-position terms (``q . Rh``, ``q . Rw``), the MLP,
-and the neck's two convolutions. Not counted: norms, softmax, GELU, bias and residual additions, the
-position-embedding addition, PEFT adapters (Conv-LoRA/LoRA add < 0.5 %), the prompt encoder and the
-mask decoder.
+and the neck's two convolutions. Blocks with BRA (``model.attention=bra``) count instead, per map or
+window of ``S x S`` regions of ``rt`` tokens (padded to ``S^2 * rt``): the routing affinity of the
+region means (``S^4 * C`` MACs), ``q k^T`` and ``attn v`` of every padded query against its
+``topk * rt`` gathered keys, the rel-pos terms of every padded query against the padded map's rows and
+columns, and the LEPE depthwise conv (``k^2 * C`` MACs per token); its qkv/proj run on the unpadded
+map. Not counted: norms, softmax, GELU, bias and residual additions, the position-embedding addition,
+PEFT adapters (Conv-LoRA/LoRA add < 0.5 %), the prompt encoder and the mask decoder.
 
 Windowed blocks run attention (and ``qkv``/``proj``) on the token grid padded to a multiple of the
 window (SAM pads 64 -> 70 for 14-token windows at 1024 px), so those tokens are counted; the MLP runs on
@@ -24,6 +28,25 @@ import math
 from torch import nn
 
 
+def _attention(module: nn.Module) -> nn.Module:
+    """The attention implementation under PEFT wrappers (``base_layer`` chains, e.g. VPT's)."""
+    while hasattr(module, "base_layer") and not hasattr(module, "num_heads"):
+        module = module.base_layer
+    return module
+
+
+def bra_attention_flops(attn: nn.Module, qh: int, qw: int, dim: int, windows: int) -> dict[str, int]:
+    """Forward FLOPs of a BRA module on ``windows`` maps of ``qh x qw`` tokens (see the module docstring)."""
+    s, topk = attn.regions, attn.topk
+    rh, rw = math.ceil(qh / s), math.ceil(qw / s)
+    padded, rt = s * s * rh * rw, rh * rw
+    parts = {"routing": 2 * windows * s ** 4 * dim,
+             "attention": 2 * (2 * windows * padded * topk * rt * dim),
+             "rel_pos": 2 * windows * padded * dim * s * (rh + rw) if attn.use_rel_pos else 0,
+             "lepe": 2 * windows * qh * qw * dim * attn.lepe_kernel ** 2 if attn.lepe is not None else 0}
+    return parts
+
+
 def encoder_flops(encoder: nn.Module, height: int, width: int | None = None) -> dict[str, int]:
     """Forward FLOPs of one image of ``height`` x ``width`` through SAM's ``ImageEncoderViT``, by part."""
     width = height if width is None else width
@@ -33,7 +56,7 @@ def encoder_flops(encoder: nn.Module, height: int, width: int | None = None) -> 
     tokens = gh * gw
     dim = proj.out_channels
     parts = {"patch_embed": 2 * tokens * proj.in_channels * patch_h * patch_w * dim,
-             "qkv_proj": 0, "attention": 0, "rel_pos": 0, "mlp": 0}
+             "qkv_proj": 0, "attention": 0, "rel_pos": 0, "routing": 0, "lepe": 0, "mlp": 0}
     for blk in encoder.blocks:
         ws = blk.window_size
         if ws > 0:
@@ -45,9 +68,14 @@ def encoder_flops(encoder: nn.Module, height: int, width: int | None = None) -> 
         attn_tokens = hp * wp
         length = qh * qw  # tokens per window (keys = queries)
         parts["qkv_proj"] += 2 * attn_tokens * dim * 3 * dim + 2 * attn_tokens * dim * dim
-        parts["attention"] += 2 * (2 * windows * length * length * dim)  # q k^T and attn v, all heads
-        if blk.attn.use_rel_pos:
-            parts["rel_pos"] += 2 * windows * length * dim * (qh + qw)
+        attn = _attention(blk.attn)
+        if getattr(attn, "kind", "") == "bra":
+            for name, value in bra_attention_flops(attn, qh, qw, dim, windows).items():
+                parts[name] += value
+        else:
+            parts["attention"] += 2 * (2 * windows * length * length * dim)  # q k^T and attn v, all heads
+            if attn.use_rel_pos:
+                parts["rel_pos"] += 2 * windows * length * dim * (qh + qw)
         hidden = blk.mlp.lin1.out_features
         parts["mlp"] += 2 * 2 * tokens * dim * hidden
     neck_convs = [m for m in encoder.neck.modules() if isinstance(m, nn.Conv2d)]

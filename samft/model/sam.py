@@ -23,9 +23,8 @@ from segment_anything.build_sam import sam_model_registry
 from torch import nn
 
 from samft.config import ModelConfig
-from samft.errors import CheckpointError
-
 from samft.constants import PATCH, PIXEL_MEAN, PIXEL_STD  # noqa: F401  (re-exported)
+from samft.errors import CheckpointError
 
 # encoder width -> (type, depth) of the official checkpoints, to name a wrong file
 OFFICIAL = {768: ("vit_b", 12), 1024: ("vit_l", 24), 1280: ("vit_h", 32)}
@@ -70,11 +69,21 @@ def build_tiny(cfg: ModelConfig) -> Sam:
     )
 
 
+def load_error(e: Exception) -> str:
+    """torch.load's failure in a few words (its own messages run to paragraphs)."""
+    text = str(e)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        found = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "Python objects"
+        return f"it holds {found}, which samft never unpickles: only tensors are read"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first.split('. ')[0]}"
+
+
 def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_error(e)})") from None
     if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
         state = next(iter(state.values()))  # {"model": {...}} / {"state_dict": {...}} wrappers
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -206,8 +215,21 @@ def load_tiny_checkpoint(sam: Sam, path: str | Path, model_type: str = "tiny") -
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
     state = _read_state_dict(path)
     own = sam.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise CheckpointError(f"{path}: does not match the tiny SAM of this config (keys or shapes differ)")
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the tiny SAM of this config: {len(missing)} missing keys "
+                              f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (compare model.tiny)")
+    for key in own:
+        if state[key].shape == own[key].shape:
+            continue
+        if key == "image_encoder.pos_embed" and state[key].shape[-1] == own[key].shape[-1]:
+            state[key] = interpolate_pos_embed(state[key], tuple(own[key].shape[1:3]))  # saved at another img_size
+        elif key.endswith((".rel_pos_h", ".rel_pos_w")) and state[key].shape[-1] == own[key].shape[-1]:
+            module, name = key.rsplit(".", 1)  # SAM's attention interpolates its tables to the grid it sees
+            setattr(sam.get_submodule(module), name, nn.Parameter(torch.empty_like(state[key])))
+        else:
+            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, the tiny SAM of this "
+                                  f"config expects {tuple(own[key].shape)} (compare model.tiny)")
     sam.load_state_dict(state, strict=True)
 
 

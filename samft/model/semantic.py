@@ -16,7 +16,7 @@ IoU head and the other multimask tokens are dropped.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +207,9 @@ def logits_to_original(logits: torch.Tensor, input_size: int, valid_hw: tuple[in
     x = upsample_logits(logits.unsqueeze(0), (input_size, input_size))
     x = x[..., : valid_hw[0], : valid_hw[1]]
     return upsample_logits(x, tuple(orig_hw))[0]
+
+
+def image_scores(task: Any, out: SegOutput, j: int, img_size: int, valid_hw: list[int], size: list[int]) -> torch.Tensor:
+    """Image ``j`` of a batch's outputs -> the task's per-pixel scores at ``size`` (padding cropped)."""
+    logits = logits_to_original(out.masks[j], img_size, valid_hw, size)
+    return task.scores(logits, None if out.class_logits is None else out.class_logits[j])

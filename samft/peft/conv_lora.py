@@ -15,7 +15,9 @@ reference, the chosen experts' outputs are summed without multiplying by the gat
 (``gate_scales_output=False``): with top-1 the gate of the chosen expert is exactly 1, so only the
 balance loss trains the router. Unlike the reference, experts are combined with a plain sum (no
 ``exp``/``log`` round trip, which overflows in fp16) and samples are dispatched to experts in groups.
-Conv-LoRA cannot be merged into ``W0``: its branch is non-linear.
+Conv-LoRA cannot be merged into ``W0``: its branch is non-linear. For ONNX export (``export_friendly``
+in eval mode) :meth:`ConvLoRALinear.mixture_dense` runs every expert on every sample and weights each
+output by the sample's choice: no data-dependent shapes, the same function.
 
 ``impl=reference`` restates the reference's own path (AutoGluon's ``SparseDispatcher``: ``nonzero`` /
 ``split`` dispatch, expert outputs combined as ``log(index_add(exp(y)))`` in float32). For top-1 it is the
@@ -193,6 +195,18 @@ class ConvLoRALinear(AdapterLayer):
             out = out.index_add(0, rows, y)
         return out, loss
 
+    def mixture_dense(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E_g(z)`` without data-dependent dispatch, for export: every expert runs on every sample and
+        its output is weighted by the sample's (0/1, or gate with ``gate_scales_output``) choice.
+        Same function as :meth:`mixture` (tested equal); ``experts`` times its expert compute."""
+        idx, gates, loss = self.gate(z)
+        chosen = gates.to(z.dtype) if self.gate_scales_output else torch.ones_like(gates, dtype=z.dtype)
+        weights = torch.zeros(z.shape[0], len(self.scales), dtype=z.dtype, device=z.device).scatter(1, idx, chosen)
+        out = torch.zeros_like(z)
+        for i in range(len(self.scales)):
+            out = out + self.expert(i, z) * weights[:, i].view(-1, 1, 1, 1)
+        return out, loss
+
     def mixture_reference(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``E_g(z)`` the way the reference computes it (baseline only; top-1; see the module docstring)."""
         idx, gate_k, loss = self.gate(z)
@@ -226,7 +240,10 @@ class ConvLoRALinear(AdapterLayer):
             z_map = z.transpose(1, 2).reshape(n, r, side, side)
         else:
             raise ValueError(f"Conv-LoRA expects (N, H, W, C) or (N, L, C) input, got shape {tuple(x.shape)}")
-        mixture = self.mixture_reference if self.impl == "reference" else self.mixture
+        if self.export_friendly and not self.training:
+            mixture = self.mixture_dense
+        else:
+            mixture = self.mixture_reference if self.impl == "reference" else self.mixture
         mixed, self.aux_loss = mixture(z_map)
         if z.dim() == 4:
             mixed = mixed.permute(0, 2, 3, 1)

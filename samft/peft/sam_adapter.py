@@ -14,6 +14,7 @@ per block. ``up`` starts at zero, so the model starts as the frozen one.
 ``SemanticSAM.encode`` calls ``patch_embed(images)`` and then the blocks, so the patch embedding is
 wrapped by :class:`EVPPromptGenerator` (it sees the image, computes ``f`` and keeps it for this forward
 pass) and every block by :class:`EVPBlock` (adds its prompt, then runs the block). Not mergeable.
+ONNX has no FFT: for export the high-pass is computed by :func:`high_frequency_matmul` (DFT matrices).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,34 @@ def high_frequency(images: torch.Tensor, ratio: float) -> torch.Tensor:
     return out.to(images.dtype)
 
 
+def _low_pass_matrices(n: int, band: range) -> tuple[np.ndarray, np.ndarray]:
+    """Real and imaginary parts of ``A = IDFT diag(1 on band) DFT`` (n, n): the band of ``fftshift``-ed
+    frequency indices kept by a 1-D low-pass."""
+    freqs = (np.asarray(band) - n // 2) % n  # fftshift puts frequency 0 at n // 2
+    delta = np.arange(-(n - 1), n)  # A[j, m] depends on j - m only
+    angle = 2 * np.pi * np.outer(delta, freqs) / n
+    re, im = np.cos(angle).sum(1) / n, np.sin(angle).sum(1) / n
+    index = np.arange(n)[:, None] - np.arange(n)[None, :] + n - 1
+    return re[index], im[index]
+
+
+def high_frequency_matmul(images: torch.Tensor, ratio: float) -> torch.Tensor:
+    """:func:`high_frequency` without FFTs (which ONNX cannot express), for export: the centred square
+    low-pass is separable, ``L x = A_h x A_w^T``, so ``Re(IFFT(FFT(x) * keep)) = x - (Re A_h x Re A_w^T
+    - Im A_h x Im A_w^T)`` with constant (H, H) and (W, W) matrices. Same function (tested equal)."""
+    x = images.float()
+    h, w = int(x.shape[-2]), int(x.shape[-1])  # Python ints, also while tracing (the size is static)
+    half = int((h * w * ratio) ** 0.5 // 2)
+    if half == 0:
+        return x.abs().to(images.dtype)
+    rh, ih = (torch.from_numpy(m).float().to(x.device)
+              for m in _low_pass_matrices(h, range(max(0, h // 2 - half), min(h, h // 2 + half))))
+    rw, iw = (torch.from_numpy(m).float().to(x.device)
+              for m in _low_pass_matrices(w, range(max(0, w // 2 - half), min(w, w // 2 + half))))
+    low = rh @ x @ rw.T - ih @ x @ iw.T
+    return (x - low).abs().to(images.dtype)
+
+
 class EVPPromptGenerator(AdapterLayer):
     """Wraps SAM's ``patch_embed``: returns its tokens (B, H, W, dim) unchanged and keeps the prompt
     feature ``f = embed(tokens) + handcrafted(high_frequency(image))`` (B, H, W, d) in ``self.feature``."""
@@ -78,7 +108,8 @@ class EVPPromptGenerator(AdapterLayer):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.base_layer(images)
-        hand = self.handcrafted(high_frequency(images, self.freq_ratio)).permute(0, 2, 3, 1)
+        high = high_frequency_matmul if self.export_friendly else high_frequency
+        hand = self.handcrafted(high(images, self.freq_ratio)).permute(0, 2, 3, 1)
         self.feature = self.embedding(tokens) + hand
         return tokens
 

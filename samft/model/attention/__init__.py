@@ -17,6 +17,8 @@ Contract of an implementation's ``forward(x, extra_kv=None)``:
 block whether it applies (``applies(block, options)``); where it does not, the registry's ``fallback``
 (sdpa) is used. Apply it before the PEFT method.
 
+An implementation whose forward cannot be exported to ONNX sets ``onnx_exportable = False``.
+
 Adding an implementation: one module of this package with a subclass of :class:`EncoderAttention`
 decorated by :func:`register_attention` (modules are discovered on first use, like PEFT methods).
 """
@@ -43,6 +45,10 @@ class EncoderAttention(nn.Module):
     """Base of the registered implementations: SAM's ``Attention`` parameters, taken over by name."""
 
     kind: ClassVar[str] = ""
+    dense: ClassVar[bool] = True  # computes SAM's own attention function (eager, sdpa); False: another one (bra)
+    # False: its forward does not trace to a static ONNX graph; ``samft export --onnx`` then refuses
+    # the model with an error naming ``model.attention`` instead of failing inside the exporter
+    onnx_exportable: ClassVar[bool] = True
 
     def __init__(self, attn: nn.Module, options: Any = None) -> None:
         super().__init__()
@@ -163,6 +169,14 @@ def set_attention(encoder: nn.Module, name: str = FALLBACK, options: Any = None)
     return count
 
 
+def attention_function(name: str) -> str:
+    """``dense`` for implementations of SAM's own attention function (interchangeable: an adapter trained
+    with one runs on another), else the name itself (``bra``)."""
+    _discover()
+    cls = _REGISTRY.get(name)
+    return "dense" if cls is not None and cls.dense else name
+
+
 def attention_impl(encoder: nn.Module) -> str:
     """The implementation name the encoder's attention modules use, ``mixed`` or ``none``."""
     kinds = {m.kind if isinstance(m, EncoderAttention) else "eager" for m in encoder.modules() if _sam_attention(m)}
@@ -176,5 +190,5 @@ def attention_kinds(encoder: nn.Module) -> list[str]:
 
 from samft.model.attention.bias import rel_pos_bias  # noqa: E402  (re-exported)
 
-__all__ = ["EncoderAttention", "attention_names", "attention_impl", "attention_kinds", "convert_attention",
+__all__ = ["EncoderAttention", "attention_function", "attention_names", "attention_impl", "attention_kinds", "convert_attention",
            "get_attention", "register_attention", "rel_pos_bias", "set_attention", "FALLBACK"]

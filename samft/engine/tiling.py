@@ -1,0 +1,183 @@
+"""Tiled prediction of images larger than the model's input, at native resolution.
+
+An image of H x W pixels is cut into ``tile`` x ``tile`` tiles (no downscaling of the image) that
+overlap by at least ``overlap`` pixels: along each axis the tiles start every ``tile - overlap``
+pixels and the last one ends at the image's edge. Tiles are predicted in batches through a callable
+(a batch of tiles -> per-tile probabilities or class scores) and stitched by weighted blending:
+
+- each tile's weight is a product of two 1-D windows. Along a side that borders another tile the
+  window rises over the overlap: 0 for the outer quarter of the overlap (whatever a model gets wrong
+  near a tile's edge never reaches the output), then a smooth sin^2 ramp to 1; along a side on the
+  image's border it is 1. Opposite ramps of evenly spaced tiles sum to 1 (sin^2 + cos^2);
+- the windows are divided by their sum over the tiles covering each row / column, which the grid
+  makes separable, so the weights of all tiles sum to exactly 1 at every pixel (tested) without an
+  image-sized weight array.
+
+Memory is the output scores (C x H x W float32, accumulated in place) plus one batch of tiles and
+their scores; tiles are never all held. An image no larger than a tile is one tile: the same
+prediction as without tiling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from samft.data.datasets import load_pair
+from samft.data.io import read_image
+from samft.data.layouts import Pair
+from samft.data.transforms import SamTransform
+from samft.engine.runtime import autocast
+from samft.errors import SamftError
+from samft.model.semantic import SemanticSAM, image_scores
+from samft.tasks import Task
+
+TilePredictor = Callable[[np.ndarray], np.ndarray]  # (N, th, tw, 3) uint8 -> (N, th, tw) or (N, C, th, tw)
+MIN_TILE = 32
+
+
+def default_overlap(tile: int) -> int:
+    return tile // 8
+
+
+def check_tiling(tile: int, overlap: Optional[int]) -> int:
+    """Validate ``--tile``/``--overlap``; returns the overlap (default ``tile // 8``)."""
+    if tile < MIN_TILE:
+        raise SamftError(f"--tile {tile}: expected at least {MIN_TILE} pixels")
+    overlap = default_overlap(tile) if overlap is None else overlap
+    if not 0 <= overlap <= tile // 2:
+        raise SamftError(f"--overlap {overlap}: expected 0 to half the tile ({tile // 2})")
+    return overlap
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets along one axis: every ``tile - overlap`` pixels, the last tile ending at ``length``."""
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    n = math.ceil((length - tile) / step) + 1
+    return [min(i * step, length - tile) for i in range(n)]
+
+
+def ramp(overlap: int) -> np.ndarray:
+    """(overlap,) rising window: 0 over the outer quarter, then sin^2 up to 1 (float64)."""
+    margin = overlap // 4
+    width = overlap - 2 * margin
+    t = (np.arange(overlap) - margin + 0.5) / max(width, 1)
+    return np.sin(np.pi / 2 * np.clip(t, 0.0, 1.0)) ** 2
+
+
+def window(size: int, overlap: int, rise: bool, fall: bool) -> np.ndarray:
+    """(size,) 1-D window of a tile: ramps on the sides that border another tile (``rise``: the start)."""
+    w = np.ones(size)
+    if overlap > 0:
+        r = ramp(min(overlap, size))
+        if rise:
+            w[: len(r)] = np.minimum(w[: len(r)], r)
+        if fall:
+            w[size - len(r):] = np.minimum(w[size - len(r):], r[::-1])
+    return w
+
+
+@dataclass
+class Axis:
+    """The tiles along one axis and their normalised 1-D weights."""
+
+    length: int
+    tile: int
+    overlap: int
+    starts: list[int] = field(init=False)
+    weights: list[np.ndarray] = field(init=False)  # per tile (size,), summing to 1 over tiles at each pixel
+
+    def __post_init__(self) -> None:
+        self.tile = min(self.tile, self.length)
+        self.starts = tile_starts(self.length, self.tile, self.overlap)
+        last = len(self.starts) - 1
+        raw = [window(self.tile, self.overlap, i > 0, i < last) for i in range(len(self.starts))]
+        total = np.zeros(self.length)
+        for s, w in zip(self.starts, raw):
+            total[s: s + self.tile] += w
+        self.weights = [(w / total[s: s + self.tile]).astype(np.float32) for s, w in zip(self.starts, raw)]
+
+
+class TileGrid:
+    """Tiles of an H x W image: ``boxes()`` gives (y, x) starts, ``weight(i, j)`` the (th, tw) weights."""
+
+    def __init__(self, height: int, width: int, tile: int, overlap: int) -> None:
+        self.rows, self.cols = Axis(height, tile, overlap), Axis(width, tile, overlap)
+        self.height, self.width = height, width
+        self.tile_hw = (self.rows.tile, self.cols.tile)
+
+    def __len__(self) -> int:
+        return len(self.rows.starts) * len(self.cols.starts)
+
+    def boxes(self) -> Iterator[tuple[int, int, int, int]]:
+        """(row index, column index, y, x) of every tile, row by row."""
+        for i, y in enumerate(self.rows.starts):
+            for j, x in enumerate(self.cols.starts):
+                yield i, j, y, x
+
+    def weight(self, i: int, j: int) -> np.ndarray:
+        return self.rows.weights[i][:, None] * self.cols.weights[j][None, :]
+
+
+def predict_tiled(image: np.ndarray, predict_tiles: TilePredictor, tile: int, overlap: int,
+                  batch_size: int = 4) -> np.ndarray:
+    """(H, W, 3) image -> blended scores (H, W) or (C, H, W) float32, ``batch_size`` tiles per call."""
+    grid = TileGrid(image.shape[0], image.shape[1], tile, overlap)
+    th, tw = grid.tile_hw
+    out: Optional[np.ndarray] = None
+    boxes = list(grid.boxes())
+    for k in range(0, len(boxes), batch_size):
+        batch = boxes[k: k + batch_size]
+        tiles = np.stack([image[y: y + th, x: x + tw] for _, _, y, x in batch])
+        scores = np.asarray(predict_tiles(tiles), dtype=np.float32)
+        if scores.shape[0] != len(batch) or scores.shape[-2:] != (th, tw):
+            raise ValueError(f"tile predictor returned {scores.shape} for {len(batch)} tiles of {th}x{tw}")
+        if out is None:
+            out = np.zeros(scores.shape[1:-2] + (grid.height, grid.width), np.float32)
+        for (i, j, y, x), s in zip(batch, scores):
+            out[..., y: y + th, x: x + tw] += s * grid.weight(i, j)
+    return out
+
+
+def model_tile_predictor(model: SemanticSAM, task: Task, device: torch.device, precision: str = "fp32"
+                         ) -> TilePredictor:
+    """Tiles through samft's own per-image path (SamTransform, the model, back to the tile's size):
+    binary -> foreground probability (N, th, tw); multi-class -> class scores (N, C, th, tw)."""
+    transform = SamTransform(model.img_size)
+
+    @torch.no_grad()
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        items = [transform(t) for t in tiles]
+        images = torch.stack([item["image"] for item in items]).to(device)
+        with autocast(device, precision):
+            out = model(images)
+        scores = []
+        for j, item in enumerate(items):
+            s = image_scores(task, out, j, model.img_size, item["valid_hw"].tolist(), list(tiles.shape[1:3]))
+            scores.append(s.float().cpu().numpy())
+        return np.stack(scores)
+
+    return predict
+
+
+def iter_tiled_predictions(model: SemanticSAM, pairs: list[Pair], tile: int, overlap: Optional[int], batch_size: int,
+                           device: torch.device, task: Task, precision: str = "fp32",
+                           ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
+    """Like ``evaluate.iter_predictions`` (pair, scores at the original size, ground truth or None), each
+    image predicted by tiles at native resolution (``overlap`` None: the default)."""
+    overlap = check_tiling(tile, overlap)
+    was_training = model.training
+    model.eval()
+    predict = model_tile_predictor(model, task, device, precision)
+    try:
+        for pair in pairs:
+            image, gt = load_pair(pair, task.classes) if pair.mask is not None else (read_image(pair.image), None)
+            yield pair, predict_tiled(image, predict, tile, overlap, batch_size), gt
+    finally:
+        model.train(was_training)

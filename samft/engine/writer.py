@@ -1,0 +1,50 @@
+"""Writing prediction files in background threads while the model computes the next batch.
+
+Encoding a PNG (zlib) and ``fsync``-ing it release the GIL, so a few threads overlap them with the
+model's forward pass. At most ``max_pending`` jobs wait (each holds one image's mask), so memory stays
+bounded; the first job that fails re-raises its error in the caller.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+
+class BackgroundWriter:
+    """``submit(fn, *args)`` runs ``fn`` on one of ``threads`` threads (0: at once, in the caller).
+
+    Use as a context manager: leaving it waits for every job and raises the first error.
+    """
+
+    def __init__(self, threads: int = 2, max_pending: Optional[int] = None) -> None:
+        self.threads = threads
+        self.max_pending = max_pending or 4 * max(1, threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="samft-write") if threads > 0 else None
+        self._pending: deque[Future] = deque()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._pool is None:
+            fn(*args)
+            return
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()  # raises the job's error
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            if self._pool is not None:
+                for f in self._pending:
+                    f.cancel()
+                self._pool.shutdown(wait=True)
