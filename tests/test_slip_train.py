@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import samft.engine.train as train_mod
-from samft.engine.checkpoint import load_state, read_adapter
+from samft.engine.checkpoint import load_resume_state as load_state, read_adapter
 from samft.engine.metrics_log import read_metrics
 from samft.engine.setup import build_training
 from samft.engine.slip import ssl_stream
@@ -43,7 +43,7 @@ def test_weight_zero_is_bit_identical_to_a_run_without_the_option(tmp_path, synt
         off = train(_cfg(tmp_path, synthetic_dir, "off", weight=0.0), show_progress=False)
     assert _same_adapters(plain, off) and _same_adapters(plain, off, "adapter.safetensors")
     assert _untimed(plain) == _untimed(off)
-    assert "extra_modules" in load_state(off / "state.pt") and not load_state(off / "state.pt")["extra_modules"]
+    assert "extra_modules" in load_state(off / "state.safetensors") and not load_state(off / "state.safetensors")["extra_modules"]
 
 
 def test_ssl_trains_adapter_decoder_and_head_never_the_base(tmp_path, synthetic_dir):
@@ -92,7 +92,7 @@ def test_a_run_with_ssl_logs_it_keeps_the_head_out_of_adapters_and_resumes_exact
     assert not _same_adapters(plain, straight)  # the SSL loss changed the training
     for name in ("adapter.safetensors", "adapter_last.safetensors"):
         assert read_adapter(straight / name)[0].keys() == read_adapter(plain / name)[0].keys()
-    state = load_state(straight / "state.pt")
+    state = load_state(straight / "state.safetensors")
     assert set(state["extra_modules"]) == {"unlabelled"} and "mlp.layer1.weight" in state["extra_modules"]["unlabelled"]
 
     real, calls = train_mod.train_step, {"n": 0}
@@ -108,12 +108,12 @@ def test_a_run_with_ssl_logs_it_keeps_the_head_out_of_adapters_and_resumes_exact
         train(_cfg(tmp_path, synthetic_dir, "r", weight=1.0), show_progress=False)
     # epoch 1's 3 steps take 5 micro-batches (18 images in 4s, accum 2); 7 unlabelled images in batches of
     # 3, the incomplete one dropped: 2 batches an epoch, so the 5th batch is the first of its third epoch
-    assert load_state(tmp_path / "r" / "state.pt")["progress"]["streams"]["unlabelled"] == {"epoch": 2, "consumed": 3}
+    assert load_state(tmp_path / "r" / "state.safetensors")["progress"]["streams"]["unlabelled"] == {"epoch": 2, "consumed": 3}
     monkeypatch.undo()
     train(_cfg(tmp_path, synthetic_dir, "r", weight=1.0), resume=True, show_progress=False)
     assert _same_adapters(straight, tmp_path / "r") and _same_adapters(straight, tmp_path / "r", "adapter.safetensors")
     assert _untimed(straight) == _untimed(tmp_path / "r")
-    heads = [load_state(run / "state.pt")["extra_modules"]["unlabelled"] for run in (straight, tmp_path / "r")]
+    heads = [load_state(run / "state.safetensors")["extra_modules"]["unlabelled"] for run in (straight, tmp_path / "r")]
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
@@ -208,7 +208,7 @@ def test_a_run_with_the_region_text_loss_logs_it_and_keeps_its_head_out_of_the_a
     from samft.engine.checkpoint import trainable_state
 
     assert set(read_adapter(run / "adapter.safetensors")[0]) == set(trainable_state(plain.model))
-    assert set(load_state(run / "state.pt")["extra_modules"]["clip"]) == {"proj.weight", "text_emb", "logit_scale"}
+    assert set(load_state(run / "state.safetensors")["extra_modules"]["clip"]) == {"proj.weight", "text_emb", "logit_scale"}
 
 
 def test_cli_trains_with_unlabelled_images(tmp_path, synthetic_dir):
@@ -231,7 +231,7 @@ def test_cli_trains_with_unlabelled_images(tmp_path, synthetic_dir):
     assert all(float(r["aux_ssl"]) > 0 for r in read_metrics(run / "metrics.csv") if r["kind"] == "step")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["loss"]["ssl"]["weight"] == 0.5 and saved["data"]["unlabelled"] == ["images/000?.png"]
-    assert "unlabelled" in load_state(run / "state.pt")["extra_modules"]
+    assert "unlabelled" in load_state(run / "state.safetensors")["extra_modules"]
 
 
 def test_compare_methods_with_and_without_the_ssl_loss(synthetic_dir, tmp_path, monkeypatch):
