@@ -16,6 +16,11 @@ split). The script writes
   the trainable parameters;
 - ``OUT`` with ``.json``: every run's raw numbers.
 
+``--ssl-weight W`` compares each method with and without SLIP's self-supervised loss: every method also
+runs as ``<method>+ssl`` with ``loss.ssl.weight=W`` (the config's ``data.unlabelled`` and ``loss.ssl``
+give the unlabelled images and the head) into ``--workdir/<method>+ssl/seed<seed>``; the table has a row
+for each, and the time per step shows the extra cost.
+
 Hand-written notes survive a regeneration: everything from the line ``NOTES_MARKER`` on in an existing
 ``OUT`` is kept. Runs are independent: a run whose ``result.json`` was made from the same config file content and
 overrides is reused (an interrupted comparison continues), unless ``--fresh``.
@@ -40,12 +45,14 @@ sys.path.insert(0, str(ROOT))
 RESULT_FILE = "result.json"
 NOTES_MARKER = "<!-- notes: everything from this line on is kept when the file is regenerated -->"
 DEFAULT_METRICS = "dice@0.5,iou@0.5,Sm,meanEm,MAE"
+SSL_SUFFIX = "+ssl"  # the label of a method's run with loss.ssl.weight (--ssl-weight)
 
 
 # ------------------------------------------------------------------------------------------------ one run
 
 
-def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_process: bool = True) -> dict:
+def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_process: bool = True,
+            label: str = "") -> dict:
     """Train + evaluate one (method, seed) in this process; returns (and writes) its numbers.
 
     ``own_process``: this process runs nothing else, so its peak memory is the run's.
@@ -81,7 +88,8 @@ def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_p
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         peak_kind = "CPU peak RSS" if own_process else "CPU peak RSS of all runs so far (--in-process)"
     result = {
-        "method": cfg.peft.method, "seed": cfg.train.seed, "run": str(run_dir),
+        "method": label or cfg.peft.method, "seed": cfg.train.seed, "run": str(run_dir),
+        "ssl_weight": cfg.loss.ssl.weight,
         "sets": {name: s["metrics"] for name, s in evaluation["sets"].items()},
         "n_images": {name: s["n_images"] for name, s in evaluation["sets"].items()},
         "trainable_params": counts["trainable_params"], "adapter_params": counts["adapter_params"],
@@ -213,7 +221,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="run every training in this process (quicker for small runs; CPU peak memory is then "
                         "cumulative, not per run)")
-    p.add_argument("--run-one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--ssl-weight", type=float, default=0.0,
+                   help="also run every method with loss.ssl.weight=W (rows <method>+ssl; needs data.unlabelled)")
+    p.add_argument("--run-one", nargs=2, metavar=("LABEL", "SEED"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -233,18 +243,25 @@ def main(argv: list[str] | None = None) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     workdir = Path(args.workdir)
 
-    def overrides_for(method: str, seed: int) -> list[str]:
-        return [*args.overrides, f"peft.method={method}", f"train.seed={seed}"]
+    def overrides_for(label: str, seed: int) -> list[str]:
+        method, ssl = label.removesuffix(SSL_SUFFIX), label.endswith(SSL_SUFFIX)
+        return [*args.overrides, f"peft.method={method}", f"train.seed={seed}",
+                *([f"loss.ssl.weight={args.ssl_weight}"] if ssl else [])]
 
     try:
         if not methods or not seeds:
             raise SamftError("--methods and --seeds must each name at least one value")
         for m in methods:
             peft.get(m)
-        load_config(args.config, overrides_for(methods[0], seeds[0]))  # fail early on a bad config
+        if args.ssl_weight < 0:
+            raise SamftError(f"--ssl-weight {args.ssl_weight}: expected a positive weight (0 = no SSL rows)")
+        if args.ssl_weight > 0:
+            methods = [v for m in methods for v in (m, m + SSL_SUFFIX)]
+        for label in methods[:2]:
+            load_config(args.config, overrides_for(label, seeds[0]))  # fail early on a bad config
         if args.run_one:
-            method, seed = args.run_one[0], int(args.run_one[1])
-            run_one(args.config, overrides_for(method, seed), workdir / method / f"seed{seed}", args.device)
+            label, seed = args.run_one[0], int(args.run_one[1])
+            run_one(args.config, overrides_for(label, seed), workdir / label / f"seed{seed}", args.device, label=label)
             return 0
     except SamftError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -262,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.time() - started:7.1f}s] {method} seed {seed} -> {run_dir}", flush=True)
                 if args.in_process:
                     try:
-                        run_one(args.config, overrides_for(method, seed), run_dir, args.device, own_process=False)
+                        run_one(args.config, overrides_for(method, seed), run_dir, args.device, own_process=False,
+                                label=method)
                     except SamftError as e:
                         print(f"error: run {method} seed {seed}: {e}", file=sys.stderr)
                         return 2

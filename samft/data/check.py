@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from samft.config import Config, DataConfig
@@ -234,8 +235,9 @@ def check_data(cfg: Config, mode: Optional[str] = None, show_progress: bool = Tr
         report = SplitReport("unlabelled")
         reports.append(report)
         pairs = _listed(report, lambda: [Pair(p, None, p.stem) for p in unlabelled_images(cfg.data)])
-        if pairs is not None:
-            _check_pairs(report, pairs, full, workers, show_progress)
+        if pairs is not None:  # its loader must not draw from the global RNG: listing unlabelled images
+            with torch.random.fork_rng(devices=[]):  # changes no run (loss.ssl.weight 0 is bit-identical)
+                _check_pairs(report, pairs, full, workers, show_progress)
     return DataReport(reports, warnings, notes)
 
 

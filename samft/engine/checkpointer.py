@@ -1,7 +1,8 @@
 """The run's saved state during training: the resumable state, the last and the best adapters.
 
 - ``state`` (every ``train.save_every`` steps and at each epoch end): trainable tensors, optimizer,
-  scheduler, scaler, the loop's counters, the RNG states and the rows of ``metrics.csv`` written so far.
+  scheduler, scaler, the loop's counters, the RNG states and the rows of ``metrics.csv`` written so far,
+  and the extra streams' training-only modules (the SSL head: never in an adapter file).
 - ``adapter_last.safetensors``: the trainable tensors of the same moment.
 - ``adapter.safetensors``: the best epoch by the selection metric (ties: the later epoch wins, so a
   metric that never moves keeps the latest weights, and the choice is said in the metadata).
@@ -74,6 +75,8 @@ class Checkpointer:
                 "scheduler": p.scheduler.state_dict(),
                 "scaler": p.scaler.state_dict() if p.scaler.is_enabled() else None,
                 "progress": progress,
+                "extra_modules": {name: {k: v.cpu().clone() for k, v in m.state_dict().items()}
+                                  for name, m in p.extra_modules.items()},
             })
 
     def offer_best(self, state: TrainState, epoch: int, value: float) -> bool:
@@ -109,6 +112,7 @@ class Checkpointer:
             p.scheduler.load_state_dict(saved["scheduler"])
             if saved.get("scaler"):
                 p.scaler.load_state_dict(saved["scaler"])
+            _restore_modules(p.extra_modules, saved.get("extra_modules") or {}, path)
             state = TrainState(**saved["progress"])  # an unknown key (a tampered or newer state) is refused
             set_rng_state(state.rng)
         except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
@@ -120,6 +124,18 @@ class Checkpointer:
             if "best_value" in best_meta and int(best_meta.get("epoch", -1)) > state.best_epoch:
                 state.best_value, state.best_epoch = float(best_meta["best_value"]), int(best_meta["epoch"])
         return state
+
+
+def _restore_modules(modules: dict, saved: dict, source: Path) -> None:
+    """Load the extra streams' training-only modules (e.g. the SSL head) saved in the state."""
+    if set(modules) != set(saved):
+        raise CheckpointError(f"{source}: the saved training-only modules {sorted(saved)} do not match this run's "
+                         f"{sorted(modules)} (a loss that needs one was switched on or off since)")
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(saved[name])
+        except RuntimeError as e:
+            raise CheckpointError(f"{source}: the saved {name!r} module does not fit ({str(e).splitlines()[0]})") from None
 
 
 class _DiskGuard:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from samft import peft
@@ -86,12 +87,17 @@ def _check_data(cfg: Config, info: D.DistInfo, device: torch.device, show_progre
             warnings.warn(warning, stacklevel=3)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW (``train.adam_eps``); matrices and convolution kernels decay, biases/norms/embeddings-of-one-row do not."""
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float = 1e-8,
+                   extra: Iterable[torch.nn.Module] = ()) -> torch.optim.AdamW:
+    """AdamW (``train.adam_eps``); matrices and convolution kernels decay, biases/norms/embeddings-of-one-row do not.
+
+    ``extra``: training-only modules (an extra stream's heads) whose parameters train too, after the model's.
+    """
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+    for module in (model, *extra):
+        for p in module.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps)
 
@@ -106,6 +112,12 @@ class ExtraStream:
     ``loss(model, batch) -> {name: scalar}``: its loss terms, each added to the total with ``weights[name]``
     and logged as ``aux_<name>``. The dataset may have ``set_epoch(epoch)``; the stream cycles through its
     own epochs independently of the labelled one and resumes exactly.
+
+    ``modules``: training-only modules of the stream (e.g. the SSL projection head), or a function
+    ``model -> module`` that builds them for the built model. Their parameters are trained with the model's
+    and saved in the resumable state (restored on resume), never in the adapter files or exports; they are
+    in training mode throughout. ``drop_last``: skip each epoch's last incomplete batch (a stream whose
+    loss needs full batches, e.g. BatchNorm or the same batch size on every process).
     """
 
     name: str
@@ -114,6 +126,23 @@ class ExtraStream:
     loss: LossFn
     weights: dict[str, float]
     collate: Optional[Callable] = None
+    modules: Union[nn.Module, Callable[[SemanticSAM], nn.Module], None] = None
+    drop_last: bool = False
+
+
+@dataclass
+class LabelledTerm:
+    """A loss term on the labelled batch beside the task loss (e.g. SLIP's region-text loss).
+
+    ``loss(out, batch) -> {name: scalar}`` with the model's :class:`SegOutput` and the labelled batch;
+    each term is added with ``weights[name]`` and logged as ``aux_<name>``. ``modules``: as
+    :class:`ExtraStream`'s (training-only, in the optimizer and the resumable state, never in adapters).
+    """
+
+    name: str
+    loss: Callable[[Any, dict], dict]
+    weights: dict[str, float]
+    modules: Union[nn.Module, Callable[[SemanticSAM], nn.Module], None] = None
 
 
 @dataclass
@@ -132,14 +161,26 @@ class TrainingParts:
     aux_weights: dict[str, float]
     base_sha256: str = ""
     extra_streams: list[ExtraStream] = field(default_factory=list)
+    labelled_terms: list[LabelledTerm] = field(default_factory=list)
 
     @property
     def loss_names(self) -> list[str]:
         """Every auxiliary and extra loss term logged (``aux_<name>`` columns)."""
         names = list(self.aux_weights)
-        for stream in self.extra_streams:
-            names += [n for n in stream.weights if n not in names]
+        for part in (*self.labelled_terms, *self.extra_streams):
+            names += [n for n in part.weights if n not in names]
         return names
+
+    @property
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """The training-only modules of the labelled terms and the extra streams, by their name."""
+        return {s.name: s.modules for s in (*self.labelled_terms, *self.extra_streams)
+                if isinstance(s.modules, nn.Module)}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer steps: the model's trainable tensors, then those of the extra streams' modules."""
+        modules = [self.model, *self.extra_modules.values()]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def aux_weights(cfg: Config, task: Task, model: SemanticSAM) -> dict[str, float]:
@@ -167,7 +208,12 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
     if tc.compile:
         compile_blocks(model.image_encoder.blocks)
     task = task or make_task(cfg)
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, tc.adam_eps)
+    from samft.engine.slip import config_terms
+
+    terms = _bind_modules(config_terms(cfg, info.enabled), model, device, info)
+    streams = _bind_modules(list(extra_streams or []), model, device, info)
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, tc.adam_eps,
+                               [s.modules for s in (*terms, *streams) if s.modules is not None])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, tc.warmup_steps, total_steps, tc.min_lr_ratio, tc.schedule, tc.poly_power))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -176,18 +222,33 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
         module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                          find_unused_parameters=peft.get(cfg.peft.method).unused_params)
     return TrainingParts(cfg, model, module, task, optimizer, scheduler, scaler, device, precision,
-                         aux_weights(cfg, task, model), built.base_sha256, list(extra_streams or []))
+                         aux_weights(cfg, task, model), built.base_sha256, streams, terms)
+
+
+def _bind_modules(streams: list, model: SemanticSAM, device: torch.device, info: D.DistInfo) -> list:
+    """Build each stream's training-only modules for ``model`` (when given as a function), on ``device``,
+    in training mode. They live outside the DDP wrapper, so their gradients would not be averaged across
+    processes: refused when distributed."""
+    bound = []
+    for stream in streams:
+        modules = stream.modules
+        if modules is not None and not isinstance(modules, nn.Module):
+            modules = modules(model)
+        if modules is not None:
+            if info.enabled:
+                raise ConfigError(f"loss term / data stream {stream.name!r}: its training-only modules are not "
+                                  f"synchronised across processes; train it in one process (without torchrun)")
+            modules = modules.to(device).train()
+        bound.append(replace(stream, modules=modules))
+    return bound
 
 
 def _refuse_unwired(cfg: Config) -> None:
-    """SLIP's options exist (config, losses, heads, tested) but the loop does not run them yet: never let
-    a user believe they trained with them."""
-    unwired = [key for key, on in (("loss.ssl.weight", cfg.loss.ssl.weight > 0), ("loss.clip.weight",
-                                   cfg.loss.clip.weight > 0), ("model.class_head=text", cfg.model.class_head == "text"))
-               if on]
-    if unwired:
-        raise ConfigError(f"{unwired[0]}: SLIP's losses and text head are not wired into training in this version; "
-                          f"leave {', '.join(unwired)} at the default")
+    """SLIP's text class head exists (tested) but is not part of a trained model yet: never let a user believe
+    they trained with it. (The SSL and region-text losses are wired: samft.engine.slip.)"""
+    if cfg.model.class_head == "text":
+        raise ConfigError("model.class_head=text: SLIP's text class head is not wired into training in this "
+                          "version; leave model.class_head at linear (loss.clip.weight works with it)")
 
 
 @dataclass(frozen=True)

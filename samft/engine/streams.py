@@ -34,13 +34,14 @@ class SkipSampler(Sampler):
 
 
 def epoch_loader(dataset: Any, sampler: DistributedSampler, epoch: int, skip: int, batch_size: int,
-                 num_workers: int, collate: Optional[Callable], pin_memory: bool) -> DataLoader:
-    """A loader over one epoch of ``dataset`` from sample ``skip`` on."""
+                 num_workers: int, collate: Optional[Callable], pin_memory: bool, drop_last: bool = False
+                 ) -> DataLoader:
+    """A loader over one epoch of ``dataset`` from sample ``skip`` on (``drop_last``: no incomplete batch)."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     sampler.set_epoch(epoch)
     return DataLoader(dataset, batch_size=batch_size, sampler=SkipSampler(sampler, skip), num_workers=num_workers,
-                      collate_fn=collate, drop_last=False, pin_memory=pin_memory, generator=torch.Generator())
+                      collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory, generator=torch.Generator())
 
 
 def stream_seed(seed: int, name: str) -> int:
@@ -52,7 +53,8 @@ class StreamCursor:
     """An endless, resumable iterator over an extra stream's batches."""
 
     def __init__(self, name: str, dataset: Any, batch_size: int, seed: int, info: D.DistInfo, num_workers: int,
-                 collate: Optional[Callable], pin_memory: bool, position: Optional[dict] = None) -> None:
+                 collate: Optional[Callable], pin_memory: bool, position: Optional[dict] = None,
+                 drop_last: bool = False) -> None:
         if len(dataset) == 0:
             from samft.errors import DataError
 
@@ -60,7 +62,12 @@ class StreamCursor:
         self.name, self.dataset, self.batch_size = name, dataset, batch_size
         self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=stream_seed(seed, name))
-        self.num_workers, self.collate, self.pin_memory = num_workers, collate, pin_memory
+        self.num_workers, self.collate, self.pin_memory, self.drop_last = num_workers, collate, pin_memory, drop_last
+        if drop_last and len(self.sampler) < batch_size:
+            from samft.errors import DataError
+
+            raise DataError(f"data stream {name!r}: {len(self.sampler)} item(s) per process, fewer than one full "
+                            f"batch of {batch_size}")
         position = position or {}
         self.epoch, self.consumed = int(position.get("epoch", 0)), int(position.get("consumed", 0))
         self._iter: Optional[Iterator] = None
@@ -72,7 +79,7 @@ class StreamCursor:
         for _ in range(2):
             if self._iter is None:
                 self._iter = iter(epoch_loader(self.dataset, self.sampler, self.epoch, self.consumed, self.batch_size,
-                                               self.num_workers, self.collate, self.pin_memory))
+                                               self.num_workers, self.collate, self.pin_memory, self.drop_last))
             batch = next(self._iter, None)
             if batch is not None:
                 self.consumed += len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)

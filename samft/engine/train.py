@@ -49,6 +49,7 @@ from samft.engine.rundir import (RunLock, claim_run_dir, clean_stale_tmp, init_r
 from samft.engine.runs import METRICS_FILE, PLOT_FILE, adapter_expectations, state_file
 from samft.engine.runtime import autocast
 from samft.engine.schedule import lr_factor  # noqa: F401  (re-exported)
+from samft.engine.slip import config_streams
 from samft.engine.setup import (ExtraStream, RunContext, Schedule, TrainingParts, build_training, describe_start,
                                 make_optimizer, prepare_run)  # noqa: F401  (re-exported)
 from samft.engine.streams import StreamCursor, epoch_loader
@@ -90,7 +91,8 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True,
           extra_streams: Optional[list[ExtraStream]] = None) -> Path:
     """Train ``cfg`` into ``cfg.output.dir`` (or continue the run there when ``resume``); returns the run dir.
 
-    ``extra_streams``: further data streams with their own loss terms (see :class:`ExtraStream`).
+    ``extra_streams``: further data streams with their own loss terms (see :class:`ExtraStream`), besides
+    those the config asks for (``loss.ssl.weight > 0``: the unlabelled stream, :mod:`samft.engine.slip`).
     """
     info = D.setup(cfg.train.device)
     ok = False
@@ -116,7 +118,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
     existed = claim_run_dir(run_dir, cfg.output.overwrite) if not resume else True
     changes = _resume_changes(run_dir, cfg) if resume else {}
     ctx = prepare_run(cfg, resume, info, show_progress)
-    fit = Fit(ctx, extra_streams or [])
+    fit = Fit(ctx, list(extra_streams or []) + config_streams(ctx))
     if not resume and ctx.main:
         init_run_dir(run_dir, dump_yaml(cfg))
         fit.write_split()
@@ -155,6 +157,9 @@ def _loss_terms(parts: TrainingParts, batches: dict[str, Any]) -> tuple[torch.Te
     logits = upsample_logits(out.masks, (size, size))
     task = parts.task.loss(logits, out.class_logits, target, valid)
     terms = dict(out.aux_losses)
+    for term in parts.labelled_terms:
+        with autocast(parts.device, parts.precision):
+            terms.update(term.loss(out, batch))
     for stream in parts.extra_streams:
         with autocast(parts.device, parts.precision):
             terms.update(stream.loss(parts.module, batches[stream.name]))
@@ -163,7 +168,7 @@ def _loss_terms(parts: TrainingParts, batches: dict[str, Any]) -> tuple[torch.Te
 
 def _weights(parts: TrainingParts) -> dict[str, float]:
     weights = dict(parts.aux_weights)
-    for stream in parts.extra_streams:
+    for stream in (*parts.labelled_terms, *parts.extra_streams):
         weights.update(stream.weights)
     return weights
 
@@ -202,7 +207,7 @@ def train_step(parts: TrainingParts, micro_batches: list[dict[str, Any]], step: 
 def _optimizer_update(parts: TrainingParts) -> float:
     """Unscale, clip (``train.grad_clip``), step and zero the gradients; returns the gradient norm."""
     parts.scaler.unscale_(parts.optimizer)
-    trainable = [p for p in parts.model.parameters() if p.requires_grad]
+    trainable = parts.trainable_parameters()  # the model's, then the extra streams' modules'
     if parts.cfg.train.grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, parts.cfg.train.grad_clip))
     else:
@@ -256,7 +261,8 @@ class Fit:
         self.log = MetricsLog(self.run_dir / METRICS_FILE, columns, self.main, self.state.log_rows,
                               self.state.step if ctx.resume and self.state.log_rows is None else None)
         self.cursors = [StreamCursor(s.name, s.dataset, s.batch_size, self.tc.seed, self.info,
-                                     self.cfg.data.num_workers, s.collate, self._pin, self.state.streams.get(s.name))
+                                     self.cfg.data.num_workers, s.collate, self._pin, self.state.streams.get(s.name),
+                                     s.drop_last)
                         for s in parts.extra_streams]
         if self.main:
             console.print(describe_start(ctx, parts, self.schedule))
@@ -283,6 +289,8 @@ class Fit:
         loader = epoch_loader(self.dataset, self.sampler, st.epoch, st.micro_in_epoch * tc.batch_size, tc.batch_size,
                               self.cfg.data.num_workers, collate, self._pin)
         self.parts.module.train()
+        for modules in self.parts.extra_modules.values():
+            modules.train()
         remaining = sched.micro_per_epoch - st.micro_in_epoch
         steps_left = min(math.ceil(remaining / tc.accum_steps), sched.total_steps - st.step)
         show = self.ctx.show_progress and self.main

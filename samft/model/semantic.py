@@ -37,6 +37,7 @@ class SegOutput(NamedTuple):
     masks: torch.Tensor  # (B, Q, H/4, W/4) mask logits
     class_logits: Optional[torch.Tensor]  # (B, Q, K+1) or None for binary models
     aux_losses: dict[str, torch.Tensor]  # named scalar auxiliary losses (Conv-LoRA's "balance", ...)
+    features: Optional[torch.Tensor] = None  # (B, C, H/16, W/16) the neck features (SLIP's region-text loss)
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -192,7 +193,7 @@ class SemanticSAM(nn.Module):
         pe = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).to(emb.dtype)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(emb.dtype)
         masks, class_logits = self.decoder(emb, pe, dense)
-        return SegOutput(masks, class_logits, self.collect_aux_losses(masks))
+        return SegOutput(masks, class_logits, self.collect_aux_losses(masks), emb)
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
