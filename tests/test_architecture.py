@@ -18,7 +18,7 @@ LAYERS = {  # package or module (under samft.) -> rank; a module may import its 
     "engine": 2,
     "model": 1, "peft": 1, "prune": 1, "data": 1, "ssl": 1, "text": 1,
     "config": 0, "constants": 0, "losses": 0, "metrics": 0, "tasks": 0, "errors": 0, "fields": 0, "progress": 0,
-    "files": 0, "protocol": 0,
+    "files": 0, "protocol": 0, "deploy_onnx": 0,  # deploy_onnx: numpy + onnxruntime only (tested: no torch)
 }
 # (importer's top-level name, imported module prefix): why the upward import is right
 ALLOWED = {
