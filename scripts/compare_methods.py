@@ -187,7 +187,7 @@ def chart(summary: dict, metric: str, path: Path) -> None:
     if finite:
         lo, hi = min(v - e for v, e in finite), max(v + e for v, e in finite)
         pad = max(0.01, (hi - lo) * 0.15)
-        axes[0].set_ylim(max(0.0, lo - pad) if lo >= 0 else lo - pad, hi + pad)
+        axes[0].set_ylim(0.0 if lo >= 0 else lo - pad, hi + pad)  # bars start at 0: no exaggerated differences
     axes[0].set_ylabel(f"{metric} (mean ± s.e.)")
     axes[0].set_title(f"{metric} on '{set_name}'")
     params = [rows[m]["adapter_params"] for m in names]  # what the methods differ in (the decoder is common)
@@ -225,6 +225,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also run every method with loss.ssl.weight=W (rows <method>+ssl; needs data.unlabelled)")
     p.add_argument("--run-one", nargs=2, metavar=("LABEL", "SEED"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def run_child(cmd: list[str], env: dict) -> int:
+    """Run one child training; SIGTERM to this script stops the child too (then exits 128 + 15)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env)
+
+    def stop(signum, frame):
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--run-one", method, str(seed)]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-                proc = subprocess.run(cmd, env=env)
-                if proc.returncode != 0:
-                    print(f"error: run {method} seed {seed} failed (exit {proc.returncode})", file=sys.stderr)
-                    return proc.returncode
+                returncode = run_child(cmd, env)
+                if returncode != 0:
+                    print(f"error: run {method} seed {seed} failed (exit {returncode})", file=sys.stderr)
+                    return returncode
             results.append(json.loads(done.read_text()))
     summary = summarise(results, methods, metrics)
     out = Path(args.out)

@@ -79,3 +79,34 @@ def test_compare_methods_end_to_end(synthetic_dir, tmp_path, monkeypatch, capsys
     result = json.loads((tmp_path / "runs" / "cmp" / "lora" / "seed3" / "result.json").read_text())
     assert result["peak_kind"] == "CPU peak RSS" and result["peak_mib"] > 100
     assert result["trainable_params"] == raw[1]["trainable_params"]
+
+
+def test_sigterm_stops_the_child_training(tmp_path):
+    """compare_methods killed by SIGTERM leaves no child running (run_child forwards the stop)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import compare_methods as c; "
+              f"c.run_child([sys.executable, '-c', {child!r}], {{}})")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    for _ in range(600):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.2)
+    try:
+        os.kill(child_pid, 0)
+        alive = open(f"/proc/{child_pid}/stat").read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    assert not alive, "the child training was left running"
