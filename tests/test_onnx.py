@@ -16,7 +16,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from samft.cli import app
-from samft.data.classes import ClassSpec
 from samft.data.io import read_image
 from samft.data.layouts import Pair
 from samft.data.transforms import SamTransform
@@ -28,6 +27,7 @@ from samft.errors import SamftError
 from samft.model.attention.sdpa import SDPAAttention
 from samft.peft.conv_lora import ConvLoRAConfig, ConvLoRALinear
 from samft.peft.sam_adapter import high_frequency, high_frequency_matmul
+from samft.tasks import make_task
 
 from conftest import METHODS, ROOT, SHARED_DATA
 from test_export import make_run
@@ -213,9 +213,8 @@ def test_deploy_predict_equals_samft_prediction(task, tmp_path):
         files.append(tmp_path / f"{hw[0]}x{hw[1]}.png")
         Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(files[-1])
     loaded = load_run(run, torch.device("cpu"))
-    classes = ClassSpec.of(loaded.cfg.data)
     pairs = [Pair(f, None, f.stem) for f in files]
-    for pair, scores, _ in iter_predictions(loaded.model, pairs, 2, torch.device("cpu"), classes=classes):
+    for pair, scores, _ in iter_predictions(loaded.model, pairs, 2, torch.device("cpu"), make_task(loaded.cfg)):
         image = read_image(pair.image)
         got, prediction = seg.scores(image)
         assert got.shape == scores.shape and prediction.shape == image.shape[:2]

@@ -109,12 +109,12 @@ def test_one_tile_equals_the_untiled_prediction(task, tmp_path):
         files.append(tmp_path / f"{hw[0]}x{hw[1]}.png")
         Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(files[-1])
     pairs = [Pair(f, None, f.stem) for f in files]
-    from samft.data.classes import ClassSpec
+    from samft.tasks import make_task
 
-    classes = ClassSpec.of(loaded.cfg.data)
-    want = {p.name: s for p, s, _ in iter_predictions(loaded.model, pairs, 2, torch.device("cpu"), classes=classes)}
+    task = make_task(loaded.cfg)
+    want = {p.name: s for p, s, _ in iter_predictions(loaded.model, pairs, 2, torch.device("cpu"), task)}
     got = {p.name: s for p, s, _ in iter_tiled_predictions(loaded.model, pairs, 128, 16, 2, torch.device("cpu"),
-                                                            classes=classes)}
+                                                            task)}
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
 
@@ -137,7 +137,8 @@ def test_cli_predict_and_eval_with_tiles(tmp_path, synthetic_dir):
                                       "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads((run / "eval.json").read_text())
-    assert report["protocol"] == "original_resolution, tiles 48 px overlapping 6 px"
+    assert report["scoring"] == "original_resolution, tiles 48 px overlapping 6 px"
+    assert report["sets"]["syn"]["scoring"] == report["scoring"]
     assert report["sets"]["syn"]["n_images"] == 24
 
 

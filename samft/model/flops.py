@@ -35,6 +35,13 @@ def _attention(module: nn.Module) -> nn.Module:
     return module
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module under PEFT wrappers (``base_layer`` chains)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
 def bra_attention_flops(attn: nn.Module, qh: int, qw: int, dim: int, windows: int) -> dict[str, int]:
     """Forward FLOPs of a BRA module on ``windows`` maps of ``qh x qw`` tokens (see the module docstring)."""
     s, topk = attn.regions, attn.topk
@@ -50,7 +57,7 @@ def bra_attention_flops(attn: nn.Module, qh: int, qw: int, dim: int, windows: in
 def encoder_flops(encoder: nn.Module, height: int, width: int | None = None) -> dict[str, int]:
     """Forward FLOPs of one image of ``height`` x ``width`` through SAM's ``ImageEncoderViT``, by part."""
     width = height if width is None else width
-    proj = encoder.patch_embed.proj
+    proj = _unwrapped(encoder.patch_embed).proj  # SAM-Adapter wraps the patch embedding
     patch_h, patch_w = proj.kernel_size
     gh, gw = height // patch_h, width // patch_w
     tokens = gh * gw
@@ -58,6 +65,7 @@ def encoder_flops(encoder: nn.Module, height: int, width: int | None = None) -> 
     parts = {"patch_embed": 2 * tokens * proj.in_channels * patch_h * patch_w * dim,
              "qkv_proj": 0, "attention": 0, "rel_pos": 0, "routing": 0, "lepe": 0, "mlp": 0}
     for blk in encoder.blocks:
+        blk = _unwrapped(blk)  # SAM-Adapter wraps whole blocks
         ws = blk.window_size
         if ws > 0:
             hp, wp = math.ceil(gh / ws) * ws, math.ceil(gw / ws) * ws
@@ -76,7 +84,7 @@ def encoder_flops(encoder: nn.Module, height: int, width: int | None = None) -> 
             parts["attention"] += 2 * (2 * windows * length * length * dim)  # q k^T and attn v, all heads
             if attn.use_rel_pos:
                 parts["rel_pos"] += 2 * windows * length * dim * (qh + qw)
-        hidden = blk.mlp.lin1.out_features
+        hidden = _unwrapped(_unwrapped(blk.mlp).lin1).out_features  # PEFT may wrap the MLP or its Linears
         parts["mlp"] += 2 * 2 * tokens * dim * hidden
     neck_convs = [m for m in encoder.neck.modules() if isinstance(m, nn.Conv2d)]
     parts["neck"] = sum(2 * tokens * c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1]
