@@ -494,6 +494,7 @@ for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
 assert reference["image_encoder.blocks.1.attn.lepe.weight"].abs().sum() > 0
 print(f"rank {rank}: identical gradients, equal to the single-process batch")
+dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early can abort the other)
 dist.destroy_process_group()
 '''
 
