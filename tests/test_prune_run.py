@@ -8,31 +8,19 @@ import warnings
 import pytest
 import torch
 
-from samft.config import dump_yaml
-from samft.engine.checkpoint import save_adapter
-from samft.engine.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations, load_run
-from samft.model import build_model
+from samft.engine.runs import ADAPTER_FILE, CONFIG_FILE, load_run
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.rebuild import PrunedBlock
 from samft.engine.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run, prune_run
 
-from conftest import tiny_config
+from test_export import make_run
 
 
 def _make_run(run_dir, data_dir, method="lora"):
-    cfg = tiny_config(method, data={"root": str(data_dir), "train": ".", "val_fraction": 0.25},
-                      train={"batch_size": 2, "lr": 1e-3, "seed": 3}, output={"dir": str(run_dir)})
-    built = build_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in built.model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    run_dir.mkdir(parents=True)
-    (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
-    save_adapter(built.model, run_dir / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256))
-    return built.model
+    """test_export's run maker, with this file's data and training settings; returns the run's model."""
+    return make_run(run_dir, method, data={"root": str(data_dir), "train": ".", "val_fraction": 0.25},
+                    train={"batch_size": 2, "lr": 1e-3, "seed": 3}, output={"dir": str(run_dir)})[1]
 
 
 def test_prune_run_writes_a_run_that_loads_back(tmp_path, synthetic_dir):
