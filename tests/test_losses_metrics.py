@@ -124,3 +124,54 @@ def test_merge_equals_one_pass():
     assert len(parts[0]) == 5
     for k, v in whole.compute().items():
         assert parts[0].compute()[k] == pytest.approx(v)
+
+
+def _np_structure_loss(logits, target, valid, bce):
+    """An independent numpy restatement of the structure loss (per image, then the mean over the batch)."""
+    from scipy.ndimage import uniform_filter
+
+    out = []
+    for x, t, v in zip(logits, target, valid):  # (H, W) each
+        w = (1 + 5 * np.abs(uniform_filter(t, 31, mode="constant") - t)) * v
+        p = 1 / (1 + np.exp(-x))
+        bce_map = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+        if bce == "mean":
+            b = (bce_map * v).sum() / max(v.sum(), 1)
+        else:
+            b = (bce_map * w).sum() / w.sum()
+        inter, union = (p * t * w).sum(), ((p + t) * w).sum()
+        out.append(b + 1 - (inter + 1) / (union - inter + 1))
+    return float(np.mean(out))
+
+
+def _np_balanced_bce(logits, target, valid):
+    """MyWcploss restated: counts and mean pooled over the valid pixels of the whole batch."""
+    pos, neg = (target * valid).sum() + 1e-10, ((1 - target) * valid).sum()
+    p = 1 / (1 + np.exp(-logits))
+    bce_map = -((neg / pos) * target * np.log(p) + (1 - target) * np.log(1 - p))
+    return float((bce_map * valid).sum() / valid.sum() * pos / (pos + neg))
+
+
+@pytest.mark.parametrize("bce", ["mean", "weighted"])
+def test_structure_loss_equals_an_independent_restatement_on_a_padded_batch(bce):
+    """Two different images, different valid (unpadded) areas, one of a single pixel: per-image reduction."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (2, 1, 40, 36))
+    target = (rng.random((2, 1, 40, 36)) > 0.6).astype(np.float64)
+    valid = np.zeros_like(target)
+    valid[0, :, :30, :20] = 1
+    valid[1, :, 5, 7] = 1  # one valid pixel
+    got = structure_loss(torch.tensor(logits), torch.tensor(target), torch.tensor(valid), bce, iou=True)
+    want = _np_structure_loss(logits[:, 0], target[:, 0], valid[:, 0], bce)
+    assert float(got) == pytest.approx(want, rel=1e-6)  # the loss computes in float32
+
+
+def test_balanced_bce_equals_an_independent_restatement():
+    from samft.losses import balanced_bce
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (3, 1, 12, 10))
+    target = (rng.random((3, 1, 12, 10)) > 0.8).astype(np.float64)
+    valid = (rng.random((3, 1, 12, 10)) > 0.3).astype(np.float64)
+    got = balanced_bce(torch.tensor(logits), torch.tensor(target), torch.tensor(valid))
+    assert float(got) == pytest.approx(_np_balanced_bce(logits, target, valid), rel=1e-6)
