@@ -381,11 +381,27 @@ def demo_data(
 
 
 def quiet_openmp() -> None:
-    """OpenMP threads that wait for work sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the
-    user chose otherwise. Spinning threads on a machine that other processes keep busy steal the cores the
-    working threads need (a training measured 8x slower); set before torch loads its OpenMP runtime."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Keep OpenMP's waiting threads from stealing cores on a busy machine (unless the user chose a policy).
+
+    Waiting OpenMP threads spin by default; beside one other training on 2 cores that made a short run
+    48x slower (``scripts/bench_threads.py``, docs/performance.md). On a machine already busy at start
+    (1-minute load >= half the cores) they sleep (``OMP_WAIT_POLICY=PASSIVE``: 0.04x the time beside a
+    competitor, but 1.36x on an idle machine); otherwise they spin briefly (``GOMP_SPINCOUNT=10000``: as
+    fast as the default when idle, 10x better than it if load arrives later). Set before torch loads.
+    """
+    if "torch" in sys.modules or any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        return
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    cores = os.cpu_count() or 1
+    if load >= 0.5 * cores:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        print(f"note: the machine is busy (load {load:.1f} on {cores} cores): idle OpenMP threads will sleep "
+              f"(OMP_WAIT_POLICY=PASSIVE; set it yourself to choose)", file=sys.stderr)
+    else:
+        os.environ["GOMP_SPINCOUNT"] = "10000"
 
 
 def main() -> None:

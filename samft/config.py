@@ -219,7 +219,8 @@ class TrainConfig:
                           minimum=0)
     log_every: int = opt(10, "write a metrics.csv row every N optimizer steps", minimum=1)
     hflip: float = opt(0.5, "probability of the random horizontal flip", minimum=0.0)
-    num_threads: int = opt(0, "CPU threads for torch (0 = torch's default)", minimum=0)
+    num_threads: int = opt(0, "CPU threads for torch (0 = torch's default: all cores; 1 = the safest on a machine "
+                              "others share, see docs/performance.md)", minimum=0)
     progress: bool = opt(True, "show a progress bar")
 
 

@@ -44,11 +44,12 @@ t0 = time.perf_counter()
 train(cfg, show_progress=False)
 print(time.perf_counter() - t0)
 """
-SETTINGS = {"default": ({}, 0), "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0), "1 thread": ({}, 1)}
+SETTINGS = {"default": ({}, 0), "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+            "spin 10k": ({"GOMP_SPINCOUNT": "10000"}, 0), "1 thread": ({}, 1)}
 
 
 def env_for(extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 

@@ -561,3 +561,21 @@ def test_predict_and_eval_take_an_exported_model(tmp_path, synthetic_dir):
         results = evaluate_run(model_file, device="cpu", show_progress=False)
         assert (tmp_path / f"{method}.eval.json").is_file() and results["checkpoint"] == str(model_file)
         assert np.array_equal(samft.Segmenter.from_run(model_file, device="cpu").predict(image), b > 0)
+
+
+@pytest.mark.parametrize("load,expected", [(0.1, {"GOMP_SPINCOUNT": "10000"}), (64.0, {"OMP_WAIT_POLICY": "PASSIVE"})])
+def test_openmp_threads_wait_quietly_on_a_busy_machine(monkeypatch, load, expected):
+    import sys
+
+    from samft import cli
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.delitem(sys.modules, "torch")  # as at the CLI's start, before torch loads
+    cli.quiet_openmp()
+    assert {k: cli.os.environ.get(k) for k in expected} == expected
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stays
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    cli.quiet_openmp()
+    assert cli.os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in cli.os.environ
