@@ -398,8 +398,9 @@ def quiet_openmp() -> None:
     cores = os.cpu_count() or 1
     if load >= 0.5 * cores:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        print(f"note: the machine is busy (load {load:.1f} on {cores} cores): idle OpenMP threads will sleep "
-              f"(OMP_WAIT_POLICY=PASSIVE; set it yourself to choose)", file=sys.stderr)
+        if set(sys.argv[1:2]) & {"train", "eval", "predict", "prune"}:  # the commands that compute long
+            print(f"note: the machine is busy (load {load:.1f} on {cores} cores): idle OpenMP threads will sleep "
+                  f"(OMP_WAIT_POLICY=PASSIVE; set it yourself to choose)", file=sys.stderr)
     else:
         os.environ["GOMP_SPINCOUNT"] = "10000"
 

@@ -18,7 +18,8 @@ from conftest import ROOT, RUN_FILES, TINY
 
 
 def samft(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(cwd / ".cache"),
+    env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(ROOT),
+           "SAMFT_CACHE": str(cwd / ".cache"),
            "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, "-m", "samft", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -23,6 +23,7 @@ from conftest import ROOT, RUN_FILES, TINY
 
 def torchrun(*args: str, cwd: Path, script: tuple[str, ...] = ("-m", "samft")) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(cwd / ".cache"), "OMP_NUM_THREADS": "1",
+           "OMP_WAIT_POLICY": "PASSIVE",
            "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *script, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

@@ -20,7 +20,7 @@ from test_cli_e2e import samft
 
 
 def _start(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(cwd / ".cache")}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(ROOT), "SAMFT_CACHE": str(cwd / ".cache")}
     return subprocess.Popen([sys.executable, "-m", "samft", "train", *args, "--no-progress"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
