@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_env.sh
-samft demo-data runs/demo-data --n 512
+samft demo-data runs/demo-data --n 512 --overwrite   # the demo's own files: a rerun replaces them
 samft train --config configs/demo.yaml output.overwrite=true "$@"
 samft eval --run runs/demo
-samft predict 'runs/demo-data/images/00[0-1]?.png' --run runs/demo --out runs/demo/predictions --overlay
+samft predict 'runs/demo-data/images/00[0-1]?.png' --run runs/demo --out runs/demo/predictions --overlay --overwrite
 echo "demo finished: run in runs/demo, masks in runs/demo/predictions, overlays in runs/demo/predictions/overlays"
