@@ -44,6 +44,21 @@ def as_rgb(image: Any) -> np.ndarray:
     raise DataError(f"image array: expected shape (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
 
 
+@torch.no_grad()
+def scores_of_arrays(model: SemanticSAM, task: Task, transform: SamTransform, arrays: Sequence[np.ndarray],
+                     device: torch.device, precision: str = "fp32") -> list[np.ndarray]:
+    """(H, W, 3) uint8 images -> the task's per-pixel scores of each at its own size (float32), in one forward
+    pass: ``transform`` (resize, pad, normalise), the model, the padding cropped, resized back."""
+    if not len(arrays):
+        return []
+    items = [transform(a) for a in arrays]
+    x = torch.stack([it["image"] for it in items]).to(device)
+    with autocast(device, precision):
+        out = model(x)
+    return [image_scores(task, out, j, model.img_size, items[j]["valid_hw"].tolist(), list(a.shape[:2]))
+            .float().cpu().numpy() for j, a in enumerate(arrays)]
+
+
 class Segmenter:
     """A model, its task and its device, predicting at each image's original size."""
 
@@ -60,19 +75,10 @@ class Segmenter:
         run = load_run(run_dir, dev, adapter)
         return cls(run.model, run.cfg, dev, resolve_precision(run.cfg.train.precision, dev))
 
-    @torch.no_grad()
     def predict_scores_batch(self, images: Sequence[Any]) -> list[np.ndarray]:
         """Per-pixel scores of each image, in one forward pass."""
         arrays = [as_rgb(im) for im in images]
-        if not arrays:
-            return []
-        items = [self.transform(a) for a in arrays]
-        x = torch.stack([it["image"] for it in items]).to(self.device)
-        with autocast(self.device, self.precision):
-            out = self.model(x)
-        size = self.model.img_size
-        return [image_scores(self.task, out, j, size, items[j]["valid_hw"].tolist(), list(a.shape[:2]))
-                .cpu().numpy().astype(np.float32) for j, a in enumerate(arrays)]
+        return scores_of_arrays(self.model, self.task, self.transform, arrays, self.device, self.precision)
 
     def predict_scores(self, image: Any) -> np.ndarray:
         return self.predict_scores_batch([image])[0]

@@ -31,9 +31,9 @@ from samft.data.datasets import load_pair
 from samft.data.io import read_image
 from samft.data.layouts import Pair
 from samft.data.transforms import SamTransform
-from samft.engine.runtime import autocast
 from samft.errors import SamftError
-from samft.model.semantic import SemanticSAM, image_scores
+from samft.engine.segmenter import scores_of_arrays
+from samft.model.semantic import SemanticSAM
 from samft.tasks import Task
 
 TilePredictor = Callable[[np.ndarray], np.ndarray]  # (N, th, tw, 3) uint8 -> (N, th, tw) or (N, C, th, tw)
@@ -151,17 +151,8 @@ def model_tile_predictor(model: SemanticSAM, task: Task, device: torch.device, p
     binary -> foreground probability (N, th, tw); multi-class -> class scores (N, C, th, tw)."""
     transform = SamTransform(model.img_size)
 
-    @torch.no_grad()
     def predict(tiles: np.ndarray) -> np.ndarray:
-        items = [transform(t) for t in tiles]
-        images = torch.stack([item["image"] for item in items]).to(device)
-        with autocast(device, precision):
-            out = model(images)
-        scores = []
-        for j, item in enumerate(items):
-            s = image_scores(task, out, j, model.img_size, item["valid_hw"].tolist(), list(tiles.shape[1:3]))
-            scores.append(s.float().cpu().numpy())
-        return np.stack(scores)
+        return np.stack(scores_of_arrays(model, task, transform, list(tiles), device, precision))
 
     return predict
 
