@@ -287,6 +287,7 @@ def info(
     c.print(f"encoder        {result['encoder_gmacs']:,} GMACs forward per image at {cfg.model.img_size}px")
     c.print(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
     c.print(f"adapted        {len(adapted)}" + (f": {adapted[0]} ... {adapted[-1]}" if adapted else " (nothing wrapped)"))
+    c.print(f"class head     {result['class_head']}")
     c.print(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "
             f"adapters {result['adapter_params']:,} + decoder {result['decoder_params']:,}")
     c.print(f"total          {result['total_params']:,}")

@@ -165,6 +165,26 @@ def class_embeddings(text_cfg, class_names: Sequence[str], device: str | torch.d
                       "checkpoint)")
 
 
+def embedding_dim(text_cfg, num_classes: int) -> int:
+    """The width D of ``model.text``'s class-name embeddings without encoding anything: the file's second
+    dimension (read and checked), or the open_clip model config's ``embed_dim`` (no weights are read)."""
+    if text_cfg.embeddings:
+        return int(load_class_embeddings(text_cfg.embeddings, num_classes).shape[1])
+    if text_cfg.open_clip_model:
+        try:
+            import open_clip
+        except ImportError:
+            raise ConfigError("model.text.open_clip_model needs the optional extra: pip install 'samft[text]' "
+                              "(open_clip_torch)") from None
+        config = open_clip.get_model_config(text_cfg.open_clip_model)
+        if config is None:
+            raise ConfigError(f"model.text.open_clip_model: {text_cfg.open_clip_model!r} is not an open_clip model "
+                              f"config (open_clip.list_models() lists them)")
+        return int(config["embed_dim"])
+    raise ConfigError("model.text: no class-name embeddings configured (set embeddings, or open_clip_model and "
+                      "checkpoint)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Heads and the region-text loss
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +200,12 @@ class TextClassHead(nn.Module):
 
     Scores ``s * cos(W t, e_k)`` for the K class embeddings ``e_k`` (a frozen buffer) and a learned
     "no object" embedding (the last score, as the Linear head's), ``s = exp(min(logit_scale, ln 100))``.
-    A drop-in replacement for ``SemanticMaskDecoder.class_head``.
+    A drop-in replacement for ``SemanticMaskDecoder.class_head``. The class-name embeddings are part of
+    the trained model: ``adapter_buffers`` names the buffer that adapter files and the resumable state keep
+    with the trainable tensors, so a run is evaluated, exported and used without the embeddings' source.
     """
+
+    adapter_buffers = ("text_emb",)
 
     def __init__(self, dim: int, text_emb: torch.Tensor) -> None:
         super().__init__()
@@ -274,27 +298,62 @@ def use_text_class_head(decoder: nn.Module, text_emb: torch.Tensor) -> Optional[
 
 
 HEAD_SEED_SALT = 0x7E47  # the text heads' own seed: train.seed + this
+TEXT_EMB_KEY = "decoder.class_head.text_emb"  # the class-name embeddings in a SemanticSAM's state
+
+
+def stored_text_embeddings(cfg, tensors: dict[str, torch.Tensor], source: str) -> Optional[torch.Tensor]:
+    """The class-name embeddings a saved model (adapter, export) holds, when ``cfg`` has the text class head;
+    a CheckpointError naming ``source`` when it should hold them and does not."""
+    if cfg.model.class_head != "text":
+        return None
+    emb = tensors.get(TEXT_EMB_KEY)
+    if emb is None:
+        raise CheckpointError(f"{source}: its config has model.class_head=text but it holds no class-name "
+                              f"embeddings ({TEXT_EMB_KEY})")
+    if emb.dim() != 2 or emb.shape[0] != len(cfg.data.classes):
+        raise CheckpointError(f"{source}: {TEXT_EMB_KEY} has shape {tuple(emb.shape)}, expected "
+                              f"({len(cfg.data.classes)}, D) for data.classes")
+    return emb
+
+
+def attach_text_class_head(cfg, decoder: nn.Module, text_emb: Optional[torch.Tensor] = None
+                           ) -> Optional[TextClassHead]:
+    """``model.class_head=text``: a :class:`TextClassHead` in place of ``decoder``'s Linear class head.
+
+    ``text_emb`` (K, D): the class-name embeddings (those an adapter or export holds); None reads them from
+    ``model.text``, or, on the meta device, only their width. Initialised from its own seed (``train.seed`` +
+    a salt) without touching the global RNG. None when ``cfg`` keeps the Linear head or the task has none.
+    """
+    if cfg.model.class_head != "text" or getattr(decoder, "class_head", None) is None:
+        return None
+    if text_emb is None:
+        k = len(cfg.data.classes)
+        if decoder.class_head.weight.device.type == "meta":
+            text_emb = torch.empty(k, embedding_dim(cfg.model.text, k), device="meta")
+        else:
+            text_emb = class_embeddings(cfg.model.text, cfg.data.classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + HEAD_SEED_SALT)
+        return use_text_class_head(decoder, text_emb)
 
 
 def build_text_heads(cfg, model: nn.Module, device: str | torch.device = "cpu"
                      ) -> tuple[Optional[TextClassHead], Optional[RegionTextHead]]:
     """What ``cfg`` asks of the language branch, for a built ``SemanticSAM``:
 
-    - ``model.class_head=text``: a :class:`TextClassHead` put in place of ``model.decoder.class_head``
-      (part of the model: it trains and is saved with the adapter; its ``text_emb`` buffer too);
-    - ``loss.clip.weight > 0``: a :class:`RegionTextHead` for the neck features (training only).
+    - ``model.class_head=text``: the model's :class:`TextClassHead` (``build_model`` put it in place of the
+      Linear head: it trains and is saved with the adapter, its ``text_emb`` buffer too);
+    - ``loss.clip.weight > 0``: a :class:`RegionTextHead` for the neck features (training only), on the
+      class head's embeddings when there is one, else those of ``model.text`` (read once).
 
-    Nothing is built or loaded when neither is asked. The class-name embeddings are read once; the heads
-    are initialised from their own seed without touching the global RNG.
+    Nothing is built or loaded when neither is asked. The region head is initialised from its own seed
+    without touching the global RNG.
     """
-    want_head, want_region = cfg.model.class_head == "text", cfg.loss.clip.weight > 0
-    if not (want_head or want_region):
-        return None, None
-    emb = class_embeddings(cfg.model.text, cfg.data.classes, device)
+    head = model.decoder.class_head if isinstance(model.decoder.class_head, TextClassHead) else None
+    if cfg.loss.clip.weight <= 0:
+        return head, None
+    emb = head.text_emb if head is not None else class_embeddings(cfg.model.text, cfg.data.classes, device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed + HEAD_SEED_SALT)
-        head = use_text_class_head(model.decoder, emb) if want_head else None
-        region = RegionTextHead(model.image_encoder.neck[0].out_channels, emb) if want_region else None
-    if region is not None:
-        region = region.to(model.image_encoder.neck[0].weight.device)
-    return head, region
+        torch.manual_seed(cfg.train.seed + HEAD_SEED_SALT + 1)
+        region = RegionTextHead(model.image_encoder.neck[0].out_channels, emb.detach().cpu())
+    return head, region.to(model.image_encoder.neck[0].weight.device)

@@ -124,13 +124,6 @@ def test_too_few_unlabelled_images_is_one_clear_line(tmp_path, synthetic_dir):
         train(cfg, show_progress=False)
 
 
-def test_the_text_class_head_is_still_refused(tmp_path, synthetic_dir):
-    cfg = _cfg(tmp_path, synthetic_dir, "text", unlabelled=False)
-    cfg.model.class_head = "text"
-    with pytest.raises(SamftError, match="model.class_head=text: .*not wired"):
-        build_training(cfg, torch.device("cpu"), "fp32", 2)
-
-
 # ------------------------------------------------------------------------------------------ region-text loss
 
 def _classes_dir(root):

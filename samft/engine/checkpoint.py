@@ -42,9 +42,22 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that belong to the trained model although no optimizer changes them, by model name: those a
+    module lists in its ``adapter_buffers`` attribute (the text class head's class-name embeddings)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "adapter_buffers", ()):
+            out[f"{prefix}.{name}" if prefix else name] = getattr(module, name)
+    return out
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that training changes: every parameter that requires grad, by its model name."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """What an adapter holds: every parameter that requires grad, and the modules' ``adapter_buffers``,
+    by model name."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach() for n, b in adapter_buffers(model).items()})
+    return state
 
 
 def save_adapter(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
@@ -93,9 +106,9 @@ def check_adapter_meta(path: str | Path, meta: dict[str, str], expected: dict[st
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy saved trainable tensors into the model; the key sets must match exactly."""
-    own = dict(model.named_parameters())
-    wanted = {n for n, p in own.items() if p.requires_grad}
+    """Copy saved trainable tensors (and adapter buffers) into the model; the key sets must match exactly."""
+    own = {**dict(model.named_parameters()), **adapter_buffers(model)}
+    wanted = set(trainable_state(model))
     missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or unexpected:
         raise CheckpointError(f"{source}: adapter does not fit this model: {len(missing)} missing tensors "
@@ -112,8 +125,11 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: s
             own[name].copy_(t.to(own[name].device, own[name].dtype))
 
 
-def load_adapter(model: nn.Module, path: str | Path, expected: Optional[dict[str, str]] = None) -> dict[str, str]:
-    tensors, meta = read_adapter(path)
+def load_adapter(model: nn.Module, path: str | Path, expected: Optional[dict[str, str]] = None,
+                 adapter: Optional[tuple[dict[str, torch.Tensor], dict[str, str]]] = None) -> dict[str, str]:
+    """Check ``path``'s metadata against ``expected`` and load its tensors into ``model`` (``adapter``: its
+    (tensors, metadata) when already read)."""
+    tensors, meta = adapter or read_adapter(path)
     check_adapter_meta(path, meta, expected or {})
     load_trainable(model, tensors, str(path))
     return meta

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from samft import __version__
 from samft.engine.checkpoint import (load_resume_state, load_trainable, read_adapter, save_adapter, save_resume_state,
                                      set_rng_state, trainable_state)
@@ -152,3 +154,14 @@ class _DiskGuard:
             raise SamftError(f"{self.run_dir}: no space left on the device while writing {self.what}; free some "
                              f"space and continue with: samft train --resume {self.run_dir}") from None
         return False
+
+
+def resumed_text_embeddings(run_dir: Path, cfg) -> Optional[torch.Tensor]:
+    """The class-name embeddings a resumed run trained with (``model.class_head=text``), from its last adapter
+    (written with every state), or None (the head then reads ``model.text`` and the state's copy replaces it)."""
+    from samft.text import TEXT_EMB_KEY
+
+    path = Path(run_dir) / LAST_ADAPTER_FILE
+    if cfg.model.class_head != "text" or not path.is_file():
+        return None
+    return read_adapter(path)[0].get(TEXT_EMB_KEY)

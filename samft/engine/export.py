@@ -49,6 +49,7 @@ from samft.model import SemanticSAM, build_model
 from samft.model.attention import attention_function
 from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
 from samft.peft.inject import AdapterLayer
+from samft.text import attach_text_class_head, stored_text_embeddings
 
 HEAD_FORMAT = "samft-merged-head-1"
 UNMERGED_FORMAT = "samft-unmerged-model-1"
@@ -225,7 +226,7 @@ def _load_pruned(path: Path, data: dict, device: torch.device) -> tuple[Semantic
     from samft.prune.rebuild import build_pruned_encoder
 
     cfg = _config(data["config_yaml"], str(path))
-    built = build_model(cfg, meta=True)  # the structure only; every tensor comes from the file
+    built = _structure(cfg, data, path)  # the structure only; every tensor comes from the file
     try:
         build_pruned_encoder(built.model.image_encoder, json.loads(data["architecture"]))
     except (PruneError, ValueError) as e:
@@ -257,9 +258,18 @@ def _config(yaml_text: str, source: str):
         raise CheckpointError(f"{source}: the stored config is not valid for this samft: {e}") from None
 
 
+def _structure(cfg, data: dict, path: Path):
+    """The model of ``cfg``, structure only (every tensor comes from the file's state dict)."""
+    state = data.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds no state dict (a damaged samft export?)")
+    emb = stored_text_embeddings(cfg, state, str(path))
+    return build_model(cfg, meta=True, text_emb=None if emb is None else torch.empty_like(emb, device="meta"))
+
+
 def _load_unmerged(path: Path, data: dict, device: torch.device) -> tuple[SemanticSAM, Any]:
     cfg = _config(data["config_yaml"], str(path))
-    built = build_model(cfg, meta=True)  # the structure only; every tensor comes from the file
+    built = _structure(cfg, data, path)
     try:
         built.model.load_state_dict(data["state_dict"], strict=True, assign=True)
     except RuntimeError as e:
@@ -287,6 +297,9 @@ def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optio
     if POS_EMBED in head:
         sam.image_encoder.pos_embed = torch.nn.Parameter(head[POS_EMBED], requires_grad=False)
     model = SemanticSAM(sam, int(meta["num_queries"]), int(meta["num_classes"]))
+    emb = stored_text_embeddings(cfg, head, str(head_file))
+    if emb is not None:
+        attach_text_class_head(cfg, model.decoder, emb)
     decoder = {k[len("decoder."):]: v for k, v in head.items() if k.startswith("decoder.")}
     try:
         model.decoder.load_state_dict(decoder, strict=True)

@@ -11,9 +11,10 @@ import torch
 import yaml
 
 from samft.config import Config, config_from_dict, yaml_error
-from samft.engine.checkpoint import load_adapter
+from samft.engine.checkpoint import load_adapter, read_adapter
 from samft.errors import ConfigError, SamftError
 from samft.model import SemanticSAM, build_model
+from samft.text import stored_text_embeddings
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
@@ -128,7 +129,8 @@ def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_F
     adapter_path = run_dir / adapter
     if not adapter_path.is_file():
         raise SamftError(f"{run_dir}: no {adapter} yet (has the run finished an epoch?)")
-    built = build_model(cfg)
-    meta = load_adapter(built.model, adapter_path, adapter_expectations(cfg, built.base_sha256))
+    saved = read_adapter(adapter_path)
+    built = build_model(cfg, text_emb=stored_text_embeddings(cfg, saved[0], str(adapter_path)))
+    meta = load_adapter(built.model, adapter_path, adapter_expectations(cfg, built.base_sha256), saved)
     model = built.model.to(device).eval()
     return LoadedRun(run_dir, cfg, model, meta)

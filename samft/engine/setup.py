@@ -195,14 +195,16 @@ def aux_weights(cfg: Config, task: Task, model: SemanticSAM) -> dict[str, float]
 
 def build_training(cfg: Config, device: torch.device, precision: str, total_steps: int,
                    info: Optional[D.DistInfo] = None, extra_streams: Optional[list[ExtraStream]] = None,
-                   task: Optional[Task] = None) -> TrainingParts:
-    """Model (PEFT applied, on ``device``), task, AdamW, warm-up + linear decay, scaler, DDP when distributed."""
+                   task: Optional[Task] = None, text_emb: Optional[torch.Tensor] = None) -> TrainingParts:
+    """Model (PEFT applied, on ``device``), task, AdamW, warm-up + linear decay, scaler, DDP when distributed.
+
+    ``text_emb``: the class-name embeddings of the text class head when resuming (the run's own copy, so
+    the run resumes even when ``model.text``'s source has gone); None reads ``model.text``."""
     tc = cfg.train
     info = info or D.DistInfo()
-    _refuse_unwired(cfg)
     if tc.compile:
         check_compile(device)
-    built = build_model(cfg)
+    built = build_model(cfg, text_emb=text_emb)
     model: SemanticSAM = built.model.to(device)
     model.grad_checkpointing = tc.grad_checkpointing
     if tc.compile:
@@ -241,14 +243,6 @@ def _bind_modules(streams: list, model: SemanticSAM, device: torch.device, info:
             modules = modules.to(device).train()
         bound.append(replace(stream, modules=modules))
     return bound
-
-
-def _refuse_unwired(cfg: Config) -> None:
-    """SLIP's text class head exists (tested) but is not part of a trained model yet: never let a user believe
-    they trained with it. (The SSL and region-text losses are wired: samft.engine.slip.)"""
-    if cfg.model.class_head == "text":
-        raise ConfigError("model.class_head=text: SLIP's text class head is not wired into training in this "
-                          "version; leave model.class_head at linear (loss.clip.weight works with it)")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ Region-text (``loss.clip.weight``): the neck features of the labelled forward (`
 (B, C, S/16, S/16)) averaged over each ground-truth class region (padding excluded), projected, and
 classified against the class-name embeddings of ``model.text`` (:func:`samft.text.region_text_loss`); the
 term "clip", logged as ``aux_clip``. Its projection and logit scale (:class:`samft.text.RegionTextHead`)
-are training-only modules like the SSL head. (``model.class_head=text`` is still refused in training.)
+are training-only modules like the SSL head. (``model.class_head=text`` is part of the model itself: built by
+``build_model``, saved with the adapter; see :mod:`samft.text`.)
 
 Under torchrun the SSL branch is refused (one line naming the option): the head would live outside the
 DDP wrapper and calling ``encode`` outside DDP's forward breaks its reducer (see tests/test_ssl.py).

@@ -41,7 +41,7 @@ from samft.data.datasets import TrainDataset, collate
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
 from samft.engine.checkpoint import rng_state, trainable_state
-from samft.engine.checkpointer import Checkpointer, TrainState
+from samft.engine.checkpointer import Checkpointer, TrainState, resumed_text_embeddings
 from samft.engine.evaluate import evaluate_pairs
 from samft.engine.metrics_log import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
 from samft.engine.rundir import (RunLock, claim_run_dir, clean_stale_tmp, init_run_dir, record_resume,
@@ -233,7 +233,7 @@ class Fit:
                                           seed=cfg.train.seed)
         self.schedule = Schedule.of(cfg, len(self.sampler))
         self.parts = build_training(cfg, ctx.device, ctx.precision, self.schedule.total_steps, info, extra_streams,
-                                    task)
+                                    task, resumed_text_embeddings(self.run_dir, cfg) if ctx.resume else None)
         self.metric = self.parts.task.selection_metric(cfg.train.metric)
         meta = {**adapter_expectations(cfg, self.parts.base_sha256), "img_size": str(self.parts.model.img_size),
                 "config_hash": config_hash(cfg), "config_yaml": dump_yaml(cfg)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -15,6 +16,7 @@ from samft.model.flops import encoder_flops
 from samft.model.sam import base_fingerprint, build_sam
 from samft.model.semantic import SegOutput, SemanticSAM
 from samft.tasks import make_task
+from samft.text import attach_text_class_head
 
 
 @dataclass
@@ -24,7 +26,7 @@ class BuiltModel:
     base_sha256: str = ""  # identity of the frozen base weights
 
 
-def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
+def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor] = None) -> BuiltModel:
     """Build SAM, wrap it as SemanticSAM, freeze the base and apply ``cfg.peft.method``.
 
     Afterwards exactly the PEFT parameters and the mask decoder require grad. ``meta=True`` builds the
@@ -32,7 +34,9 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
     implementation (``cfg.model.attention``) is set before the PEFT method is applied, so methods that
     wrap ``blk.attn`` or ``attn.qkv`` see SAM's attribute names. With ``model.pruned`` (a file written by
     ``samft prune``) the encoder is then rebuilt to the pruned architecture and the file's whole state is
-    loaded (:mod:`samft.prune.state`); ``base_sha256`` is then that file's.
+    loaded (:mod:`samft.prune.state`); ``base_sha256`` is then that file's. With ``model.class_head=text``
+    (SLIP) the decoder classifies mask tokens against class-name embeddings: ``text_emb`` (K, D), those a
+    saved adapter or export holds, else read from ``model.text`` (:func:`samft.text.attach_text_class_head`).
     """
     sam = build_sam(cfg.model, meta=meta)
     sha = "" if meta or cfg.model.pruned else base_fingerprint(cfg.model, sam)
@@ -40,6 +44,7 @@ def build_model(cfg: Config, meta: bool = False) -> BuiltModel:
     task = make_task(cfg)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = SemanticSAM(sam, num_queries=task.num_queries, num_classes=task.num_classes)
+        attach_text_class_head(cfg, model.decoder, text_emb)
         model.freeze_base()
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
         adapted = spec.apply(model.image_encoder, cfg.method_cfg)
@@ -79,6 +84,16 @@ def attention_params(encoder) -> dict[str, int]:
     return counts
 
 
+def _class_head(model: SemanticSAM) -> str:
+    """How the decoder classifies mask tokens: none (one class), linear, or text (D-dim class-name embeddings)."""
+    head = model.decoder.class_head
+    if head is None:
+        return "none (binary)"
+    emb = getattr(head, "text_emb", None)
+    return f"text ({emb.shape[0]} classes x {emb.shape[1]}-d class-name embeddings)" if emb is not None else \
+        f"linear ({head.out_features - 1} classes + no object)"
+
+
 def describe(cfg: Config) -> dict:
     """What ``samft info`` reports: model, attention, PEFT method and options, adapted modules, parameter
     counts and the encoder's forward GMACs per image at ``img_size`` (``samft/model/flops.py``).
@@ -103,6 +118,7 @@ def describe(cfg: Config) -> dict:
         "peft_options": dict(vars(cfg.method_cfg)),
         "mergeable": peft.get(cfg.peft.method).mergeable,
         "adapted_modules": built.adapted,
+        "class_head": _class_head(built.model),
         **counts,
         "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4),
     }
