@@ -246,3 +246,33 @@ def test_text_heads_factory(tmp_path):
     assert model.decoder.class_head is head and head.num_classes == 3
     assert region.proj.in_features == 32 and region.proj.out_features == 7
     assert not any(n.startswith("region") for n, _ in model.named_parameters()), "the region head is not the model's"
+
+
+def test_a_run_with_open_clip_class_names_needs_the_text_tower_only_to_train(tiny_open_clip, tmp_path):
+    """model.class_head=text from a local open_clip tower: trained, then used after the tower is gone."""
+    from samft.engine.segmenter import Segmenter
+    from samft.engine.train import train
+    from samft.model import describe
+    from samft.text import TEXT_EMB_KEY
+
+    from test_text_head_run import _classes_dir
+
+    _, _, folder = tiny_open_clip
+    checkpoint = tmp_path / "clip" / "tiny.safetensors"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes((folder / "tiny.safetensors").read_bytes())
+    cfg = tiny_config("lora", model={"num_mask_tokens": 4, "class_head": "text",
+                                     "text": {"open_clip_model": "samft-test-tiny", "checkpoint": str(checkpoint)}},
+                      data={"root": str(_classes_dir(tmp_path / "data")), "train": ".", "classes": CLASSES,
+                            "val_fraction": 0.25},
+                      train={"epochs": 1, "batch_size": 3, "progress": False, "device": "cpu"},
+                      output={"dir": str(tmp_path / "run")})
+    assert describe(cfg)["class_head"] == "text (3 classes x 16-d class-name embeddings)"  # no weights read
+    want = class_embeddings(cfg.model.text, cfg.data.classes)
+    run = train(cfg, show_progress=False)
+    checkpoint.unlink()
+    segmenter = Segmenter.from_run(run, device="cpu")
+    torch.testing.assert_close(segmenter.model.decoder.class_head.text_emb, want)
+    assert TEXT_EMB_KEY in segmenter.model.state_dict()
+    scores = segmenter.predict_scores(np.zeros((40, 50, 3), np.uint8))
+    assert scores.shape == (3, 40, 50)
