@@ -58,6 +58,42 @@ def tiny_config(method: str = "conv_lora", **sections) -> Config:
     return config_from_dict(data)
 
 
+def interrupt_after(monkeypatch, n_steps: int) -> None:
+    """Make training raise KeyboardInterrupt (as Ctrl-C) when it starts optimizer step ``n_steps + 1``."""
+    import samft.engine.train as train_mod
+
+    real = train_mod.train_step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        if calls["n"] == n_steps:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+
+
+def classes_dir(root: Path) -> Path:
+    """8 noisy 64x64 images with class-id masks (images/, masks/): background 0, a rectangle of class 1 and
+    one of class 2."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    for i in range(8):
+        mask = np.zeros((64, 64), np.uint8)
+        y, x = rng.integers(0, 32, 2)
+        mask[y:y + 24, x:x + 20] = 1
+        mask[40:60, 4 + i * 4:20 + i * 4] = 2
+        image = (rng.integers(0, 60, (64, 64, 3)) + mask[..., None] * 80).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """24 synthetic image/mask pairs (images/ and masks/)."""

@@ -13,7 +13,6 @@ import yaml
 from PIL import Image
 
 import samft
-import samft.engine.train as train_mod
 from samft.config import config_from_dict
 from samft.engine.checkpoint import load_resume_state as load_state, read_adapter
 from samft.engine.checkpointer import Checkpointer, better
@@ -23,7 +22,7 @@ from samft.engine.train import TrainingInterrupted, train, train_step
 from samft.errors import SamftError
 from samft.losses import balanced_bce, structure_loss
 
-from conftest import tiny_config
+from conftest import interrupt_after, tiny_config
 
 
 def _cfg(tmp_path, data_dir, name, method="conv_lora", **train_opts):
@@ -146,15 +145,7 @@ def _stream():
 
 def test_an_extra_stream_trains_logs_and_resumes_exactly(tmp_path, synthetic_dir, monkeypatch):
     straight = train(_cfg(tmp_path, synthetic_dir, "s"), show_progress=False, extra_streams=_stream())
-    real, calls = train_mod.train_step, {"n": 0}
-
-    def stop_after_two(*args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_step", stop_after_two)
+    interrupt_after(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tmp_path, synthetic_dir, "r"), show_progress=False, extra_streams=_stream())
     # 2 steps x 2 micro-batches of the 7-image stream in batches of 3: 3 + 3 + 1, then 3 of its next epoch

@@ -255,7 +255,7 @@ def test_a_run_with_open_clip_class_names_needs_the_text_tower_only_to_train(tin
     from samft.model import describe
     from samft.text import TEXT_EMB_KEY
 
-    from test_text_head_run import _classes_dir
+    from conftest import classes_dir
 
     _, _, folder = tiny_open_clip
     checkpoint = tmp_path / "clip" / "tiny.safetensors"
@@ -263,7 +263,7 @@ def test_a_run_with_open_clip_class_names_needs_the_text_tower_only_to_train(tin
     checkpoint.write_bytes((folder / "tiny.safetensors").read_bytes())
     cfg = tiny_config("lora", model={"num_mask_tokens": 4, "class_head": "text",
                                      "text": {"open_clip_model": "samft-test-tiny", "checkpoint": str(checkpoint)}},
-                      data={"root": str(_classes_dir(tmp_path / "data")), "train": ".", "classes": CLASSES,
+                      data={"root": str(classes_dir(tmp_path / "data")), "train": ".", "classes": CLASSES,
                             "val_fraction": 0.25},
                       train={"epochs": 1, "batch_size": 3, "progress": False, "device": "cpu"},
                       output={"dir": str(tmp_path / "run")})

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-import samft.engine.train as train_mod
 from samft.cli import app
 from samft.config import dump_yaml
 from samft.engine.checkpoint import read_adapter, save_adapter, trainable_state
@@ -24,28 +23,12 @@ from samft.errors import CheckpointError
 from samft.model import build_model, describe
 from samft.text import TEXT_EMB_KEY, TextClassHead
 
-from conftest import tiny_config
+from test_export import make_run
+
+from conftest import classes_dir, interrupt_after, tiny_config
 
 CLASSES = ["background", "a", "b"]
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
-
-
-def _classes_dir(root):
-    """8 noisy 64x64 images with class-id masks: background 0, a rectangle of class 1 and one of class 2."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(exist_ok=True)
-    for i in range(8):
-        mask = np.zeros((64, 64), np.uint8)
-        y, x = rng.integers(0, 32, 2)
-        mask[y:y + 24, x:x + 20] = 1
-        mask[40:60, 4 + i * 4:20 + i * 4] = 2
-        image = (rng.integers(0, 60, (64, 64, 3)) + mask[..., None] * 80).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
-    return root
 
 
 def _embeddings(tmp_path):
@@ -59,7 +42,7 @@ def _embeddings(tmp_path):
 def _cfg(tmp_path, name, method="lora", **train_opts):
     root = tmp_path / "classes"
     if not root.is_dir():
-        _classes_dir(root)
+        classes_dir(root)
     opts = {"epochs": 2, "batch_size": 2, "lr": 3e-3, "log_every": 1, "save_every": 0, "progress": False,
             "device": "cpu", **train_opts}
     return tiny_config(method, model={"num_mask_tokens": 4, "class_head": "text",
@@ -107,15 +90,7 @@ def test_the_text_head_trains_and_its_embeddings_travel_with_the_adapter(tmp_pat
 
 def test_resume_is_exact_when_the_embeddings_file_is_gone(tmp_path, monkeypatch):
     straight = train(_cfg(tmp_path, "s"), show_progress=False)
-    real, calls = train_mod.train_step, {"n": 0}
-
-    def stop_after_two(*args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_step", stop_after_two)
+    interrupt_after(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tmp_path, "r"), show_progress=False)
     monkeypatch.undo()
@@ -127,18 +102,10 @@ def test_resume_is_exact_when_the_embeddings_file_is_gone(tmp_path, monkeypatch)
 
 def _text_run(tmp_path, method):
     """A run directory with a text class head and perturbed (trained-looking) weights -> (dir, model)."""
-    cfg = _cfg(tmp_path, "run", method)
-    built = build_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in built.model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / CONFIG_FILE).write_text(dump_yaml(cfg))
-    save_adapter(built.model, run / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256))
-    return run, built.model.eval()
+    run, model = make_run(tmp_path / "run", method, data={"classes": CLASSES},
+                          model={"num_mask_tokens": 4, "class_head": "text",
+                                 "text": {"embeddings": str(_embeddings(tmp_path))}})
+    return run, model.eval()
 
 
 @pytest.mark.parametrize("method", ["lora", "conv_lora"])  # merged (SAM checkpoint + head file) and unmerged

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import samft.engine.train as train_mod
 from samft.engine.checkpoint import load_resume_state, read_adapter
 from samft.engine.metrics_log import read_metrics
 from samft.engine.train import TrainingDiverged, TrainingInterrupted, lr_factor, train
 
-from conftest import tiny_config
+from conftest import interrupt_after, tiny_config
 
 
 def _cfg(tmp_path, data_dir, name, **train_opts):
@@ -18,19 +17,6 @@ def _cfg(tmp_path, data_dir, name, **train_opts):
             "progress": False, "device": "cpu", "seed": 5, **train_opts}
     return tiny_config("conv_lora", data={"root": str(data_dir), "train": ".", "val_fraction": 0.25},
                        train=opts, output={"dir": str(tmp_path / name)})
-
-
-def _interrupt_after(monkeypatch, n_steps):
-    real = train_mod.train_step
-    calls = {"n": 0}
-
-    def step(*args, **kwargs):
-        if calls["n"] == n_steps:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_step", step)
 
 
 def test_lr_schedule():
@@ -42,7 +28,7 @@ def test_lr_schedule():
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, synthetic_dir, monkeypatch, stop_at):
     straight = train(_cfg(tmp_path, synthetic_dir, "straight"), show_progress=False)
 
-    _interrupt_after(monkeypatch, stop_at)
+    interrupt_after(monkeypatch, stop_at)
     cfg = _cfg(tmp_path, synthetic_dir, "resumed")
     with pytest.raises(TrainingInterrupted, match=f"interrupted at step {stop_at}"):
         train(cfg, show_progress=False)
