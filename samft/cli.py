@@ -162,7 +162,8 @@ def predict(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="image-decoding processes "
                                           "(default: the run's data.num_workers)"),
 ) -> None:
-    """Predict masks (0/255 PNG at the original size, named after each input; same stems get distinct names)."""
+    """Predict masks (0/255 PNG at the original size, named after each input; same stems get distinct names).
+    Under torchrun each process predicts its share of the images."""
     import time
 
     from samft.engine.predict import predict_run
@@ -173,6 +174,8 @@ def predict(
     written = predict_run(run_dir, inputs, out, with_overlay, device, overwrite=overwrite, tile=tile, overlap=overlap,
                           workers=workers)
     seconds = max(time.perf_counter() - t0, 1e-9)
+    if _rank() != 0:  # under torchrun: rank 0 reports, for all the processes
+        return
     _console().print(f"[green]wrote {len(written)} mask(s)[/] to {written[0].parent if written else out} in "
                      f"{seconds:.1f} s ({len(written) / seconds:.1f} images/s, model loading included)")
 

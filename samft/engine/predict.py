@@ -11,6 +11,7 @@ import numpy as np
 
 from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
+from samft.engine import distributed as D
 from samft.engine.checkpoint import atomic_write_bytes
 from samft.engine.evaluate import iter_predictions
 from samft.engine.runtime import pick_device, resolve_precision
@@ -18,7 +19,7 @@ from samft.engine.runs import is_run_file, load_run
 from samft.engine.tiling import check_tiling, iter_tiled_predictions
 from samft.engine.writer import BackgroundWriter
 from samft.errors import SamftError
-from samft.progress import progress
+from samft.progress import console, progress
 from samft.tasks import Task, class_overlay, label_image, make_task, overlay  # noqa: F401  (re-exported)
 
 
@@ -115,32 +116,58 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     overlapping tiles of that many pixels at native resolution (``samft.engine.tiling``). ``workers``:
     image-decoding processes (default the run's ``data.num_workers``); ``write_threads``: threads encoding
     and writing the PNGs (0: in turn).
+
+    Under ``torchrun`` every process checks the same plan (nothing is written until all have), then
+    predicts and writes its share of the images (each image once, on its own GPU); every process returns
+    the paths of all the masks written.
     """
+    owns_group = not D.is_initialized()
+    info = D.setup(device)
+    ok = False
+    try:
+        written = _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, pick_device(device)),
+                               show_progress, overwrite, tile, overlap, workers, write_threads, info)
+        ok = True
+        return written
+    finally:
+        if owns_group:
+            D.cleanup(graceful=ok)
+
+
+def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path], with_overlay: bool,
+                 dev, show_progress: bool, overwrite: bool, tile: Optional[int], overlap: Optional[int],
+                 workers: Optional[int], write_threads: int, info: D.DistInfo) -> list[Path]:
     files = collect_inputs(inputs)
     overlap = check_tiling(tile, overlap) if tile else None
     out = Path(out_dir) if out_dir else default_output(Path(run_dir))
     pairs = plan_outputs(files, out, with_overlay, overwrite)
-    dev = pick_device(device)
     run = load_run(run_dir, dev)
     task = make_task(run.cfg)
+    D.barrier(info)  # every process has checked the plan before any writes
     try:
         (out / "overlays" if with_overlay else out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+    mine = D.shard(pairs, info)
     precision = resolve_precision(run.cfg.train.precision, dev)
     batch, workers = run.cfg.eval.batch_size, run.cfg.data.num_workers if workers is None else workers
-    source = (iter_tiled_predictions(run.model, pairs, tile, overlap, batch, dev, task, precision) if tile
-              else iter_predictions(run.model, pairs, batch, dev, task, precision, workers, resize=run.cfg.data.resize))
-    written, empty = [], 0
-    with progress("predict", len(pairs), show_progress) as advance, BackgroundWriter(write_threads) as writer:
+    source = (iter_tiled_predictions(run.model, mine, tile, overlap, batch, dev, task, precision) if tile
+              else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize))
+    empty = 0
+    with progress("predict", len(mine), show_progress and info.is_main) as advance, \
+            BackgroundWriter(write_threads) as writer:
         for pair, scores, _ in source:
-            target = out / f"{pair.name}.png"
             labels = task.labels(scores)
-            writer.submit(_write_prediction, task, target, labels, pair.image, out / "overlays" if with_overlay else None)
-            written.append(target)
+            writer.submit(_write_prediction, task, out / f"{pair.name}.png", labels, pair.image,
+                          out / "overlays" if with_overlay else None)
             empty += int(task.is_empty(labels))
             advance()
-    if written and empty == len(written):
+    shares = D.gather_objects((len(mine), empty), info)  # also waits until every process has written its share
+    empty = sum(e for _, e in shares)
+    written = [out / f"{p.name}.png" for p in pairs]
+    if info.enabled and info.is_main:
+        console.print(f"predicted by {info.world_size} processes: {' + '.join(str(n) for n, _ in shares)} images")
+    if written and empty == len(written) and info.is_main:
         warnings.warn(f"every one of the {len(written)} predicted masks is empty: the run may have learnt nothing; "
                       f"check its metrics.csv (and eval.threshold {run.cfg.eval.threshold})")
     return written
