@@ -260,17 +260,33 @@ def test_compare_methods_with_and_without_the_ssl_loss(synthetic_dir, tmp_path, 
     assert all(float(r["aux_ssl"]) > 0 for r in ssl_rows if r["kind"] == "step")
 
 
-def test_ssl_under_torchrun_is_refused_in_one_line(tmp_path, synthetic_dir):
-    """The heads would sit outside the DDP wrapper (their gradients not averaged): refused, naming the option."""
+def test_ssl_under_torchrun_shards_the_unlabelled_images_in_equal_full_batches(tmp_path, synthetic_dir):
+    """No refusal under torchrun; each process draws the same number of full batches of its own images
+    (DistributedSampler + drop_last), and fewer images per process than one batch is one clear line.
+    (DDP training itself: tests/test_slip_ddp.py.)"""
     from types import SimpleNamespace
 
     from samft.engine import distributed as D
     from samft.engine.slip import config_streams
+    from samft.engine.streams import StreamCursor
 
-    cfg = _cfg(tmp_path, synthetic_dir, "ddp", weight=1.0)
-    with pytest.raises(SamftError, match=r"^loss.ssl.weight: 1.0: the SSL loss is not supported under torchrun"):
-        config_streams(SimpleNamespace(cfg=cfg, info=D.DistInfo(rank=0, world_size=2), main=True))
-    with pytest.raises(SamftError, match="training-only modules are not synchronised"):
-        build_training(cfg, torch.device("cpu"), "fp32", 2, D.DistInfo(rank=0, world_size=2), [ssl_stream(cfg)])
-    with pytest.raises(SamftError, match=r"^loss.clip.weight: 1.0: the region-text loss is not supported under torchrun"):
-        build_training(_voc_cfg(tmp_path, "ddp2"), torch.device("cpu"), "fp32", 2, D.DistInfo(rank=0, world_size=2))
+    cfg = _cfg(tmp_path, synthetic_dir, "ddp", weight=1.0)  # 7 unlabelled images, batches of 3
+    [stream] = config_streams(SimpleNamespace(cfg=cfg, info=D.DistInfo(rank=0, world_size=2), main=False))
+    per_rank = []
+    for rank in range(2):
+        cursor = StreamCursor(stream.name, stream.dataset, stream.batch_size, 5, D.DistInfo(rank=rank, world_size=2),
+                              0, None, False, drop_last=True)
+        epoch = []
+        while cursor.epoch == 0:
+            batch = cursor.next()
+            if cursor.epoch == 0:
+                epoch.append(batch["index"].tolist())
+        per_rank.append(epoch)
+    # 7 images over 2 processes: 4 each (one repeated to even the shares), one batch of 3, the rest dropped
+    assert [[len(b) for b in epoch] for epoch in per_rank] == [[3], [3]]
+    assert len({i for epoch in per_rank for b in epoch for i in b}) >= 5, "the processes draw different images"
+    cfg.loss.ssl.batch_size = 5
+    assert ssl_stream(cfg, world_size=1) is not None
+    with pytest.raises(SamftError, match=r"^loss.ssl.batch_size: 5 is more than the 7 unlabelled images of "
+                                         r"data.unlabelled per process \(4 each of 2 processes\)"):
+        ssl_stream(cfg, world_size=2)
