@@ -290,3 +290,36 @@ def test_ssl_under_torchrun_shards_the_unlabelled_images_in_equal_full_batches(t
     with pytest.raises(SamftError, match=r"^loss.ssl.batch_size: 5 is more than the 7 unlabelled images of "
                                          r"data.unlabelled per process \(4 each of 2 processes\)"):
         ssl_stream(cfg, world_size=2)
+
+
+def test_training_only_modules_get_synchronised_batchnorm_under_torchrun_and_are_in_the_step_module():
+    """_bind_modules: BatchNorm1d becomes DistBatchNorm1d when distributed (same tensors), nothing changes in
+    one process, another BatchNorm kind is refused naming the stream; TrainingModule holds the heads by name
+    and refuses a name used twice."""
+    from torch import nn
+
+    from samft.engine import distributed as D
+    from samft.engine.setup import ExtraStream, LabelledTerm, _bind_modules
+    from samft.engine.step_module import TrainingModule
+    from samft.ssl import DistBatchNorm1d, SSLHead
+
+    def stream(modules, name="u"):
+        return ExtraStream(name, [0], 1, lambda m, b: {}, {}, modules=modules)
+
+    head = SSLHead(8, 12, 4)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    [one] = _bind_modules([stream(lambda model: head)], None, torch.device("cpu"), D.DistInfo())
+    assert one.modules is head and type(head.mlp.bn1) is nn.BatchNorm1d
+    [two] = _bind_modules([stream(head)], None, torch.device("cpu"), D.DistInfo(rank=1, world_size=2))
+    assert two.modules is head and isinstance(head.mlp.bn1, DistBatchNorm1d) and isinstance(head.mlp.bn2, DistBatchNorm1d)
+    assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
+    conv = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(SamftError, match=r"^loss term / data stream 'u': 1 is a BatchNorm2d, which cannot be "
+                                         r"synchronised across processes"):
+        _bind_modules([stream(conv)], None, torch.device("cpu"), D.DistInfo(rank=0, world_size=2))
+    region = nn.Linear(2, 2)
+    module = TrainingModule(nn.Linear(1, 1), [LabelledTerm("clip", lambda o, b: {}, {}, modules=region)], [two])
+    assert dict(module.heads) == {"clip": region, "u": head}
+    assert {id(p) for p in module.parameters()} >= {id(p) for p in (*region.parameters(), *head.parameters())}
+    with pytest.raises(SamftError, match=r"^loss term / data stream 'u': the name is taken"):
+        TrainingModule(nn.Linear(1, 1), [], [two, two])
