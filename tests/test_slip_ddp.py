@@ -16,7 +16,7 @@ import yaml
 from samft.config import config_from_dict, dump_yaml
 from samft.engine import distributed as D
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 from test_slip_train import _classes_dir
 
 WORLD = 2
