@@ -24,6 +24,7 @@ The head is a training-time helper: it is thrown away after training.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -38,6 +39,18 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _collective(name: str, tensor: torch.Tensor):
+    """``torch.distributed.nn.functional.<name>(tensor)`` (a collective with a gradient) without the
+    FutureWarning it raises in recent PyTorch (its suggested replacement is a private module), which would
+    otherwise be printed by every process of every training with the SSL loss."""
+    from torch.distributed.nn import functional
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated",
+                                category=FutureWarning)
+        return getattr(functional, name)(tensor)
 
 
 def build_mlp(in_dim: int, mlp_dim: int, out_dim: int) -> nn.Sequential:
@@ -79,14 +92,12 @@ class DistBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         if x.dim() != 2:
             raise ValueError(f"DistBatchNorm1d expects (N, C) inputs, got {tuple(x.shape)}")
-        from torch.distributed.nn.functional import all_reduce
-
         xf = x.float()
         count = xf.new_tensor([float(x.shape[0])])
-        total = all_reduce(torch.cat([xf.sum(0), count]))
+        total = _collective("all_reduce", torch.cat([xf.sum(0), count]))
         n = total[-1].detach()
         mean = total[:-1] / n
-        var = all_reduce(((xf - mean) ** 2).sum(0)) / n
+        var = _collective("all_reduce", ((xf - mean) ** 2).sum(0)) / n
         if self.track_running_stats and self.running_mean is not None:
             self._update_running(mean.detach(), var.detach(), n)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
@@ -136,15 +147,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if _world()[1] == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
     sizes = torch.tensor([x.shape[0], -x.shape[0]], device=x.device)
     dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
     if int(sizes[0]) != -int(sizes[1]):
         raise ValueError(f"the SSL batch differs between processes ({-int(sizes[1])} to {int(sizes[0])} "
                          f"images): the unlabelled loader must drop its last incomplete batch")
 
-    return torch.cat(all_gather(x), dim=0)
+    return torch.cat(_collective("all_gather", x), dim=0)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:

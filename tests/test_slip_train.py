@@ -15,7 +15,7 @@ from samft.engine.slip import ssl_stream
 from samft.engine.train import TrainingInterrupted, train
 from samft.errors import SamftError
 
-from conftest import tiny_config
+from conftest import classes_dir, tiny_config
 
 
 def _cfg(tmp_path, data_dir, name, weight=0.0, unlabelled=True, **train_opts):
@@ -126,25 +126,6 @@ def test_too_few_unlabelled_images_is_one_clear_line(tmp_path, synthetic_dir):
 
 # ------------------------------------------------------------------------------------------ region-text loss
 
-def _classes_dir(root):
-    """8 noisy 64x64 images with class-id masks: background 0, a rectangle of class 1 and one of class 2."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(exist_ok=True)
-    for i in range(8):
-        mask = np.zeros((64, 64), np.uint8)
-        y, x = rng.integers(0, 32, 2)
-        mask[y:y + 24, x:x + 20] = 1
-        mask[40:60, 4 + i * 4:20 + i * 4] = 2
-        image = (rng.integers(0, 60, (64, 64, 3)) + mask[..., None] * 80).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
-    return root
-
-
 def _voc_cfg(tmp_path, name, weight=1.0, method="lora", **train_opts):
     import numpy as np
 
@@ -152,7 +133,7 @@ def _voc_cfg(tmp_path, name, weight=1.0, method="lora", **train_opts):
     np.save(emb, np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32))
     root = tmp_path / "classes"
     if not root.is_dir():
-        _classes_dir(root)
+        classes_dir(root)
     opts = {"epochs": 1, "batch_size": 2, "lr": 1e-3, "log_every": 1, "progress": False, "device": "cpu",
             **train_opts}
     return tiny_config(method, model={"num_mask_tokens": 4, "text": {"embeddings": str(emb)}},
@@ -253,17 +234,66 @@ def test_compare_methods_with_and_without_the_ssl_loss(synthetic_dir, tmp_path, 
     assert all(float(r["aux_ssl"]) > 0 for r in ssl_rows if r["kind"] == "step")
 
 
-def test_ssl_under_torchrun_is_refused_in_one_line(tmp_path, synthetic_dir):
-    """The heads would sit outside the DDP wrapper (their gradients not averaged): refused, naming the option."""
+def test_ssl_under_torchrun_shards_the_unlabelled_images_in_equal_full_batches(tmp_path, synthetic_dir):
+    """No refusal under torchrun; each process draws the same number of full batches of its own images
+    (DistributedSampler + drop_last), and fewer images per process than one batch is one clear line.
+    (DDP training itself: tests/test_slip_ddp.py.)"""
     from types import SimpleNamespace
 
     from samft.engine import distributed as D
     from samft.engine.slip import config_streams
+    from samft.engine.streams import StreamCursor
 
-    cfg = _cfg(tmp_path, synthetic_dir, "ddp", weight=1.0)
-    with pytest.raises(SamftError, match=r"^loss.ssl.weight: 1.0: the SSL loss is not supported under torchrun"):
-        config_streams(SimpleNamespace(cfg=cfg, info=D.DistInfo(rank=0, world_size=2), main=True))
-    with pytest.raises(SamftError, match="training-only modules are not synchronised"):
-        build_training(cfg, torch.device("cpu"), "fp32", 2, D.DistInfo(rank=0, world_size=2), [ssl_stream(cfg)])
-    with pytest.raises(SamftError, match=r"^loss.clip.weight: 1.0: the region-text loss is not supported under torchrun"):
-        build_training(_voc_cfg(tmp_path, "ddp2"), torch.device("cpu"), "fp32", 2, D.DistInfo(rank=0, world_size=2))
+    cfg = _cfg(tmp_path, synthetic_dir, "ddp", weight=1.0)  # 7 unlabelled images, batches of 3
+    [stream] = config_streams(SimpleNamespace(cfg=cfg, info=D.DistInfo(rank=0, world_size=2), main=False))
+    per_rank = []
+    for rank in range(2):
+        cursor = StreamCursor(stream.name, stream.dataset, stream.batch_size, 5, D.DistInfo(rank=rank, world_size=2),
+                              0, None, False, drop_last=True)
+        epoch = []
+        while cursor.epoch == 0:
+            batch = cursor.next()
+            if cursor.epoch == 0:
+                epoch.append(batch["index"].tolist())
+        per_rank.append(epoch)
+    # 7 images over 2 processes: 4 each (one repeated to even the shares), one batch of 3, the rest dropped
+    assert [[len(b) for b in epoch] for epoch in per_rank] == [[3], [3]]
+    assert len({i for epoch in per_rank for b in epoch for i in b}) >= 5, "the processes draw different images"
+    cfg.loss.ssl.batch_size = 5
+    assert ssl_stream(cfg, world_size=1) is not None
+    with pytest.raises(SamftError, match=r"^loss.ssl.batch_size: 5 is more than the 7 unlabelled images of "
+                                         r"data.unlabelled per process \(4 each of 2 processes\)"):
+        ssl_stream(cfg, world_size=2)
+
+
+def test_training_only_modules_get_synchronised_batchnorm_under_torchrun_and_are_in_the_step_module():
+    """_bind_modules: BatchNorm1d becomes DistBatchNorm1d when distributed (same tensors), nothing changes in
+    one process, another BatchNorm kind is refused naming the stream; TrainingModule holds the heads by name
+    and refuses a name used twice."""
+    from torch import nn
+
+    from samft.engine import distributed as D
+    from samft.engine.setup import ExtraStream, LabelledTerm, _bind_modules
+    from samft.engine.step_module import TrainingModule
+    from samft.ssl import DistBatchNorm1d, SSLHead
+
+    def stream(modules, name="u"):
+        return ExtraStream(name, [0], 1, lambda m, b: {}, {}, modules=modules)
+
+    head = SSLHead(8, 12, 4)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    [one] = _bind_modules([stream(lambda model: head)], None, torch.device("cpu"), D.DistInfo())
+    assert one.modules is head and type(head.mlp.bn1) is nn.BatchNorm1d
+    [two] = _bind_modules([stream(head)], None, torch.device("cpu"), D.DistInfo(rank=1, world_size=2))
+    assert two.modules is head and isinstance(head.mlp.bn1, DistBatchNorm1d) and isinstance(head.mlp.bn2, DistBatchNorm1d)
+    assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
+    conv = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(SamftError, match=r"^loss term / data stream 'u': 1 is a BatchNorm2d, which cannot be "
+                                         r"synchronised across processes"):
+        _bind_modules([stream(conv)], None, torch.device("cpu"), D.DistInfo(rank=0, world_size=2))
+    region = nn.Linear(2, 2)
+    module = TrainingModule(nn.Linear(1, 1), [LabelledTerm("clip", lambda o, b: {}, {}, modules=region)], [two])
+    assert dict(module.heads) == {"clip": region, "u": head}
+    assert {id(p) for p in module.parameters()} >= {id(p) for p in (*region.parameters(), *head.parameters())}
+    with pytest.raises(SamftError, match=r"^loss term / data stream 'u': the name is taken"):
+        TrainingModule(nn.Linear(1, 1), [], [two, two])

@@ -1,5 +1,6 @@
 """Training set-up in parts: :func:`prepare_run` (device, precision, paths, data check, splits) and
-:func:`build_training` (model, task, optimizer, schedule, scaler, DDP wrapper, loss weights).
+:func:`build_training` (model, task, optimizer, schedule, scaler, the module a step calls and its DDP
+wrapper, loss weights).
 
 ``scripts/bench_train.py`` and the tests build a training with these too, so what they measure or check
 is what ``samft train`` runs.
@@ -24,6 +25,7 @@ from samft.data.layouts import Pair, train_val_pairs
 from samft.engine import distributed as D
 from samft.engine.runtime import check_compile, compile_blocks, pick_device, resolve_precision
 from samft.engine.schedule import lr_factor
+from samft.engine.step_module import TrainingModule
 from samft.errors import ConfigError, SamftError
 from samft.model import build_model, count_params
 from samft.model.semantic import SemanticSAM
@@ -110,14 +112,18 @@ class ExtraStream:
     """A second data stream (e.g. unlabelled images for a self-supervised loss).
 
     ``loss(model, batch) -> {name: scalar}``: its loss terms, each added to the total with ``weights[name]``
-    and logged as ``aux_<name>``. The dataset may have ``set_epoch(epoch)``; the stream cycles through its
-    own epochs independently of the labelled one and resumes exactly.
+    and logged as ``aux_<name>``. ``model`` is the plain SemanticSAM (never a DDP wrapper): the loss runs
+    inside the forward of :class:`~samft.engine.step_module.TrainingModule`, which DDP wraps under torchrun.
+    The dataset may have ``set_epoch(epoch)``; the stream cycles through its own epochs independently of
+    the labelled one and resumes exactly; under torchrun each process draws its own shard
+    (``DistributedSampler``).
 
     ``modules``: training-only modules of the stream (e.g. the SSL projection head), or a function
     ``model -> module`` that builds them for the built model. Their parameters are trained with the model's
-    and saved in the resumable state (restored on resume), never in the adapter files or exports; they are
-    in training mode throughout. ``drop_last``: skip each epoch's last incomplete batch (a stream whose
-    loss needs full batches, e.g. BatchNorm or the same batch size on every process).
+    (inside the DDP wrapper: gradients averaged; BatchNorm1d synchronised across processes) and saved in
+    the resumable state (restored on resume), never in the adapter files or exports; they are in training
+    mode throughout. ``drop_last``: skip each epoch's last incomplete batch (a stream whose loss needs full
+    batches, e.g. BatchNorm or the same batch size on every process).
     """
 
     name: str
@@ -151,7 +157,7 @@ class TrainingParts:
 
     cfg: Config
     model: SemanticSAM
-    module: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    module: torch.nn.Module  # TrainingModule(model, heads), or its DistributedDataParallel wrapper
     task: Task
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -196,7 +202,9 @@ def aux_weights(cfg: Config, task: Task, model: SemanticSAM) -> dict[str, float]
 def build_training(cfg: Config, device: torch.device, precision: str, total_steps: int,
                    info: Optional[D.DistInfo] = None, extra_streams: Optional[list[ExtraStream]] = None,
                    task: Optional[Task] = None, text_emb: Optional[torch.Tensor] = None) -> TrainingParts:
-    """Model (PEFT applied, on ``device``), task, AdamW, warm-up + linear decay, scaler, DDP when distributed.
+    """Model (PEFT applied, on ``device``), task, AdamW, warm-up + linear decay, scaler, and the
+    :class:`~samft.engine.step_module.TrainingModule` of the model and the training-only modules, wrapped in
+    DistributedDataParallel when distributed.
 
     ``text_emb``: the class-name embeddings of the text class head when resuming (the run's own copy, so
     the run resumes even when ``model.text``'s source has gone); None reads ``model.text``."""
@@ -212,16 +220,16 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
     task = task or make_task(cfg)
     from samft.engine.slip import config_terms
 
-    terms = _bind_modules(config_terms(cfg, info.enabled), model, device, info)
+    terms = _bind_modules(config_terms(cfg), model, device, info)
     streams = _bind_modules(list(extra_streams or []), model, device, info)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, tc.adam_eps,
                                [s.modules for s in (*terms, *streams) if s.modules is not None])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, tc.warmup_steps, total_steps, tc.min_lr_ratio, tc.schedule, tc.poly_power))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    module: torch.nn.Module = model
+    module: torch.nn.Module = TrainingModule(model, terms, streams)
     if info.enabled:
-        module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                          find_unused_parameters=peft.get(cfg.peft.method).unused_params)
     return TrainingParts(cfg, model, module, task, optimizer, scheduler, scaler, device, precision,
                          aux_weights(cfg, task, model), built.base_sha256, streams, terms)
@@ -229,20 +237,37 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
 
 def _bind_modules(streams: list, model: SemanticSAM, device: torch.device, info: D.DistInfo) -> list:
     """Build each stream's training-only modules for ``model`` (when given as a function), on ``device``,
-    in training mode. They live outside the DDP wrapper, so their gradients would not be averaged across
-    processes: refused when distributed."""
+    in training mode. When distributed their BatchNorm layers are synchronised across processes
+    (:func:`samft.ssl.convert_sync_batchnorm`: the statistics of the batch of all processes, on any
+    device); they are trained inside the DDP wrapper (:class:`TrainingModule`), so their gradients are
+    averaged like the model's."""
     bound = []
     for stream in streams:
         modules = stream.modules
         if modules is not None and not isinstance(modules, nn.Module):
             modules = modules(model)
         if modules is not None:
-            if info.enabled:
-                raise ConfigError(f"loss term / data stream {stream.name!r}: its training-only modules are not "
-                                  f"synchronised across processes; train it in one process (without torchrun)")
             modules = modules.to(device).train()
+            if info.enabled:
+                modules = _sync_batchnorm(stream.name, modules)
         bound.append(replace(stream, modules=modules))
     return bound
+
+
+def _sync_batchnorm(name: str, modules: nn.Module) -> nn.Module:
+    """``modules`` with each BatchNorm1d replaced in place by :class:`samft.ssl.DistBatchNorm1d`; other
+    BatchNorm kinds are refused (their statistics would be those of one process)."""
+    from samft.ssl import DistBatchNorm1d, convert_sync_batchnorm
+
+    if isinstance(modules, nn.modules.batchnorm._BatchNorm):
+        raise ConfigError(f"loss term / data stream {name!r}: its training-only module is a bare BatchNorm layer; "
+                          f"wrap it in a module so that it can be synchronised across processes")
+    convert_sync_batchnorm(modules)
+    for child_name, child in modules.named_modules():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, DistBatchNorm1d):
+            raise ConfigError(f"loss term / data stream {name!r}: {child_name} is a {type(child).__name__}, which "
+                              f"cannot be synchronised across processes (only BatchNorm1d is); train in one process")
+    return modules
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,18 @@ term "clip", logged as ``aux_clip``. Its projection and logit scale (:class:`sam
 are training-only modules like the SSL head. (``model.class_head=text`` is part of the model itself: built by
 ``build_model``, saved with the adapter; see :mod:`samft.text`.)
 
-Under torchrun the SSL branch is refused (one line naming the option): the head would live outside the
-DDP wrapper and calling ``encode`` outside DDP's forward breaks its reducer (see tests/test_ssl.py).
+Under torchrun both losses train as in one process: the heads and both losses run inside the forward of
+the module DDP wraps (:class:`samft.engine.step_module.TrainingModule`), so the heads' gradients are
+averaged like the model's; the SSL head's BatchNorm is synchronised (:class:`samft.ssl.DistBatchNorm1d`)
+and NT-Xent contrasts against the embeddings of all processes, so the update is that of the loss on the
+union of the processes' unlabelled batches. Each process draws its own shard of the unlabelled images,
+``loss.ssl.batch_size`` of them per micro-batch. The region-text term is a per-process mean, averaged by
+DDP like the task loss.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -53,25 +59,31 @@ class SSLTerm:
         self.head = build_ssl_head(self.cfg, model.image_encoder.neck[0].out_channels)
         return self.head
 
-    def __call__(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        model = getattr(module, "module", module)
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``model``: the plain SemanticSAM (the loss runs inside the TrainingModule's forward)."""
         device = next(model.parameters()).device
         view1 = batch["view1"].to(device, non_blocking=True)
         view2 = batch["view2"].to(device, non_blocking=True)
         return {"ssl": ssl_loss(model, self.head, view1, view2, self.cfg.loss.ssl.temperature)}
 
 
-def ssl_stream(cfg: Config) -> Optional[ExtraStream]:
-    """The unlabelled stream of ``cfg`` (None when ``loss.ssl.weight`` is 0: nothing is listed or built)."""
+def ssl_stream(cfg: Config, world_size: int = 1) -> Optional[ExtraStream]:
+    """The unlabelled stream of ``cfg`` (None when ``loss.ssl.weight`` is 0: nothing is listed or built).
+
+    ``world_size`` processes each draw ``ceil(N / world_size)`` of the N images per epoch (the
+    DistributedSampler repeats a few to make the shares equal) in full batches of ``loss.ssl.batch_size``;
+    fewer than one batch per process is refused in one line."""
     s = cfg.loss.ssl
     if s.weight == 0:
         return None
     if not cfg.data.unlabelled:
         raise ConfigError(f"loss.ssl.weight: {s.weight} needs unlabelled images in data.unlabelled")
     images = unlabelled_images(cfg.data)
-    if len(images) < s.batch_size:
+    per_process = math.ceil(len(images) / world_size)
+    if per_process < s.batch_size:
+        where = "" if world_size == 1 else f" per process ({per_process} each of {world_size} processes)"
         raise ConfigError(f"loss.ssl.batch_size: {s.batch_size} is more than the {len(images)} unlabelled images of "
-                          f"data.unlabelled (each step needs one full batch)")
+                          f"data.unlabelled{where} (each step needs one full batch)")
     term = SSLTerm(cfg)
     dataset = UnlabelledDataset(images, cfg.model.img_size, cfg.train.seed)
     return ExtraStream(SSL_STREAM, dataset, s.batch_size, term, {"ssl": s.weight}, modules=term.build_head,
@@ -95,36 +107,34 @@ class RegionTerm:
         size, ignore = feats.shape[-1] * 16, self.cfg.data.ignore_index
         gt = batch["mask"].to(feats.device, non_blocking=True).long()
         inside = valid_mask(batch["valid_hw"].to(feats.device), size)[:, 0].bool()
-        return {"clip": self.head(feats, gt.masked_fill(~inside, ignore), ignore)}
+        loss = self.head(feats, gt.masked_fill(~inside, ignore), ignore)
+        # a batch without any labelled region gives the head no gradient; under DDP (without
+        # find_unused_parameters) every parameter must get one on every process, so tie them in with 0
+        tie = sum(p.reshape(-1)[0] for p in self.head.parameters())
+        return {"clip": loss + 0.0 * tie}
 
 
-def config_terms(cfg: Config, distributed: bool = False) -> list[LabelledTerm]:
-    """The labelled-batch loss terms ``cfg`` asks for (``loss.clip.weight > 0``: region-text), else [];
-    refused under torchrun (``distributed``)."""
+def config_terms(cfg: Config) -> list[LabelledTerm]:
+    """The labelled-batch loss terms ``cfg`` asks for (``loss.clip.weight > 0``: region-text), else []."""
     if cfg.loss.clip.weight == 0:
         return []
-    if distributed:
-        raise ConfigError(f"loss.clip.weight: {cfg.loss.clip.weight}: the region-text loss is not supported under "
-                          f"torchrun in this version; train in one process or set loss.clip.weight=0")
     term = RegionTerm(cfg)
     return [LabelledTerm("clip", term, {"clip": cfg.loss.clip.weight}, modules=term.build_head)]
 
 
 def config_streams(ctx) -> list[ExtraStream]:
-    """The extra streams ``ctx.cfg`` asks for (a RunContext); refuses the SSL loss under torchrun and warns
-    of SLIP options set without effect."""
+    """The extra streams ``ctx.cfg`` asks for (a RunContext, whose ``info`` gives the number of processes
+    sharing the unlabelled images); warns of SLIP options set without effect."""
     cfg, info = ctx.cfg, ctx.info
     if ctx.main:
         for message in unused_option_warnings(cfg):  # e.g. data.unlabelled given but loss.ssl.weight 0
             warnings.warn(message, stacklevel=3)
-    if cfg.loss.ssl.weight > 0 and info.enabled:
-        raise ConfigError(f"loss.ssl.weight: {cfg.loss.ssl.weight}: the SSL loss is not supported under torchrun "
-                          f"in this version; train in one process or set loss.ssl.weight=0")
-    stream = ssl_stream(cfg)
+    stream = ssl_stream(cfg, info.world_size)
     if stream is not None and ctx.main:
         from samft.progress import console
 
-        console.print(f"SSL loss: {len(stream.dataset)} unlabelled images, batches of {stream.batch_size} "
+        shares = f", {math.ceil(len(stream.dataset) / info.world_size)} per process" if info.enabled else ""
+        console.print(f"SSL loss: {len(stream.dataset)} unlabelled images{shares}, batches of {stream.batch_size} "
                       f"(two views each), weight {cfg.loss.ssl.weight}")
     return [stream] if stream is not None else []
 

@@ -146,24 +146,19 @@ def _batch_size(batch: Any) -> int:
 
 
 def _loss_terms(parts: TrainingParts, batches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The task loss of the labelled batch and every named term (model aux losses, extra streams)."""
+    """The task loss of the labelled batch and every named term (model aux losses, labelled terms, extra
+    streams). One call of ``parts.module`` (the TrainingModule, DDP-wrapped under torchrun) computes the
+    labelled forward and every term; the task loss is computed from its output."""
     batch = batches["labelled"]
     size = parts.model.img_size
     x = batch["image"].to(parts.device, non_blocking=True)
     target = batch["mask"].to(parts.device, non_blocking=True)
     valid = valid_mask(batch["valid_hw"].to(parts.device), size) if parts.cfg.loss.ignore_padding else None
     with autocast(parts.device, parts.precision):
-        out = parts.module(x)
+        out, extra = parts.module(x, batches)
     logits = upsample_logits(out.masks, (size, size))
     task = parts.task.loss(logits, out.class_logits, target, valid)
-    terms = dict(out.aux_losses)
-    for term in parts.labelled_terms:
-        with autocast(parts.device, parts.precision):
-            terms.update(term.loss(out, batch))
-    for stream in parts.extra_streams:
-        with autocast(parts.device, parts.precision):
-            terms.update(stream.loss(parts.module, batches[stream.name]))
-    return task, terms
+    return task, {**out.aux_losses, **extra}
 
 
 def _weights(parts: TrainingParts) -> dict[str, float]:
@@ -379,8 +374,14 @@ class Fit:
     def _finish(self) -> None:
         if self.info.enabled:  # DDP keeps the processes in step; check it (cheap: once per run)
             digest = D.check_in_sync(trainable_state(self.parts.model), self.info)
+            heads = self.parts.extra_modules
+            if heads:  # the training-only modules (SLIP's heads) train inside the DDP wrapper too
+                heads_digest = D.check_in_sync({f"{name}.{k}": p.detach() for name, m in heads.items()
+                                                for k, p in m.named_parameters()}, self.info)
             if self.main:
-                console.print(f"all {self.info.world_size} processes hold identical trainable weights (sha256 {digest})")
+                also = f" and training-only modules {', '.join(heads)} (sha256 {heads_digest})" if heads else ""
+                console.print(f"all {self.info.world_size} processes hold identical trainable weights (sha256 {digest})"
+                              f"{also}")
         D.barrier(self.info)
         if self.checkpointer.save_final_fallback(self.state):
             warnings.warn("no validation result was finite; adapter.safetensors holds the last weights", stacklevel=2)

@@ -1,0 +1,61 @@
+"""The one module a training step calls: the model and every training-only module, all losses but the task's
+computed in one ``forward``.
+
+Under torchrun this is what :class:`~torch.nn.parallel.DistributedDataParallel` wraps. DDP averages the
+gradients of the parameters of the module it wraps, and only of tensors computed inside its ``forward``:
+a head kept outside the wrapper (its gradient never averaged) or a call to ``model.encode`` outside the
+wrapper's forward (the reducer then sees the model's parameters used without being prepared for it) lets
+the processes drift apart. So the labelled forward, each labelled term (SLIP's region-text loss) and each
+extra stream's loss (SLIP's SSL loss on the unlabelled batch) run here, inside one forward, with the
+heads registered as submodules. Without torchrun the same module runs unwrapped: one code path.
+
+    forward(x (B, 3, S, S), batches {stream name: batch})
+      -> SegOutput of model(x), {term name: scalar} of the labelled terms and extra streams
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from samft.errors import ConfigError
+
+
+class TrainingModule(nn.Module):
+    """``model`` (a SemanticSAM) and the training-only modules of ``terms`` and ``streams``, in ``heads`` by name.
+
+    ``terms``: :class:`~samft.engine.setup.LabelledTerm` (``loss(out, labelled batch)``); ``streams``:
+    :class:`~samft.engine.setup.ExtraStream` (``loss(model, its batch)``, given the plain model). Their
+    ``modules`` must already be built (:func:`samft.engine.setup.build_training` binds them).
+    """
+
+    def __init__(self, model: nn.Module, terms: Sequence[Any] = (), streams: Sequence[Any] = ()) -> None:
+        super().__init__()
+        self.model = model
+        heads: dict[str, nn.Module] = {}
+        for part in (*terms, *streams):
+            if part.name in heads or part.name == "labelled":
+                raise ConfigError(f"loss term / data stream {part.name!r}: the name is taken (by the labelled stream or "
+                                  f"another term or stream)")
+            if part.modules is not None:
+                if not isinstance(part.modules, nn.Module):
+                    raise TypeError(f"{part.name!r}: its modules are not built yet (see build_training)")
+                heads[part.name] = part.modules
+        self.heads = nn.ModuleDict(heads)
+        self.terms, self.streams = list(terms), list(streams)  # plain lists: their modules are in ``heads``
+
+    def forward(self, x: torch.Tensor, batches: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """x (B, 3, S, S) the labelled images on the model's device; ``batches`` the micro-batch of every
+        stream (``labelled`` first) -> (SegOutput, {name: scalar term})."""
+        out = self.model(x)
+        terms: dict[str, torch.Tensor] = {}
+        for term in self.terms:
+            terms.update(term.loss(out, batches["labelled"]))
+        for stream in self.streams:
+            terms.update(stream.loss(self.model, batches[stream.name]))
+        return out, terms
+
+
+__all__ = ["TrainingModule"]
