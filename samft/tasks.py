@@ -189,6 +189,14 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+@dataclass(frozen=True)
+class LabelMap:
+    """A prediction already decided: class ids (H, W). Tiled multi-class prediction hands this over instead
+    of the C x H x W scores (:meth:`Task.labels` and :meth:`Task.update` take either)."""
+
+    labels: np.ndarray
+
+
 class Task:
     """The interface; see the module docstring. Built by :func:`make_task`."""
 
@@ -201,6 +209,7 @@ class Task:
     default_metric = ""
     default_balance_weight = 1.0
     learning_hints = "Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs or a larger model.img_size."
+    decides_in_bands = False  # whether tiled prediction may hand over a LabelMap instead of the scores
 
     def selection_metric(self, metric: str) -> str:
         """The eval.json name of ``train.metric`` (``auto`` = the task's default)."""
@@ -311,8 +320,10 @@ class MultiClassTask(Task):
     def scores(self, mask_logits, class_logits):
         return semantic_probs(class_logits, mask_logits)
 
+    decides_in_bands = True  # tiled prediction takes the argmax band by band (samft.engine.tiling)
+
     def labels(self, scores):
-        return scores.argmax(0)
+        return scores.labels if isinstance(scores, LabelMap) else scores.argmax(0)
 
     def new_metrics(self):
         return ConfusionMetrics(self.classes.names, self.classes.ignore_index, self.miou)

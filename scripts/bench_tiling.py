@@ -7,7 +7,8 @@ mosaic of synthetic demo images, then in a child process (its own peak RSS, addr
 --limit-gb) runs ``samft predict IMAGE --tile`` (``predict_run``: read, tile, predict, blend, write the
 PNG) and, on the same tiles, the model alone (one batch of eval.batch_size tiles at a time).
 Prints the images/s and tiles/s of both, their ratio (the cost of cutting and blending) and the peak RSS
-of the child before and after the tiled prediction. On a GPU: add --device cuda (the command printed
+of the child before and after the tiled prediction, and the peak memory of multi-class tiled prediction (class ids
+band by band) against the whole-image class scores. On a GPU: add --device cuda (the command printed
 at the end is the same prediction through the CLI).
 """
 
@@ -66,7 +67,10 @@ def child(args) -> None:
     peak = _rss_mb()
     grid = TileGrid(args.size, args.size, args.tile, args.overlap)
     n_tiles = len(grid)
-    predict = model_tile_predictor(run.model, torch.device(args.device))
+    from samft.tasks import make_task
+
+    task = make_task(run.cfg)
+    predict = model_tile_predictor(run.model, task, torch.device(args.device))
     batch = run.cfg.eval.batch_size
     image = read_image(args.image)  # the same tiles (Conv-LoRA's cost depends on the experts they pick)
     boxes = [(y, x) for _, _, y, x in grid.boxes()]
@@ -76,11 +80,41 @@ def child(args) -> None:
     model_only = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _, scores, _ in iter_tiled_predictions(run.model, [Pair(Path(args.image), None, "x")], args.tile,
-                                               args.overlap, batch, torch.device(args.device)):
-        scores >= run.cfg.eval.threshold
+                                               args.overlap, batch, torch.device(args.device), task):
+        task.labels(scores)
     in_memory = time.perf_counter() - t0
     print(json.dumps({"tiled_s": tiled, "model_only_s": model_only, "in_memory_s": in_memory, "tiles": n_tiles, "rss_before_mb": before,
                       "rss_peak_mb": peak, "threads": torch.get_num_threads()}))
+
+
+def multiclass_memory(size: int, tile: int, overlap: int, classes: int = 21) -> None:
+    """Peak traced memory of multi-class tiled prediction: class ids band by band (``decide_tiled``, what
+    predict/eval run) against blending the whole C x H x W scores then taking the argmax (the plain path),
+    with a per-pixel linear colour -> class-score predictor standing in for the model (same tiles, same
+    blend)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from samft.engine.tiling import decide_tiled, predict_tiled
+
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mix = np.random.default_rng(1).standard_normal((classes, 3)).astype(np.float32)
+
+    def predict(tiles):
+        return np.einsum("kc,nhwc->nkhw", mix, tiles.astype(np.float32) / 255)
+
+    peaks, labels = {}, {}
+    for name, run in (("banded", lambda: decide_tiled(image, predict, tile, overlap, 4)),
+                      ("plain", lambda: predict_tiled(image, predict, tile, overlap, 4).argmax(0))):
+        tracemalloc.start()
+        labels[name] = run()
+        peaks[name] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    same = float((labels["banded"] == labels["plain"]).mean())
+    print(f"  multi-class ({classes} classes, {size}x{size}, tiles {tile}/{overlap}): peak {peaks['banded']:.0f} MiB "
+          f"band by band vs {peaks['plain']:.0f} MiB whole-image scores ({peaks['plain'] / peaks['banded']:.1f}x less; "
+          f"class ids equal on {same:.6f} of the pixels)")
 
 
 def main() -> None:
@@ -92,10 +126,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--limit-gb", type=int, default=8)
     ap.add_argument("--child", nargs=2, metavar=("RUN", "IMAGE"), help=argparse.SUPPRESS)
+    ap.add_argument("--multiclass-only", action="store_true", help="only the multi-class memory comparison")
     args = ap.parse_args()
     if args.child:
         args.run, args.image = args.child
         return child(args)
+    if args.multiclass_only:
+        return multiclass_memory(args.size, args.tile, args.overlap)
 
     from bench_predict import make_run
 
@@ -117,6 +154,7 @@ def main() -> None:
     print(f"  ratio tiled prediction / model alone: {r['in_memory_s'] / r['model_only_s']:.2f}x")
     print(f"  peak RSS: {r['rss_before_mb']:.0f} MiB after loading the model, {r['rss_peak_mb']:.0f} MiB after the "
           f"tiled prediction (the {args.size}x{args.size} output alone is {args.size ** 2 * 4 / 2**20:.0f} MiB float32)")
+    multiclass_memory(args.size, args.tile, args.overlap)
     print(f"  GPU: samft predict IMAGE --run RUN --tile {args.tile} --overlap {args.overlap} --device cuda "
           f"(or: python scripts/bench_tiling.py --size {args.size} --device cuda)")
 

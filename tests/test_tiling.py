@@ -17,7 +17,9 @@ from samft.cli import app
 from samft.data.layouts import Pair
 from samft.engine.evaluate import iter_predictions
 from samft.engine.runs import load_run
-from samft.engine.tiling import TileGrid, iter_tiled_predictions, predict_tiled, ramp, tile_starts
+from samft.engine.tiling import (TileGrid, decide_tiled, iter_bands, iter_tiled_predictions, predict_tiled, ramp,
+                                 tile_starts)
+from samft.tasks import LabelMap
 from samft.engine.writer import BackgroundWriter
 
 from test_export import make_run
@@ -75,6 +77,57 @@ def test_edge_artefacts_beyond_the_zero_margin_would_show():
     assert np.abs(got - predict(image[None])[0]).max() > 1e-4
 
 
+def _plain_blend(image, predict, tile, overlap):
+    """The stitching restated without bands: every tile's weighted scores added into one full-size array."""
+    grid = TileGrid(image.shape[0], image.shape[1], tile, overlap)
+    th, tw = grid.tile_hw
+    out = None
+    for i, j, y, x in grid.boxes():
+        s = predict(image[None, y: y + th, x: x + tw])[0]
+        out = np.zeros(s.shape[:-2] + image.shape[:2]) if out is None else out
+        out[..., y: y + th, x: x + tw] += s * grid.weight(i, j)
+    return out
+
+
+@pytest.mark.parametrize("hw,tile,overlap,batch", [((250, 190), 64, 16, 3), ((64, 64), 64, 8, 1),
+                                                   ((301, 77), 48, 12, 5), ((100, 400), 64, 0, 2)])
+def test_bands_are_final_in_order_and_equal_the_plain_blend(hw, tile, overlap, batch):
+    image = np.random.default_rng(1).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    predict = _conv_model(radius=6)  # reaches past the zero margins: the blend, not the model, is compared
+    bands = list(iter_bands(image, predict, tile, overlap, batch))
+    tops = [y0 for y0, _ in bands]
+    assert tops[0] == 0 and tops == sorted(tops)
+    assert all(y0 + b.shape[-2] == nxt for (y0, b), nxt in zip(bands, tops[1:] + [hw[0]]))  # contiguous, to H
+    assert all(b.shape[-2] <= tile and b.shape[-1] == hw[1] for _, b in bands)
+    want = _plain_blend(image, predict, tile, overlap)
+    np.testing.assert_allclose(np.concatenate([b for _, b in bands], axis=-2), want, atol=1e-6)
+    np.testing.assert_allclose(predict_tiled(image, predict, tile, overlap, batch), want, atol=1e-6)
+    assert np.array_equal(decide_tiled(image, predict, tile, overlap, batch), want.argmax(0))
+
+
+def test_multiclass_tiling_never_holds_the_class_scores_of_the_image():
+    """21 classes on 3000 x 2000: class ids band by band; peak far below C x H x W float32 (504 MB)."""
+    c, (h, w), tile = 21, (3000, 2000), 256
+    image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mix = np.random.default_rng(1).standard_normal((c, 3)).astype(np.float32)
+
+    def predict(tiles):  # per-pixel class scores from the colour: the stitched argmax is the untiled one
+        return np.einsum("kc,nhwc->nkhw", mix, tiles.astype(np.float32) / 255)
+
+    tracemalloc.start()
+    try:
+        labels = decide_tiled(image, predict, tile, 64, batch_size=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert labels.shape == (h, w) and labels.dtype == np.uint8
+    band = c * tile * w * 4  # one band of class scores: 43 MB
+    assert peak < 3 * band + 2 * 2 * c * tile * tile * 4 * 3 + h * w, peak  # bands, tile batches, the labels
+    assert peak < c * h * w * 4 / 3
+    agree = labels == np.einsum("kc,hwc->khw", mix, image.astype(np.float32) / 255).argmax(0)
+    assert agree.mean() > 0.9999  # blended sums of the same scores: ties apart, the same class
+
+
 def test_memory_is_bounded_by_the_batch_of_tiles():
     """A 4000 x 3000 image: peak allocation = the output + one batch of tiles, not the tiles of the image."""
     image = np.random.default_rng(0).integers(0, 256, (4000, 3000, 3), dtype=np.uint8)
@@ -116,7 +169,18 @@ def test_one_tile_equals_the_untiled_prediction(task, tmp_path):
     got = {p.name: s for p, s, _ in iter_tiled_predictions(loaded.model, pairs, 128, 16, 2, torch.device("cpu"),
                                                             task)}
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+        if task.kind == "multiclass":  # decided band by band: the class ids of the untiled scores
+            assert isinstance(got[name], LabelMap)
+            assert np.array_equal(task.labels(got[name]), task.labels(want[name])), name
+        else:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+    if task.kind == "multiclass":  # and the scores themselves, through the same tile predictor
+        from samft.data.io import read_image
+        from samft.engine.tiling import model_tile_predictor
+
+        predict = model_tile_predictor(loaded.model, task, torch.device("cpu"))
+        for f in files:
+            np.testing.assert_allclose(predict_tiled(read_image(f), predict, 128, 16), want[f.stem], atol=1e-5)
 
 
 def test_cli_predict_and_eval_with_tiles(tmp_path, synthetic_dir):

@@ -13,8 +13,10 @@ pixels and the last one ends at the image's edge. Tiles are predicted in batches
   makes separable, so the weights of all tiles sum to exactly 1 at every pixel (tested) without an
   image-sized weight array.
 
-Memory is the output scores (C x H x W float32, accumulated in place) plus one batch of tiles and
-their scores; tiles are never all held. An image no larger than a tile is one tile: the same
+The scores are blended band by band (:func:`iter_bands`): only the rows that the current row of tiles
+covers are held, plus one batch of tiles and their scores. Binary prediction keeps the H x W
+probabilities (the metrics need them); multi-class prediction takes the argmax of each band as it is
+finished (:func:`decide_tiled`), so C x H x W class scores are never held. An image no larger than a tile is one tile: the same
 prediction as without tiling.
 """
 
@@ -34,7 +36,7 @@ from samft.data.transforms import SamTransform
 from samft.errors import SamftError
 from samft.engine.segmenter import scores_of_arrays
 from samft.model.semantic import SemanticSAM
-from samft.tasks import Task
+from samft.tasks import LabelMap, Task
 
 TilePredictor = Callable[[np.ndarray], np.ndarray]  # (N, th, tw, 3) uint8 -> (N, th, tw) or (N, C, th, tw)
 MIN_TILE = 32
@@ -125,12 +127,19 @@ class TileGrid:
         return self.rows.weights[i][:, None] * self.cols.weights[j][None, :]
 
 
-def predict_tiled(image: np.ndarray, predict_tiles: TilePredictor, tile: int, overlap: int,
-                  batch_size: int = 4) -> np.ndarray:
-    """(H, W, 3) image -> blended scores (H, W) or (C, H, W) float32, ``batch_size`` tiles per call."""
+def iter_bands(image: np.ndarray, predict_tiles: TilePredictor, tile: int, overlap: int, batch_size: int = 4
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """(H, W, 3) image -> its blended scores band by band, top to bottom: (y0, scores (h, W) or (C, h, W))
+    for rows y0 .. y0 + h, each band final when yielded.
+
+    Tiles are predicted row of tiles by row of tiles; when a row of tiles starting at y begins, no later tile
+    reaches above y, so the rows above it are done. Only the rows the current row of tiles covers are held
+    (C x tile x W), plus one batch of tiles: memory does not grow with the image's height.
+    """
     grid = TileGrid(image.shape[0], image.shape[1], tile, overlap)
     th, tw = grid.tile_hw
-    out: Optional[np.ndarray] = None
+    buf: Optional[np.ndarray] = None  # the blended scores of rows top .. top + th
+    top = 0
     boxes = list(grid.boxes())
     for k in range(0, len(boxes), batch_size):
         batch = boxes[k: k + batch_size]
@@ -138,10 +147,40 @@ def predict_tiled(image: np.ndarray, predict_tiles: TilePredictor, tile: int, ov
         scores = np.asarray(predict_tiles(tiles), dtype=np.float32)
         if scores.shape[0] != len(batch) or scores.shape[-2:] != (th, tw):
             raise ValueError(f"tile predictor returned {scores.shape} for {len(batch)} tiles of {th}x{tw}")
+        for (i, j, y, x), tile_scores in zip(batch, scores):
+            if buf is None:
+                buf = np.zeros(scores.shape[1:-2] + (th, grid.width), np.float32)
+            if y > top:  # a new row of tiles: the rows above it are final
+                shift = y - top
+                yield top, buf[..., :shift, :].copy()
+                buf[..., : th - shift, :] = buf[..., shift:, :]  # numpy copies overlapping slices correctly
+                buf[..., th - shift:, :] = 0
+                top = y
+            buf[..., y - top: y - top + th, x: x + tw] += tile_scores * grid.weight(i, j)
+    assert buf is not None and top + th == grid.height
+    yield top, buf
+
+
+def predict_tiled(image: np.ndarray, predict_tiles: TilePredictor, tile: int, overlap: int,
+                  batch_size: int = 4) -> np.ndarray:
+    """(H, W, 3) image -> blended scores (H, W) or (C, H, W) float32, ``batch_size`` tiles per call."""
+    out: Optional[np.ndarray] = None
+    for y0, band in iter_bands(image, predict_tiles, tile, overlap, batch_size):
         if out is None:
-            out = np.zeros(scores.shape[1:-2] + (grid.height, grid.width), np.float32)
-        for (i, j, y, x), s in zip(batch, scores):
-            out[..., y: y + th, x: x + tw] += s * grid.weight(i, j)
+            out = np.empty(band.shape[:-2] + image.shape[:2], np.float32)
+        out[..., y0: y0 + band.shape[-2], :] = band
+    return out
+
+
+def decide_tiled(image: np.ndarray, predict_tiles: TilePredictor, tile: int, overlap: int, batch_size: int = 4
+                 ) -> np.ndarray:
+    """(H, W, 3) image -> class ids (H, W), the argmax of the blended (C, H, W) scores taken band by band, so
+    that the C x H x W scores are never held (uint8 up to 256 classes, else int32)."""
+    out: Optional[np.ndarray] = None
+    for y0, band in iter_bands(image, predict_tiles, tile, overlap, batch_size):
+        if out is None:
+            out = np.empty(image.shape[:2], np.uint8 if band.shape[0] <= 256 else np.int32)
+        out[y0: y0 + band.shape[-2]] = band.argmax(0)
     return out
 
 
@@ -161,7 +200,9 @@ def iter_tiled_predictions(model: SemanticSAM, pairs: list[Pair], tile: int, ove
                            device: torch.device, task: Task, precision: str = "fp32",
                            ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
     """Like ``evaluate.iter_predictions`` (pair, scores at the original size, ground truth or None), each
-    image predicted by tiles at native resolution (``overlap`` None: the default)."""
+    image predicted by tiles at native resolution (``overlap`` None: the default). A multi-class task's
+    prediction comes decided (:class:`samft.tasks.LabelMap`: class ids taken band by band), so memory holds
+    one band of C class scores, not C x H x W."""
     overlap = check_tiling(tile, overlap)
     was_training = model.training
     model.eval()
@@ -169,6 +210,9 @@ def iter_tiled_predictions(model: SemanticSAM, pairs: list[Pair], tile: int, ove
     try:
         for pair in pairs:
             image, gt = load_pair(pair, task.classes) if pair.mask is not None else (read_image(pair.image), None)
-            yield pair, predict_tiled(image, predict, tile, overlap, batch_size), gt
+            if task.decides_in_bands:
+                yield pair, LabelMap(decide_tiled(image, predict, tile, overlap, batch_size)), gt
+            else:
+                yield pair, predict_tiled(image, predict, tile, overlap, batch_size), gt
     finally:
         model.train(was_training)
