@@ -310,9 +310,9 @@ def stored_text_embeddings(cfg, tensors: dict[str, torch.Tensor], source: str) -
     if emb is None:
         raise CheckpointError(f"{source}: its config has model.class_head=text but it holds no class-name "
                               f"embeddings ({TEXT_EMB_KEY})")
-    if emb.dim() != 2 or emb.shape[0] != len(cfg.data.classes):
+    if emb.dim() != 2 or emb.shape[0] != len(cfg.data.classes) or emb.shape[1] == 0 or not emb.is_floating_point():
         raise CheckpointError(f"{source}: {TEXT_EMB_KEY} has shape {tuple(emb.shape)}, expected "
-                              f"({len(cfg.data.classes)}, D) for data.classes")
+                              f"({len(cfg.data.classes)}, D) floats for data.classes")
     return emb
 
 

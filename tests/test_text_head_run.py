@@ -145,6 +145,15 @@ def test_an_adapter_without_the_embeddings_is_named(tmp_path):
         load_run(run, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("bad", [torch.zeros(2, 8), torch.zeros(3, 0), torch.zeros(3, 8, dtype=torch.int64)])
+def test_stored_embeddings_of_the_wrong_shape_or_type_are_named(tmp_path, bad):
+    from samft.text import stored_text_embeddings
+
+    cfg = _cfg(tmp_path, "x")
+    with pytest.raises(CheckpointError, match=r"^adapter.safetensors: decoder.class_head.text_emb has shape "):
+        stored_text_embeddings(cfg, {TEXT_EMB_KEY: bad}, "adapter.safetensors")
+
+
 def test_info_counts_the_text_head_without_reading_weights(tmp_path):
     text = describe(_cfg(tmp_path, "x"))
     linear = _cfg(tmp_path, "y")
