@@ -164,4 +164,28 @@ def resumed_text_embeddings(run_dir: Path, cfg) -> Optional[torch.Tensor]:
     path = Path(run_dir) / LAST_ADAPTER_FILE
     if cfg.model.class_head != "text" or not path.is_file():
         return None
-    return read_adapter(path)[0].get(TEXT_EMB_KEY)
+    saved = read_adapter(path)[0].get(TEXT_EMB_KEY)
+    _warn_if_source_changed(cfg, saved)
+    return saved
+
+
+def _warn_if_source_changed(cfg, saved: Optional[torch.Tensor]) -> None:
+    """One line when ``model.text.embeddings`` (a file, cheap to read) no longer holds the embeddings the run
+    trained with: the run resumes with its own copy."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    from samft.errors import DataError
+    from samft.text import load_class_embeddings
+
+    source = cfg.model.text.embeddings
+    if saved is None or not source or not Path(source).expanduser().is_file():
+        return
+    try:
+        now = F.normalize(load_class_embeddings(source, len(cfg.data.classes)), dim=-1)
+    except DataError:
+        now = None
+    if now is None or now.shape != saved.shape or not torch.allclose(now, saved.float(), atol=1e-6):
+        warnings.warn(f"model.text.embeddings {source} has changed since this run started; it resumes with the "
+                      f"class-name embeddings it trained with (saved in the run)", stacklevel=3)
