@@ -89,32 +89,24 @@ def test_the_text_head_trains_and_its_embeddings_travel_with_the_adapter(tmp_pat
     assert json.loads((run / "eval.json").read_text())["sets"]["all"]["metrics"]["mIoU"] > 0
 
 
-def test_resume_uses_the_runs_own_embeddings_and_says_when_the_file_changed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("file", ["changed", "deleted"])
+def test_resume_uses_the_runs_own_embeddings_and_says_when_the_file_changed(tmp_path, monkeypatch, file):
     straight = train(_cfg(tmp_path, "s"), show_progress=False)
     interrupt_after(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tmp_path, "r"), show_progress=False)
     monkeypatch.undo()
     cfg = _cfg(tmp_path, "r")
-    np.save(_embeddings(tmp_path), np.ones((3, 8), np.float32))  # edited after the run started: said, not used
-    with pytest.warns(UserWarning, match=r"names.npy has changed since this run started; it resumes with the "
-                                         r"class-name embeddings it trained with"):
-        train(cfg, resume=True, show_progress=False)
-    assert _same_adapters(straight, tmp_path / "r") and _same_adapters(straight, tmp_path / "r", ADAPTER_FILE)
-
-
-def test_resume_without_the_embeddings_file_is_exact_and_quiet(tmp_path, monkeypatch):
-    straight = train(_cfg(tmp_path, "s"), show_progress=False)
-    interrupt_after(monkeypatch, 2)
-    with pytest.raises(TrainingInterrupted):
-        train(_cfg(tmp_path, "r"), show_progress=False)
-    monkeypatch.undo()
-    cfg = _cfg(tmp_path, "r")
-    _embeddings(tmp_path).unlink()
+    if file == "changed":  # edited after the run started: said, not used
+        np.save(_embeddings(tmp_path), np.ones((3, 8), np.float32))
+    else:  # gone: the run's own copy, quietly
+        _embeddings(tmp_path).unlink()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(cfg, resume=True, show_progress=False)
-    assert not [w for w in caught if "has changed" in str(w.message)]
+    said = [str(w.message) for w in caught if "has changed" in str(w.message)]
+    assert said == ([f"model.text.embeddings {_embeddings(tmp_path)} has changed since this run started; it resumes "
+                     f"with the class-name embeddings it trained with (saved in the run)"] if file == "changed" else [])
     assert _same_adapters(straight, tmp_path / "r") and _same_adapters(straight, tmp_path / "r", ADAPTER_FILE)
 
 
