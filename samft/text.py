@@ -260,11 +260,13 @@ def region_text_loss(features: torch.Tensor, gt: torch.Tensor, ignore_index: int
 
     features (B, C, h, w) neck features, gt (B, H, W) class ids; ``proj`` maps C to the text width D;
     text_emb (K, D). Logits ``exp(min(logit_scale, ln 100)) * cos(proj(region), e_k)``; the mean over all
-    regions of the batch. Zero (with a graph) when no pixel is labelled.
+    regions of the batch. Zero (with a graph through the features, ``proj`` and ``logit_scale``) when no pixel
+    is labelled.
     """
     regions, labels = region_features(features.float(), gt, ignore_index, text_emb.shape[0])
-    if regions.shape[0] == 0:
-        return features.float().sum() * 0.0
+    if regions.shape[0] == 0:  # a zero tied to every input, so each still gets a (zero) gradient: under DDP
+        # without find_unused_parameters every parameter must get one on every process
+        return (features.float().sum() + logit_scale + sum(p.sum() for p in proj.parameters())) * 0.0
     z = F.normalize(proj(regions).float(), dim=-1)
     bank = F.normalize(text_emb.float(), dim=-1)
     logits = clamped_scale(logit_scale) * z @ bank.t()
