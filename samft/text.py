@@ -110,20 +110,33 @@ def _quiet_root_logger():
         logging.disable(logging.NOTSET)
 
 
-def build_open_clip(model_name: str, checkpoint: str | Path) -> tuple[nn.Module, object]:
-    """An open_clip model with the weights of the local ``checkpoint`` (strict), and its tokenizer."""
+def _open_clip():
+    """The optional ``open_clip`` package (a ConfigError naming the extra when it is not installed)."""
     try:
         import open_clip
     except ImportError:
         raise ConfigError("model.text.open_clip_model needs the optional extra: pip install 'samft[text]' "
                           "(open_clip_torch)") from None
+    return open_clip
+
+
+def _open_clip_config(open_clip, model_name: str) -> dict:
+    """open_clip's config of ``model_name`` (a ConfigError when it has none)."""
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ConfigError(f"model.text.open_clip_model: {model_name!r} is not an open_clip model config "
+                          f"(open_clip.list_models() lists them)")
+    return config
+
+
+def build_open_clip(model_name: str, checkpoint: str | Path) -> tuple[nn.Module, object]:
+    """An open_clip model with the weights of the local ``checkpoint`` (strict), and its tokenizer."""
+    open_clip = _open_clip()
     checkpoint = Path(checkpoint).expanduser()
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: open_clip checkpoint not found (model.text.checkpoint); samft "
                               f"downloads nothing")
-    if open_clip.get_model_config(model_name) is None:
-        raise ConfigError(f"model.text.open_clip_model: {model_name!r} is not an open_clip model config "
-                          f"(open_clip.list_models() lists them)")
+    _open_clip_config(open_clip, model_name)
     with _offline(), _quiet_root_logger():
         try:
             model = open_clip.create_model(model_name, pretrained=None, load_weights=False, pretrained_text=False,
@@ -171,16 +184,7 @@ def embedding_dim(text_cfg, num_classes: int) -> int:
     if text_cfg.embeddings:
         return int(load_class_embeddings(text_cfg.embeddings, num_classes).shape[1])
     if text_cfg.open_clip_model:
-        try:
-            import open_clip
-        except ImportError:
-            raise ConfigError("model.text.open_clip_model needs the optional extra: pip install 'samft[text]' "
-                              "(open_clip_torch)") from None
-        config = open_clip.get_model_config(text_cfg.open_clip_model)
-        if config is None:
-            raise ConfigError(f"model.text.open_clip_model: {text_cfg.open_clip_model!r} is not an open_clip model "
-                              f"config (open_clip.list_models() lists them)")
-        return int(config["embed_dim"])
+        return int(_open_clip_config(_open_clip(), text_cfg.open_clip_model)["embed_dim"])
     raise ConfigError("model.text: no class-name embeddings configured (set embeddings, or open_clip_model and "
                       "checkpoint)")
 
