@@ -180,11 +180,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
 HEAD_SEED_SALT = 0x5511  # the heads' own seed: train.seed + this
 
 
-def build_ssl_head(cfg, in_dim: int, distributed: bool = False) -> Optional[SSLHead]:
+def build_ssl_head(cfg, in_dim: int) -> Optional[SSLHead]:
     """The projection head of ``cfg.loss.ssl`` for neck features of width ``in_dim``, or None when the
     SSL loss is off (weight 0: nothing is built). Initialised from its own seed (``train.seed`` + a salt)
     without touching the global RNG, so the rest of training draws the same numbers with or without it.
-    ``distributed``: BatchNorm synchronised across processes (:func:`convert_sync_batchnorm`).
+    Under torchrun the training set-up synchronises its BatchNorm (``samft.engine.setup._bind_modules``:
+    :func:`convert_sync_batchnorm`).
     """
     s = cfg.loss.ssl
     if s.weight == 0:
@@ -192,7 +193,7 @@ def build_ssl_head(cfg, in_dim: int, distributed: bool = False) -> Optional[SSLH
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + HEAD_SEED_SALT)
         head = SSLHead(in_dim, s.mlp_dim, s.emb_dim)
-    return convert_sync_batchnorm(head) if distributed else head
+    return head
 
 
 def ssl_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -350,7 +350,7 @@ def test_ssl_head_factory_is_off_at_weight_zero_and_leaves_the_global_rng_alone(
     assert torch.equal(torch.get_rng_state(), state), "building the head draws nothing from the global RNG"
     assert head.mlp.layer1.in_features == 32 and head.mlp.layer3.out_features == 8
     assert isinstance(head.mlp.bn1, nn.BatchNorm1d) and not isinstance(head.mlp.bn1, DistBatchNorm1d)
-    again = build_ssl_head(on, 32, distributed=True)
+    again = convert_sync_batchnorm(build_ssl_head(on, 32))  # as the training set-up does under torchrun
     assert isinstance(again.mlp.bn1, DistBatchNorm1d)
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values())), \
         "the head's initialisation depends on train.seed only"
