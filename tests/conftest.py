@@ -58,6 +58,19 @@ def tiny_config(method: str = "conv_lora", **sections) -> Config:
     return config_from_dict(data)
 
 
+def perturb_trainable(model_or_params, seed: int = 0, scale: float = 0.05):
+    """Move every trainable tensor (of a module, or an iterable of parameters) off its initialisation by
+    ``scale`` x N(0, 1) noise from its own generator, so that zero-initialised adapter parts matter and get
+    gradients; returns what it was given."""
+    params = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model_or_params
+
+
 def interrupt_after(monkeypatch, n_steps: int) -> None:
     """Make training raise KeyboardInterrupt (as Ctrl-C) when it starts optimizer step ``n_steps + 1``."""
     import samft.engine.train as train_mod

@@ -28,7 +28,7 @@ from samft.model.attention import attention_kinds, convert_attention
 from samft.model.attention.bra import BRAAttention, Regions
 from samft.peft.lora import LoRALinear
 
-from conftest import METHODS, ROOT, TINY, tiny_config
+from conftest import METHODS, ROOT, TINY, perturb_trainable, tiny_config
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -358,22 +358,13 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
     torch.testing.assert_close(out.masks.float(), want, rtol=0.1, atol=0.1)
 
 
-def _trained_like(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
 def test_save_load_and_the_attention_is_recorded(tmp_path):
     from samft.engine.checkpoint import load_adapter, read_adapter, save_adapter
     from samft.engine.runs import adapter_expectations
 
     cfg = tiny_config("lora", model=BRA)
     built = build_model(cfg)
-    model = _trained_like(built.model).eval()
+    model = perturb_trainable(built.model).eval()
     path = tmp_path / "adapter.safetensors"
     save_adapter(model, path, adapter_expectations(cfg, built.base_sha256))
     tensors, meta = read_adapter(path)
@@ -409,7 +400,7 @@ def test_export_is_unmerged_and_gives_the_runs_outputs(method, tmp_path):
 
     cfg = tiny_config(method, model=BRA)
     built = build_model(cfg)
-    model = _trained_like(built.model).eval()
+    model = perturb_trainable(built.model).eval()
     run = tmp_path / "run"
     run.mkdir()
     (run / CONFIG_FILE).write_text(dump_yaml(cfg))

@@ -8,17 +8,12 @@ import torch
 from samft.model import build_model
 from samft.peft.inject import AdapterLayer
 
-from conftest import METHODS, tiny_config
+from conftest import METHODS, perturb_trainable, tiny_config
 
 
 def _model(method, **sections):
-    model = build_model(tiny_config(method, **sections)).model.train()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # make every adapter part matter (zero-initialised parts included)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    # every adapter part made to matter (zero-initialised parts included)
+    return perturb_trainable(build_model(tiny_config(method, **sections)).model.train())
 
 
 def _step(model, images, checkpointing):

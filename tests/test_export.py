@@ -17,7 +17,7 @@ from samft.errors import CheckpointError, SamftError
 from samft.model import build_model
 from samft.model.sam import build_tiny
 
-from conftest import METHODS, tiny_config
+from conftest import METHODS, perturb_trainable, tiny_config
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # merging re-associates float sums: equal up to rounding
 
@@ -27,11 +27,7 @@ def make_run(run_dir: Path, method: str, **sections):
     (the run directory, the run's model)."""
     cfg = tiny_config(method, **sections)
     built = build_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in built.model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(built.model)
     run_dir.mkdir(parents=True)
     (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
     save_adapter(built.model, run_dir / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256))

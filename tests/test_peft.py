@@ -9,7 +9,7 @@ from samft.errors import CheckpointError, ConfigError
 from samft.model import build_model
 from samft.peft.inject import AdapterLayer
 
-from conftest import METHODS, tiny_config
+from conftest import METHODS, perturb_trainable, tiny_config
 
 
 def _build(method, **sections):
@@ -25,13 +25,6 @@ def _adapter_param_names(model):
                     names.add(f"{mod_name}.{p_name}")
     return names
 
-
-def _perturb_trainable(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def _trains_base(method, encoder):
@@ -100,7 +93,7 @@ def test_fresh_adapter_gives_the_frozen_models_output(method):
 def test_save_load_round_trip(method, tmp_path):
     built = _build(method)
     model = built.model.eval()
-    _perturb_trainable(model)
+    perturb_trainable(model)
     path = tmp_path / "adapter.safetensors"
     meta = {"sam_type": "tiny", "base_sha256": built.base_sha256, "peft_method": method}
     save_adapter(model, path, meta)
@@ -178,7 +171,7 @@ def test_the_mergeable_methods():
 def test_merge_equals_unmerged(method):
     built = _build(method)
     model = built.model.eval()
-    _perturb_trainable(model)
+    perturb_trainable(model)
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         before = model(images).masks

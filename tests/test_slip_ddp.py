@@ -16,7 +16,7 @@ import yaml
 from samft.config import config_from_dict, dump_yaml
 from samft.engine import distributed as D
 
-from conftest import classes_dir, tiny_config
+from conftest import classes_dir, perturb_trainable, tiny_config
 
 WORLD = 2
 N = 4  # labelled images and unlabelled images of the union batch (2 per process)
@@ -59,10 +59,7 @@ def _build(cfg, info):
 
     torch.manual_seed(cfg.train.seed)  # the tiny SAM's random weights, as prepare_run seeds them
     parts = build_training(cfg, torch.device("cpu"), "fp32", 2, info, [ssl_stream(cfg, info.world_size)])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in parts.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_trainable(parts.trainable_parameters())
     return parts
 
 

@@ -12,7 +12,6 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -23,7 +22,7 @@ from samft.model import build_model
 from samft.peft import get as get_method
 from samft.ssl import (DistBatchNorm1d, SSLHead, convert_sync_batchnorm, nt_xent, ssl_features, ssl_loss)
 
-from conftest import METHODS, tiny_config
+from conftest import METHODS, perturb_trainable, tiny_config
 
 
 def brute_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
@@ -73,20 +72,11 @@ def test_dist_batchnorm_is_batchnorm_in_one_process():
     assert torch.equal(head.mlp.bn1.running_var, plain.mlp.bn1.running_var)
 
 
-def _perturb_trainable(model: nn.Module, seed: int = 0) -> None:
-    """Give zero-initialised adapters non-zero values so that every adapter tensor gets a gradient."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_ssl_gradients_reach_the_adapter_and_not_the_frozen_base(method):
     torch.manual_seed(0)
     model = build_model(tiny_config(method)).model.train()
-    _perturb_trainable(model)
+    perturb_trainable(model, scale=0.02)
     head = SSLHead(32, 64, 16)
     views = torch.randn(2, 3, 3, 64, 64)
     loss = ssl_loss(model, head, views[0], views[1], 0.1)
@@ -137,7 +127,7 @@ class _Bundle(nn.Module):
 def _bundle() -> _Bundle:
     torch.manual_seed(0)
     model = build_model(tiny_config("lora")).model.train()
-    _perturb_trainable(model)
+    perturb_trainable(model, scale=0.02)
     head = convert_sync_batchnorm(SSLHead(32, 48, 16))
     with torch.no_grad():  # BatchNorm affine parameters away from (1, 0), so that their gradients matter
         for bn in (head.mlp.bn1, head.mlp.bn2):
