@@ -58,6 +58,27 @@ def tiny_config(method: str = "conv_lora", **sections) -> Config:
     return config_from_dict(data)
 
 
+def sam_attention(dim: int = 48, heads: int = 3, input_size: tuple[int, int] = (4, 6), lora: bool = False,
+                  freeze: str = "qkv"):
+    """segment_anything's Attention (float32) with random rel-pos tables and, with ``lora``, a trained-looking
+    LoRA on qkv (``freeze``: "qkv" freezes the wrapped qkv only, "all" every SAM tensor of the block)."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    from samft.peft.lora import LoRALinear
+
+    torch.manual_seed(0)
+    attn = Attention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=input_size)
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    if lora:
+        (attn if freeze == "all" else attn.qkv).requires_grad_(False)
+        attn.qkv = LoRALinear(attn.qkv, rank=4, alpha=8.0)
+        with torch.no_grad():
+            attn.qkv.lora_B.normal_(0, 0.2)
+    return attn
+
+
 def perturb_trainable(model_or_params, seed: int = 0, scale: float = 0.05):
     """Move every trainable tensor (of a module, or an iterable of parameters) off its initialisation by
     ``scale`` x N(0, 1) noise from its own generator, so that zero-initialised adapter parts matter and get

@@ -19,24 +19,14 @@ from samft.model.attention import (EncoderAttention, attention_impl, attention_n
 from samft.model.attention.sdpa import SDPAAttention
 from samft.peft.lora import LoRALinear
 
-from conftest import METHODS, tiny_config
+from conftest import METHODS, sam_attention, tiny_config
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
 def make_pair(dim=48, heads=3, input_size=(4, 6), lora=False, dtype=torch.float32, device="cpu"):
     """(eager, sdpa) copies of one Attention with random weights and rel-pos tables."""
-    torch.manual_seed(0)
-    attn = Attention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=input_size)
-    with torch.no_grad():
-        attn.rel_pos_h.normal_(0, 0.5)
-        attn.rel_pos_w.normal_(0, 0.5)
-    if lora:
-        attn.qkv.requires_grad_(False)
-        attn.qkv = LoRALinear(attn.qkv, rank=4, alpha=8.0)
-        with torch.no_grad():
-            attn.qkv.lora_B.normal_(0, 0.2)
-    attn = attn.to(device=device, dtype=dtype)
+    attn = sam_attention(dim, heads, input_size, lora).to(device=device, dtype=dtype)
     fast = convert_attention(copy.deepcopy(attn), "sdpa")
     assert type(fast) is SDPAAttention and type(attn) is Attention
     return attn, fast

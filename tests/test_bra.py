@@ -26,26 +26,15 @@ from samft.errors import CheckpointError, ConfigError
 from samft.model import build_model, describe
 from samft.model.attention import attention_kinds, convert_attention
 from samft.model.attention.bra import BRAAttention, Regions
-from samft.peft.lora import LoRALinear
 
-from conftest import METHODS, ROOT, TINY, perturb_trainable, tiny_config
+from conftest import METHODS, ROOT, TINY, perturb_trainable, sam_attention, tiny_config
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
 
 def make_attention(dim=48, heads=3, input_size=(5, 7), lora=True):
     """SAM's Attention in float64 with random rel-pos tables and (optionally) a trained-looking LoRA."""
-    torch.manual_seed(0)
-    attn = Attention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=input_size)
-    with torch.no_grad():
-        attn.rel_pos_h.normal_(0, 0.5)
-        attn.rel_pos_w.normal_(0, 0.5)
-    if lora:
-        attn.requires_grad_(False)
-        attn.qkv = LoRALinear(attn.qkv, rank=4, alpha=8.0)
-        with torch.no_grad():
-            attn.qkv.lora_B.normal_(0, 0.2)
-    return attn.double()
+    return sam_attention(dim, heads, input_size, lora, freeze="all").double()
 
 
 def bra(attn, regions, topk, lepe_kernel=0, blocks="global"):
