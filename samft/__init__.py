@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-__version__ = "0.1.0"
+from samft.version import __version__
 
 
 def _config(config: Any, overrides: Optional[list[str]]) -> Any:
@@ -39,7 +39,7 @@ def train(config: Any, overrides: Optional[list[str]] = None, resume: bool = Fal
 
     ``resume=True`` continues the run in ``config``'s ``output.dir``.
     """
-    from samft.engine.train import train as _train
+    from samft.engine.train.loop import train as _train
 
     cfg = _config(config, overrides)
     return _train(cfg, resume=resume, show_progress=show_progress)
@@ -48,14 +48,14 @@ def train(config: Any, overrides: Optional[list[str]] = None, resume: bool = Fal
 def evaluate(run: str | Path, data: Optional[dict[str, str]] = None, device: str = "auto",
              show_progress: bool = False) -> dict:
     """Evaluate a run's best adapter on its test sets (or ``data``: {name: split}); writes and returns eval.json."""
-    from samft.engine.evaluate import evaluate_run
+    from samft.engine.infer.evaluate import evaluate_run
 
     return evaluate_run(run, data, device, show_progress=show_progress)
 
 
 def __getattr__(name: str) -> Any:
     if name == "Segmenter":
-        from samft.engine.segmenter import Segmenter
+        from samft.engine.infer.segmenter import Segmenter
 
         return Segmenter
     raise AttributeError(f"module 'samft' has no attribute {name!r}")

@@ -82,8 +82,8 @@ def train(
 ) -> None:
     """Fine-tune SAM on a dataset; writes a run directory (config, adapter, state, metrics, plots)."""
     from samft.config import load_config
-    from samft.engine.runs import read_run_config
-    from samft.engine.train import train as run_training
+    from samft.engine.artifacts.runs import read_run_config
+    from samft.engine.train.loop import train as run_training
 
     if resume is not None:
         if config is not None:
@@ -114,8 +114,8 @@ def eval_(
     overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in pixels (default SIZE/8)"),
 ) -> None:
     """Evaluate a run at each image's original resolution; writes RUN/eval.json."""
-    from samft.engine.evaluate import evaluate_run
-    from samft.engine.runs import newest_run
+    from samft.engine.infer.evaluate import evaluate_run
+    from samft.engine.artifacts.runs import newest_run
 
     run_dir = run or newest_run()
     named = {k: str(Path(v).expanduser().resolve()) for k, v in _parse_named(data, "--data").items()}  # from cwd
@@ -166,8 +166,8 @@ def predict(
     Under torchrun each process predicts its share of the images."""
     import time
 
-    from samft.engine.predict import predict_run
-    from samft.engine.runs import newest_run
+    from samft.engine.infer.predict import predict_run
+    from samft.engine.artifacts.runs import newest_run
 
     run_dir = run or newest_run()
     t0 = time.perf_counter()
@@ -196,18 +196,18 @@ def export(
     """Fold the adapters into SAM's weights (LoRA, SSF, BitFit ...) and write a plain SAM checkpoint plus
     the decoder head (--merged); for methods that cannot be merged, say so and write the unmerged model.
     --onnx writes the whole model as one ONNX graph, checked against PyTorch with onnxruntime."""
-    from samft.engine.runs import newest_run
+    from samft.engine.artifacts.runs import newest_run
 
     if merged is None and onnx is None:
         raise SamftError("export needs --merged FILE and/or --onnx FILE")
     run_dir = run or newest_run()
     if merged is not None:
-        from samft.engine.export import export_run
+        from samft.engine.artifacts.export import export_run
 
         result = export_run(run_dir, merged, overwrite=overwrite)
         _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
     if onnx is not None:
-        from samft.engine.onnx_export import export_onnx
+        from samft.engine.artifacts.onnx_export import export_onnx
 
         result = export_onnx(run_dir, onnx, opset, dynamic_batch, image, overwrite=overwrite)
         _console().print(f"[green]{result.message()}[/]", soft_wrap=True)
@@ -238,9 +238,9 @@ def prune(
 ) -> None:
     """SPViT: prune the run's encoder to --target-gmacs (attention -> derived convs or skip, fewer MLP
     units), fine-tune, and write a new run directory."""
-    from samft.engine.runs import newest_run
+    from samft.engine.artifacts.runs import newest_run
     from samft.prune.rebuild import summary
-    from samft.engine.prune import prune_run
+    from samft.engine.train.prune import prune_run
 
     finished = resume is not None and (resume / "pruned.safetensors").is_file()
     if search_epochs is None and search_steps is None and not finished:
@@ -311,7 +311,7 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
 ) -> None:
     """Score saved prediction maps (any method's) against ground truth with samft's metrics."""
-    from samft.engine.score import score_folders
+    from samft.engine.infer.score import score_folders
 
     result = score_folders(pred, gt, threshold, show_progress=not as_json)
     if as_json:

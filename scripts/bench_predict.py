@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 def make_run(run_dir: Path, data_dir: Path):
     from samft.config import dump_yaml, load_config
-    from samft.engine.checkpoint import save_adapter
-    from samft.engine.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations
+    from samft.engine.artifacts.checkpoint import save_adapter
+    from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations
     from samft.model import build_model
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={data_dir}", f"output.dir={run_dir}"])
@@ -53,7 +53,7 @@ def main() -> None:
     from PIL import Image
 
     from samft.data.synthetic import write_dataset
-    from samft.engine.predict import predict_run
+    from samft.engine.infer.predict import predict_run
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))

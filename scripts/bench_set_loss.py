@@ -33,7 +33,7 @@ def child(variant: str, size: int, queries: int, classes: int, batch: int, repea
     import torch
     import torch.nn.functional as F
 
-    from samft.losses import PointSampling, SetLossWeights, set_loss
+    from samft.tasks.losses import PointSampling, SetLossWeights, set_loss
 
     torch.manual_seed(0)
     ids = torch.randint(0, classes, (batch, size // 64, size // 64))

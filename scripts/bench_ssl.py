@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samft.config import config_from_dict  # noqa: E402
 from samft.model import build_model  # noqa: E402
-from samft.ssl import SSLHead, ssl_loss  # noqa: E402
+from samft.slip.ssl import SSLHead, ssl_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 2, "global_attn_indexes": [1],

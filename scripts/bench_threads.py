@@ -31,7 +31,7 @@ TRAIN = """
 import sys, time, warnings
 warnings.filterwarnings("ignore")
 from samft.config import config_from_dict
-from samft.engine.train import train
+from samft.engine.train.loop import train
 cfg = config_from_dict({
     "model": {"type": "tiny", "img_size": 128, "tiny": {"embed_dim": 64, "depth": 2, "num_heads": 2,
               "window_size": 4, "global_attn_indexes": [1], "out_chans": 64}},

@@ -52,10 +52,10 @@ def child(args) -> None:
     import torch
 
     from samft.data.io import read_image
-    from samft.engine.predict import predict_run
-    from samft.engine.runs import load_run
+    from samft.engine.infer.predict import predict_run
+    from samft.engine.artifacts.runs import load_run
     from samft.data.layouts import Pair
-    from samft.engine.tiling import TileGrid, iter_tiled_predictions, model_tile_predictor
+    from samft.engine.infer.tiling import TileGrid, iter_tiled_predictions, model_tile_predictor
 
     torch.set_num_threads(args.threads)
     run = load_run(args.run, torch.device(args.device))
@@ -67,7 +67,7 @@ def child(args) -> None:
     peak = _rss_mb()
     grid = TileGrid(args.size, args.size, args.tile, args.overlap)
     n_tiles = len(grid)
-    from samft.tasks import make_task
+    from samft.tasks.task import make_task
 
     task = make_task(run.cfg)
     predict = model_tile_predictor(run.model, task, torch.device(args.device))
@@ -96,7 +96,7 @@ def multiclass_memory(size: int, tile: int, overlap: int, classes: int = 21) -> 
 
     import numpy as np
 
-    from samft.engine.tiling import decide_tiled, predict_tiled
+    from samft.engine.infer.tiling import decide_tiled, predict_tiled
 
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     mix = np.random.default_rng(1).standard_normal((classes, 3)).astype(np.float32)

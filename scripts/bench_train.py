@@ -2,7 +2,7 @@
 """Time samft training steps and peak memory for a grid of configurations, side by side.
 
 Each configuration runs in its own fresh process (clean peak memory, no compile caches shared) and
-times the real training step (``samft.engine.train.train_step``: forward, structure + balance
+times the real training step (``samft.engine.train.loop.train_step``: forward, structure + balance
 loss, backward, clipping, AdamW) on random images with random masks, after warm-up steps. It prints
 one row per configuration: median step time, images/s, peak memory, the ratio of images/s against the
 *plain path* measured in the same run (segment_anything's eager attention, fp32, no checkpointing, the
@@ -68,8 +68,8 @@ def run_one(spec: dict) -> dict:
     sys.path.insert(0, str(ROOT))
     from samft.config import config_from_dict
     from samft.engine.runtime import pick_device, resolve_precision
-    from samft.engine.setup import build_training
-    from samft.engine.train import train_step
+    from samft.engine.train.setup import build_training
+    from samft.engine.train.loop import train_step
     from samft.model.flops import encoder_flops
 
     warnings.filterwarnings("ignore", message=".*random weights.*")

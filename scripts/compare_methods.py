@@ -62,9 +62,9 @@ def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_p
     import torch
 
     from samft.config import load_config
-    from samft.engine.evaluate import evaluate_run
-    from samft.engine.train import read_metrics, train
-    from samft.engine.runs import METRICS_FILE
+    from samft.engine.infer.evaluate import evaluate_run
+    from samft.engine.train.loop import read_metrics, train
+    from samft.engine.artifacts.runs import METRICS_FILE
     from samft.model import describe
 
     cfg = load_config(config, overrides)

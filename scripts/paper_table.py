@@ -69,9 +69,9 @@ def recognise(cfg, sets: dict) -> Optional[str]:
 
 def read_run(arg: str) -> Run:
     """``DIR`` or ``NAME=DIR`` -> the run's dataset, method, protocol and eval.json sets."""
-    from samft.engine.runs import EVAL_FILE, read_run_config
+    from samft.engine.artifacts.runs import EVAL_FILE, read_run_config
     from samft.errors import SamftError
-    from samft.protocol import differences
+    from samft.config.protocol import differences
 
     name, _, path = arg.rpartition("=") if "=" in arg else ("", "", arg)
     path = Path(path)
@@ -125,9 +125,9 @@ def markdown_table(runs: list[Run]) -> str:
 def train_configs(configs: list[str], workdir: Path, overrides: list[str], fresh: bool) -> list[str]:
     """Train and evaluate each config into ``workdir/<stem>``; returns ``NAME=DIR`` for each."""
     from samft.config import load_config
-    from samft.engine.evaluate import evaluate_run
-    from samft.engine.runs import EVAL_FILE
-    from samft.engine.train import train
+    from samft.engine.infer.evaluate import evaluate_run
+    from samft.engine.artifacts.runs import EVAL_FILE
+    from samft.engine.train.loop import train
 
     out = []
     for config in configs:

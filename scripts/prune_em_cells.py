@@ -3,7 +3,7 @@
 fine-tuning and after it, with the encoder GMACs (numbers for docs/pruning.md).
 
 Trains a run with ``configs/compare_em_cells.yaml`` (``--method``, default lora), then
-``samft.engine.prune.prune_run`` to ``--target`` x the dense GMACs. The tiny SAM has random frozen weights:
+``samft.engine.train.prune.prune_run`` to ``--target`` x the dense GMACs. The tiny SAM has random frozen weights:
 this exercises the pipeline on real images, it does not measure pruning a pretrained SAM.
 
     OMP_NUM_THREADS=1 python scripts/prune_em_cells.py --workdir runs/prune_em_cells
@@ -34,9 +34,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from samft.config import load_config
-    from samft.engine.train import train
+    from samft.engine.train.loop import train
     from samft.prune.rebuild import summary
-    from samft.engine.prune import prune_run
+    from samft.engine.train.prune import prune_run
 
     data = args.data or next((p for p in (ROOT.parent / "shared" / "data" / "em-cells",
                                           ROOT.parent.parent / "shared" / "data" / "em-cells") if p.is_dir()), None)
@@ -50,7 +50,7 @@ def main() -> None:
     run = train(cfg, show_progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from samft.engine.runs import load_run
+        from samft.engine.artifacts.runs import load_run
         from samft.prune.flops import encoder_block_flops, gmacs
 
         model = load_run(run, __import__("torch").device("cpu")).model

@@ -94,7 +94,7 @@ def perturb_trainable(model_or_params, seed: int = 0, scale: float = 0.05):
 
 def interrupt_after(monkeypatch, n_steps: int) -> None:
     """Make training raise KeyboardInterrupt (as Ctrl-C) when it starts optimizer step ``n_steps + 1``."""
-    import samft.engine.train as train_mod
+    import samft.engine.train.loop as train_mod
 
     real = train_mod.train_step
     calls = {"n": 0}

@@ -4,7 +4,7 @@ that rank 1 fails with a DataError in its second optimizer step (a stand-in for 
 import os
 import sys
 
-import samft.engine.train as train_module
+import samft.engine.train.loop as train_module
 from samft.cli import main
 from samft.errors import DataError
 

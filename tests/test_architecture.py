@@ -16,9 +16,9 @@ PKG = Path(__file__).resolve().parents[1] / "samft"
 LAYERS = {  # package or module (under samft.) -> rank; a module may import its own rank or below
     "cli": 3, "__main__": 3, "__init__": 3,
     "engine": 2,
-    "model": 1, "peft": 1, "prune": 1, "data": 1, "ssl": 1, "text": 1,
-    "config": 0, "constants": 0, "losses": 0, "metrics": 0, "tasks": 0, "errors": 0, "fields": 0, "progress": 0,
-    "files": 0, "protocol": 0, "deploy_onnx": 0,  # deploy_onnx: numpy + onnxruntime only (tested: no torch)
+    "model": 1, "peft": 1, "prune": 1, "data": 1, "slip": 1, "tasks": 1,
+    "config": 0, "constants": 0, "errors": 0, "progress": 0, "version": 0,
+    "files": 0, "deploy_onnx": 0,  # deploy_onnx: numpy + onnxruntime only (tested: no torch)
 }
 # (importer's top-level name, imported module prefix): why the upward import is right
 ALLOWED = {
@@ -82,6 +82,6 @@ def test_config_imports_no_torch():
 def test_the_check_catches_an_upward_import(tmp_path):
     """The checker itself: a data module importing the engine is reported (a mutant of the rule)."""
     bad = tmp_path / "bad.py"
-    bad.write_text("from samft.engine.train import train\n")
+    bad.write_text("from samft.engine.train.loop import train\n")
     target, _ = _imports(bad)[0]
     assert LAYERS[_top(target)] > LAYERS["data"]

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from samft.cli import app
 from samft.data.synthetic import write_dataset
-from samft.engine.checkpoint import load_resume_state, save_resume_state
+from samft.engine.artifacts.checkpoint import load_resume_state, save_resume_state
 
 from conftest import TINY
 
@@ -52,7 +52,7 @@ def _base_config(data: Path, out: str = "runs/x") -> dict:
 def trained(tmp_path_factory) -> dict:
     """One tiny run, trained once: its folder and its data (copied per test before anything is changed)."""
     from samft.config import config_from_dict
-    from samft.engine.train import train
+    from samft.engine.train.loop import train
 
     root = tmp_path_factory.mktemp("bad_input")
     data = write_dataset(root / "data", n=8, seed=4)
@@ -708,8 +708,8 @@ def test_eroFS_is_one_line(tmp_path, trained, monkeypatch):
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_ctrl_c_during_eval_or_predict(tmp_path, trained, monkeypatch, command):
     """Ctrl-C: one word, exit 130 (the shell's code for SIGINT), no traceback, no half-written mask."""
-    import samft.engine.evaluate as evaluate
-    import samft.engine.predict as predict
+    import samft.engine.infer.evaluate as evaluate
+    import samft.engine.infer.predict as predict
 
     ctx = Ctx(tmp_path, trained)
     real = evaluate.iter_predictions

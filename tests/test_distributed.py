@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samft.engine.checkpoint import read_adapter
+from samft.engine.artifacts.checkpoint import read_adapter
 from samft.engine.distributed import tensors_sha256
-from samft.engine.evaluate import evaluate_run
+from samft.engine.infer.evaluate import evaluate_run
 
 from conftest import ROOT, RUN_FILES, TINY
 
@@ -106,7 +106,7 @@ def test_predict_under_torchrun_writes_each_image_once(trained, workdir):
     import numpy as np
     from PIL import Image
 
-    from samft.engine.predict import predict_run
+    from samft.engine.infer.predict import predict_run
 
     run, _ = trained
     proc = torchrun("predict", "data/images", "--run-dir", "runs/ddp", "--out", "pred", "--device", "cpu",

@@ -14,13 +14,13 @@ from PIL import Image
 
 import samft
 from samft.config import config_from_dict
-from samft.engine.checkpoint import load_resume_state as load_state, read_adapter
-from samft.engine.checkpointer import Checkpointer, better
-from samft.engine.metrics_log import read_metrics
-from samft.engine.setup import ExtraStream, build_training
-from samft.engine.train import TrainingInterrupted, train, train_step
+from samft.engine.artifacts.checkpoint import load_resume_state as load_state, read_adapter
+from samft.engine.train.checkpointer import Checkpointer, better
+from samft.engine.artifacts.metrics_log import read_metrics
+from samft.engine.train.setup import ExtraStream, build_training
+from samft.engine.train.loop import TrainingInterrupted, train, train_step
 from samft.errors import SamftError
-from samft.losses import balanced_bce, structure_loss
+from samft.tasks.losses import balanced_bce, structure_loss
 
 from conftest import interrupt_after, tiny_config
 
@@ -251,7 +251,7 @@ def test_resume_without_a_saved_state_starts_again(tmp_path, synthetic_dir):
 
 def test_resume_applies_allowed_keys_and_refuses_the_rest(tmp_path, synthetic_dir):
     run = train(_cfg(tmp_path, synthetic_dir, "more", epochs=1), show_progress=False)
-    from samft.engine.runs import read_run_config
+    from samft.engine.artifacts.runs import read_run_config
 
     with pytest.raises(SamftError, match="train.lr: cannot change on --resume"):
         train(read_run_config(run, ["train.lr=0.5"]), resume=True, show_progress=False)
@@ -282,9 +282,9 @@ def test_scores_at_input_size_stretch_prediction_and_ground_truth(synthetic_dir)
     import cv2
 
     from samft.data.layouts import train_val_pairs
-    from samft.engine.evaluate import iter_predictions
+    from samft.engine.infer.evaluate import iter_predictions
     from samft.model import build_model
-    from samft.tasks import make_task
+    from samft.tasks.task import make_task
 
     cfg = tiny_config("lora", data={"root": str(synthetic_dir), "train": "."})
     pairs = train_val_pairs(cfg.data)[0][:2]
@@ -313,7 +313,7 @@ def test_public_api_trains_evaluates_and_segments(tmp_path, synthetic_dir):
     assert np.array_equal(by_path, by_array) and np.array_equal(by_path, by_pil)
     batch = seg.predict_batch([image, image[:40, :50]], batch_size=2)
     assert np.array_equal(batch[0], by_path) and batch[1].shape == (40, 50)
-    from samft.engine.predict import predict_run
+    from samft.engine.infer.predict import predict_run
 
     written = predict_run(run, [str(path)], tmp_path / "preds", device="cpu", show_progress=False)
     assert np.array_equal(np.array(Image.open(written[0])) > 0, by_path)
@@ -366,7 +366,7 @@ def test_a_block_can_be_replaced_by_any_module_with_the_contract(checkpointing):
 def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, synthetic_dir, monkeypatch):
     import errno
 
-    import samft.engine.checkpointer as ckpt_mod
+    import samft.engine.train.checkpointer as ckpt_mod
 
     real, calls = ckpt_mod.save_resume_state, {"n": 0}
 
@@ -410,7 +410,7 @@ def test_a_run_that_learnt_nothing_is_said(tmp_path, synthetic_dir):
 
 
 def test_degenerate_predictions_are_named():
-    from samft.metrics import BinaryMetrics, ConfusionMetrics
+    from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics
 
     gt = np.zeros((4, 4), bool)
     gt[:2] = True
@@ -458,7 +458,7 @@ def test_an_unknown_key_is_blamed_where_it_was_written(tmp_path):
 
 
 def test_fewer_mask_tokens_than_classes_is_warned():
-    from samft.tasks import make_task
+    from samft.tasks.task import make_task
 
     with pytest.warns(UserWarning, match="model.num_mask_tokens is 2 for 3 classes"):
         make_task(tiny_config("lora", model={"num_mask_tokens": 2}, data={"classes": ["a", "b", "c"]}))
@@ -467,7 +467,8 @@ def test_fewer_mask_tokens_than_classes_is_warned():
 def test_data_without_a_background_class():
     """CamVid-like: class 0 is sky. Distinct display colours for every class, every class tinted."""
     from samft.config import DataConfig
-    from samft.tasks import ClassSpec, class_overlay
+    from samft.data.classes import ClassSpec
+    from samft.data.draw import class_overlay
 
     spec = ClassSpec.of(DataConfig(classes=["sky", "road", "car"], background=None))
     assert len({tuple(c) for c in spec.colours}) == 3 and (spec.colours.sum(axis=1) > 0).all()
@@ -535,9 +536,9 @@ def test_repeated_problems_are_grouped_with_a_hint():
 
 def test_predict_and_eval_take_an_exported_model(tmp_path, synthetic_dir):
     """An export (merged or not) runs through predict, eval and the Segmenter like the run it came from."""
-    from samft.engine.evaluate import evaluate_run
-    from samft.engine.export import export_run
-    from samft.engine.predict import predict_run
+    from samft.engine.infer.evaluate import evaluate_run
+    from samft.engine.artifacts.export import export_run
+    from samft.engine.infer.predict import predict_run
 
     for method in ("lora", "conv_lora"):  # mergeable, not mergeable
         run = train(_cfg(tmp_path, synthetic_dir, f"exp-{method}", method=method, epochs=1), show_progress=False)

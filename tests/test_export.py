@@ -10,9 +10,9 @@ from segment_anything.build_sam import sam_model_registry
 
 from samft import peft
 from samft.config import dump_yaml
-from samft.engine.checkpoint import save_adapter
-from samft.engine.export import export_run, head_path, load_exported
-from samft.engine.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations, load_run
+from samft.engine.artifacts.checkpoint import save_adapter
+from samft.engine.artifacts.export import export_run, head_path, load_exported
+from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations, load_run
 from samft.errors import CheckpointError, SamftError
 from samft.model import build_model
 from samft.model.sam import build_tiny

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from samft.data.io import read_binary_mask
-from samft.losses import structure_loss
-from samft.metrics import BinaryMetrics, canonical, dice_iou, higher_is_better
+from samft.tasks.losses import structure_loss
+from samft.tasks.metrics import BinaryMetrics, canonical, dice_iou, higher_is_better
 
 from conftest import shared
 
@@ -167,7 +167,7 @@ def test_structure_loss_equals_an_independent_restatement_on_a_padded_batch(bce)
 
 
 def test_balanced_bce_equals_an_independent_restatement():
-    from samft.losses import balanced_bce
+    from samft.tasks.losses import balanced_bce
 
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 2, (3, 1, 12, 10))

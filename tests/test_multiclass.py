@@ -16,8 +16,8 @@ from samft.data.classes import VOC_CLASSES, ClassSpec, voc_colormap
 from samft.data.datasets import load_pair
 from samft.data.layouts import Pair
 from samft.errors import ConfigError, DataError
-from samft.losses import SetLossWeights, match_queries, pairwise_bce, pairwise_dice, set_loss
-from samft.metrics import ConfusionMetrics
+from samft.tasks.losses import SetLossWeights, match_queries, pairwise_bce, pairwise_dice, set_loss
+from samft.tasks.metrics import ConfusionMetrics
 from samft.model import build_model
 from samft.model.semantic import semantic_probs
 
@@ -171,9 +171,9 @@ def test_multiclass_model_shapes_and_parameters():
 
 def test_voc_samples_train_eval_predict(tmp_path):
     """Colour-coded VOC masks with the (224, 224, 192) boundary as ignore: train -> eval (mIoU) -> predict."""
-    from samft.engine.evaluate import evaluate_run
-    from samft.engine.predict import predict_run
-    from samft.engine.train import train
+    from samft.engine.infer.evaluate import evaluate_run
+    from samft.engine.infer.predict import predict_run
+    from samft.engine.train.loop import train
 
     root = shared("voc-samples")
     cfg = tiny_config("conv_lora",

@@ -20,14 +20,14 @@ from samft.data.io import read_image
 from samft.data.layouts import Pair
 from samft.data.transforms import SamTransform
 from samft.deploy_onnx import OnnxSegmenter, preprocess, resize_bilinear
-from samft.engine.evaluate import iter_predictions
-from samft.engine.onnx_export import check_exportable, export_onnx
-from samft.engine.runs import load_run
+from samft.engine.infer.evaluate import iter_predictions
+from samft.engine.artifacts.onnx_export import check_exportable, export_onnx
+from samft.engine.artifacts.runs import load_run
 from samft.errors import SamftError
 from samft.model.attention.sdpa import SDPAAttention
 from samft.peft.conv_lora import ConvLoRAConfig, ConvLoRALinear
 from samft.peft.sam_adapter import high_frequency, high_frequency_matmul
-from samft.tasks import make_task
+from samft.tasks.task import make_task
 
 from conftest import METHODS, ROOT, SHARED_DATA
 from test_export import make_run

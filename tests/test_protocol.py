@@ -1,6 +1,6 @@
 """The paper's protocol on demand: ``protocol: samft | autogluon`` and each of its switches on a hand-built case.
 
-Expected values are written out here (not read from samft.protocol.OPTIONS), so a changed table fails a test.
+Expected values are written out here (not read from samft.config.protocol.OPTIONS), so a changed table fails a test.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from PIL import Image
 
 from samft.config import config_from_dict, dump_yaml
 from samft.data.transforms import SamTransform, nearest_indices, squash_image, squash_mask
-from samft.engine.schedule import lr_factor
+from samft.engine.train.schedule import lr_factor
 from samft.errors import ConfigError
-from samft.losses import (PointSampling, SetLossWeights, kept_point_sample, match_queries, point_sample, set_loss,
+from samft.tasks.losses import (PointSampling, SetLossWeights, kept_point_sample, match_queries, point_sample, set_loss,
                           uncertain_points)
-from samft.metrics import BinaryMetrics, ConfusionMetrics, image_ber, per_class_all_iou
+from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics, image_ber, per_class_all_iou
 from samft.constants import PIXEL_MEAN, PIXEL_STD
-from samft.protocol import OPTIONS, apply_protocol, differences, summary
+from samft.config.protocol import OPTIONS, apply_protocol, differences, summary
 
 SAMFT = {"data.resize": "pad", "eval.resize_gt_to_input": False, "eval.miou": "dataset", "eval.ber": "pooled",
          "train.batch_size": 4, "train.accum_steps": 1, "train.adam_eps": 1e-8, "train.schedule": "linear",
@@ -125,7 +125,7 @@ def test_the_training_parts_use_the_protocols_optimizer_and_schedule():
     """build_training: AdamW's eps is train.adam_eps and the LambdaLR follows train.schedule/poly_power."""
     import torch
 
-    from samft.engine.setup import build_training
+    from samft.engine.train.setup import build_training
 
     from conftest import tiny_config
 
@@ -465,9 +465,9 @@ def test_tiny_autogluon_run_trains_evaluates_and_predicts(tmp_path, synthetic_di
     from conftest import TINY
     from samft.data.datasets import EvalDataset
     from samft.data.layouts import folder_pairs
-    from samft.engine.evaluate import evaluate_run
-    from samft.engine.predict import predict_run
-    from samft.engine.train import train
+    from samft.engine.infer.evaluate import evaluate_run
+    from samft.engine.infer.predict import predict_run
+    from samft.engine.train.loop import train
 
     cfg = config_from_dict({"protocol": "autogluon", "model": dict(TINY), "peft": {"method": "conv_lora"},
                             "data": {"root": str(synthetic_dir), "train": ".", "val_fraction": 0.2, "num_workers": 0,
@@ -494,7 +494,7 @@ def test_tiny_autogluon_run_trains_evaluates_and_predicts(tmp_path, synthetic_di
 @pytest.mark.parametrize("protocol, costs, sampling", [("samft", (10.0, 5.0, 5.0), None),
                                                        ("autogluon", (1.0, 5.0, 5.0), PointSampling(12544, 3.0, 0.75))])
 def test_the_task_carries_the_protocols_loss_and_metrics(protocol, costs, sampling):
-    from samft.tasks import make_task
+    from samft.tasks.task import make_task
 
     task = make_task(config_from_dict({"protocol": protocol, "data": {"classes": ["bg", "a"]}}))
     assert task.weights.costs() == costs and task.sampling == sampling

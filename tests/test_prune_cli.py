@@ -17,13 +17,13 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from typer.testing import CliRunner
 
-import samft.engine.prune as prune_module
+import samft.engine.train.prune as prune_module
 from samft.cli import app
 from samft.data.synthetic import write_dataset
-from samft.engine.export import load_exported
-from samft.engine.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run
-from samft.engine.runs import load_run
-from samft.engine.segmenter import Segmenter
+from samft.engine.artifacts.export import load_exported
+from samft.engine.train.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run
+from samft.engine.artifacts.runs import load_run
+from samft.engine.infer.segmenter import Segmenter
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.search_block import SearchBlock
 

@@ -1,4 +1,4 @@
-"""``samft.engine.prune``: a trained run pruned into a new run directory that loads back to the same model."""
+"""``samft.engine.train.prune``: a trained run pruned into a new run directory that loads back to the same model."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 
-from samft.engine.runs import ADAPTER_FILE, CONFIG_FILE, load_run
+from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, load_run
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.rebuild import PrunedBlock
-from samft.engine.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run, prune_run
+from samft.engine.train.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run, prune_run
 
 from test_export import make_run
 

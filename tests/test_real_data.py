@@ -5,9 +5,9 @@ import json
 import numpy as np
 from PIL import Image
 
-from samft.engine.evaluate import evaluate_run
-from samft.engine.predict import predict_run
-from samft.engine.train import train
+from samft.engine.infer.evaluate import evaluate_run
+from samft.engine.infer.predict import predict_run
+from samft.engine.train.loop import train
 
 from conftest import shared, tiny_config
 

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-import samft.engine.checkpoint as ckpt
-from samft.engine.checkpoint import load_resume_state, load_trainable, save_resume_state
+import samft.engine.artifacts.checkpoint as ckpt
+from samft.engine.artifacts.checkpoint import load_resume_state, load_trainable, save_resume_state
 from samft.errors import CheckpointError
 
 from conftest import tiny_config

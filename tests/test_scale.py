@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import samft.engine.runtime as runtime
-from samft.engine.checkpoint import read_adapter
-from samft.engine.train import train
+from samft.engine.artifacts.checkpoint import read_adapter
+from samft.engine.train.loop import train
 from samft.errors import ConfigError
 
 from conftest import tiny_config

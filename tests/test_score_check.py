@@ -13,9 +13,9 @@ from PIL import Image
 from samft.config import config_from_dict
 from samft.data.check import check_data
 from samft.data.io import read_binary_mask
-from samft.engine.score import score_folders
+from samft.engine.infer.score import score_folders
 from samft.errors import SamftError
-from samft.metrics import BinaryMetrics
+from samft.tasks.metrics import BinaryMetrics
 
 from conftest import TINY, shared
 from test_cli_e2e import samft

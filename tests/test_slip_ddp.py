@@ -54,8 +54,8 @@ def _share(batch: dict, lo: int, hi: int) -> dict:
 def _build(cfg, info):
     """build_training as Fit calls it, with trainable tensors moved off their initialisation (zero LoRA B,
     BatchNorm at (1, 0)) so that every one of them gets a gradient that matters."""
-    from samft.engine.setup import build_training
-    from samft.engine.slip import ssl_stream
+    from samft.engine.train.setup import build_training
+    from samft.engine.train.slip import ssl_stream
 
     torch.manual_seed(cfg.train.seed)  # the tiny SAM's random weights, as prepare_run seeds them
     parts = build_training(cfg, torch.device("cpu"), "fp32", 2, info, [ssl_stream(cfg, info.world_size)])
@@ -103,7 +103,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, cfg_yaml: str, out_file: 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from samft.ssl import DistBatchNorm1d
+    from samft.slip.ssl import DistBatchNorm1d
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -194,7 +194,7 @@ def test_ddp_gradients_of_both_slip_losses_equal_one_process(tmp_path):
 def test_both_slip_losses_train_under_torchrun(tmp_path):
     """The real command line, 2 processes on gloo, with the text class head too: both losses logged, one digest
     for the weights (the class head's included) and one for the heads, no loss head tensor in the adapter."""
-    from samft.engine.checkpoint import load_resume_state, read_adapter
+    from samft.engine.artifacts.checkpoint import load_resume_state, read_adapter
     from samft.engine.distributed import tensors_sha256
 
     from test_distributed import torchrun

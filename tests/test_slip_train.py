@@ -1,4 +1,4 @@
-"""SLIP's SSL loss in training (samft.engine.slip): off is today's training bit for bit, on it trains the
+"""SLIP's SSL loss in training (samft.engine.train.slip): off is today's training bit for bit, on it trains the
 adapter, the decoder and the projection head (never the frozen base), resumes exactly with the unlabelled
 stream, keeps the head out of the adapter files, and runs from the command line."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import samft.engine.train as train_mod
-from samft.engine.checkpoint import load_resume_state as load_state, read_adapter
-from samft.engine.metrics_log import read_metrics
-from samft.engine.setup import build_training
-from samft.engine.slip import ssl_stream
-from samft.engine.train import TrainingInterrupted, train
+import samft.engine.train.loop as train_mod
+from samft.engine.artifacts.checkpoint import load_resume_state as load_state, read_adapter
+from samft.engine.artifacts.metrics_log import read_metrics
+from samft.engine.train.setup import build_training
+from samft.engine.train.slip import ssl_stream
+from samft.engine.train.loop import TrainingInterrupted, train
 from samft.errors import SamftError
 
 from conftest import classes_dir, tiny_config
@@ -143,8 +143,8 @@ def _voc_cfg(tmp_path, name, weight=1.0, method="lora", **train_opts):
 
 
 def test_region_text_term_is_the_loss_of_the_labelled_forward_with_padding_ignored(tmp_path):
-    from samft.engine.checkpoint import trainable_state
-    from samft.text import region_text_loss
+    from samft.engine.artifacts.checkpoint import trainable_state
+    from samft.slip.text import region_text_loss
 
     cfg = _voc_cfg(tmp_path, "unit", weight=0.5, grad_clip=0.0)
     parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=2)
@@ -179,7 +179,7 @@ def test_a_run_with_the_region_text_loss_logs_it_and_keeps_its_head_out_of_the_a
     steps = [r for r in read_metrics(run / "metrics.csv") if r["kind"] == "step"]
     assert steps and all(float(r["aux_clip"]) > 0 for r in steps)
     plain = build_training(_voc_cfg(tmp_path, "plain", weight=0.0), torch.device("cpu"), "fp32", 2)
-    from samft.engine.checkpoint import trainable_state
+    from samft.engine.artifacts.checkpoint import trainable_state
 
     assert set(read_adapter(run / "adapter.safetensors")[0]) == set(trainable_state(plain.model))
     assert set(load_state(run / "state.safetensors")["extra_modules"]["clip"]) == {"proj.weight", "text_emb", "logit_scale"}
@@ -241,8 +241,8 @@ def test_ssl_under_torchrun_shards_the_unlabelled_images_in_equal_full_batches(t
     from types import SimpleNamespace
 
     from samft.engine import distributed as D
-    from samft.engine.slip import config_streams
-    from samft.engine.streams import StreamCursor
+    from samft.engine.train.slip import config_streams
+    from samft.engine.train.streams import StreamCursor
 
     cfg = _cfg(tmp_path, synthetic_dir, "ddp", weight=1.0)  # 7 unlabelled images, batches of 3
     [stream] = config_streams(SimpleNamespace(cfg=cfg, info=D.DistInfo(rank=0, world_size=2), main=False))
@@ -273,9 +273,9 @@ def test_training_only_modules_get_synchronised_batchnorm_under_torchrun_and_are
     from torch import nn
 
     from samft.engine import distributed as D
-    from samft.engine.setup import ExtraStream, LabelledTerm, _bind_modules
-    from samft.engine.step_module import TrainingModule
-    from samft.ssl import DistBatchNorm1d, SSLHead
+    from samft.engine.train.setup import ExtraStream, LabelledTerm, _bind_modules
+    from samft.engine.train.step import TrainingModule
+    from samft.slip.ssl import DistBatchNorm1d, SSLHead
 
     def stream(modules, name="u"):
         return ExtraStream(name, [0], 1, lambda m, b: {}, {}, modules=modules)

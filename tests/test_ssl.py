@@ -20,7 +20,7 @@ from samft.data.unlabelled import TwoViewTransform, UnlabelledDataset, unlabelle
 from samft.errors import ConfigError, DataError
 from samft.model import build_model
 from samft.peft import get as get_method
-from samft.ssl import (DistBatchNorm1d, SSLHead, convert_sync_batchnorm, nt_xent, ssl_features, ssl_loss)
+from samft.slip.ssl import (DistBatchNorm1d, SSLHead, convert_sync_batchnorm, nt_xent, ssl_features, ssl_loss)
 
 from conftest import METHODS, perturb_trainable, tiny_config
 
@@ -328,7 +328,7 @@ def test_ssl_config():
 
 
 def test_ssl_head_factory_is_off_at_weight_zero_and_leaves_the_global_rng_alone():
-    from samft.ssl import build_ssl_head
+    from samft.slip.ssl import build_ssl_head
 
     off = tiny_config("lora")
     on = tiny_config("lora", data={"unlabelled": ["train"]}, loss={"ssl": {"weight": 0.5, "mlp_dim": 24,

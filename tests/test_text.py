@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from samft.config import config_from_dict
 from samft.errors import CheckpointError, ConfigError, DataError
 from samft.model import build_model
-from samft.text import (LOGIT_SCALE_INIT, RegionTextHead, TextClassHead, class_embeddings, load_class_embeddings,
+from samft.slip.text import (LOGIT_SCALE_INIT, RegionTextHead, TextClassHead, class_embeddings, load_class_embeddings,
                         region_features, region_text_loss, use_text_class_head)
 
 from conftest import tiny_config
@@ -229,7 +229,7 @@ def test_open_clip_missing_or_wrong_weights_are_named(tiny_open_clip, tmp_path):
 
 
 def test_text_heads_factory(tmp_path):
-    from samft.text import build_text_heads
+    from samft.slip.text import build_text_heads
 
     np.save(tmp_path / "names.npy", np.random.rand(3, 7).astype(np.float32))
     plain = tiny_config("lora", data={"classes": CLASSES})
@@ -250,10 +250,10 @@ def test_text_heads_factory(tmp_path):
 
 def test_a_run_with_open_clip_class_names_needs_the_text_tower_only_to_train(tiny_open_clip, tmp_path):
     """model.class_head=text from a local open_clip tower: trained, then used after the tower is gone."""
-    from samft.engine.segmenter import Segmenter
-    from samft.engine.train import train
+    from samft.engine.infer.segmenter import Segmenter
+    from samft.engine.train.loop import train
     from samft.model import describe
-    from samft.text import TEXT_EMB_KEY
+    from samft.slip.text import TEXT_EMB_KEY
 
     from conftest import classes_dir
 

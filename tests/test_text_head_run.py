@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 
 from samft.cli import app
 from samft.config import dump_yaml
-from samft.engine.checkpoint import read_adapter, save_adapter, trainable_state
-from samft.engine.export import export_run, load_exported
-from samft.engine.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations, load_run
-from samft.engine.segmenter import Segmenter
-from samft.engine.train import TrainingInterrupted, train
+from samft.engine.artifacts.checkpoint import read_adapter, save_adapter, trainable_state
+from samft.engine.artifacts.export import export_run, load_exported
+from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations, load_run
+from samft.engine.infer.segmenter import Segmenter
+from samft.engine.train.loop import TrainingInterrupted, train
 from samft.errors import CheckpointError
 from samft.model import build_model, describe
-from samft.text import TEXT_EMB_KEY, TextClassHead
+from samft.slip.text import TEXT_EMB_KEY, TextClassHead
 
 from test_export import make_run
 
@@ -136,7 +136,7 @@ def test_exports_keep_the_text_head(method, tmp_path):
 
 def test_onnx_export_of_the_text_head(tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'samft[onnx]'")
-    from samft.engine.onnx_export import export_onnx
+    from samft.engine.artifacts.onnx_export import export_onnx
 
     run, _ = _text_run(tmp_path, "lora")
     result = export_onnx(run, tmp_path / "m.onnx", dynamic_batch=True)
@@ -157,7 +157,7 @@ def test_an_adapter_without_the_embeddings_is_named(tmp_path):
 
 @pytest.mark.parametrize("bad", [torch.zeros(2, 8), torch.zeros(3, 0), torch.zeros(3, 8, dtype=torch.int64)])
 def test_stored_embeddings_of_the_wrong_shape_or_type_are_named(tmp_path, bad):
-    from samft.text import stored_text_embeddings
+    from samft.slip.text import stored_text_embeddings
 
     cfg = _cfg(tmp_path, "x")
     with pytest.raises(CheckpointError, match=r"^adapter.safetensors: decoder.class_head.text_emb has shape "):

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from samft.cli import app
 from samft.data.layouts import Pair
-from samft.engine.evaluate import iter_predictions
-from samft.engine.runs import load_run
-from samft.engine.tiling import (TileGrid, decide_tiled, iter_bands, iter_tiled_predictions, predict_tiled, ramp,
+from samft.engine.infer.evaluate import iter_predictions
+from samft.engine.artifacts.runs import load_run
+from samft.engine.infer.tiling import (TileGrid, decide_tiled, iter_bands, iter_tiled_predictions, predict_tiled, ramp,
                                  tile_starts)
-from samft.tasks import LabelMap
-from samft.engine.writer import BackgroundWriter
+from samft.tasks.task import LabelMap
+from samft.engine.infer.writer import BackgroundWriter
 
 from test_export import make_run
 
@@ -162,7 +162,7 @@ def test_one_tile_equals_the_untiled_prediction(task, tmp_path):
         files.append(tmp_path / f"{hw[0]}x{hw[1]}.png")
         Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(files[-1])
     pairs = [Pair(f, None, f.stem) for f in files]
-    from samft.tasks import make_task
+    from samft.tasks.task import make_task
 
     task = make_task(loaded.cfg)
     want = {p.name: s for p, s, _ in iter_predictions(loaded.model, pairs, 2, torch.device("cpu"), task)}
@@ -176,7 +176,7 @@ def test_one_tile_equals_the_untiled_prediction(task, tmp_path):
             np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
     if task.kind == "multiclass":  # and the scores themselves, through the same tile predictor
         from samft.data.io import read_image
-        from samft.engine.tiling import model_tile_predictor
+        from samft.engine.infer.tiling import model_tile_predictor
 
         predict = model_tile_predictor(loaded.model, task, torch.device("cpu"))
         for f in files:
@@ -222,7 +222,7 @@ def test_background_writer_runs_every_job_and_raises_errors():
 
 
 def test_background_loading_and_writing_give_the_same_masks(tmp_path, synthetic_dir):
-    from samft.engine.predict import predict_run
+    from samft.engine.infer.predict import predict_run
 
     run, _ = make_run(tmp_path / "run", "conv_lora")
     images = str(synthetic_dir / "images")

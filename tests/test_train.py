@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samft.engine.checkpoint import load_resume_state, read_adapter
-from samft.engine.metrics_log import read_metrics
-from samft.engine.train import TrainingDiverged, TrainingInterrupted, lr_factor, train
+from samft.engine.artifacts.checkpoint import load_resume_state, read_adapter
+from samft.engine.artifacts.metrics_log import read_metrics
+from samft.engine.train.loop import TrainingDiverged, TrainingInterrupted, lr_factor, train
 
 from conftest import interrupt_after, tiny_config
 
@@ -52,7 +52,7 @@ def _untimed_rows(run_dir):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, synthetic_dir, monkeypatch):
-    import samft.tasks as tasks_mod
+    import samft.tasks.task as tasks_mod
 
     real = tasks_mod.structure_loss
     calls = {"n": 0}

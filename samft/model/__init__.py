@@ -15,8 +15,8 @@ from samft.model.attention import EncoderAttention, attention_kinds, set_attenti
 from samft.model.flops import encoder_flops
 from samft.model.sam import base_fingerprint, build_sam
 from samft.model.semantic import SegOutput, SemanticSAM
-from samft.tasks import make_task
-from samft.text import attach_text_class_head
+from samft.tasks.task import make_task
+from samft.slip.text import attach_text_class_head
 
 
 @dataclass
@@ -36,7 +36,7 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
     ``samft prune``) the encoder is then rebuilt to the pruned architecture and the file's whole state is
     loaded (:mod:`samft.prune.state`); ``base_sha256`` is then that file's. With ``model.class_head=text``
     (SLIP) the decoder classifies mask tokens against class-name embeddings: ``text_emb`` (K, D), those a
-    saved adapter or export holds, else read from ``model.text`` (:func:`samft.text.attach_text_class_head`).
+    saved adapter or export holds, else read from ``model.text`` (:func:`samft.slip.text.attach_text_class_head`).
     """
     sam = build_sam(cfg.model, meta=meta)
     sha = "" if meta or cfg.model.pruned else base_fingerprint(cfg.model, sam)

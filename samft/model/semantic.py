@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from samft.model.encoder import embed, neck
-from samft.tasks import semantic_probs  # noqa: F401  (re-exported)
+from samft.tasks.task import semantic_probs  # noqa: F401  (re-exported)
 
 
 def _aux_name(module: nn.Module) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samft.errors import ConfigError
-from samft.fields import opt
+from samft.config.field import opt
 from samft.peft.inject import AdapterLayer, check_choices, replace_modules
 from samft.peft.registry import register
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samft.errors import ConfigError
-from samft.fields import opt
+from samft.config.field import opt
 from samft.peft.inject import AdapterLayer, linear_targets, replace_modules
 from samft.peft.lora import LoRAConfig, init_low_rank
 from samft.peft.registry import register

@@ -17,7 +17,7 @@ class AdapterLayer(nn.Module):
     ``self.aux_loss`` during forward, named by ``aux_name``; the model collects and clears it after the
     forward pass and the training loop weighs it by ``loss.aux.<aux_name>``.
 
-    ``export_friendly`` is set by the ONNX exporter (``samft.engine.onnx_export``) for the duration of
+    ``export_friendly`` is set by the ONNX exporter (``samft.engine.artifacts.onnx_export``) for the duration of
     an export: a layer whose eval-mode forward does not trace to a static graph (Conv-LoRA's
     data-dependent expert dispatch, SAM-Adapter's FFT) then computes the same function with traceable
     operations (each tested equal to its normal path).

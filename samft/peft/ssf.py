@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from samft.errors import ConfigError
-from samft.fields import opt
+from samft.config.field import opt
 from samft.peft.inject import (LINEAR_TARGETS, AdapterLayer, check_choices, linear_targets, merge_layers,
                                replace_modules)
 from samft.peft.registry import register

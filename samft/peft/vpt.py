@@ -23,7 +23,7 @@ from torch import nn
 
 from samft.constants import PATCH
 from samft.errors import ConfigError
-from samft.fields import opt
+from samft.config.field import opt
 from samft.peft.inject import AdapterLayer, replace_modules
 from samft.peft.registry import register
 

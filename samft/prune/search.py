@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from samft.losses import structure_loss
+from samft.tasks.losses import structure_loss
 from samft.model.semantic import upsample_logits
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs, search_flops, stem_flops

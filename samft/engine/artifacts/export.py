@@ -40,16 +40,18 @@ import torch
 import yaml
 from safetensors.torch import save as st_save
 
-from samft import __version__, peft
+from samft import peft
+
+from samft.version import __version__
 from samft.config import config_from_dict, dump_yaml
-from samft.engine.checkpoint import atomic_torch_save, atomic_write_bytes, read_safetensors
-from samft.engine.runs import ADAPTER_FILE, is_run_file, load_run
+from samft.engine.artifacts.checkpoint import atomic_torch_save, atomic_write_bytes, read_safetensors
+from samft.engine.artifacts.runs import ADAPTER_FILE, is_run_file, load_run
 from samft.errors import CheckpointError, SamftError
 from samft.model import SemanticSAM, build_model
 from samft.model.attention import attention_function
 from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
 from samft.peft.inject import AdapterLayer
-from samft.text import attach_text_class_head, stored_text_embeddings
+from samft.slip.text import attach_text_class_head, stored_text_embeddings
 
 HEAD_FORMAT = "samft-merged-head-1"
 UNMERGED_FORMAT = "samft-unmerged-model-1"
@@ -71,7 +73,7 @@ class ExportResult:
             how = f"{self.merged_layers} {self.method} layer(s) merged" if self.merged else \
                 f"{self.method} layers kept unmerged (they cannot be folded)"
             return (f"pruned model ({how}): wrote {self.files[0]} (architecture + state dict; load it with "
-                    f"samft.engine.export.load_exported)")
+                    f"samft.engine.artifacts.export.load_exported)")
         if self.merged:
             what = f"merged {self.merged_layers} {self.method} layer(s) into the encoder" if self.merged_layers \
                 else f"{self.method}: the encoder is plain SAM, nothing to fold"
@@ -79,9 +81,9 @@ class ExportResult:
                     f"(samft decoder head)")
         if self.reason:
             return (f"{self.reason}; wrote the unmerged samft model to {self.files[0]} (load it with "
-                    f"samft.engine.export.load_exported)")
+                    f"samft.engine.artifacts.export.load_exported)")
         return (f"{self.method} cannot be merged: its layers cannot be folded into SAM's weights; wrote the unmerged "
-                f"samft model to {self.files[0]} (load it with samft.engine.export.load_exported)")
+                f"samft model to {self.files[0]} (load it with samft.engine.artifacts.export.load_exported)")
 
 
 def head_path(out: str | Path) -> Path:

@@ -13,9 +13,9 @@ import os
 import time
 from pathlib import Path
 
-from samft import __version__
-from samft.engine.checkpoint import atomic_write_text
-from samft.engine.runs import (ADAPTER_FILE, CONFIG_FILE, EVAL_FILE, LAST_ADAPTER_FILE, LEGACY_STATE_FILE, MARKER_FILE,
+from samft.version import __version__
+from samft.engine.artifacts.checkpoint import atomic_write_text
+from samft.engine.artifacts.runs import (ADAPTER_FILE, CONFIG_FILE, EVAL_FILE, LAST_ADAPTER_FILE, LEGACY_STATE_FILE, MARKER_FILE,
                                METRICS_FILE, PLOT_FILE, RESUMES_FILE, SPLIT_FILE, STATE_FILE, state_file)
 from samft.errors import SamftError
 

@@ -27,7 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from samft import __version__
+from samft.version import __version__
 from samft.errors import CheckpointError
 from samft.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 

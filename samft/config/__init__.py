@@ -1,6 +1,6 @@
 """Typed configuration: a tree of dataclasses, strict YAML loading and ``key=value`` overrides.
 
-Every field has a default and one line of help (``samft.fields.opt``). Loading rejects unknown keys and
+Every field has a default and one line of help (``samft.config.field.opt``). Loading rejects unknown keys and
 suggests the nearest valid name; values are coerced to the field's type, and a value that cannot be
 coerced is an error naming the dotted key, the value and the expected type.
 
@@ -26,9 +26,9 @@ from typing import Any, Optional, Union
 import yaml
 
 from samft.errors import ConfigError
-from samft.fields import opt, section
-from samft.metrics import METRIC_CHOICES, canonical
-from samft.protocol import PROTOCOLS, apply_protocol
+from samft.config.field import opt, section
+from samft.config.metric_names import METRIC_CHOICES, canonical, task_metric_names
+from samft.config.protocol import PROTOCOLS, apply_protocol
 
 def _model_types() -> tuple[str, ...]:
     from samft.model.sam import sam_sizes  # the size registry, looked up at validation time
@@ -335,7 +335,7 @@ def __getattr__(name: str) -> Any:  # ``samft.config.PeftConfig`` still names th
 @dataclass
 class Config:
     protocol: str = opt("samft", "samft or autogluon (the reference implementation): the value of every option left "
-                                 "null that the two treat differently (see samft/protocol.py and the README's "
+                                 "null that the two treat differently (see samft/config/protocol.py and the README's "
                                  "'Reproducing the paper')", PROTOCOLS)
     model: ModelConfig = section(ModelConfig, "SAM size, checkpoint and input size")
     peft: PeftConfig = dataclasses.field(default_factory=lambda: peft_config_cls()(),  # noqa: F821 (lazy)
@@ -523,8 +523,6 @@ def validate(cfg: Config) -> Config:
                           f"null = no background class")
     if len(d.classes) == 1:
         raise ConfigError("data.classes: one class is a binary task; leave data.classes empty for binary masks")
-    from samft.metrics import task_metric_names  # the metric must exist for the task
-
     metric = cfg.train.metric
     if metric != "auto" and canonical(metric) not in task_metric_names(bool(d.classes)):
         kind = "multi-class" if d.classes else "binary"

@@ -24,12 +24,12 @@ from samft.data.check import check_data, require_clean
 from samft.data.layouts import Pair, train_val_pairs
 from samft.engine import distributed as D
 from samft.engine.runtime import check_compile, compile_blocks, pick_device, resolve_precision
-from samft.engine.schedule import lr_factor
-from samft.engine.step_module import TrainingModule
+from samft.engine.train.schedule import lr_factor
+from samft.engine.train.step import TrainingModule
 from samft.errors import ConfigError, SamftError
 from samft.model import build_model, count_params
 from samft.model.semantic import SemanticSAM
-from samft.tasks import Task, make_task
+from samft.tasks.task import Task, make_task
 
 
 @dataclass
@@ -113,7 +113,7 @@ class ExtraStream:
 
     ``loss(model, batch) -> {name: scalar}``: its loss terms, each added to the total with ``weights[name]``
     and logged as ``aux_<name>``. ``model`` is the plain SemanticSAM (never a DDP wrapper): the loss runs
-    inside the forward of :class:`~samft.engine.step_module.TrainingModule`, which DDP wraps under torchrun.
+    inside the forward of :class:`~samft.engine.train.step.TrainingModule`, which DDP wraps under torchrun.
     The dataset may have ``set_epoch(epoch)``; the stream cycles through its own epochs independently of
     the labelled one and resumes exactly; under torchrun each process draws its own shard
     (``DistributedSampler``).
@@ -153,7 +153,7 @@ class LabelledTerm:
 
 @dataclass
 class TrainingParts:
-    """Everything one optimizer step needs (see :func:`samft.engine.train.train_step`)."""
+    """Everything one optimizer step needs (see :func:`samft.engine.train.loop.train_step`)."""
 
     cfg: Config
     model: SemanticSAM
@@ -203,7 +203,7 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
                    info: Optional[D.DistInfo] = None, extra_streams: Optional[list[ExtraStream]] = None,
                    task: Optional[Task] = None, text_emb: Optional[torch.Tensor] = None) -> TrainingParts:
     """Model (PEFT applied, on ``device``), task, AdamW, warm-up + linear decay, scaler, and the
-    :class:`~samft.engine.step_module.TrainingModule` of the model and the training-only modules, wrapped in
+    :class:`~samft.engine.train.step.TrainingModule` of the model and the training-only modules, wrapped in
     DistributedDataParallel when distributed.
 
     ``text_emb``: the class-name embeddings of the text class head when resuming (the run's own copy, so
@@ -218,7 +218,7 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
     if tc.compile:
         compile_blocks(model.image_encoder.blocks)
     task = task or make_task(cfg)
-    from samft.engine.slip import config_terms
+    from samft.engine.train.slip import config_terms
 
     terms = _bind_modules(config_terms(cfg), model, device, info)
     streams = _bind_modules(list(extra_streams or []), model, device, info)
@@ -238,7 +238,7 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
 def _bind_modules(streams: list, model: SemanticSAM, device: torch.device, info: D.DistInfo) -> list:
     """Build each stream's training-only modules for ``model`` (when given as a function), on ``device``,
     in training mode. When distributed their BatchNorm layers are synchronised across processes
-    (:func:`samft.ssl.convert_sync_batchnorm`: the statistics of the batch of all processes, on any
+    (:func:`samft.slip.ssl.convert_sync_batchnorm`: the statistics of the batch of all processes, on any
     device); they are trained inside the DDP wrapper (:class:`TrainingModule`), so their gradients are
     averaged like the model's."""
     bound = []
@@ -255,9 +255,9 @@ def _bind_modules(streams: list, model: SemanticSAM, device: torch.device, info:
 
 
 def _sync_batchnorm(name: str, modules: nn.Module) -> nn.Module:
-    """``modules`` with each BatchNorm1d replaced in place by :class:`samft.ssl.DistBatchNorm1d`; other
+    """``modules`` with each BatchNorm1d replaced in place by :class:`samft.slip.ssl.DistBatchNorm1d`; other
     BatchNorm kinds are refused (their statistics would be those of one process)."""
-    from samft.ssl import DistBatchNorm1d, convert_sync_batchnorm
+    from samft.slip.ssl import DistBatchNorm1d, convert_sync_batchnorm
 
     if isinstance(modules, nn.modules.batchnorm._BatchNorm):
         raise ConfigError(f"loss term / data stream {name!r}: its training-only module is a bare BatchNorm layer; "
@@ -294,8 +294,8 @@ def describe_start(ctx: RunContext, parts: TrainingParts, schedule: Schedule) ->
     speed = [f"{cfg.model.attention} attention"] + (["checkpointing"] if cfg.train.grad_checkpointing else []) + (
         ["compiled"] if cfg.train.compile else [])
     procs = f" x {info.world_size} processes" if info.enabled else ""
-    from samft import __version__
-    from samft.protocol import summary as protocol_summary
+    from samft.version import __version__
+    from samft.config.protocol import summary as protocol_summary
 
     return (f"[bold]samft {__version__}[/] {cfg.model.type} + {cfg.peft.method}: "
             f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters | "

@@ -16,7 +16,7 @@ from samft.data.io import IMAGE_EXTS, read_binary_mask, read_mask_values
 from samft.data.layouts import list_images
 from samft.progress import progress
 from samft.errors import DataError
-from samft.metrics import BinaryMetrics
+from samft.tasks.metrics import BinaryMetrics
 
 PRED_EXTS = IMAGE_EXTS + (".npy",)
 

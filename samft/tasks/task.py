@@ -12,161 +12,22 @@ training loop, evaluation and prediction never branch on it:
   metric and the default weight of Conv-LoRA's balance loss (1.0 binary, 2.0 multi-class: the paper's);
 - the prediction writer: the PNG of a label map and its overlay picture.
 
-:func:`make_task` builds the task of a config. :class:`ClassSpec` (class names, colours, ignore id) lives
-here too: it is what a multi-class task is about, used by the data layer to decode masks.
+:func:`make_task` builds the task of a config. :class:`~samft.data.classes.ClassSpec` (class names, colours,
+ignore id) lives in the data layer, which decodes masks with it; drawing and PNG encoding are ``samft.data.draw``'s.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from samft.losses import PointSampling, SetLossWeights, set_loss, structure_loss
-from samft.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
-
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
-OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """Pascal VOC's colour map: (n, 3) uint8, class i -> the colour of VOC's palette PNGs."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
-
-
-def distinct_palette(n: int, background: Optional[int] = 0) -> np.ndarray:
-    """(n, 3) uint8 colours far apart (golden-ratio hues, two brightness levels); the background black."""
-    import colorsys
-
-    colours = np.zeros((n, 3), dtype=np.uint8)
-    k = 0
-    for i in range(n):
-        if i == background:
-            continue
-        hue = (k * 0.618033988749895) % 1.0
-        value = 0.95 if k % 2 == 0 else 0.7
-        colours[i] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.85, value)]
-        k += 1
-    return colours
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    """What a multi-class mask means: class names, their colours, and what is ignored.
-
-    ``palette`` decodes colour-coded masks (``data.palette``, else VOC's colour map); ``display`` colours
-    predictions and overlays (``data.palette``, else VOC's colours for VOC data, else distinct colours with
-    the background black). ``background`` is the background class id, or None when the data has none.
-    """
-
-    names: tuple[str, ...]
-    palette: np.ndarray  # (C, 3) uint8
-    ignore_index: int
-    ignore_colors: tuple[tuple[int, int, int], ...]
-    background: Optional[int] = 0
-    display: Optional[np.ndarray] = None  # (C, 3) uint8; None = palette
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.names)
-
-    @classmethod
-    def of(cls, data: Any) -> Optional["ClassSpec"]:
-        """The spec of a multi-class ``DataConfig``, or None for a binary one (empty ``data.classes``)."""
-        if not data.classes:
-            return None
-        n = len(data.classes)
-        background = getattr(data, "background", 0)
-        if data.palette:
-            palette = display = np.array(data.palette, dtype=np.uint8).reshape(-1, 3)
-        else:
-            palette = voc_colormap(n)[:n]
-            voc = getattr(data, "format", "") == "voc" or tuple(data.classes) == VOC_CLASSES[:n]
-            display = palette if voc else distinct_palette(n, background)
-        return cls(tuple(data.classes), palette, data.ignore_index,
-                   tuple(tuple(int(v) for v in c) for c in data.ignore_colors), background, display)
-
-    @property
-    def colours(self) -> np.ndarray:
-        """The display colours (see the class docstring)."""
-        return self.palette if self.display is None else self.display
-
-    def palette_bytes(self) -> list[int]:
-        """A 256-entry PIL palette: the classes' colours, then VOC's colour map; ignore shown in cream."""
-        full = voc_colormap(256)
-        full[: self.num_classes] = self.colours
-        if 0 <= self.ignore_index < 256:
-            full[self.ignore_index] = (224, 224, 192)
-        return full.reshape(-1).tolist()
-
-
-def png_bytes(image: np.ndarray | Any) -> bytes:
-    """A PNG file's bytes from an array or a PIL image."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The image with the mask tinted red and its outline drawn."""
-    import cv2
-
-    out = image.astype(np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * OVERLAY_COLOUR
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    out = out.astype(np.uint8)
-    cv2.drawContours(out, contours, -1, (255, 255, 0), max(1, round(max(mask.shape) / 400)))
-    return out
-
-
-def label_image(labels: np.ndarray, classes: ClassSpec):
-    """A label map as a palette PNG: pixel values are class ids, shown in the classes' colours."""
-    from PIL import Image
-
-    im = Image.fromarray(labels.astype(np.uint8), mode="P")
-    im.putpalette(classes.palette_bytes())
-    return im
-
-
-def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alpha: float = 0.5):
-    """The image blended with the class colours (the background class, if any, left as it is), with a legend of
-    the classes shown."""
-    from PIL import Image, ImageDraw
-
-    colours = classes.colours[labels]
-    blend = image.astype(np.float32)
-    fg = labels != classes.background if classes.background is not None else np.ones(labels.shape, bool)
-    blend[fg] = (1 - alpha) * blend[fg] + alpha * colours[fg]
-    present = [int(c) for c in np.unique(labels)]
-    row = 18
-    legend_w = 12 + 8 * max(len(classes.names[c]) for c in present) + 30
-    h, w = labels.shape
-    canvas = Image.new("RGB", (w + legend_w, max(h, row * len(present) + 8)), (255, 255, 255))
-    canvas.paste(Image.fromarray(blend.astype(np.uint8)), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, c in enumerate(present):
-        y = 4 + k * row
-        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.colours[c]), outline=(0, 0, 0))
-        draw.text((w + 26, y), classes.names[c], fill=(0, 0, 0))
-    return canvas
-
+from samft.data.classes import ClassSpec
+from samft.data.draw import class_overlay, label_image, overlay, png_bytes
+from samft.tasks.losses import PointSampling, SetLossWeights, set_loss, structure_loss
+from samft.tasks.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
 
 def semantic_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """MaskFormer's semantic inference: per-pixel class scores ``sum_q softmax(class_q)[:C] * sigmoid(mask_q)``.
@@ -320,7 +181,7 @@ class MultiClassTask(Task):
     def scores(self, mask_logits, class_logits):
         return semantic_probs(class_logits, mask_logits)
 
-    decides_in_bands = True  # tiled prediction takes the argmax band by band (samft.engine.tiling)
+    decides_in_bands = True  # tiled prediction takes the argmax band by band (samft.engine.infer.tiling)
 
     def labels(self, scores):
         return scores.labels if isinstance(scores, LabelMap) else scores.argmax(0)

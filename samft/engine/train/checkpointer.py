@@ -21,12 +21,12 @@ from typing import Any, Optional
 
 import torch
 
-from samft import __version__
-from samft.engine.checkpoint import (load_resume_state, load_trainable, read_adapter, save_adapter, save_resume_state,
+from samft.version import __version__
+from samft.engine.artifacts.checkpoint import (load_resume_state, load_trainable, read_adapter, save_adapter, save_resume_state,
                                      set_rng_state, trainable_state)
-from samft.engine.runs import ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, state_file
+from samft.engine.artifacts.runs import ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, state_file
 from samft.errors import CheckpointError, SamftError
-from samft.metrics import higher_is_better
+from samft.tasks.metrics import higher_is_better
 
 
 @dataclass
@@ -159,7 +159,7 @@ class _DiskGuard:
 def resumed_text_embeddings(run_dir: Path, cfg) -> Optional[torch.Tensor]:
     """The class-name embeddings a resumed run trained with (``model.class_head=text``), from its last adapter
     (written with every state), or None (the head then reads ``model.text`` and the state's copy replaces it)."""
-    from samft.text import TEXT_EMB_KEY
+    from samft.slip.text import TEXT_EMB_KEY
 
     path = Path(run_dir) / LAST_ADAPTER_FILE
     if cfg.model.class_head != "text" or not path.is_file():
@@ -177,7 +177,7 @@ def _warn_if_source_changed(cfg, saved: Optional[torch.Tensor]) -> None:
     import torch.nn.functional as F
 
     from samft.errors import DataError
-    from samft.text import load_class_embeddings
+    from samft.slip.text import load_class_embeddings
 
     source = cfg.model.text.embeddings
     if saved is None or not source or not Path(source).expanduser().is_file():

@@ -37,12 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from samft import __version__, peft
+from samft import peft
+
+from samft.version import __version__
 from samft.constants import PIXEL_MEAN, PIXEL_STD
 from samft.data.classes import ClassSpec
-from samft.engine.checkpoint import atomic_write_bytes
-from samft.engine.export import merge_encoder
-from samft.engine.runs import ADAPTER_FILE, load_run
+from samft.engine.artifacts.checkpoint import atomic_write_bytes
+from samft.engine.artifacts.export import merge_encoder
+from samft.engine.artifacts.runs import ADAPTER_FILE, load_run
 from samft.errors import SamftError
 from samft.model import SemanticSAM
 from samft.model.attention import EncoderAttention

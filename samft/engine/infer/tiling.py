@@ -34,9 +34,9 @@ from samft.data.io import read_image
 from samft.data.layouts import Pair
 from samft.data.transforms import SamTransform
 from samft.errors import SamftError
-from samft.engine.segmenter import scores_of_arrays
+from samft.engine.infer.segmenter import scores_of_arrays
 from samft.model.semantic import SemanticSAM
-from samft.tasks import LabelMap, Task
+from samft.tasks.task import LabelMap, Task
 
 TilePredictor = Callable[[np.ndarray], np.ndarray]  # (N, th, tw, 3) uint8 -> (N, th, tw) or (N, C, th, tw)
 MIN_TILE = 32
@@ -201,7 +201,7 @@ def iter_tiled_predictions(model: SemanticSAM, pairs: list[Pair], tile: int, ove
                            ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
     """Like ``evaluate.iter_predictions`` (pair, scores at the original size, ground truth or None), each
     image predicted by tiles at native resolution (``overlap`` None: the default). A multi-class task's
-    prediction comes decided (:class:`samft.tasks.LabelMap`: class ids taken band by band), so memory holds
+    prediction comes decided (:class:`samft.tasks.task.LabelMap`: class ids taken band by band), so memory holds
     one band of C class scores, not C x H x W."""
     overlap = check_tiling(tile, overlap)
     was_training = model.training

@@ -16,8 +16,8 @@ before exiting. ``--resume`` continues from it with the same data order, augment
 uninterrupted run: the data order comes from (seed, epoch), each sample's augmentation from (seed, epoch,
 index), and the RNG states are restored.
 
-The parts: :func:`samft.engine.setup.prepare_run` and :func:`samft.engine.setup.build_training` set up,
-:class:`~samft.engine.checkpointer.Checkpointer` saves and restores, :func:`train_step` is one optimizer
+The parts: :func:`samft.engine.train.setup.prepare_run` and :func:`samft.engine.train.setup.build_training` set up,
+:class:`~samft.engine.train.checkpointer.Checkpointer` saves and restores, :func:`train_step` is one optimizer
 step, :class:`Fit` is the loop.
 """
 
@@ -40,23 +40,23 @@ from samft.config import Config, config_hash, dump_yaml
 from samft.data.datasets import TrainDataset, collate
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
-from samft.engine.checkpoint import rng_state, trainable_state
-from samft.engine.checkpointer import Checkpointer, TrainState, resumed_text_embeddings
-from samft.engine.evaluate import evaluate_pairs
-from samft.engine.metrics_log import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
-from samft.engine.rundir import (RunLock, claim_run_dir, clean_stale_tmp, init_run_dir, record_resume,
+from samft.engine.artifacts.checkpoint import rng_state, trainable_state
+from samft.engine.train.checkpointer import Checkpointer, TrainState, resumed_text_embeddings
+from samft.engine.infer.evaluate import evaluate_pairs
+from samft.engine.artifacts.metrics_log import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
+from samft.engine.artifacts.rundir import (RunLock, claim_run_dir, clean_stale_tmp, init_run_dir, record_resume,
                                  remove_failed_start, resume_changes)
-from samft.engine.runs import METRICS_FILE, PLOT_FILE, adapter_expectations, state_file
+from samft.engine.artifacts.runs import METRICS_FILE, PLOT_FILE, adapter_expectations, state_file
 from samft.engine.runtime import autocast
-from samft.engine.schedule import lr_factor  # noqa: F401  (re-exported)
-from samft.engine.slip import config_streams
-from samft.engine.setup import (ExtraStream, RunContext, Schedule, TrainingParts, build_training, describe_start,
+from samft.engine.train.schedule import lr_factor  # noqa: F401  (re-exported)
+from samft.engine.train.slip import config_streams
+from samft.engine.train.setup import (ExtraStream, RunContext, Schedule, TrainingParts, build_training, describe_start,
                                 make_optimizer, prepare_run)  # noqa: F401  (re-exported)
-from samft.engine.streams import StreamCursor, epoch_loader
+from samft.engine.train.streams import StreamCursor, epoch_loader
 from samft.errors import SamftError
 from samft.model.semantic import upsample_logits
 from samft.progress import console, progress
-from samft.tasks import make_task
+from samft.tasks.task import make_task
 
 
 class TrainingInterrupted(SamftError):
@@ -92,7 +92,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True,
     """Train ``cfg`` into ``cfg.output.dir`` (or continue the run there when ``resume``); returns the run dir.
 
     ``extra_streams``: further data streams with their own loss terms (see :class:`ExtraStream`), besides
-    those the config asks for (``loss.ssl.weight > 0``: the unlabelled stream, :mod:`samft.engine.slip`).
+    those the config asks for (``loss.ssl.weight > 0``: the unlabelled stream, :mod:`samft.engine.train.slip`).
     """
     info = D.setup(cfg.train.device)
     ok = False
@@ -136,7 +136,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
 
 
 def _resume_changes(run_dir: Path, cfg: Config) -> dict:
-    from samft.engine.runs import read_run_config
+    from samft.engine.artifacts.runs import read_run_config
 
     return resume_changes(read_run_config(run_dir), cfg)
 
@@ -239,7 +239,7 @@ class Fit:
 
     def write_split(self) -> None:
         """``split.json``: the image (and mask) files of each split this run uses."""
-        from samft.engine.checkpoint import atomic_write_text
+        from samft.engine.artifacts.checkpoint import atomic_write_text
 
         split = {name: [[str(p.image), str(p.mask) if p.mask else None] for p in pairs]
                  for name, pairs in (("train", self.ctx.train_pairs), ("val", self.ctx.val_pairs))}

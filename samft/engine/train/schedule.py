@@ -1,6 +1,6 @@
 """Learning-rate factor per optimizer step (``train.schedule``), for ``torch.optim.lr_scheduler.LambdaLR``.
 
-``linear`` is samft's schedule (the same function as ``lr_factor`` in ``samft/engine/train.py``): linear
+``linear`` is samft's schedule (the same function as ``lr_factor`` in ``samft/engine/train/loop.py``): linear
 warm-up to 1, then linear decay to ``min_ratio`` at ``total`` steps. ``poly`` is AutoGluon's
 ``polynomial_decay`` (HF's ``get_polynomial_decay_schedule_with_warmup``): after the warm-up,
 ``min_ratio + (1 - min_ratio) (1 - t)^power`` with ``t`` the fraction of the decay done, ``min_ratio`` =

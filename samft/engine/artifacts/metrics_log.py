@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any, Optional
 
-from samft.engine.checkpoint import atomic_write_text
+from samft.engine.artifacts.checkpoint import atomic_write_text
 
 STEP_COLUMNS = ["kind", "epoch", "step", "lr", "loss", "task_loss", "grad_norm", "images_per_s", "seconds"]
 

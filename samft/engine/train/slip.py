@@ -4,23 +4,23 @@ region-text term on the labelled batch that ``loss.clip.weight > 0`` asks for.
     data.unlabelled images -> UnlabelledDataset: {view1, view2 (B, 3, S, S), index (B,)} per batch of
     loss.ssl.batch_size (each epoch's last incomplete batch dropped: the head's BatchNorm needs > 1 image
     and every batch the same size)
-      -> ssl_loss(model, head, view1, view2, loss.ssl.temperature)   (samft.ssl: encoder, pool, head, NT-Xent)
+      -> ssl_loss(model, head, view1, view2, loss.ssl.temperature)   (samft.slip.ssl: encoder, pool, head, NT-Xent)
       -> the loss term "ssl", x loss.ssl.weight, logged as aux_ssl
 
-The projection head (:class:`samft.ssl.SSLHead`) is the stream's training-only module: trained with the
+The projection head (:class:`samft.slip.ssl.SSLHead`) is the stream's training-only module: trained with the
 model, saved in the resumable state, never in an adapter file or an export. With ``loss.ssl.weight`` 0
 nothing is built, read or drawn: training is that of a run without the option.
 
 Region-text (``loss.clip.weight``): the neck features of the labelled forward (``SegOutput.features``,
 (B, C, S/16, S/16)) averaged over each ground-truth class region (padding excluded), projected, and
-classified against the class-name embeddings of ``model.text`` (:func:`samft.text.region_text_loss`); the
-term "clip", logged as ``aux_clip``. Its projection and logit scale (:class:`samft.text.RegionTextHead`)
+classified against the class-name embeddings of ``model.text`` (:func:`samft.slip.text.region_text_loss`); the
+term "clip", logged as ``aux_clip``. Its projection and logit scale (:class:`samft.slip.text.RegionTextHead`)
 are training-only modules like the SSL head. (``model.class_head=text`` is part of the model itself: built by
-``build_model``, saved with the adapter; see :mod:`samft.text`.)
+``build_model``, saved with the adapter; see :mod:`samft.slip.text`.)
 
 Under torchrun both losses train as in one process: the heads and both losses run inside the forward of
-the module DDP wraps (:class:`samft.engine.step_module.TrainingModule`), so the heads' gradients are
-averaged like the model's; the SSL head's BatchNorm is synchronised (:class:`samft.ssl.DistBatchNorm1d`)
+the module DDP wraps (:class:`samft.engine.train.step.TrainingModule`), so the heads' gradients are
+averaged like the model's; the SSL head's BatchNorm is synchronised (:class:`samft.slip.ssl.DistBatchNorm1d`)
 and NT-Xent contrasts against the embeddings of all processes, so the update is that of the loss on the
 union of the processes' unlabelled batches. Each process draws its own shard of the unlabelled images,
 ``loss.ssl.batch_size`` of them per micro-batch. The region-text term is a per-process mean, averaged by
@@ -39,10 +39,10 @@ from torch import nn
 from samft.config import Config, unused_option_warnings
 from samft.data.unlabelled import UnlabelledDataset, unlabelled_images
 from samft.data.transforms import valid_mask
-from samft.engine.setup import ExtraStream, LabelledTerm
+from samft.engine.train.setup import ExtraStream, LabelledTerm
 from samft.errors import ConfigError
-from samft.ssl import build_ssl_head, ssl_loss
-from samft.text import build_text_heads
+from samft.slip.ssl import build_ssl_head, ssl_loss
+from samft.slip.text import build_text_heads
 
 SSL_STREAM = "unlabelled"
 

@@ -12,15 +12,16 @@ import numpy as np
 from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
 from samft.engine import distributed as D
-from samft.engine.checkpoint import atomic_write_bytes
-from samft.engine.evaluate import iter_predictions
+from samft.engine.artifacts.checkpoint import atomic_write_bytes
+from samft.engine.infer.evaluate import iter_predictions
 from samft.engine.runtime import pick_device, resolve_precision
-from samft.engine.runs import is_run_file, load_run
-from samft.engine.tiling import check_tiling, iter_tiled_predictions
-from samft.engine.writer import BackgroundWriter
+from samft.engine.artifacts.runs import is_run_file, load_run
+from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
+from samft.engine.infer.writer import BackgroundWriter
 from samft.errors import SamftError
 from samft.progress import console, progress
-from samft.tasks import Task, class_overlay, label_image, make_task, overlay  # noqa: F401  (re-exported)
+from samft.data.draw import class_overlay, label_image, overlay  # noqa: F401  (re-exported)
+from samft.tasks.task import Task, make_task
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -113,7 +114,7 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     Names are the inputs' stems, made distinct (:func:`samft.data.layouts.distinct_names`); existing files
     are kept unless ``overwrite``, and an input image is never written to. Binary runs write 0/255 masks;
     multi-class runs write palette PNGs whose values are class ids. ``tile``: predict each image by
-    overlapping tiles of that many pixels at native resolution (``samft.engine.tiling``). ``workers``:
+    overlapping tiles of that many pixels at native resolution (``samft.engine.infer.tiling``). ``workers``:
     image-decoding processes (default the run's ``data.num_workers``); ``write_threads``: threads encoding
     and writing the PNGs (0: in turn).
 

@@ -14,21 +14,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from samft import __version__
+from samft.version import __version__
 from samft.config import Config, config_hash
 from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
 from samft.engine import distributed as D
-from samft.engine.checkpoint import atomic_write_text
+from samft.engine.artifacts.checkpoint import atomic_write_text
 from samft.engine.runtime import autocast, pick_device, resolve_precision
-from samft.engine.runs import ADAPTER_FILE, EVAL_FILE, load_run
-from samft.engine.tiling import check_tiling, iter_tiled_predictions
+from samft.engine.artifacts.runs import ADAPTER_FILE, EVAL_FILE, load_run
+from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
 from samft.errors import SamftError
-from samft.metrics import BinaryMetrics, ConfusionMetrics
+from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics
 from samft.model.semantic import SemanticSAM, image_scores
 from samft.progress import progress
-from samft.tasks import Task, make_task
+from samft.tasks.task import Task, make_task
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: t
                    description: str = "eval", show_progress: bool = True, tile: Optional[int] = None,
                    overlap: Optional[int] = None) -> BinaryMetrics | ConfusionMetrics:
     """The task's metrics of ``model`` on ``pairs``; ``tile``: predict by tiles at native resolution
-    (``samft.engine.tiling``; ``overlap`` None = default)."""
+    (``samft.engine.infer.tiling``; ``overlap`` None = default)."""
     task = make_task(cfg)
     metrics = task.new_metrics()
     if tile:

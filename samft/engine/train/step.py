@@ -26,9 +26,9 @@ from samft.errors import ConfigError
 class TrainingModule(nn.Module):
     """``model`` (a SemanticSAM) and the training-only modules of ``terms`` and ``streams``, in ``heads`` by name.
 
-    ``terms``: :class:`~samft.engine.setup.LabelledTerm` (``loss(out, labelled batch)``); ``streams``:
-    :class:`~samft.engine.setup.ExtraStream` (``loss(model, its batch)``, given the plain model). Their
-    ``modules`` must already be built (:func:`samft.engine.setup.build_training` binds them).
+    ``terms``: :class:`~samft.engine.train.setup.LabelledTerm` (``loss(out, labelled batch)``); ``streams``:
+    :class:`~samft.engine.train.setup.ExtraStream` (``loss(model, its batch)``, given the plain model). Their
+    ``modules`` must already be built (:func:`samft.engine.train.setup.build_training` binds them).
     """
 
     def __init__(self, model: nn.Module, terms: Sequence[Any] = (), streams: Sequence[Any] = ()) -> None:

@@ -184,7 +184,7 @@ def build_ssl_head(cfg, in_dim: int) -> Optional[SSLHead]:
     """The projection head of ``cfg.loss.ssl`` for neck features of width ``in_dim``, or None when the
     SSL loss is off (weight 0: nothing is built). Initialised from its own seed (``train.seed`` + a salt)
     without touching the global RNG, so the rest of training draws the same numbers with or without it.
-    Under torchrun the training set-up synchronises its BatchNorm (``samft.engine.setup._bind_modules``:
+    Under torchrun the training set-up synchronises its BatchNorm (``samft.engine.train.setup._bind_modules``:
     :func:`convert_sync_batchnorm`).
     """
     s = cfg.loss.ssl

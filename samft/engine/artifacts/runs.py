@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from samft.config import Config, config_from_dict, yaml_error
-from samft.engine.checkpoint import load_adapter, read_adapter
+from samft.engine.artifacts.checkpoint import load_adapter, read_adapter
 from samft.errors import ConfigError, SamftError
 from samft.model import SemanticSAM, build_model
-from samft.text import stored_text_embeddings
+from samft.slip.text import stored_text_embeddings
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
@@ -120,7 +120,7 @@ def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_F
     """
     run_dir = Path(run_dir)
     if run_dir.is_file():
-        from samft.engine.export import load_exported_with_config
+        from samft.engine.artifacts.export import load_exported_with_config
 
         model, cfg = load_exported_with_config(run_dir, device)
         return LoadedRun(run_dir, cfg, model, {"exported": str(run_dir)})

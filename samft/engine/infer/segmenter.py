@@ -20,11 +20,11 @@ import torch
 from samft.config import Config
 from samft.data.io import read_image
 from samft.data.transforms import SamTransform
-from samft.engine.runs import ADAPTER_FILE, load_run
+from samft.engine.artifacts.runs import ADAPTER_FILE, load_run
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.errors import DataError
 from samft.model.semantic import SemanticSAM, image_scores
-from samft.tasks import Task, make_task
+from samft.tasks.task import Task, make_task
 
 
 def as_rgb(image: Any) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Prune a trained run into a new run directory: load, search, rebuild, fine-tune, write.
 
-``prune_run`` loads a binary-task run (``samft.engine.runs.load_run``), searches an architecture for
+``prune_run`` loads a binary-task run (``samft.engine.artifacts.runs.load_run``), searches an architecture for
 ``target_gmacs`` on the run's training split, rebuilds the encoder with plain modules and writes a new
 run directory that every command reads like any other run (``eval``, ``predict``, ``export``, ``info``,
 ``Segmenter.from_run``):
@@ -12,7 +12,7 @@ run directory that every command reads like any other run (``eval``, ``predict``
   fine-tuning epochs;
 - ``architecture.json``: the architecture description plus what the search found (GMACs dense /
   target / pruned, whether the target was reached, lambda, the source run);
-- the fine-tuning is the normal training loop (:func:`samft.engine.train.train`) on that config: the
+- the fine-tuning is the normal training loop (:func:`samft.engine.train.loop.train`) on that config: the
   run's PEFT parameters on the remaining attention blocks, the new conv/BatchNorm parameters and the
   decoder; it writes ``adapter.safetensors`` (best), ``adapter_last.safetensors``, ``state.pt``,
   ``metrics.csv`` as any run, and resumes like one. Without fine-tuning, ``adapter.safetensors`` holds
@@ -43,10 +43,10 @@ from torch.utils.data import DataLoader
 from samft.config import Config, config_from_dict, dump_yaml
 from samft.data.datasets import TrainDataset, collate
 from samft.data.layouts import train_val_pairs
-from samft.engine.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_text, save_adapter
-from samft.engine.evaluate import evaluate_pairs
-from samft.engine.rundir import init_run_dir
-from samft.engine.runs import (ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, LoadedRun, adapter_expectations,
+from samft.engine.artifacts.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_text, save_adapter
+from samft.engine.infer.evaluate import evaluate_pairs
+from samft.engine.artifacts.rundir import init_run_dir
+from samft.engine.artifacts.runs import (ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, LoadedRun, adapter_expectations,
                                load_run, locate_pruned, read_run_config)
 from samft.errors import SamftError
 from samft.model import build_model
@@ -56,7 +56,7 @@ from samft.prune.rebuild import rebuild
 from samft.prune.search import search
 from samft.prune.search_state import SearchCheckpoint
 from samft.prune.state import PRUNED_FORMAT, read_pruned
-from samft.tasks import make_task
+from samft.tasks.task import make_task
 
 REPORT_FILE = "prune.json"
 SEARCH_STATE_FILE = "search_state.pt"  # the search's resumable state, removed once the pruned run is written
@@ -201,7 +201,7 @@ def _note_search_start(state: Path, resume: bool) -> None:
 
 def _finetune(cfg: Config, out: Path, resume: bool, show_progress: bool) -> None:
     """The normal training loop on the pruned run's config (its base: the pruned model)."""
-    from samft.engine.train import train
+    from samft.engine.train.loop import train
 
     try:
         train(cfg, resume=resume, show_progress=show_progress)

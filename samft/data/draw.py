@@ -1,0 +1,65 @@
+"""Drawing predictions: PNG bytes, the binary overlay, palette label images and the class overlay with a legend."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from samft.data.classes import ClassSpec
+
+OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
+
+
+def png_bytes(image: np.ndarray | Any) -> bytes:
+    """A PNG file's bytes from an array or a PIL image."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with the mask tinted red and its outline drawn."""
+    import cv2
+
+    out = image.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * OVERLAY_COLOUR
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    out = out.astype(np.uint8)
+    cv2.drawContours(out, contours, -1, (255, 255, 0), max(1, round(max(mask.shape) / 400)))
+    return out
+
+
+def label_image(labels: np.ndarray, classes: ClassSpec):
+    """A label map as a palette PNG: pixel values are class ids, shown in the classes' colours."""
+    from PIL import Image
+
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    im.putpalette(classes.palette_bytes())
+    return im
+
+
+def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alpha: float = 0.5):
+    """The image blended with the class colours (the background class, if any, left as it is), with a legend of
+    the classes shown."""
+    from PIL import Image, ImageDraw
+
+    colours = classes.colours[labels]
+    blend = image.astype(np.float32)
+    fg = labels != classes.background if classes.background is not None else np.ones(labels.shape, bool)
+    blend[fg] = (1 - alpha) * blend[fg] + alpha * colours[fg]
+    present = [int(c) for c in np.unique(labels)]
+    row = 18
+    legend_w = 12 + 8 * max(len(classes.names[c]) for c in present) + 30
+    h, w = labels.shape
+    canvas = Image.new("RGB", (w + legend_w, max(h, row * len(present) + 8)), (255, 255, 255))
+    canvas.paste(Image.fromarray(blend.astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, c in enumerate(present):
+        y = 4 + k * row
+        draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.colours[c]), outline=(0, 0, 0))
+        draw.text((w + 26, y), classes.names[c], fill=(0, 0, 0))
+    return canvas
