@@ -186,30 +186,45 @@ def _csv_base(csv_file: Path, first: list[str], roots: tuple[Path, ...]) -> Path
     return csv_file.parent
 
 
+IMAGE_COLUMNS = ("image", "image_path", "img")
+MASK_COLUMNS = ("label", "mask", "label_path", "mask_path", "gt")
+
+
+def csv_rows(csv_file: Path) -> list[list[str]]:
+    """The CSV's rows that are not blank."""
+    with open(csv_file, newline="") as f:
+        return [r for r in csv.reader(f) if any(c.strip() for c in r)]
+
+
+def header_column(header: list[str], names: tuple[str, ...]) -> Optional[int]:
+    """The index of the first of ``names`` in a header row (case and spaces ignored), or None."""
+    cells = [c.strip().lower() for c in header]
+    return next((cells.index(c) for c in names if c in cells), None)
+
+
+def _pair_columns(csv_file: Path, rows: list[list[str]]) -> tuple[int, int, list[list[str]], int]:
+    """(image column, mask column, the rows after any header, the line number of the first of them)."""
+    if _looks_like_header(rows[0]):
+        img_col, mask_col = header_column(rows[0], IMAGE_COLUMNS), header_column(rows[0], MASK_COLUMNS)
+        if img_col is None or mask_col is None:
+            raise DataError(f"{csv_file}: header {rows[0]} needs an 'image' column and a 'label' (or 'mask') column")
+        return img_col, mask_col, rows[1:], 2
+    width = len(rows[0])
+    if width < 2:
+        raise DataError(f"{csv_file}: line 1 has {width} column; expected image and mask paths")
+    # a leading integer column is an index (pandas to_csv without a header)
+    img_col = 1 if width >= 3 and rows[0][0].strip().isdigit() else 0
+    return img_col, img_col + 1, rows, 1
+
+
 def csv_pairs(csv_file: Path, roots: tuple[Path, ...] = ()) -> list[Pair]:
     """Pairs from a CSV: ``image,label`` (or ``mask``) columns, or a headerless two-column list."""
     if not csv_file.is_file():
         raise DataError(f"{csv_file}: CSV file not found")
-    with open(csv_file, newline="") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    rows = csv_rows(csv_file)
     if not rows:
         raise DataError(f"{csv_file}: the CSV is empty")
-    if _looks_like_header(rows[0]):
-        header = [c.strip().lower() for c in rows[0]]
-        img_col = next((header.index(c) for c in ("image", "image_path", "img") if c in header), None)
-        mask_col = next((header.index(c) for c in ("label", "mask", "label_path", "mask_path", "gt") if c in header),
-                        None)
-        if img_col is None or mask_col is None:
-            raise DataError(f"{csv_file}: header {rows[0]} needs an 'image' column and a 'label' (or 'mask') column")
-        body, first_line = rows[1:], 2
-    else:
-        width = len(rows[0])
-        if width < 2:
-            raise DataError(f"{csv_file}: line 1 has {width} column; expected image and mask paths")
-        # a leading integer column is an index (pandas to_csv without a header)
-        img_col = 1 if width >= 3 and rows[0][0].strip().isdigit() else 0
-        mask_col = img_col + 1
-        body, first_line = rows, 1
+    img_col, mask_col, body, first_line = _pair_columns(csv_file, rows)
     if not body:
         raise DataError(f"{csv_file}: the CSV lists no image/mask pairs")
     need = max(img_col, mask_col) + 1
@@ -246,6 +261,19 @@ def _safe_name(name: str) -> str:
     return "_" + name if not name or name.startswith(".") else name
 
 
+def _disambiguate(members: list[int], resolved: list[Path], names: list[str]) -> None:
+    """Names for paths whose stems collide: the folders that tell them apart, then the extension."""
+    parents = [resolved[i].parent for i in members]
+    common = Path(os.path.commonpath([str(q) for q in parents]))
+    for i, parent in zip(members, parents):
+        parts = [_safe_name(part) for part in parent.relative_to(common).parts]
+        names[i] = "_".join([*parts, _safe_name(resolved[i].stem)])
+    keys = [names[i].casefold() for i in members]
+    for i in members:
+        if keys.count(names[i].casefold()) > 1 and resolved[i].suffix:
+            names[i] = f"{names[i]}_{_safe_name(resolved[i].suffix.lstrip('.'))}"
+
+
 def distinct_names(paths: list[Path]) -> list[str]:
     """One output name per path: its stem where that is unique (case-insensitively), else the stem with the
     folders that tell the paths apart (``a_x``, ``b_x``) and, for one folder, the extension (``x_png``,
@@ -256,17 +284,8 @@ def distinct_names(paths: list[Path]) -> list[str]:
         groups.setdefault(_safe_name(p.stem).casefold(), []).append(i)
     names = [_safe_name(p.stem) for p in resolved]
     for members in groups.values():
-        if len(members) < 2:
-            continue
-        parents = [resolved[i].parent for i in members]
-        common = Path(os.path.commonpath([str(q) for q in parents]))
-        for i, parent in zip(members, parents):
-            parts = [_safe_name(part) for part in parent.relative_to(common).parts]
-            names[i] = "_".join([*parts, _safe_name(resolved[i].stem)])
-        keys = [names[i].casefold() for i in members]
-        for i in members:
-            if keys.count(names[i].casefold()) > 1 and resolved[i].suffix:
-                names[i] = f"{names[i]}_{_safe_name(resolved[i].suffix.lstrip('.'))}"
+        if len(members) > 1:
+            _disambiguate(members, resolved, names)
     seen: set[str] = set()
     for i, name in enumerate(names):
         candidate, n = name, 1

@@ -17,7 +17,6 @@ item ``i`` in epoch ``e`` depend only on (seed, e, i), whatever the worker or th
 
 from __future__ import annotations
 
-import csv
 import glob
 import warnings
 from pathlib import Path
@@ -28,7 +27,8 @@ from torch.utils.data import Dataset
 
 from samft.config import DataConfig
 from samft.data.io import IMAGE_EXTS, is_image_name, read_image
-from samft.data.layouts import Layout, _csv_base, _csv_path, _looks_like_header, list_images, train_val_pairs
+from samft.data.layouts import (IMAGE_COLUMNS, Layout, _csv_base, _csv_path, _looks_like_header, csv_rows, header_column,
+                                list_images, train_val_pairs)
 from samft.data.transforms import SamTransform
 from samft.errors import DataError
 
@@ -126,16 +126,14 @@ def _source_images(data: DataConfig, layout: Layout, spec: str) -> list[Path]:
 
 def csv_images(csv_file: Path, roots: tuple[Path, ...] = ()) -> list[Path]:
     """Image paths of a CSV list (see the module docstring); a listed file that does not exist is an error."""
-    with open(csv_file, newline="") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    rows = csv_rows(csv_file)
     if rows and _looks_like_header(rows[0]):
-        header = [c.strip().lower() for c in rows[0]]
-        col = next((header.index(c) for c in ("image", "image_path", "img") if c in header), None)
+        col = header_column(rows[0], IMAGE_COLUMNS)
         if col is None:
             raise DataError(f"{csv_file}: header {rows[0]} has no 'image' column")
         rows = rows[1:]
-    else:
-        col = 1 if rows and len(rows[0]) >= 2 and rows[0][0].strip().isdigit() else 0
+    elif rows:
+        col = 1 if len(rows[0]) >= 2 and rows[0][0].strip().isdigit() else 0
     if not rows:
         raise DataError(f"{csv_file}: the CSV lists no images")
     short = next((i for i, r in enumerate(rows) if len(r) <= col), None)
