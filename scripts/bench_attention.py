@@ -148,8 +148,8 @@ def bra_block(impl: str, grid: int, regions: int, topk: int, device: str = "cpu"
 
 
 def bra_macs(impl: str, grid: int, regions: int, topk: int) -> float:
-    """Forward GMACs of the block's attention (qkv, proj, attention, rel-pos, routing, LEPE): samft.model.flops."""
-    from samft.model.flops import bra_attention_flops
+    """Forward GMACs of the block's attention (qkv, proj, attention, rel-pos, routing, LEPE): samft.prune.encoder_flops."""
+    from samft.prune.encoder_flops import bra_attention_flops
 
     dim = SIZES["vit_b"][0]
     tokens = grid * grid
@@ -232,7 +232,7 @@ def bra_main(args) -> None:
     the activations, gradients and workspace of the training step; the weights are in the baseline). A
     child that fails to allocate under the limit is reported as out of memory (and not tried again in
     later rounds). The grid of configurations runs ``--rounds`` times interleaved; the table shows the
-    median over rounds and the ratios of those medians. MACs: forward, from samft.model.flops.
+    median over rounds and the ratios of those medians. MACs: forward, from samft.prune.encoder_flops.
     """
     import json
 

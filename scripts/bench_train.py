@@ -8,7 +8,7 @@ one row per configuration: median step time, images/s, peak memory, the ratio of
 *plain path* measured in the same run (segment_anything's eager attention, fp32, no checkpointing, the
 reference Conv-LoRA ``impl=reference``, no compile; same model, method, image size and batch), and,
 with ``--peak-tflops``, the model FLOPs utilisation (MFU) from the encoder's forward FLOPs counted
-once (see ``samft/model/flops.py``).
+once (see ``samft/prune/encoder_flops.py``).
 
 Examples::
 
@@ -70,7 +70,7 @@ def run_one(spec: dict) -> dict:
     from samft.engine.runtime import pick_device, resolve_precision
     from samft.engine.train.setup import build_training
     from samft.engine.train.loop import train_step
-    from samft.model.flops import encoder_flops
+    from samft.prune.encoder_flops import encoder_flops
 
     warnings.filterwarnings("ignore", message=".*random weights.*")
     if spec["threads"]:

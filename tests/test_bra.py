@@ -431,7 +431,7 @@ def test_info_shows_the_attention_its_options_lepe_and_gmacs(tmp_path):
 def test_encoder_gmacs_at_2048_px():
     """ViT-B at 2048 px: the four dense global blocks cost ~1.8 TMACs of attention; BRA (S=16, topk=16)
     keeps 1024 keys per query."""
-    from samft.model.flops import encoder_flops
+    from samft.prune.encoder_flops import encoder_flops
 
     gmacs = {}
     for attention in ("sdpa", "bra"):

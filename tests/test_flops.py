@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from samft.model import build_model
-from samft.model.flops import encoder_flops
+from samft.prune.encoder_flops import encoder_flops
 
 from conftest import tiny_config
 

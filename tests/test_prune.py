@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from samft.model import build_model
-from samft.model.flops import encoder_flops
+from samft.prune.encoder_flops import encoder_flops
 from samft.prune.derived import derive_conv, effective_linear, head_mixing, value_and_proj
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs, search_flops

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -12,11 +13,12 @@ import torch
 from samft import peft
 from samft.config import Config
 from samft.model.attention import EncoderAttention, attention_kinds, set_attention
-from samft.model.flops import encoder_flops
 from samft.model.sam import base_fingerprint, build_sam
 from samft.model.semantic import SegOutput, SemanticSAM
-from samft.tasks.task import make_task
+from samft.prune.encoder_flops import encoder_flops
+from samft.prune.state import apply_pruned, describe_pruned
 from samft.slip.text import attach_text_class_head
+from samft.tasks.task import make_task
 
 
 @dataclass
@@ -49,8 +51,6 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
         adapted = spec.apply(model.image_encoder, cfg.method_cfg)
         if cfg.model.pruned:  # SPViT: the pruned architecture and its whole state replace the base
-            from samft.prune.state import apply_pruned
-
             sha = apply_pruned(model, cfg.model.pruned, meta=meta)
             kept = {n for n, _ in model.image_encoder.named_modules()}
             adapted = [n for n in adapted if n in kept]  # removed attentions took their adapters with them
@@ -96,7 +96,7 @@ def _class_head(model: SemanticSAM) -> str:
 
 def describe(cfg: Config) -> dict:
     """What ``samft info`` reports: model, attention, PEFT method and options, adapted modules, parameter
-    counts and the encoder's forward GMACs per image at ``img_size`` (``samft/model/flops.py``).
+    counts and the encoder's forward GMACs per image at ``img_size`` (``samft/prune/encoder_flops.py``).
 
     Builds the structure only (``meta=True``): no weights are read, so this is instant for any size.
     """
@@ -123,9 +123,9 @@ def describe(cfg: Config) -> dict:
         "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4),
     }
     if cfg.model.pruned:  # SPViT-pruned: the pruned encoder's GMACs, per block choice and units
-        from samft.prune.state import describe_pruned
-
-        result.update(describe_pruned(cfg, built.model.image_encoder))
+        dense_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pruned=None))
+        dense = build_model(dense_cfg, meta=True).model.image_encoder
+        result.update(describe_pruned(cfg.model.pruned, cfg.model.img_size, built.model.image_encoder, dense))
     return result
 
 

@@ -1,11 +1,11 @@
 """Forward FLOPs of an encoder whose blocks are SAM's, SPViT search blocks or pruned blocks.
 
-Same convention as ``samft.model.flops`` (1 multiply-add = 2 FLOPs; norms, BatchNorm, activations,
+Same convention as ``samft.prune.encoder_flops`` (1 multiply-add = 2 FLOPs; norms, BatchNorm, activations,
 biases and residual additions not counted; equal to ``torch.utils.flop_counter.FlopCounterMode``, tested),
 whose ``encoder_flops`` gives the patch embedding and the neck. Per block, on a ``gh`` x ``gw`` token grid
 (``T = gh * gw`` tokens, width ``C``, ``d = C / heads``):
 
-- MSA: SAM's formula (``samft.model.flops``): ``qkv``/``proj`` on the grid padded to whole windows,
+- MSA: SAM's formula (``samft.prune.encoder_flops``): ``qkv``/``proj`` on the grid padded to whole windows,
   ``q k^T`` and ``attn v`` per window (or on the whole grid in a global block), the decomposed
   relative-position terms;
 - k x k bottleneck conv (k = 3 or 1): ``2 T (C d k^2 + d C)`` (the conv, zero-padded to T outputs, and
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from samft.model.flops import encoder_flops
+from samft.prune.encoder_flops import encoder_flops
 from samft.prune.errors import PruneError
 from samft.prune.rebuild import PrunedBlock
 from samft.prune.search_block import SearchBlock, attention_core, out_features
@@ -38,14 +38,14 @@ def token_grid(encoder: nn.Module, height: int, width: int | None = None) -> tup
 
 
 def stem_flops(encoder: nn.Module, height: int, width: int | None = None) -> int:
-    """The patch embedding and the neck (``samft.model.flops.encoder_flops`` with no blocks)."""
+    """The patch embedding and the neck (``samft.prune.encoder_flops.encoder_flops`` with no blocks)."""
     parts = encoder_flops(SimpleNamespace(patch_embed=encoder.patch_embed, blocks=[], neck=encoder.neck),
                           height, width)
     return parts["patch_embed"] + parts["neck"]
 
 
 def msa_flops(dim: int, window_size: int, use_rel_pos: bool, gh: int, gw: int) -> int:
-    """SAM's attention of one block (see ``samft.model.flops``)."""
+    """SAM's attention of one block (see ``samft.prune.encoder_flops``)."""
     if window_size > 0:
         hp, wp = math.ceil(gh / window_size) * window_size, math.ceil(gw / window_size) * window_size
         windows, (qh, qw) = (hp // window_size) * (wp // window_size), (window_size, window_size)

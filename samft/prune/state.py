@@ -84,20 +84,15 @@ def apply_pruned(model: nn.Module, path: str | Path, meta: bool = False) -> str:
     return "" if meta else sha
 
 
-def describe_pruned(cfg, encoder: nn.Module) -> dict[str, Any]:
-    """What ``samft info`` adds for a pruned config (``model.pruned``), at ``model.img_size``:
+def describe_pruned(path: str | Path, size: int, encoder: nn.Module, dense: nn.Module) -> dict[str, Any]:
+    """What ``samft info`` adds for a pruned model (``model.pruned`` = ``path``), at input ``size``:
     ``encoder_gmacs`` (the pruned encoder's), ``encoder_gmacs_dense`` and per block the attention choice,
-    kept MLP units and GMACs before/after. ``encoder``: the pruned encoder (meta tensors are fine)."""
-    import dataclasses
-
-    from samft.model import build_model
+    kept MLP units and GMACs before/after. ``encoder``: the pruned encoder, ``dense``: the same model's encoder
+    before pruning (meta tensors are fine for both)."""
     from samft.prune.flops import encoder_block_flops, gmacs
     from samft.prune.rebuild import summary
 
-    arch = read_pruned(cfg.model.pruned, tensors=False)[0]
-    dense_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pruned=None))
-    dense = build_model(dense_cfg, meta=True).model.image_encoder
-    size = cfg.model.img_size
+    arch = read_pruned(path, tensors=False)[0]
     before, after = encoder_block_flops(dense, size), encoder_block_flops(encoder, size)
     blocks = []
     for i, (entry, b, a) in enumerate(zip(arch["blocks"], before["blocks"], after["blocks"])):

@@ -19,7 +19,7 @@ S x S regions of ``rh x rw = ceil(H/S) x ceil(W/S)`` tokens (the map is zero-pad
 With ``topk = S^2`` and LEPE off this is SAM's dense attention (tested to 1e-10 in float64).
 
 Costs per query (C = channels): dense attends to all ``H*W`` keys; BRA to ``topk * rh * rw`` keys plus
-the routing (``S^4 * C`` MACs per image). ``bra_attention_flops`` counts them (``samft/model/flops.py``).
+the routing (``S^4 * C`` MACs per image). ``bra_attention_flops`` counts them (``samft/prune/encoder_flops.py``).
 
 On CUDA (no extra keys, regions of a power of two >= 16 tokens) the attention runs as FlexAttention
 (``torch.nn.attention.flex_attention``): tokens in region-major order, a ``BlockMask`` with one block
