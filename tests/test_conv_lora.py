@@ -1,4 +1,5 @@
-"""Conv-LoRA against a plain, loop-per-sample restatement of the equations (DESIGN.md), written here
+"""Conv-LoRA against a plain, loop-per-sample restatement of the paper's equations (arXiv 2401.17868:
+``h = W0 x + s Wd(z + E_g(z))``, ``z = We x``, top-1 noisy gating, the balance loss), written here
 independently of samft.peft.conv_lora: same forward, same balance loss, same gradients."""
 
 import math
