@@ -175,3 +175,40 @@ def test_balanced_bce_equals_an_independent_restatement():
     valid = (rng.random((3, 1, 12, 10)) > 0.3).astype(np.float64)
     got = balanced_bce(torch.tensor(logits), torch.tensor(target), torch.tensor(valid))
     assert float(got) == pytest.approx(_np_balanced_bce(logits, target, valid), rel=1e-6)
+
+
+def _plain_boundary_weights(target):
+    """The 2-D 31 x 31 pool the separable one replaces (PraNet's formula, zero padding in the divisor)."""
+    import torch.nn.functional as F
+
+    return 1 + 5 * torch.abs(F.avg_pool2d(target, kernel_size=31, stride=1, padding=15) - target)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 40, 40), (3, 1, 64, 96), (2, 1, 17, 130)])
+def test_separable_boundary_weights_equal_the_plain_pool(shape):
+    """Within 2e-6 (float rounding of two sums instead of one; the weights lie in [1, 6]), borders included."""
+    from samft.tasks.losses import boundary_weights
+
+    torch.manual_seed(0)
+    target = (torch.rand(shape) > 0.6).float()
+    target[..., :5, :] = 1  # a border of foreground: the zero padding matters there
+    assert torch.allclose(boundary_weights(target), _plain_boundary_weights(target), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bce", ["mean", "weighted", "balanced"])
+@pytest.mark.parametrize("iou", [True, False])
+def test_structure_loss_with_separable_weights_equals_the_plain_pool(bce, iou, monkeypatch):
+    """Every place the weights are used (weighted IoU, weighted BCE, balanced BCE; padded batch): the same loss
+    as with the plain 2-D pool, within 1e-6 relative."""
+    import samft.tasks.losses as losses
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 1, 48, 72) * 3
+    target = (torch.rand(3, 1, 48, 72) > 0.7).float()
+    valid = torch.ones_like(target)
+    valid[1, :, 40:, :] = 0
+    valid[2, :, :, 60:] = 0
+    fast = structure_loss(logits, target, valid, bce=bce, iou=iou)
+    monkeypatch.setattr(losses, "boundary_weights", _plain_boundary_weights)
+    plain = structure_loss(logits, target, valid, bce=bce, iou=iou)
+    assert float(fast) == pytest.approx(float(plain), rel=1e-6)

@@ -19,9 +19,21 @@ import torch
 import torch.nn.functional as F
 
 
+BOUNDARY_KERNEL = 31
+
+
+def box_mean(x: torch.Tensor, kernel: int = BOUNDARY_KERNEL) -> torch.Tensor:
+    """``F.avg_pool2d(x, kernel, stride=1, padding=kernel // 2)`` (zero padding counted in the divisor) as two
+    1-D pools, a column then a row: the box filter is separable, so the result is the same up to float
+    rounding (tested within 2e-6) at about a tenth of the cost for 31 x 31 (``scripts/bench_losses.py``)."""
+    pad = kernel // 2
+    x = F.avg_pool2d(x, (kernel, 1), stride=1, padding=(pad, 0))
+    return F.avg_pool2d(x, (1, kernel), stride=1, padding=(0, pad))
+
+
 def boundary_weights(target: torch.Tensor) -> torch.Tensor:
     """``1 + 5 |avgpool31(gt) - gt|`` for (B, 1, H, W) targets (zero padding at the borders, as PraNet)."""
-    return 1 + 5 * torch.abs(F.avg_pool2d(target, kernel_size=31, stride=1, padding=15) - target)
+    return 1 + 5 * torch.abs(box_mean(target) - target)
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
