@@ -17,7 +17,6 @@ item ``i`` in epoch ``e`` depend only on (seed, e, i), whatever the worker or th
 
 from __future__ import annotations
 
-import glob
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from samft.config import DataConfig
+from samft.data.paths import expand_glob, has_magic
 from samft.data.io import IMAGE_EXTS, is_image_name, read_image
 from samft.data.layouts import (IMAGE_COLUMNS, Layout, _csv_base, _csv_path, _looks_like_header, csv_rows, header_column,
                                 list_images, train_val_pairs)
@@ -102,10 +102,13 @@ def unlabelled_images(data: DataConfig) -> list[Path]:
 def _source_images(data: DataConfig, layout: Layout, spec: str) -> list[Path]:
     if spec == "train":
         return [p.image for p in train_val_pairs(data)[0]]
-    if glob.has_magic(spec):
+    if has_magic(spec):
         pattern = str(layout.path(spec))
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-        files = [p for p in files if p.is_file() and is_image_name(p) and not layout.ignored(p)]
+        files, loops = expand_glob(pattern)
+        if loops:
+            warnings.warn(f"data.unlabelled: {pattern}: {len(loops)} link(s) to a folder that leads back to itself "
+                          f"not followed (e.g. {loops[0]})", stacklevel=2)
+        files = [p for p in files if is_image_name(p) and not layout.ignored(p)]
         if not files:
             raise DataError(f"{pattern}: the glob in data.unlabelled matches no image file "
                             f"({', '.join(IMAGE_EXTS)})")

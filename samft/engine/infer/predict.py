@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -11,6 +10,7 @@ import numpy as np
 
 from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
+from samft.data.paths import expand_glob
 from samft.engine import distributed as D
 from samft.engine.artifacts.checkpoint import atomic_write_bytes
 from samft.engine.infer.evaluate import iter_predictions
@@ -22,6 +22,14 @@ from samft.errors import SamftError
 from samft.progress import console, progress
 from samft.data.draw import class_overlay, label_image, overlay  # noqa: F401  (re-exported)
 from samft.tasks.task import Task, make_task
+
+
+def _pattern_files(pattern: str) -> list[Path]:
+    files, loops = expand_glob(pattern)
+    if loops:
+        warnings.warn(f"{pattern}: {len(loops)} link(s) to a folder that leads back to itself not followed "
+                      f"(e.g. {loops[0]})", stacklevel=3)
+    return files
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -37,7 +45,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         elif any(ch in item for ch in "*?["):
-            files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            files = _pattern_files(str(p))
             if not files:
                 raise SamftError(f"{item}: pattern matched no files")
             found.extend(files)
