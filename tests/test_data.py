@@ -173,3 +173,24 @@ def test_real_em_cells_load_as_binary():
     assert mask.shape == (512, 512) and 0 < mask.mean() < 1
     out = SamTransform(128)(read_image(pairs[0].image), mask.astype(np.uint8))
     assert out["image"].shape == (3, 128, 128) and out["valid_hw"].tolist() == [128, 128]
+
+
+def test_a_multi_frame_image_uses_its_first_frame_and_says_so_once(tmp_path, monkeypatch):
+    """Animated GIF / multi-page TIFF: the first frame, with one warning per process naming the file."""
+    import warnings
+
+    from PIL import Image
+
+    import samft.data.io as io_mod
+
+    monkeypatch.setattr(io_mod, "_MULTI_FRAME_WARNED", [False])
+    frames = [Image.fromarray(np.full((6, 5, 3), v, np.uint8)) for v in (10, 200)]
+    for name in ("a.tif", "b.gif"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = io_mod.read_image(tmp_path / "a.tif")
+        io_mod.read_image(tmp_path / "b.gif")
+    assert first.shape == (6, 5, 3) and int(first[0, 0, 0]) == 10
+    said = [str(w.message) for w in caught if "frames" in str(w.message)]
+    assert len(said) == 1 and "a.tif" in said[0] and "first frame" in said[0]

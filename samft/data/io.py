@@ -5,6 +5,7 @@ A corrupt or truncated file is an error, never a black image or an empty mask.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,27 @@ EXIF_TRANSPOSE = {
 }
 
 
+_MULTI_FRAME_WARNED: list[bool] = [False]
+
+
+def _warn_multi_frame(path: Path, what: str, frames: int) -> None:
+    """Animated GIF/PNG/WebP and multi-page TIFF: samft reads the first frame; said once per process."""
+    if not _MULTI_FRAME_WARNED[0]:
+        _MULTI_FRAME_WARNED[0] = True
+        warnings.warn(f"{path}: the {what} has {frames} frames (animated or multi-page); samft uses the first "
+                      f"frame of every such file (said once)", stacklevel=4)
+
+
 def _open(path: Path, what: str) -> tuple[Image.Image, Optional[Image.Transpose], tuple[int, int]]:
-    """Decode a file fully; apply its EXIF orientation. Returns (image, transpose applied, raw (h, w))."""
+    """Decode a file fully (its first frame); apply its EXIF orientation. Returns (image, transpose applied,
+    raw (h, w))."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
     try:
         with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                _warn_multi_frame(path, what, im.n_frames)
             im.load()
             raw_hw = (im.height, im.width)
             method = EXIF_TRANSPOSE.get(im.getexif().get(ExifTags.Base.Orientation, 1))
