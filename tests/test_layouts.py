@@ -228,3 +228,23 @@ def test_empty_splits_are_errors(tmp_path):
     (tmp_path / "list.csv").write_text("image,label\n")
     with pytest.raises(DataError, match=r"list.csv: the CSV lists no image/mask pairs"):
         split_pairs(DataConfig(root=str(tmp_path)), "list.csv")
+
+
+def test_two_images_with_one_stem_are_refused_naming_both(tmp_path):
+    """``0001.png`` and ``0001.jpg`` beside one ``0001.png`` mask: an error naming the files, not two pairs with
+    one mask (the trust review's 'accepted in silence')."""
+    import numpy as np
+    from PIL import Image
+
+    from samft.data.layouts import folder_pairs
+    from samft.errors import DataError
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("0001.png", "0001.jpg", "0002.png"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / name)
+    for name in ("0001.png", "0002.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "masks" / name)
+    with pytest.raises(DataError, match=r"0001\.(png|jpg): has the same name as 0001\.(png|jpg)") as err:
+        folder_pairs(tmp_path / "images", tmp_path / "masks")
+    assert "data.ignore" in str(err.value) and "\n" not in str(err.value)

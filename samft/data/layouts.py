@@ -125,11 +125,23 @@ def list_images(folder: Path, what: str, layout: Optional[Layout] = None) -> lis
     return files
 
 
+def _refuse_shared_stems(images: list[Path]) -> None:
+    """Two images with one stem (``0001.png`` and ``0001.jpg``) would both be paired with the one mask."""
+    seen: dict[str, Path] = {}
+    for img in images:
+        other = seen.setdefault(img.stem.lower(), img)
+        if other is not img:
+            raise DataError(f"{img}: has the same name as {other.name} apart from the extension, so both would be "
+                            f"paired with one mask; remove one of them or skip it with data.ignore "
+                            f"(e.g. '*{img.suffix}')")
+
+
 def match_masks(images: list[Path], masks: list[Path], mask_suffix: str, mask_folder: Path) -> list[Pair]:
     """Pair each image with the mask whose stem is the image's stem + ``mask_suffix`` (case-insensitive)."""
     by_stem: dict[str, list[Path]] = {}
     for m in masks:
         by_stem.setdefault(m.stem.lower(), []).append(m)
+    _refuse_shared_stems(images)
     pairs, missing = [], []
     for img in images:
         candidates = by_stem.get((img.stem + mask_suffix).lower(), [])
