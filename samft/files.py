@@ -1,36 +1,73 @@
 """Atomic file writes (torch-free, usable from every layer): write a temporary file, fsync, rename.
 
-A reader sees the old file or the new one, never half of one; a kill leaves at most a ``.NAME.PID.tmp``
-file, which the next training in that folder removes.
+A reader sees the old file or the new one, never half of one. The temporary file is created new
+(``O_EXCL | O_NOFOLLOW``: never opened through a link someone placed there) under a name only samft uses,
+``.NAME.samft-PID.tmp`` (shortened with a hash when NAME is long, so that a legal file name never makes an
+illegal temporary one); a kill leaves at most such a file, which the next training in a run folder samft
+created removes (:func:`is_own_tmp`). The rename replaces a link at ``path`` itself, never its target.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
+NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
+_OWN_TMP = re.compile(r"^\..+\.samft-\d+\.tmp$")
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+def tmp_name(name: str, pid: int | None = None) -> str:
+    """The temporary name for writing ``name``: ``.NAME.samft-PID.tmp``, within NAME_MAX bytes."""
+    tail = f".samft-{os.getpid() if pid is None else pid}.tmp"
+    full = f".{name}{tail}"
+    if len(full.encode()) <= NAME_MAX:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    keep = NAME_MAX - len(tail.encode()) - len(digest) - 2
+    head = name.encode()[:keep].decode(errors="ignore")
+    return f".{head}~{digest}{tail}"
+
+
+def is_own_tmp(name: str) -> bool:
+    """Whether a file name is one of samft's temporary names (nothing else is ever cleaned)."""
+    return bool(_OWN_TMP.match(name))
+
+
+def _write_new(tmp: Path, data: bytes) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(folder: Path) -> None:
     try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:
         pass
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(tmp_name(path.name))
+    if tmp.is_symlink() or tmp.exists():  # a leftover of this pid (or a planted link): never written through
+        tmp.unlink()
+    try:
+        _write_new(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+    _sync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
