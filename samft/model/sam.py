@@ -24,6 +24,7 @@ from torch import nn
 
 from samft.config import ModelConfig
 from samft.constants import PATCH, PIXEL_MEAN, PIXEL_STD  # noqa: F401  (re-exported)
+from samft.files import atomic_write_text
 from samft.errors import CheckpointError
 
 # encoder width -> (type, depth) of the official checkpoints, to name a wrong file
@@ -257,10 +258,7 @@ def file_sha256(path: str | Path) -> str:
     digest = h.hexdigest()
     cache[key] = digest
     try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_path)
+        atomic_write_text(cache_path, json.dumps(cache))
     except OSError:
         pass  # the cache is an optimisation only
     return digest
