@@ -9,8 +9,8 @@ Invariants (read off ``samft.tasks.losses.set_loss``):
 - point-sampled path (autogluon): the points are drawn over the whole padded square, so the crop is not the
   same loss; a label under the padding never counts (targets are interpolated over kept pixels only); a
   sampled point weighs by the bilinear share of kept pixels, so with uniform points only (``importance``
-  0: the points do not depend on the logits) logits further than one pixel from the valid region do not
-  count either. The points come from the global RNG (``MultiClassTask.loss`` passes no generator): each
+  0) logits further than one pixel from the valid region do not count either; with importance sampling
+  neither, since a candidate with no kept pixel around it is never ranked among the uncertain ones. The points come from the global RNG (``MultiClassTask.loss`` passes no generator): each
   call is seeded the same.
 """
 
@@ -105,8 +105,11 @@ def test_point_sampled_loss_ignores_labels_under_the_padding():
         assert a == b, seed
 
 
-def test_point_sampled_loss_ignores_logits_away_from_the_valid_region():
-    task = _task("autogluon", points=40, importance=0.0)  # uniform points: where they fall is logit-independent
+@pytest.mark.parametrize("importance", [0.0, 0.75])
+def test_point_sampled_loss_ignores_logits_away_from_the_valid_region(importance):
+    """Uniform points (importance 0) fall where they fall; importance-sampled candidates with no kept pixel
+    around them are never chosen, so the padding's logits do not choose the points either."""
+    task = _task("autogluon", points=40, importance=importance)
     logits, class_logits, target, valid = _batch(5, [(16, 9), (10, 16)])
     new_logits, new_target = _scramble_padding(logits, target, valid, seed=6, margin=1)
     for seed in range(3):

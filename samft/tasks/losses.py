@@ -156,15 +156,20 @@ def kept_point_sample(targets: torch.Tensor, keep: torch.Tensor, coords: torch.T
 
 
 def uncertain_points(logits: torch.Tensor, sampling: PointSampling,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: Optional[torch.Generator] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mask2Former's importance sampling: (N, 1, H, W) logits -> (N, points, 2) coordinates in [0, 1].
 
     ``int(oversample * points)`` uniform candidates per map; the ``int(importance * points)`` with the
-    smallest ``|logit|`` (the most uncertain) are kept, and uniform points fill up to ``points``.
+    smallest ``|logit|`` (the most uncertain) are kept, and uniform points fill up to ``points``. With
+    ``keep`` (1, 1, H', W') in {0, 1}, a candidate with no kept pixel around it (padding, ignore) is never
+    among the uncertain ones: it would carry no weight, and the logits there would choose the points.
     """
     n, device = logits.shape[0], logits.device
     candidates = torch.rand(n, int(sampling.points * sampling.oversample), 2, generator=generator, device=device)
     uncertainty = -point_sample(logits.float(), candidates)[:, 0].abs()  # (N, candidates)
+    if keep is not None:
+        share = point_sample(keep.expand(n, -1, -1, -1), candidates, "border")[:, 0]
+        uncertainty = uncertainty.masked_fill(share <= 0, float("-inf"))
     k = int(sampling.importance * sampling.points)
     idx = torch.topk(uncertainty, k=k, dim=1).indices
     chosen = torch.gather(candidates, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
@@ -244,7 +249,7 @@ def _image_sampled(class_logits: torch.Tensor, mask_logits: torch.Tensor, ids: t
         t_pts, k_pts = kept_point_sample(targets, keep_map, coords)
         q_pts = point_sample(logits, coords.expand(q, -1, -1))[:, 0]
         rows, cols = match_queries(class_logits, q_pts, present, t_pts, w, k_pts[0])
-        coords = uncertain_points(logits[rows], sampling, generator)
+        coords = uncertain_points(logits[rows], sampling, generator, keep_map)
         t_pts, k_pts = kept_point_sample(targets[cols], keep_map, coords)
     bce_sum, dice_sum = _mask_terms(point_sample(logits[rows], coords)[:, 0], t_pts, k_pts)
     return rows, cols, bce_sum, dice_sum
