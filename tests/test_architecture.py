@@ -21,11 +21,7 @@ LAYERS = {  # package or module (under samft.) -> rank; a module may import its 
     "files": 0, "deploy_onnx": 0,  # deploy_onnx: numpy + onnxruntime only (tested: no torch)
 }
 # (importer's top-level name, imported module prefix): why the upward import is right
-ALLOWED = {
-    ("config", "samft.peft"): "the peft section is built from the PEFT registry, lazily at first use",
-    ("config", "samft.model.attention"): "model.attention's choices come from the attention registry, at validation",
-    ("config", "samft.model.sam"): "model.type's choices come from the size registry, at validation",
-}
+ALLOWED: dict[tuple[str, str], str] = {}  # none: the config checks registry names against samft/config/names.py
 FORBIDDEN_SAME_RANK = {("data", "model"): "data never imports the model", ("data", "peft"): "nor a PEFT method",
                        ("peft", "data"): "a PEFT method knows no dataset"}
 
