@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence
 
 
-def opt(default: Any, help: str, choices: Union[Sequence[Any], Callable[[], Sequence[Any]], None] = None,
-        minimum: float | None = None) -> Any:
+def opt(default: Any, help: str, choices: Sequence[Any] | None = None, minimum: float | None = None,
+        resumable: bool = False) -> Any:
     """A dataclass field with ``help`` (shown by ``samft info``/docs) and optional validation.
 
-    ``choices`` may be a function returning them (a registry looked up when the config is validated,
-    so that importing the config imports no registry). Mutable defaults (lists, dicts) are copied per
-    instance.
+    ``choices``: the values accepted (registry names come from :mod:`samft.config.names`). ``resumable``:
+    ``--resume`` may change the option (how long and how the run goes on, not what it learns; see
+    :data:`samft.config.RESUMABLE_KEYS`). Mutable defaults (lists, dicts) are copied per instance.
     """
-    meta = {"help": help}
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
-        meta["choices"] = choices if callable(choices) else tuple(choices)
+        meta["choices"] = tuple(choices)
     if minimum is not None:
         meta["minimum"] = minimum
+    if resumable:
+        meta["resumable"] = True
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -23,6 +23,7 @@ from segment_anything.build_sam import sam_model_registry
 from torch import nn
 
 from samft.config import ModelConfig
+from samft.config.names import SAM_TYPES, check_registered
 from samft.constants import PATCH, PIXEL_MEAN, PIXEL_STD  # noqa: F401  (re-exported)
 from samft.files import atomic_write_text
 from samft.errors import CheckpointError
@@ -278,3 +279,7 @@ def base_fingerprint(cfg: ModelConfig, sam: Sam) -> str:
     if cfg.checkpoint:
         return file_sha256(cfg.checkpoint)
     return "random:" + weights_sha256(sam)
+
+
+for _name in sam_sizes():  # the registry is complete here
+    check_registered("SAM size", _name, SAM_TYPES)  # what model.type accepts

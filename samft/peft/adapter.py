@@ -10,28 +10,14 @@ here only the adapters train (with the mask decoder). Not mergeable: the GELU ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samft.config.peft.adapter import AdapterConfig
 from samft.errors import ConfigError
-from samft.config.field import opt
-from samft.peft.inject import AdapterLayer, check_choices, replace_modules
+from samft.peft.inject import AdapterLayer, replace_modules
 from samft.peft.registry import register
-
-POSITIONS = ("attn", "mlp")
-
-
-@dataclass
-class AdapterConfig:
-    bottleneck: int = opt(8, "hidden width of each adapter (down-projection size)", minimum=1)
-    positions: list[str] = opt(["attn", "mlp"], "where in each block: after attn, after mlp, or both")
-
-    def check(self, prefix: str) -> None:
-        check_choices(self.positions, POSITIONS, f"{prefix}.positions")
-
 
 class BottleneckAdapter(AdapterLayer):
     """``y = f(x)``, then ``y + up(GELU(down(y)))`` on the last dimension. Shapes: (..., dim) -> (..., dim)."""

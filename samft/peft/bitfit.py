@@ -8,20 +8,14 @@ SAM checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
+from samft.config.peft.bitfit import BitFitConfig
 from samft.peft.inject import unfreeze
 from samft.peft.registry import register
 
 BIAS_MODULES = (nn.Linear, nn.Conv2d, nn.LayerNorm, LayerNorm2d)
-
-
-@dataclass
-class BitFitConfig:
-    """No options: every bias of the encoder trains."""
 
 
 def encoder_biases(encoder: nn.Module) -> list[str]:

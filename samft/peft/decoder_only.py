@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from samft.config.peft.decoder_only import DecoderOnlyConfig
 from samft.peft.registry import register
-
-
-@dataclass
-class DecoderOnlyConfig:
-    """No options: the encoder is left as it is."""
 
 
 @register(

@@ -6,17 +6,11 @@ checkpoint. The adapter file then holds the whole encoder (and the decoder).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from samft.config.peft.full import FullConfig
 from samft.peft.inject import unfreeze
 from samft.peft.registry import register
-
-
-@dataclass
-class FullConfig:
-    """No options: the whole encoder trains."""
 
 
 def encoder_params(encoder: nn.Module) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from samft.config.peft.targets import LINEAR_TARGETS, check_choices, check_targets  # noqa: F401
 from samft.errors import ConfigError
 
 
@@ -69,9 +70,6 @@ def unfreeze(encoder: nn.Module, names: list[str], method: str, wanted: str) -> 
     return names
 
 
-LINEAR_TARGETS = ("qkv", "proj", "lin1", "lin2")
-
-
 def linear_targets(targets: Iterable[str]) -> Callable[[str, nn.Module], bool]:
     """Match the encoder blocks' ``nn.Linear`` layers whose attribute name is in ``targets``.
 
@@ -90,16 +88,3 @@ def linear_targets(targets: Iterable[str]) -> Callable[[str, nn.Module], bool]:
         )
 
     return match
-
-
-def check_choices(values: list[str], allowed: tuple[str, ...], key: str) -> None:
-    """A non-empty list drawn from ``allowed``, else a ConfigError naming ``key``."""
-    if not values:
-        raise ConfigError(f"{key}: empty; choose from {', '.join(allowed)}")
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{key}: unknown {unknown}; choose from {', '.join(allowed)}")
-
-
-def check_targets(targets: list[str], prefix: str) -> None:
-    check_choices(targets, LINEAR_TARGETS, f"{prefix}.targets")

@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samft.errors import ConfigError
-from samft.config.field import opt
-from samft.peft.inject import AdapterLayer, check_targets, linear_targets, merge_layers, replace_modules
+from samft.config.peft.lora import LoRAConfig
+from samft.peft.inject import AdapterLayer, linear_targets, merge_layers, replace_modules
 from samft.peft.registry import register
-
-
-@dataclass
-class LoRAConfig:
-    targets: list[str] = opt(["qkv"], "encoder linears to adapt in every block: qkv, proj, lin1, lin2")
-    rank: int = opt(3, "rank r of the low-rank update", minimum=1)
-    alpha: float = opt(32.0, "scale numerator: the update is multiplied by alpha / rank", minimum=0.0)
-    dropout: float = opt(0.0, "dropout on the adapter's input", minimum=0.0)
-
-    def check(self, prefix: str) -> None:
-        check_targets(self.targets, prefix)
-        if self.dropout >= 1.0:
-            raise ConfigError(f"{prefix}.dropout: {self.dropout} must be below 1")
 
 
 def init_low_rank(in_features: int, out_features: int, rank: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:

@@ -1,7 +1,9 @@
 """The PEFT method registry: one entry per method, looked up by name.
 
-A method lives in one module of ``samft.peft``: its config dataclass, its layer(s), and an
-``apply(encoder, cfg) -> list[str]`` decorated with :func:`register`. ``apply`` receives SAM's image
+A method lives in one module of ``samft.peft``: its layer(s) and an ``apply(encoder, cfg) -> list[str]``
+decorated with :func:`register`; its options dataclass lives, torch-free, in ``samft/config/peft/<method>.py``
+(a field of ``samft.config.PeftConfig``) and its name in ``samft.config.names.PEFT_METHODS``: registering
+checks both, so the config validates ``peft.method`` without importing this registry. ``apply`` receives SAM's image
 encoder with every base parameter already frozen; it wraps the modules it adapts (keeping the original
 as ``base_layer``) or unfreezes the base parameters it trains, returns the names of what it adapted,
 and raises when nothing matched. Whatever requires grad afterwards is what trains: trainable
@@ -22,6 +24,8 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from samft.config.names import PEFT_METHODS, check_registered
+from samft.config.peft import options_class, trains_encoder
 from samft.errors import ConfigError
 
 ApplyFn = Callable[[nn.Module, Any], list]
@@ -70,11 +74,23 @@ def register(
             raise RuntimeError(f"PEFT method {name!r} registered twice")
         if mergeable and merge is None:
             raise RuntimeError(f"PEFT method {name!r} is mergeable but has no merge function")
+        _check_config(name, config_cls, adapts_encoder or trains_base is not None)
         _METHODS[name] = MethodSpec(name, config_cls, fn, help, mergeable, merge, unused_params, adapts_encoder,
                                     trains_base, identity_at_init)
         return fn
 
     return deco
+
+
+def _check_config(name: str, config_cls: type, trains: bool) -> None:
+    """What the config declares of the method agrees with its registration (a developer error otherwise)."""
+    check_registered("PEFT method", name, PEFT_METHODS)
+    if options_class(name) is not config_cls:
+        raise RuntimeError(f"PEFT method {name!r} registers {config_cls.__name__}, but samft.config.PeftConfig.{name} "
+                           f"is {options_class(name).__name__}")
+    if trains_encoder(name) != trains:
+        raise RuntimeError(f"PEFT method {name!r}: its options class says trains_encoder={trains_encoder(name)}, "
+                           f"its registration {trains} (adapts_encoder or trains_base)")
 
 
 def get(name: str) -> MethodSpec:

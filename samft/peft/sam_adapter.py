@@ -19,7 +19,6 @@ ONNX has no FFT: for export the high-pass is computed by :func:`high_frequency_m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -27,21 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samft.config.peft.sam_adapter import SAMAdapterConfig
 from samft.errors import ConfigError
-from samft.config.field import opt
 from samft.peft.inject import AdapterLayer, replace_modules
 from samft.peft.registry import register
-
-
-@dataclass
-class SAMAdapterConfig:
-    scale_factor: int = opt(32, "prompt features have width dim // scale_factor", minimum=1)
-    freq_ratio: float = opt(0.25, "fraction of the spectrum (centred low-frequency square) masked out", minimum=0.0)
-    shared_up: bool = opt(True, "one up-projection shared by all blocks (the reference) instead of one per block")
-
-    def check(self, prefix: str) -> None:
-        if self.freq_ratio >= 1.0:
-            raise ConfigError(f"{prefix}.freq_ratio: {self.freq_ratio} must be below 1")
 
 
 def high_frequency(images: torch.Tensor, ratio: float) -> torch.Tensor:

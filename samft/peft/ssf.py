@@ -9,29 +9,14 @@ frozen one). Targets are the block linears (``qkv``, ``proj``, ``lin1``, ``lin2`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from samft.config.peft.ssf import NORM_TARGETS, SSF_TARGETS, SSFConfig  # noqa: F401  (SSF_TARGETS re-exported)
 from samft.errors import ConfigError
-from samft.config.field import opt
-from samft.peft.inject import (LINEAR_TARGETS, AdapterLayer, check_choices, linear_targets, merge_layers,
+from samft.peft.inject import (LINEAR_TARGETS, AdapterLayer, linear_targets, merge_layers,
                                replace_modules)
 from samft.peft.registry import register
-
-NORM_TARGETS = ("norm1", "norm2")
-SSF_TARGETS = LINEAR_TARGETS + NORM_TARGETS
-
-
-@dataclass
-class SSFConfig:
-    targets: list[str] = opt(list(SSF_TARGETS), "layers followed by scale and shift in every block: "
-                             + ", ".join(SSF_TARGETS))
-
-    def check(self, prefix: str) -> None:
-        check_choices(self.targets, SSF_TARGETS, f"{prefix}.targets")
-
 
 class SSFLayer(AdapterLayer):
     """``gamma * base(x) + beta`` over the last (channel) dimension. Shapes: (..., C) -> (..., C)."""

@@ -17,26 +17,14 @@ softmax). Not mergeable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import torch
 from torch import nn
 
 from samft.constants import PATCH
-from samft.errors import ConfigError
-from samft.config.field import opt
+from samft.config.peft.vpt import VPTConfig
 from samft.peft.inject import AdapterLayer, replace_modules
 from samft.peft.registry import register
 
-
-
-@dataclass
-class VPTConfig:
-    num_tokens: int = opt(10, "learnable prompt tokens per block (extra keys/values of every window)", minimum=1)
-    dropout: float = opt(0.0, "dropout on the prompt tokens in training", minimum=0.0)
-
-    def check(self, prefix: str) -> None:
-        if self.dropout >= 1.0:
-            raise ConfigError(f"{prefix}.dropout: {self.dropout} must be below 1")
 
 
 class VPTAttention(AdapterLayer):

@@ -17,6 +17,7 @@ from samft.version import __version__
 from samft.engine.artifacts.checkpoint import atomic_write_text
 from samft.engine.artifacts.runs import (ADAPTER_FILE, CONFIG_FILE, EVAL_FILE, LAST_ADAPTER_FILE, LEGACY_STATE_FILE, MARKER_FILE,
                                METRICS_FILE, PLOT_FILE, RESUMES_FILE, SPLIT_FILE, STATE_FILE, state_file)
+from samft.config import RESUMABLE_KEYS  # what --resume may change: opt(..., resumable=True) in the schema
 from samft.errors import SamftError
 
 LOCK_FILE = ".lock"
@@ -137,12 +138,6 @@ class RunLock:
             finally:
                 os.close(self.fd)
                 self.fd = None
-
-
-# what ``--resume RUN key=value`` may change: how long and how the run goes on, not what it learns
-RESUMABLE_KEYS = ("train.epochs", "train.max_steps", "train.log_every", "train.save_every", "train.val_every",
-                  "train.progress", "train.num_threads", "train.device", "data.num_workers", "data.check",
-                  "eval.batch_size")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

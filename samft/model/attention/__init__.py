@@ -20,7 +20,8 @@ block whether it applies (``applies(block, options)``); where it does not, the r
 An implementation whose forward cannot be exported to ONNX sets ``onnx_exportable = False``.
 
 Adding an implementation: one module of this package with a subclass of :class:`EncoderAttention`
-decorated by :func:`register_attention` (modules are discovered on first use, like PEFT methods).
+decorated by :func:`register_attention` (modules are discovered on first use, like PEFT methods), and its
+name in ``samft.config.names.ATTENTIONS`` (what ``model.attention`` accepts; registering checks it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from segment_anything.modeling.image_encoder import Attention
 from torch import nn
 
+from samft.config.names import ATTENTIONS, check_registered
 from samft.errors import ConfigError
 
 _INFRASTRUCTURE = {"bias"}
@@ -102,6 +104,7 @@ def register_attention(name: str, help: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         if name in _REGISTRY:
             raise RuntimeError(f"attention implementation {name!r} registered twice")
+        check_registered("attention implementation", name, ATTENTIONS)  # what model.attention accepts
         cls.kind = name
         _REGISTRY[name] = cls
         _HELP[name] = help

@@ -1,0 +1,134 @@
+"""The ``model`` section: SAM's size, checkpoint and input size; the tiny sizes, BRA's options and the
+class-name embeddings of the text class head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from samft.config.field import opt, section
+from samft.config.names import ATTENTIONS, SAM_TYPES
+from samft.errors import ConfigError
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the small SAM built from the real classes for CPU tests and the demo."""
+
+    embed_dim: int = opt(64, "encoder width (ViT embedding dimension)", minimum=8)
+    depth: int = opt(2, "number of encoder blocks", minimum=1)
+    num_heads: int = opt(2, "encoder attention heads (must divide embed_dim)", minimum=1)
+    window_size: int = opt(4, "window size of the windowed encoder blocks", minimum=1)
+    global_attn_indexes: list[int] = opt([1], "encoder blocks that use global attention")
+    out_chans: int = opt(64, "encoder output = prompt encoder = mask decoder width (divisible by 8)", minimum=8)
+    decoder_depth: int = opt(2, "two-way transformer depth in the mask decoder", minimum=1)
+    decoder_mlp_dim: int = opt(256, "two-way transformer MLP width", minimum=1)
+    decoder_heads: int = opt(4, "two-way transformer heads ((out_chans / 2) must be divisible by it)", minimum=1)
+
+    def check(self, prefix: str) -> None:
+        """The rules that tie the sizes together (the real classes would fail obscurely otherwise)."""
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"{prefix}.num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
+        if self.out_chans % 8:
+            raise ConfigError(f"{prefix}.out_chans: {self.out_chans} is not divisible by 8")
+        if (self.out_chans // 2) % self.decoder_heads:
+            raise ConfigError(f"{prefix}.decoder_heads: {self.decoder_heads} does not divide out_chans/2 = "
+                              f"{self.out_chans // 2}")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"{prefix}.global_attn_indexes: {bad} outside 0..{self.depth - 1}")
+
+
+# SLIP's zero-shot ImageNet prompt ensemble (its templates.json, "imagenet"), averaged per class name.
+SLIP_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                  "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+@dataclass
+class TextConfig:
+    """Class-name embeddings for the text class head and the region-text loss (SLIP's language branch)."""
+
+    embeddings: Optional[str] = opt(None, "file of precomputed class-name embeddings (.safetensors with one tensor, "
+                                          "or .npy): one row per class of data.classes, in that order")
+    open_clip_model: Optional[str] = opt(None, "open_clip model name (e.g. ViT-B-16) whose text tower embeds the "
+                                               "class names (needs samft[text] and model.text.checkpoint)")
+    checkpoint: Optional[str] = opt(None, "local open_clip weights (.safetensors/.pt/.bin) for "
+                                          "model.text.open_clip_model; nothing is downloaded")
+    templates: list[str] = opt(SLIP_TEMPLATES, "prompt templates with one {} for the class name; each class's "
+                                               "embedding is the normalised mean over them (default: SLIP's ImageNet "
+                                               "ensemble)")
+
+    @property
+    def source(self) -> Optional[str]:
+        """'file', 'open_clip' or None (no class-name embeddings configured)."""
+        return "file" if self.embeddings else "open_clip" if self.open_clip_model else None
+
+    def check(self, prefix: str) -> None:
+        """One source of embeddings, complete; templates with exactly one {} each."""
+        if self.embeddings and self.open_clip_model:
+            raise ConfigError(f"{prefix}: set either embeddings (a file) or open_clip_model (with checkpoint), not both")
+        if self.open_clip_model and not self.checkpoint:
+            raise ConfigError(f"{prefix}.checkpoint: open_clip_model {self.open_clip_model!r} needs a local "
+                              f"checkpoint file (samft downloads nothing)")
+        if self.checkpoint and not self.open_clip_model:
+            raise ConfigError(f"{prefix}.open_clip_model: {prefix}.checkpoint is set but no open_clip model name")
+        for t in self.templates:
+            if t.count("{}") != 1:
+                raise ConfigError(f"{prefix}.templates: {t!r} must contain exactly one {{}} (the class name)")
+        if not self.templates:
+            raise ConfigError(f"{prefix}.templates: empty; give at least one template such as 'a photo of a {{}}.'")
+
+
+BRA_BLOCKS = ("global", "all")
+
+
+@dataclass
+class BRAConfig:
+    """Options of ``model.attention=bra``: BiFormer's Bi-Level Routing Attention (samft/model/attention/bra.py)."""
+
+    regions: int = opt(8, "regions per side S: the token map (or window) is split into S x S regions, padded "
+                       "(padded keys masked) when S does not divide it", minimum=1)
+    topk: int = opt(16, "key regions each query region attends to (at most regions**2, which is dense attention)",
+                    minimum=1)
+    lepe_kernel: int = opt(5, "kernel of the zero-initialised depthwise LEPE conv on v, added before proj "
+                           "(odd; 0 = off)", minimum=0)
+    blocks: str = opt("global", "blocks that use BRA: global (SAM's global-attention blocks; windowed blocks keep "
+                      "their windows) or all (every block; windowed blocks route inside each window)", BRA_BLOCKS)
+
+    def check(self, prefix: str) -> None:
+        if self.topk > self.regions ** 2:
+            raise ConfigError(f"{prefix}.topk: {self.topk} exceeds regions**2 = {self.regions ** 2} "
+                              f"(the number of regions)")
+        if self.lepe_kernel and self.lepe_kernel % 2 == 0:
+            raise ConfigError(f"{prefix}.lepe_kernel: {self.lepe_kernel} is even; use an odd kernel or 0 (off)")
+
+
+@dataclass
+class ModelConfig:
+    type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", SAM_TYPES)
+    checkpoint: Optional[str] = opt(
+        None, "official SAM checkpoint (e.g. sam_vit_b_01ec64.pth); null = random weights (a warning is shown)"
+    )
+    img_size: int = opt(1024, "square input side (multiple of 16); pos_embed is interpolated when not 1024", minimum=16)
+    seed: int = opt(0, "seed of the random base weights when checkpoint is null")
+    pruned: Optional[str] = opt(None, "SPViT-pruned model (pruned.safetensors written by samft prune: the "
+                                "architecture and the whole pruned state) that replaces the base; null = dense SAM")
+    num_mask_tokens: int = opt(10, "multi-class: mask tokens (queries) decoded per image; binary models use one",
+                               minimum=1)
+    attention: str = opt("sdpa", "encoder attention implementation (samft/model/attention/): sdpa (fused "
+                         "scaled_dot_product_attention), eager (segment_anything's own, the plain reference), bra "
+                         "(BiFormer's Bi-Level Routing Attention: sparse, for 1536-2048 px; see model.bra)",
+                         ATTENTIONS)
+    bra: BRAConfig = section(BRAConfig, "options of model.attention=bra (Bi-Level Routing Attention)")
+    tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
+    class_head: str = opt("linear", "multi-class: how mask tokens are classified: linear (a Linear to C+1 scores) or "
+                          "text (cosine similarity to the class-name embeddings of model.text)", ("linear", "text"))
+    text: TextConfig = section(TextConfig, "class-name embeddings (model.class_head=text, loss.clip.weight)")
+
+    def check(self, prefix: str) -> None:
+        """The input size, BRA's options and the tiny sizes (checked whether used or not: their defaults are
+        valid). ``text`` is checked with the rest of SLIP (samft/config/slip.py)."""
+        if self.img_size % 16:
+            raise ConfigError(f"{prefix}.img_size: {self.img_size} is not a multiple of 16 (the patch size)")
+        self.bra.check(f"{prefix}.bra")
+        self.tiny.check(f"{prefix}.tiny")

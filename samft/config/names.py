@@ -1,0 +1,26 @@
+"""The names the registries register, as torch-free tuples: what ``model.type``, ``model.attention`` and
+``peft.method`` accept.
+
+The registries check against these lists when they register (a name missing here is a developer error,
+a RuntimeError at import), and ``tests/test_config_schema.py`` checks that the sets are equal, so the
+config validates registry names without importing a registry (nor torch). The order is the one the
+choices are listed in (error messages, ``samft info``).
+"""
+
+from __future__ import annotations
+
+# model/sam.py's size registry (sam_sizes)
+SAM_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
+
+# model/attention's registry (attention_names): the fallback first, then the others sorted
+ATTENTIONS = ("sdpa", "bra", "eager")
+
+# peft/registry.py, in registration order (also the fields of samft.config.peft.PeftConfig)
+PEFT_METHODS = ("adapter", "bitfit", "lora", "conv_lora", "decoder_only", "full", "sam_adapter", "ssf", "vpt")
+
+
+def check_registered(kind: str, name: str, names: tuple[str, ...]) -> None:
+    """Called by a registry when it registers ``name``: a RuntimeError unless the config lists it."""
+    if name not in names:
+        raise RuntimeError(f"{kind} {name!r} is registered but missing from samft/config/names.py "
+                           f"({', '.join(names)}): add it there so that the config accepts it")
