@@ -571,3 +571,14 @@ def test_openmp_threads_wait_quietly_on_a_busy_machine(monkeypatch, load, expect
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     cli.quiet_openmp()
     assert cli.os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in cli.os.environ
+
+
+def test_device_errors_name_the_option_the_value_came_from():
+    """``eval/predict --device`` errors name ``--device``; training's name ``train.device``."""
+    from samft.engine.runtime import pick_device
+    from samft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--device: 'gpu9' is not a device"):
+        pick_device("gpu9")
+    with pytest.raises(ConfigError, match=r"^train\.device: 'gpu9' is not a device"):
+        pick_device("gpu9", "train.device")

@@ -12,15 +12,17 @@ from samft.errors import ConfigError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", option: str = "--device") -> torch.device:
+    """The torch device for ``name`` (auto, cpu, cuda, cuda:N); errors name ``option``, where the value came from
+    (``train.device`` in training, ``--device`` on the command line)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device: {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"{option}: {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} asked for, but CUDA is not available on this machine")
+        raise ConfigError(f"{option}: {name!r} asked for, but CUDA is not available on this machine")
     return device
 
 

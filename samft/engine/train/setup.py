@@ -64,7 +64,7 @@ def prepare_run(cfg: Config, resume: bool, info: D.DistInfo, show_progress: bool
     """Device, precision, seeds, absolute data paths, the data check (before anything is written) and the
     train/validation splits."""
     tc = cfg.train
-    device = D.device_for(info, pick_device(tc.device))
+    device = D.device_for(info, pick_device(tc.device, "train.device"))
     precision = resolve_precision(tc.precision, device)
     configure_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
