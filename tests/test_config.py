@@ -123,3 +123,13 @@ def test_example_configs_load(path):
 
     cfg = load_config(path)
     assert cfg.data.root.startswith("data/") and cfg.model.checkpoint
+
+
+@pytest.mark.parametrize("classes", [["background", "cat", "cat"], ["background", "Cat", "cat "]])
+def test_duplicate_class_names_are_refused(classes):
+    """Two classes of one name (case and surrounding spaces ignored) are an error naming both ids."""
+    from samft.config import config_from_dict
+    from samft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.classes: .* \(class 2\) has the same name as class 1"):
+        config_from_dict({"data": {"classes": classes}})

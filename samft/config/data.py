@@ -76,3 +76,9 @@ class DataConfig:
         if len(classes) == 1:
             raise ConfigError(f"{prefix}.classes: one class is a binary task; leave {prefix}.classes empty for "
                               f"binary masks")
+        seen: dict[str, int] = {}
+        for i, name in enumerate(classes):
+            j = seen.setdefault(name.strip().casefold(), i)
+            if j != i:
+                raise ConfigError(f"{prefix}.classes: {name!r} (class {i}) has the same name as class {j} "
+                                  f"({classes[j]!r}); every class needs its own name")
