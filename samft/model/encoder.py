@@ -11,8 +11,9 @@ The contract (``segment_anything``'s ``ImageEncoderViT``, stated once here)::
 
 Any module with that block contract may stand in ``encoder.blocks`` (:func:`replace_block`): a BRA
 attention block, a pruned SPViT block, a checkpointed wrapper. A module in ``blocks`` may produce named
-auxiliary losses the same way PEFT layers do (an ``aux_loss`` attribute set in forward, ``aux_name``
-naming it); :class:`~samft.model.semantic.SemanticSAM` collects them.
+auxiliary losses the same way PEFT layers do: ``aux_name`` declares the name and forward adds the value
+to the open aux-loss sink (:func:`samft.tasks.terms.active_aux_sink`), if any;
+:class:`~samft.model.semantic.SemanticSAM` opens one around its forward pass and returns the sums.
 """
 
 from __future__ import annotations

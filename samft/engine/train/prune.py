@@ -134,7 +134,6 @@ def _search_phase(loaded: LoadedRun, target_gmacs: float, steps: Optional[int], 
     result = search(loaded.model, loader_fn, target_gmacs, steps, arch_lr=arch_lr, lam=lam,
                     lr=cfg.train.lr, device=device, log=log, checkpoint=checkpoint)
     arch = rebuild(loaded.model.image_encoder)
-    loaded.model.refresh_aux_modules()
     pruned = gmacs(encoder_block_flops(loaded.model.image_encoder, size)["total"])
     metrics["pruned"] = _validate(loaded, val_pairs, device, "pruned")
     record = {"source_run": str(loaded.run_dir.resolve()), "dense_gmacs": result.dense_gmacs,
