@@ -235,7 +235,6 @@ class Schedule:
     """How many micro-batches and optimizer steps a training has."""
 
     micro_per_epoch: int
-    steps_per_epoch: int
     total_steps: int
 
     @classmethod
@@ -244,7 +243,7 @@ class Schedule:
         micro = math.ceil(samples_per_rank / tc.batch_size)
         steps = math.ceil(micro / tc.accum_steps)
         total = tc.epochs * steps
-        return cls(micro, steps, min(total, tc.max_steps) if tc.max_steps else total)
+        return cls(micro, min(total, tc.max_steps) if tc.max_steps else total)
 
 
 def describe_start(ctx: RunContext, parts: TrainingParts, schedule: Schedule) -> str:
