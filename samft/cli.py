@@ -240,7 +240,7 @@ def prune(
     units), fine-tune, and write a new run directory."""
     from samft.engine.artifacts.runs import newest_run
     from samft.prune.rebuild import summary
-    from samft.engine.train.prune import prune_run
+    from samft.engine.train.prune import PruneArgs, prune_run
 
     finished = resume is not None and (resume / "pruned.safetensors").is_file()
     if search_epochs is None and search_steps is None and not finished:
@@ -249,9 +249,11 @@ def prune(
     if target_gmacs is None and not finished:
         raise SamftError("prune needs --target-gmacs (or --resume PRUNED_RUN of a finished search)")
     source = None if finished else (run or newest_run())
-    report = prune_run(source, target_gmacs, search_steps, finetune_epochs, resume or out, arch_lr, lam, device,
-                       overwrite, search_epochs, overrides=overrides, resume=resume is not None,
-                       show_progress=not no_progress, search_save_every=search_save_every)
+    args = PruneArgs(run_dir=source, target_gmacs=target_gmacs, search_steps=search_steps,
+                     search_epochs=search_epochs, finetune_epochs=finetune_epochs, out_dir=resume or out,
+                     arch_lr=arch_lr, lam=lam, device=device, overwrite=overwrite, overrides=overrides,
+                     resume=resume is not None, show_progress=not no_progress, search_save_every=search_save_every)
+    report = prune_run(args)
     c = _console()
     c.print(f"architecture   {summary(report.arch)}")
     reached = "reached" if report.reached else "NOT reached"

@@ -36,7 +36,7 @@ def main() -> None:
     from samft.config import load_config
     from samft.engine.train.loop import train
     from samft.prune.rebuild import summary
-    from samft.engine.train.prune import prune_run
+    from samft.engine.train.prune import PruneArgs, prune_run
 
     data = args.data or next((p for p in (ROOT.parent / "shared" / "data" / "em-cells",
                                           ROOT.parent.parent / "shared" / "data" / "em-cells") if p.is_dir()), None)
@@ -55,8 +55,9 @@ def main() -> None:
 
         model = load_run(run, __import__("torch").device("cpu")).model
         dense = gmacs(encoder_block_flops(model.image_encoder, model.img_size)["total"])
-    report = prune_run(run, args.target * dense, search_steps=args.search_steps, finetune_epochs=args.finetune_epochs,
-                       out_dir=args.workdir / "pruned", arch_lr=args.arch_lr)
+    report = prune_run(PruneArgs(run, args.target * dense, search_steps=args.search_steps,
+                                 finetune_epochs=args.finetune_epochs, out_dir=args.workdir / "pruned",
+                                 arch_lr=args.arch_lr))
     print(f"architecture: {summary(report.arch)}")
     print(f"GMACs dense {report.dense_gmacs:.4f} target {report.target_gmacs:.4f} pruned {report.pruned_gmacs:.4f} "
           f"(reached: {report.reached})")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from scipy.stats import norm
 
 from samft.peft.conv_lora import ConvLoRAConfig, ConvLoRALinear
+from samft.tasks.terms import aux_sink
 
 from conftest import tiny_config
 
@@ -93,6 +94,24 @@ def plain_balance_loss(gates, clean, noisy, std, k, experts, coef, training):
     return coef * (cv2(importance) + cv2(load))
 
 
+def forward_with_balance(layer, x):
+    """The layer's output and the balance loss it adds to an aux-loss sink opened around it."""
+    with aux_sink() as sink:
+        out = layer(x)
+    return out, sink.values["balance"]
+
+
+def test_no_balance_loss_is_computed_outside_a_sink():
+    layer = make_layer().train()
+    x = torch.randn(4, 4, 4, 12)
+    torch.manual_seed(1)
+    bare = layer(x)
+    torch.manual_seed(1)
+    inside, loss = forward_with_balance(layer, x)
+    assert torch.equal(bare, inside) and loss > 0  # same output and gate noise either way
+    assert layer.gate(torch.randn(4, 3, 4, 4), balance=False)[2] is None
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("options", [
     {},  # the reference: 8 experts at scales 1..8, top-1, outputs not scaled by the gate
@@ -103,8 +122,7 @@ def test_forward_and_balance_loss_match_the_plain_restatement(training, options)
     layer = make_layer(**options).train(training)
     x = torch.randn(6, 7, 5, 12)  # windows of a non-square map, like SAM's windowed blocks
     torch.manual_seed(123)
-    out = layer(x)
-    loss = layer.aux_loss
+    out, loss = forward_with_balance(layer, x)
     torch.manual_seed(123)
     noise = torch.randn(6, len(layer.scales))
     ref, gates, clean, noisy, std = plain_conv_lora(layer, x, noise, training)
@@ -145,8 +163,7 @@ def test_balance_loss_trains_the_router():
     layer(x).sum().backward()
     assert layer.gate.w_gate.grad is None or torch.count_nonzero(layer.gate.w_gate.grad) == 0
     layer.zero_grad()
-    layer(x)
-    layer.aux_loss.backward()
+    forward_with_balance(layer, x)[1].backward()
     assert torch.count_nonzero(layer.gate.w_gate.grad) > 0
     assert torch.count_nonzero(layer.gate.w_noise.grad) > 0
 
@@ -167,7 +184,7 @@ def test_model_collects_one_balance_loss_per_layer():
     layers = [m for m in model.modules() if isinstance(m, ConvLoRALinear)]
     assert len(layers) == 2
     assert out.aux_loss > 0
-    assert all(m.aux_loss is None for m in layers), "collected losses are cleared"
+    assert not any(hasattr(m, "aux_loss") for m in layers), "nothing is stored on the layers"
     out.aux_loss.backward()
     assert all(m.gate.w_gate.grad is not None for m in layers)
 
@@ -194,9 +211,9 @@ def test_reference_impl_equals_the_default_path(training, options):
     results = []
     for layer in (grouped, reference):
         torch.manual_seed(5)
-        out = layer(x)
-        ((out * upstream).sum() + layer.aux_loss).backward()
-        results.append((out.detach(), layer.aux_loss.detach(),
+        out, aux = forward_with_balance(layer, x)
+        ((out * upstream).sum() + aux).backward()
+        results.append((out.detach(), aux.detach(),
                         {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}))
     (out_g, aux_g, grads_g), (out_r, aux_r, grads_r) = results
     torch.testing.assert_close(out_r, out_g, rtol=1e-5, atol=1e-5)

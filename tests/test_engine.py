@@ -17,10 +17,11 @@ from samft.config import config_from_dict
 from samft.engine.artifacts.checkpoint import load_resume_state as load_state, read_adapter
 from samft.engine.train.checkpointer import Checkpointer, better
 from samft.engine.artifacts.metrics_log import read_metrics
-from samft.engine.train.setup import ExtraStream, build_training
+from samft.engine.train.setup import build_training
 from samft.engine.train.loop import TrainingInterrupted, train, train_step
 from samft.errors import SamftError
 from samft.tasks.losses import balanced_bce, structure_loss
+from samft.tasks.terms import DataStream, LossTerm, active_aux_sink
 
 from conftest import interrupt_after, tiny_config
 
@@ -109,11 +110,11 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_named_aux_losses_are_weighted_and_logged(tmp_path, synthetic_dir):
     cfg = _cfg(tmp_path, synthetic_dir, "aux", epochs=1)
     parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=4)
-    assert parts.aux_weights == {"balance": 1.0}  # binary default (the paper's)
+    assert parts.weights == {"balance": 1.0}  # binary default (the paper's)
     cfg.loss.aux.balance = 0.25
-    assert build_training(cfg, torch.device("cpu"), "fp32", 4).aux_weights == {"balance": 0.25}
+    assert build_training(cfg, torch.device("cpu"), "fp32", 4).weights == {"balance": 0.25}
     lora = build_training(_cfg(tmp_path, synthetic_dir, "x", method="lora"), torch.device("cpu"), "fp32", 4)
-    assert lora.aux_weights == {}
+    assert lora.weights == {}
     run = train(_cfg(tmp_path, synthetic_dir, "aux", epochs=1), show_progress=False)
     rows = [r for r in read_metrics(run / "metrics.csv") if r["kind"] == "step"]
     assert all(float(r["aux_balance"]) > 0 for r in rows)
@@ -134,26 +135,26 @@ class _Unlabelled(torch.utils.data.Dataset):
         return {"image": torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(100 + i))}
 
 
-def _feature_loss(module, batch):
-    model = getattr(module, "module", module)
+def _feature_loss(model, out, batch):
     return {"feat": model.encode(batch["image"]).square().mean()}
 
 
 def _stream():
-    return [ExtraStream("unlabelled", _Unlabelled(), 3, _feature_loss, {"feat": 0.1})]
+    return {"streams": [DataStream("unlabelled", _Unlabelled(), 3)],
+            "terms": [LossTerm("feat", _feature_loss, {"feat": 0.1}, stream="unlabelled")]}
 
 
 def test_an_extra_stream_trains_logs_and_resumes_exactly(tmp_path, synthetic_dir, monkeypatch):
-    straight = train(_cfg(tmp_path, synthetic_dir, "s"), show_progress=False, extra_streams=_stream())
+    straight = train(_cfg(tmp_path, synthetic_dir, "s"), show_progress=False, **_stream())
     interrupt_after(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
-        train(_cfg(tmp_path, synthetic_dir, "r"), show_progress=False, extra_streams=_stream())
+        train(_cfg(tmp_path, synthetic_dir, "r"), show_progress=False, **_stream())
     # 2 steps x 2 micro-batches of the 7-image stream in batches of 3: 3 + 3 + 1, then 3 of its next epoch
     # (the batches drawn for the interrupted third step are not counted: they are drawn again on resume)
     assert load_state(tmp_path / "r" / "state.safetensors")["progress"]["streams"]["unlabelled"] == {"epoch": 1,
                                                                                             "consumed": 3}
     monkeypatch.undo()
-    train(_cfg(tmp_path, synthetic_dir, "r"), resume=True, show_progress=False, extra_streams=_stream())
+    train(_cfg(tmp_path, synthetic_dir, "r"), resume=True, show_progress=False, **_stream())
     a, b = read_adapter(straight / "adapter_last.safetensors")[0], read_adapter(tmp_path / "r" / "adapter_last.safetensors")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     untimed = lambda run: [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")}  # noqa: E731
@@ -331,25 +332,30 @@ class _Doubling(torch.nn.Module):
 
     def __init__(self, block):
         super().__init__()
-        self.block, self.aux_loss = block, None
+        self.block = block
 
     def forward(self, x):
-        self.aux_loss = x.new_tensor(3.0)
+        sink = active_aux_sink()
+        if sink is not None:
+            sink.add(self.aux_name, x.new_tensor(3.0))
         return 2 * self.block(x)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_block_can_be_replaced_by_any_module_with_the_contract(checkpointing):
     from samft.model import build_model
-    from samft.model.encoder import embed, forward_encoder, neck, replace_block
+    from samft.model.encoder import embed, neck
 
     model = build_model(tiny_config("conv_lora")).model
     enc = model.image_encoder
     x = torch.randn(2, 3, 64, 64)
     model.eval()
-    torch.testing.assert_close(forward_encoder(enc, x), enc(x))  # the stages are SAM's forward
-    old = replace_block(enc, 0, _Doubling(enc.blocks[0]))
-    model.refresh_aux_modules()
+    staged = embed(enc, x)
+    for blk in enc.blocks:
+        staged = blk(staged)
+    torch.testing.assert_close(neck(enc, staged), enc(x))  # the stages are SAM's forward
+    old = enc.blocks[0]
+    enc.blocks[0] = _Doubling(old)
     assert model.aux_loss_names == ["balance", "flops"]
     model.train()
     model.grad_checkpointing = checkpointing

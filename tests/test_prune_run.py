@@ -12,7 +12,7 @@ from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, load_run
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.rebuild import PrunedBlock
-from samft.engine.train.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run, prune_run
+from samft.engine.train.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run, PruneArgs, prune_run
 
 from test_export import make_run
 
@@ -30,7 +30,7 @@ def test_prune_run_writes_a_run_that_loads_back(tmp_path, synthetic_dir):
     target = 0.8 * dense_gmacs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = prune_run(run, target, search_steps=12, finetune_epochs=1, arch_lr=0.2)
+        report = prune_run(PruneArgs(run, target, search_steps=12, finetune_epochs=1, arch_lr=0.2))
     out = tmp_path / "run-pruned"
     assert report.out_dir == out
     for name in (CONFIG_FILE, ARCH_FILE, PRUNED_FILE, REPORT_FILE):
@@ -49,7 +49,7 @@ def test_prune_run_writes_a_run_that_loads_back(tmp_path, synthetic_dir):
         before = load_pruned_run(out).model(x).masks  # the model as it left the search
     assert not torch.equal(before, loaded.model(x).masks)
     with pytest.raises(PruneError, match="not empty"):
-        prune_run(run, target, search_steps=1, out_dir=out)
+        prune_run(PruneArgs(run, target, search_steps=1, out_dir=out))
     with pytest.raises(PruneError, match="not a pruned run"):
         load_pruned_run(run)
 

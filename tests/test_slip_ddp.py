@@ -55,10 +55,9 @@ def _build(cfg, info):
     """build_training as Fit calls it, with trainable tensors moved off their initialisation (zero LoRA B,
     BatchNorm at (1, 0)) so that every one of them gets a gradient that matters."""
     from samft.engine.train.setup import build_training
-    from samft.engine.train.slip import ssl_stream
 
     torch.manual_seed(cfg.train.seed)  # the tiny SAM's random weights, as prepare_run seeds them
-    parts = build_training(cfg, torch.device("cpu"), "fp32", 2, info, [ssl_stream(cfg, info.world_size)])
+    parts = build_training(cfg, torch.device("cpu"), "fp32", 2, info)  # SLIP's terms come from cfg
     perturb_trainable(parts.trainable_parameters())
     return parts
 

@@ -1,4 +1,4 @@
-"""SLIP's SSL loss in training (samft.engine.train.slip): off is today's training bit for bit, on it trains the
+"""SLIP's SSL loss in training (samft.slip.terms, wired by samft.engine.train.slip): off is today's training bit for bit, on it trains the
 adapter, the decoder and the projection head (never the frozen base), resumes exactly with the unlabelled
 stream, keeps the head out of the adapter files, and runs from the command line."""
 
@@ -11,7 +11,7 @@ import samft.engine.train.loop as train_mod
 from samft.engine.artifacts.checkpoint import load_resume_state as load_state, read_adapter
 from samft.engine.artifacts.metrics_log import read_metrics
 from samft.engine.train.setup import build_training
-from samft.engine.train.slip import ssl_stream
+from samft.slip.terms import ssl_stream
 from samft.engine.train.loop import TrainingInterrupted, train
 from samft.errors import SamftError
 
@@ -49,7 +49,7 @@ def test_weight_zero_is_bit_identical_to_a_run_without_the_option(tmp_path, synt
 def test_ssl_trains_adapter_decoder_and_head_never_the_base(tmp_path, synthetic_dir):
     cfg = _cfg(tmp_path, synthetic_dir, "x", weight=1.0)
     stream = ssl_stream(cfg)
-    parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=2, extra_streams=[stream])
+    parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=2)
     head = parts.extra_modules["unlabelled"]
     before = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
     head_before = {n: p.detach().clone() for n, p in head.named_parameters()}
@@ -70,11 +70,13 @@ def test_ssl_trains_adapter_decoder_and_head_never_the_base(tmp_path, synthetic_
 def test_the_ssl_gradient_reaches_the_adapter_through_the_loop(tmp_path, synthetic_dir):
     """Only the SSL term: with the task loss and balance loss zeroed, the adapter still moves."""
     cfg = _cfg(tmp_path, synthetic_dir, "g", weight=1.0)
-    parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=2, extra_streams=[ssl_stream(cfg)])
+    parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=2)
     parts.task.loss = lambda *a, **k: torch.zeros((), requires_grad=True)
-    parts.aux_weights = {name: 0.0 for name in parts.aux_weights}
+    model_term = next(t for t in parts.terms if t.name == "model")
+    model_term.weights.update({name: 0.0 for name in model_term.weights})
+    assert parts.weights["balance"] == 0.0
     encoder_before = {n: p.detach().clone() for n, p in parts.model.image_encoder.named_parameters()}
-    batch = next(iter(torch.utils.data.DataLoader(parts.extra_streams[0].dataset, batch_size=3)))
+    batch = next(iter(torch.utils.data.DataLoader(ssl_stream(cfg).dataset, batch_size=3)))
     labelled = {"image": torch.randn(2, 3, 64, 64), "mask": torch.rand(2, 64, 64) > 0.5,
                 "valid_hw": torch.tensor([[64, 64]] * 2)}
     train_mod.train_step(parts, [{"labelled": labelled, "unlabelled": batch}])
@@ -149,7 +151,7 @@ def test_region_text_term_is_the_loss_of_the_labelled_forward_with_padding_ignor
     cfg = _voc_cfg(tmp_path, "unit", weight=0.5, grad_clip=0.0)
     parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=2)
     head = parts.extra_modules["clip"]
-    assert parts.aux_weights == {} and parts.loss_names == ["clip"]
+    assert parts.weights == {"clip": 0.5} and parts.loss_names == ["clip"]
     g = torch.Generator().manual_seed(3)
     mask = torch.randint(0, 2, (2, 64, 64), generator=g)
     mask[:, :8] = 255  # ignored pixels
@@ -273,12 +275,13 @@ def test_training_only_modules_get_synchronised_batchnorm_under_torchrun_and_are
     from torch import nn
 
     from samft.engine import distributed as D
-    from samft.engine.train.setup import ExtraStream, LabelledTerm, _bind_modules
+    from samft.engine.train.setup import _bind_modules
     from samft.engine.train.step import TrainingModule
     from samft.slip.ssl import DistBatchNorm1d, SSLHead
+    from samft.tasks.terms import LossTerm
 
     def stream(modules, name="u"):
-        return ExtraStream(name, [0], 1, lambda m, b: {}, {}, modules=modules)
+        return LossTerm(name, lambda m, o, b: {}, {}, stream="u", modules=modules)
 
     head = SSLHead(8, 12, 4)
     state = {k: v.clone() for k, v in head.state_dict().items()}
@@ -292,8 +295,8 @@ def test_training_only_modules_get_synchronised_batchnorm_under_torchrun_and_are
                                          r"synchronised across processes"):
         _bind_modules([stream(conv)], None, torch.device("cpu"), D.DistInfo(rank=0, world_size=2))
     region = nn.Linear(2, 2)
-    module = TrainingModule(nn.Linear(1, 1), [LabelledTerm("clip", lambda o, b: {}, {}, modules=region)], [two])
+    module = TrainingModule(nn.Linear(1, 1), [LossTerm("clip", lambda m, o, b: {}, {}, modules=region), two])
     assert dict(module.heads) == {"clip": region, "u": head}
     assert {id(p) for p in module.parameters()} >= {id(p) for p in (*region.parameters(), *head.parameters())}
     with pytest.raises(SamftError, match=r"^loss term / data stream 'u': the name is taken"):
-        TrainingModule(nn.Linear(1, 1), [], [two, two])
+        TrainingModule(nn.Linear(1, 1), [two, two])

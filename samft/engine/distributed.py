@@ -92,14 +92,6 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size
-
-
 def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank when any rank raised the flag (used to stop all ranks together)."""
     if not info.enabled:

@@ -57,7 +57,6 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
     if not used:
         warnings.warn(f"model.attention={cfg.model.attention} applies to no encoder block (each uses sdpa)",
                       stacklevel=2)
-    model.refresh_aux_modules()
     return BuiltModel(model, adapted, sha)
 
 

@@ -9,10 +9,11 @@ The contract (``segment_anything``'s ``ImageEncoderViT``, stated once here)::
                                                             merges them back itself)
     neck(x)                      -> (B, out_chans, h, w)    channels first, for the mask decoder
 
-Any module with that block contract may stand in ``encoder.blocks`` (:func:`replace_block`): a BRA
+Any module with that block contract may stand in ``encoder.blocks``: a BRA
 attention block, a pruned SPViT block, a checkpointed wrapper. A module in ``blocks`` may produce named
-auxiliary losses the same way PEFT layers do (an ``aux_loss`` attribute set in forward, ``aux_name``
-naming it); :class:`~samft.model.semantic.SemanticSAM` collects them.
+auxiliary losses the same way PEFT layers do: ``aux_name`` declares the name and forward adds the value
+to the open aux-loss sink (:func:`samft.tasks.terms.active_aux_sink`), if any;
+:class:`~samft.model.semantic.SemanticSAM` opens one around its forward pass and returns the sums.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from samft.errors import ConfigError
 from samft.model.sam import interpolate_pos_embed
 
 
@@ -35,20 +35,3 @@ def embed(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def neck(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, h, w, C) -> (B, out_chans, h, w)."""
     return encoder.neck(x.permute(0, 3, 1, 2))
-
-
-def forward_encoder(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The whole encoder through the stages (equals ``ImageEncoderViT.forward`` at its native size)."""
-    x = embed(encoder, images)
-    for blk in encoder.blocks:
-        x = blk(x)
-    return neck(encoder, x)
-
-
-def replace_block(encoder: nn.Module, index: int, module: nn.Module) -> nn.Module:
-    """Put ``module`` at ``encoder.blocks[index]`` (it must keep the block contract); returns the old block."""
-    if not 0 <= index < len(encoder.blocks):
-        raise ConfigError(f"block index {index} outside 0..{len(encoder.blocks) - 1}")
-    old = encoder.blocks[index]
-    encoder.blocks[index] = module
-    return old

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
-from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+from torch.utils.checkpoint import checkpoint
 
 from samft.model.encoder import embed, neck
 from samft.tasks.task import semantic_probs  # noqa: F401  (re-exported)
+from samft.tasks.terms import active_aux_sink, aux_sink
 
 
 def _aux_name(module: nn.Module) -> str:
@@ -99,10 +100,6 @@ class SemanticSAM(nn.Module):
         self.decoder = SemanticMaskDecoder(sam.mask_decoder, num_queries, num_classes)
         self.num_classes = num_classes
         self.grad_checkpointing = False  # non-reentrant activation checkpointing of the encoder blocks
-        self._aux_modules: list[nn.Module] = []
-        self._block_aux_modules: list[list[nn.Module]] = []
-        self._aux_names: list[str] = []
-        self._pending_aux: list[torch.Tensor] = []  # (len(aux_names),) losses returned by checkpointed blocks
 
     @property
     def img_size(self) -> int:
@@ -115,32 +112,21 @@ class SemanticSAM(nn.Module):
         self.decoder.requires_grad_(True)
 
     def refresh_aux_modules(self) -> None:
-        """Remember which modules produce an auxiliary loss (call after the encoder's modules change).
-
-        A module produces one when it has a non-empty ``aux_name`` (Conv-LoRA's layers: ``balance``) and
-        stores the loss in ``aux_loss`` during forward; it is cleared when collected.
-        """
-        self._aux_modules = [m for m in self.image_encoder.modules() if _aux_name(m)]
-        self._block_aux_modules = [[m for m in blk.modules() if _aux_name(m)] for blk in self.image_encoder.blocks]
-        self._aux_names = sorted({_aux_name(m) for m in self._aux_modules})
+        """Nothing to refresh: the auxiliary-loss names are read from the modules when asked
+        (:attr:`aux_loss_names`) and the values reach the output through the aux-loss sink. Kept for callers."""
 
     @property
     def aux_loss_names(self) -> list[str]:
-        """Names of the auxiliary losses this model's modules can produce."""
-        return list(self._aux_names)
+        """Names of the auxiliary losses this model's modules can produce (a module's ``aux_name``)."""
+        return sorted({_aux_name(m) for m in self.image_encoder.modules() if _aux_name(m)})
 
     @staticmethod
-    def _run_block(blk: nn.Module, aux_modules: list[nn.Module], names: list[str], x: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block, returning its modules' auxiliary losses (float32, one per name) with its output."""
-        y = blk(x)
-        aux = [y.new_zeros((), dtype=torch.float32) for _ in names]
-        for m in aux_modules:
-            if m.aux_loss is not None:
-                i = names.index(m.aux_name)
-                aux[i] = aux[i] + m.aux_loss.float()
-                m.aux_loss = None
-        return y, torch.stack(aux) if aux else y.new_zeros(0, dtype=torch.float32)
+    def _run_block(blk: nn.Module, collect: bool, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """One block in its own aux-loss sink (``collect=False``: none, so its layers compute nothing extra);
+        returns its output and the (name, value) auxiliary losses its layers added, in order."""
+        with aux_sink(collect) as sink:
+            y = blk(x)
+        return y, (sink.added if sink is not None else [])
 
     def _checkpointing(self) -> bool:
         return self.grad_checkpointing and self.training and torch.is_grad_enabled()
@@ -148,52 +134,42 @@ class SemanticSAM(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, H/16, W/16), with pos_embed interpolated to any token grid.
 
-        With ``grad_checkpointing`` (in training) each block runs under non-reentrant
-        ``torch.utils.checkpoint``: its activations are recomputed in the backward pass. A block's
-        auxiliary (balance) losses are then returned as an output of the checkpointed function instead
-        of being left on the modules, so that (1) they are part of the checkpointed graph and get exact
-        gradients, and (2) the recomputation in backward, which runs the layers again, leaves no stale
-        loss (and the graph it holds) on the modules. For (2) the recomputation runs each block to its
-        end (checkpoint "early stop" off: it would otherwise stop inside the block, after a layer has
-        stored its loss and before ``_run_block`` clears it). The recomputation restores the RNG state,
-        so Conv-LoRA's gate noise and expert choices are the same as in the forward pass.
+        The layers add their auxiliary losses to the open aux-loss sink, if any (:meth:`forward` opens one;
+        a bare ``encode``, e.g. SLIP's SSL pass, computes none). With ``grad_checkpointing`` (in training)
+        each block runs under non-reentrant ``torch.utils.checkpoint``: its activations are recomputed in
+        the backward pass. The checkpointed function opens the block's own sink and returns its values as
+        outputs (so they are part of the checkpointed graph and get exact gradients, and the sums are those
+        of a run without checkpointing, bit for bit); the recomputation in
+        backward opens a fresh sink whose values are dropped, and it runs with the same ``collect`` flag, so
+        it computes what the forward computed. The recomputation restores the RNG state, so Conv-LoRA's gate
+        noise and expert choices are the same as in the forward pass.
         """
         enc = self.image_encoder
         x = embed(enc, images)
-        checkpointing = self._checkpointing()
-        self._pending_aux = []
-        if checkpointing and len(self._block_aux_modules) != len(enc.blocks):
-            self.refresh_aux_modules()
-        for i, blk in enumerate(enc.blocks):
-            if checkpointing:
-                with set_checkpoint_early_stop(False):  # recompute whole blocks: see the docstring
-                    x, aux = checkpoint(self._run_block, blk, self._block_aux_modules[i], self._aux_names, x,
-                                        use_reentrant=False)
-                self._pending_aux.append(aux)
-            else:
+        outer = active_aux_sink()
+        if not self._checkpointing():
+            for blk in enc.blocks:
                 x = blk(x)
+            return neck(enc, x)
+        for blk in enc.blocks:
+            x, aux = checkpoint(self._run_block, blk, outer is not None, x, use_reentrant=False)
+            if outer is not None:
+                outer.extend(aux)
         return neck(enc, x)
 
-    def collect_aux_losses(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sum per name and clear the auxiliary losses the encoder's modules stored during the last forward."""
-        totals = {name: like.new_zeros((), dtype=torch.float32) for name in self._aux_names}
-        for aux in self._pending_aux:
-            for i, name in enumerate(self._aux_names):
-                totals[name] = totals[name] + aux[i]
-        self._pending_aux = []
-        for m in self._aux_modules:
-            if m.aux_loss is not None:
-                totals[m.aux_name] = totals[m.aux_name] + m.aux_loss.float()
-                m.aux_loss = None
-        return totals
-
     def forward(self, images: torch.Tensor) -> SegOutput:
-        emb = self.encode(images)
+        """The masks (and class logits) of ``images``, with the named auxiliary losses of this forward pass
+        (every name of :attr:`aux_loss_names`, zero when no layer added it)."""
+        with aux_sink() as sink:
+            emb = self.encode(images)
         h, w = emb.shape[-2:]
         pe = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).to(emb.dtype)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(emb.dtype)
         masks, class_logits = self.decoder(emb, pe, dense)
-        return SegOutput(masks, class_logits, self.collect_aux_losses(masks), emb)
+        aux = {name: masks.new_zeros((), dtype=torch.float32) for name in self.aux_loss_names}
+        for name, value in sink.values.items():
+            aux[name] = aux[name] + value if name in aux else value
+        return SegOutput(masks, class_logits, aux, emb)
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

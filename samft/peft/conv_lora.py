@@ -6,8 +6,9 @@
 layer. ``E_g`` is a mixture of convolutional experts on the low-rank feature map: expert ``i`` upsamples
 ``z`` bicubically by its scale, applies a 3x3 convolution r -> r (bias zero-initialised) and GELU, and
 resizes back. A noisy top-k gate (Shazeer et al. 2017) on the globally average-pooled ``z`` picks the
-expert(s) of each sample; its balance loss ``coef * (cv^2(importance) + cv^2(load))`` is stored in
-``aux_loss`` and collected after the forward pass.
+expert(s) of each sample; its balance loss ``coef * (cv^2(importance) + cv^2(load))`` is added, named
+``balance``, to the open aux-loss sink (:func:`samft.tasks.terms.aux_sink`, opened by the model around its
+forward pass); outside a sink it is not computed.
 
 SAM's windowed blocks call ``qkv`` on (B * windows, 14, 14, C) tensors, so the convolution and the
 gate act per window; global blocks see the whole map, as in the reference implementation. As in the
@@ -29,6 +30,7 @@ output exceeds about 11.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ from samft.config.peft.conv_lora import ConvLoRAConfig
 from samft.peft.inject import AdapterLayer, linear_targets, replace_modules
 from samft.peft.lora import init_low_rank
 from samft.peft.registry import register
+from samft.tasks.terms import active_aux_sink
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +54,9 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
 class NoisyTopKGate(nn.Module):
     """Noisy top-k gating on the global average of a (N, r, H, W) map.
 
-    Returns ``(indices (N, k), gates (N, k), balance_loss)``. ``w_gate`` and ``w_noise`` start at zero,
-    as in the reference: the first choices are made by the noise alone.
+    Returns ``(indices (N, k), gates (N, k), balance_loss)``; the balance loss is None with
+    ``balance=False`` (not computed). ``w_gate`` and ``w_noise`` start at zero, as in the reference: the
+    first choices are made by the noise alone.
     """
 
     def __init__(self, dim: int, experts: int, top_k: int = 1, noisy: bool = True, noise_eps: float = 1e-2,
@@ -62,7 +66,8 @@ class NoisyTopKGate(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(dim, experts))
         self.w_noise = nn.Parameter(torch.zeros(dim, experts))
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, balance: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         pooled = z.float().mean(dim=(2, 3))
         clean = pooled @ self.w_gate.float()
         noisy = self.noisy and self.training
@@ -75,6 +80,8 @@ class NoisyTopKGate(nn.Module):
         top_vals, top_idx = logits.topk(min(k + 1, self.experts), dim=1)
         idx = top_idx[:, :k]
         gate_k = torch.softmax(top_vals[:, :k], dim=1)
+        if not balance:
+            return idx, gate_k, None
         gates = torch.zeros_like(logits).scatter(1, idx, gate_k)
         if noisy and k < self.experts:
             load = self._prob_in_top_k(clean, logits, std, top_vals).sum(0)
@@ -103,8 +110,9 @@ class ConvLoRALinear(AdapterLayer):
 
     aux_name = "balance"  # the experts' balance loss, weighted by loss.aux.balance
 
-    # data-dependent group sizes: torch.compile (train.compile) leaves these to eager, the rest compiles
-    eager_methods = ("mixture", "mixture_reference")
+    # data-dependent group sizes (and the aux-loss sink, a context variable): torch.compile (train.compile)
+    # leaves these to eager, the rest compiles
+    eager_methods = ("mix", "mixture", "mixture_reference")
 
     def __init__(self, base_layer: nn.Linear, cfg: ConvLoRAConfig) -> None:
         super().__init__()
@@ -126,7 +134,6 @@ class ConvLoRALinear(AdapterLayer):
         self.gate = NoisyTopKGate(r, len(self.scales), cfg.top_k, cfg.noisy_gating, cfg.noise_eps, cfg.balance_coef)
         self.gate.to(device=base_layer.weight.device)
         self.impl = cfg.impl
-        self.aux_loss = None
 
     def expert(self, i: int, z: torch.Tensor) -> torch.Tensor:
         """Expert ``i`` on (n, r, H, W): upsample by its scale, conv 3x3, GELU, resize back."""
@@ -139,9 +146,9 @@ class ConvLoRALinear(AdapterLayer):
             z = F.interpolate(z, size=(h, w), mode="bicubic")
         return z
 
-    def mixture(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixture(self, z: torch.Tensor, balance: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``E_g(z)`` for z (N, r, H, W), grouped by expert; returns (output, balance loss)."""
-        idx, gates, loss = self.gate(z)
+        idx, gates, loss = self.gate(z, balance)
         n, k = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -163,11 +170,11 @@ class ConvLoRALinear(AdapterLayer):
             out = out.index_add(0, rows, y)
         return out, loss
 
-    def mixture_dense(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixture_dense(self, z: torch.Tensor, balance: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``E_g(z)`` without data-dependent dispatch, for export: every expert runs on every sample and
         its output is weighted by the sample's (0/1, or gate with ``gate_scales_output``) choice.
         Same function as :meth:`mixture` (tested equal); ``experts`` times its expert compute."""
-        idx, gates, loss = self.gate(z)
+        idx, gates, loss = self.gate(z, balance)
         chosen = gates.to(z.dtype) if self.gate_scales_output else torch.ones_like(gates, dtype=z.dtype)
         weights = torch.zeros(z.shape[0], len(self.scales), dtype=z.dtype, device=z.device).scatter(1, idx, chosen)
         out = torch.zeros_like(z)
@@ -175,9 +182,9 @@ class ConvLoRALinear(AdapterLayer):
             out = out + self.expert(i, z) * weights[:, i].view(-1, 1, 1, 1)
         return out, loss
 
-    def mixture_reference(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixture_reference(self, z: torch.Tensor, balance: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``E_g(z)`` the way the reference computes it (baseline only; top-1; see the module docstring)."""
-        idx, gate_k, loss = self.gate(z)
+        idx, gate_k, loss = self.gate(z, balance)
         experts = len(self.scales)
         gates = torch.zeros(z.shape[0], experts, dtype=gate_k.dtype, device=z.device).scatter(1, idx, gate_k)
         nonzero = torch.nonzero(gates)  # (M, 2): (sample, expert)
@@ -196,6 +203,18 @@ class ConvLoRALinear(AdapterLayer):
         combined[combined == 0] = torch.finfo(torch.float64).eps
         return combined.log(), loss
 
+    def mix(self, z_map: torch.Tensor) -> torch.Tensor:
+        """``E_g(z)`` by the path in use; the balance loss goes to the open aux-loss sink (none: not computed)."""
+        if self.export_friendly and not self.training:
+            mixture = self.mixture_dense
+        else:
+            mixture = self.mixture_reference if self.impl == "reference" else self.mixture
+        sink = active_aux_sink()
+        mixed, loss = mixture(z_map, sink is not None)
+        if sink is not None:
+            sink.add(self.aux_name, loss)
+        return mixed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(self.dropout(x), self.lora_A)
         if z.dim() == 4:
@@ -208,11 +227,7 @@ class ConvLoRALinear(AdapterLayer):
             z_map = z.transpose(1, 2).reshape(n, r, side, side)
         else:
             raise ValueError(f"Conv-LoRA expects (N, H, W, C) or (N, L, C) input, got shape {tuple(x.shape)}")
-        if self.export_friendly and not self.training:
-            mixture = self.mixture_dense
-        else:
-            mixture = self.mixture_reference if self.impl == "reference" else self.mixture
-        mixed, self.aux_loss = mixture(z_map)
+        mixed = self.mix(z_map)
         if z.dim() == 4:
             mixed = mixed.permute(0, 2, 3, 1)
         else:

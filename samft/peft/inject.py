@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import torch
 from torch import nn
 
 from samft.config.peft.targets import LINEAR_TARGETS, check_choices, check_targets  # noqa: F401
@@ -14,9 +13,10 @@ from samft.errors import ConfigError
 class AdapterLayer(nn.Module):
     """Base of every wrapper: the wrapped original module is ``self.base_layer`` (frozen).
 
-    A layer that produces an auxiliary loss (Conv-LoRA's expert balance loss) stores it in
-    ``self.aux_loss`` during forward, named by ``aux_name``; the model collects and clears it after the
-    forward pass and the training loop weighs it by ``loss.aux.<aux_name>``.
+    A layer that produces an auxiliary loss (Conv-LoRA's expert balance loss) declares its name in
+    ``aux_name`` and adds the value to the open aux-loss sink during forward
+    (:func:`samft.tasks.terms.active_aux_sink`; nothing is stored on the layer); the model returns the sums in
+    its output and the training loop weighs each by ``loss.aux.<aux_name>``.
 
     ``export_friendly`` is set by the ONNX exporter (``samft.engine.artifacts.onnx_export``) for the duration of
     an export: a layer whose eval-mode forward does not trace to a static graph (Conv-LoRA's
@@ -25,7 +25,6 @@ class AdapterLayer(nn.Module):
     """
 
     base_layer: nn.Module
-    aux_loss: torch.Tensor | None = None
     aux_name: str = ""  # non-empty: this layer produces the auxiliary loss of that name
     export_friendly: bool = False
 

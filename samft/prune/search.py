@@ -93,7 +93,6 @@ class SearchResult:
     arch: dict[str, Any]
     target_gmacs: float
     dense_gmacs: float
-    floor_gmacs: float
     gmacs: float
     lam: float
     reached: bool
@@ -213,4 +212,4 @@ def _result(enc: nn.Module, size: int, target: float, dense: float, floor: float
     if not reached:
         warnings.warn(f"prune: the search ended at {final:.4g} GMACs, target {target:.4g} (dense {dense:.4g}, floor "
                       f"{floor:.4g}): missed by more than {tolerance:.0%} ({summary(arch)})", stacklevel=3)
-    return SearchResult(arch, target, dense, floor, final, float(lam or 0.0), reached, history)
+    return SearchResult(arch, target, dense, final, float(lam or 0.0), reached, history)

@@ -199,12 +199,11 @@ def build_ssl_head(cfg, in_dim: int) -> Optional[SSLHead]:
 def ssl_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) -> (B, C): the PEFT-adapted encoder's neck features (``model.encode``), averaged over space.
 
-    ``model`` is a ``SemanticSAM`` (not its DDP wrapper). The auxiliary losses that the PEFT layers store
-    during this pass (Conv-LoRA's balance loss) are cleared and dropped: the balance loss is the labelled
-    stream's (``model(images).aux_losses``).
+    ``model`` is a ``SemanticSAM`` (not its DDP wrapper). ``encode`` opens no aux-loss sink, so the PEFT
+    layers compute no auxiliary loss in this pass (Conv-LoRA's balance loss is the labelled stream's,
+    ``model(images).aux_losses``).
     """
     feats = model.encode(images)
-    model.collect_aux_losses(feats)
     return feats.float().mean(dim=(2, 3))
 
 

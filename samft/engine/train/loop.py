@@ -5,9 +5,10 @@ accumulation and clipping, autocast (bf16 on CUDA by default; fp16 with a GradSc
 ``val_every`` epochs at the original resolution, the best and the last adapter kept.
 
 Loss = the task's loss (structure loss for binary masks; MaskFormer's matched set loss for multi-class)
-+ each named auxiliary loss the model produces (Conv-LoRA's ``balance``) x ``loss.aux.<name>`` + the
-loss terms of any extra data stream x their weights. Each term has its own ``aux_<name>`` column in
-``metrics.csv``.
++ every named value of every loss term (:class:`samft.tasks.terms.LossTerm`) x its weight: the model's
+auxiliary losses (Conv-LoRA's ``balance``, x ``loss.aux.<name>``), SLIP's terms, any term given. Each value
+has its own ``aux_<name>`` column in ``metrics.csv``. The loop draws a micro-batch of every data stream
+(the labelled one first; SLIP's unlabelled one) and resumes each exactly.
 
 Nothing is lost on an interruption: the resumable state (``state.safetensors``: tensors and JSON, never a
 pickle) is written atomically at each epoch end and
@@ -50,13 +51,14 @@ from samft.engine.artifacts.runs import METRICS_FILE, PLOT_FILE, adapter_expecta
 from samft.engine.runtime import autocast
 from samft.engine.train.schedule import lr_factor  # noqa: F401  (re-exported)
 from samft.engine.train.slip import config_streams
-from samft.engine.train.setup import (ExtraStream, RunContext, Schedule, TrainingParts, build_training, describe_start,
+from samft.engine.train.setup import (RunContext, Schedule, TrainingParts, build_training, describe_start,
                                 make_optimizer, prepare_run)  # noqa: F401  (re-exported)
 from samft.engine.train.streams import StreamCursor, epoch_loader
 from samft.errors import SamftError
 from samft.model.semantic import upsample_logits
 from samft.progress import console, progress
 from samft.tasks.task import make_task
+from samft.tasks.terms import LABELLED, DataStream, LossTerm
 
 
 class TrainingInterrupted(SamftError):
@@ -87,26 +89,27 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def train(cfg: Config, resume: bool = False, show_progress: bool = True,
-          extra_streams: Optional[list[ExtraStream]] = None) -> Path:
+def train(cfg: Config, resume: bool = False, show_progress: bool = True, streams: Optional[list[DataStream]] = None,
+          terms: Optional[list[LossTerm]] = None) -> Path:
     """Train ``cfg`` into ``cfg.output.dir`` (or continue the run there when ``resume``); returns the run dir.
 
-    ``extra_streams``: further data streams with their own loss terms (see :class:`ExtraStream`), besides
-    those the config asks for (``loss.ssl.weight > 0``: the unlabelled stream, :mod:`samft.engine.train.slip`).
+    ``streams``: further data streams (:class:`~samft.tasks.terms.DataStream`) and ``terms``: further loss
+    terms (:class:`~samft.tasks.terms.LossTerm`, each reading the labelled stream or one of ``streams``),
+    besides those the config asks for (SLIP's: :mod:`samft.slip.terms`).
     """
     info = D.setup(cfg.train.device)
     ok = False
     try:
         with _StopSignal(), RunLock(Path(cfg.output.dir or "runs/run"), info.is_main):
-            run_dir = _train(cfg, resume, show_progress, info, extra_streams)
+            run_dir = _train(cfg, resume, show_progress, info, list(streams or []), list(terms or []))
         ok = True
         return run_dir
     finally:
         D.cleanup(graceful=ok)
 
 
-def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
-           extra_streams: Optional[list[ExtraStream]]) -> Path:
+def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo, streams: list[DataStream],
+           terms: list[LossTerm]) -> Path:
     run_dir = Path(cfg.output.dir or "runs/run")
     if info.is_main:
         clean_stale_tmp(run_dir)
@@ -118,7 +121,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
     existed = claim_run_dir(run_dir, cfg.output.overwrite) if not resume else True
     changes = _resume_changes(run_dir, cfg) if resume else {}
     ctx = prepare_run(cfg, resume, info, show_progress)
-    fit = Fit(ctx, list(extra_streams or []) + config_streams(ctx))
+    fit = Fit(ctx, streams + config_streams(ctx), terms)
     if not resume and ctx.main:
         init_run_dir(run_dir, dump_yaml(cfg))
         fit.write_split()
@@ -146,26 +149,19 @@ def _batch_size(batch: Any) -> int:
 
 
 def _loss_terms(parts: TrainingParts, batches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The task loss of the labelled batch and every named term (model aux losses, labelled terms, extra
-    streams). One call of ``parts.module`` (the TrainingModule, DDP-wrapped under torchrun) computes the
-    labelled forward and every term; the task loss is computed from its output."""
-    batch = batches["labelled"]
+    """The task loss of the labelled batch and every named value of every loss term (the model's auxiliary
+    losses, SLIP's, given terms). One call of ``parts.module`` (the TrainingModule, DDP-wrapped under torchrun)
+    computes the labelled forward and every term; the task loss is computed from its output."""
+    batch = batches[LABELLED]
     size = parts.model.img_size
     x = batch["image"].to(parts.device, non_blocking=True)
     target = batch["mask"].to(parts.device, non_blocking=True)
     valid = valid_mask(batch["valid_hw"].to(parts.device), size) if parts.cfg.loss.ignore_padding else None
     with autocast(parts.device, parts.precision):
-        out, extra = parts.module(x, batches)
+        out, values = parts.module(x, batches)
     logits = upsample_logits(out.masks, (size, size))
     task = parts.task.loss(logits, out.class_logits, target, valid)
-    return task, {**out.aux_losses, **extra}
-
-
-def _weights(parts: TrainingParts) -> dict[str, float]:
-    weights = dict(parts.aux_weights)
-    for stream in (*parts.labelled_terms, *parts.extra_streams):
-        weights.update(stream.weights)
-    return weights
+    return task, values
 
 
 def train_step(parts: TrainingParts, micro_batches: list[dict[str, Any]], step: int = 0, epoch: int = 0
@@ -174,7 +170,7 @@ def train_step(parts: TrainingParts, micro_batches: list[dict[str, Any]], step: 
     ``labelled`` first), then unscale, clip and step. Returns the step's mean loss, task loss, each
     ``aux_<name>`` term (unweighted), the gradient norm and the number of labelled images."""
     n = len(micro_batches)
-    weights = _weights(parts)
+    weights = parts.weights
     totals = {"loss": 0.0, "task_loss": 0.0, **{f"aux_{k}": 0.0 for k in weights}}
     images = 0
     for i, batches in enumerate(micro_batches):
@@ -195,7 +191,7 @@ def train_step(parts: TrainingParts, micro_batches: list[dict[str, Any]], step: 
         totals["task_loss"] += float(task.detach()) / n
         for name, term in terms.items():
             totals[f"aux_{name}"] = totals.get(f"aux_{name}", 0.0) + float(term.detach()) / n
-        images += _batch_size(batches["labelled"])
+        images += _batch_size(batches[LABELLED])
     return {**totals, "grad_norm": _optimizer_update(parts), "images": images}
 
 
@@ -214,10 +210,25 @@ def _optimizer_update(parts: TrainingParts) -> float:
     return grad_norm
 
 
+def _check_streams(streams: list[DataStream], terms: list[LossTerm]) -> list[DataStream]:
+    """The streams, each named once (not ``labelled``), and every term's stream among them (else one line)."""
+    names = [LABELLED]
+    for stream in streams:
+        if stream.name in names:
+            raise SamftError(f"data stream {stream.name!r}: the name is taken (by the labelled stream or another "
+                             f"stream)")
+        names.append(stream.name)
+    for term in terms:
+        if term.stream not in names:
+            raise SamftError(f"loss term {term.name!r} reads the data stream {term.stream!r}, which the training does "
+                             f"not have (streams: {', '.join(names)})")
+    return streams
+
+
 class Fit:
     """The loop over epochs and steps of one training (see the module docstring)."""
 
-    def __init__(self, ctx: RunContext, extra_streams: list[ExtraStream]) -> None:
+    def __init__(self, ctx: RunContext, streams: list[DataStream], terms: list[LossTerm] = ()) -> None:
         cfg, info = ctx.cfg, ctx.info
         self.ctx, self.cfg, self.tc, self.info, self.main = ctx, cfg, cfg.train, info, ctx.main
         self.run_dir = ctx.run_dir
@@ -227,8 +238,9 @@ class Fit:
         self.sampler = DistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=cfg.train.seed)
         self.schedule = Schedule.of(cfg, len(self.sampler))
-        self.parts = build_training(cfg, ctx.device, ctx.precision, self.schedule.total_steps, info, extra_streams,
+        self.parts = build_training(cfg, ctx.device, ctx.precision, self.schedule.total_steps, info, list(terms),
                                     task, resumed_text_embeddings(self.run_dir, cfg) if ctx.resume else None)
+        self.streams = _check_streams(streams, self.parts.terms)
         self.metric = self.parts.task.selection_metric(cfg.train.metric)
         meta = {**adapter_expectations(cfg, self.parts.base_sha256), "img_size": str(self.parts.model.img_size),
                 "config_hash": config_hash(cfg), "config_yaml": dump_yaml(cfg)}
@@ -258,7 +270,7 @@ class Fit:
         self.cursors = [StreamCursor(s.name, s.dataset, s.batch_size, self.tc.seed, self.info,
                                      self.cfg.data.num_workers, s.collate, self._pin, self.state.streams.get(s.name),
                                      s.drop_last)
-                        for s in parts.extra_streams]
+                        for s in self.streams]
         if self.main:
             console.print(describe_start(ctx, parts, self.schedule))
         self.last_rng = self.state.rng or rng_state()
@@ -295,7 +307,7 @@ class Fit:
                 chunk = [batch for _, batch in zip(range(tc.accum_steps), micro_iter)]
                 if not chunk:
                     break
-                micro = [{"labelled": b, **{c.name: c.next() for c in self.cursors}} for b in chunk]
+                micro = [{LABELLED: b, **{c.name: c.next() for c in self.cursors}} for b in chunk]
                 stats = train_step(self.parts, micro, st.step, st.epoch)
                 self.parts.scheduler.step()
                 st.step += 1

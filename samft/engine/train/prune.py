@@ -60,8 +60,39 @@ from samft.tasks.task import make_task
 
 REPORT_FILE = "prune.json"
 SEARCH_STATE_FILE = "search_state.pt"  # the search's resumable state, removed once the pruned run is written
-__all__ = ["ARCH_FILE", "PRUNED_FILE", "REPORT_FILE", "PruneReport", "load_pruned_run", "prune_run",
+__all__ = ["ARCH_FILE", "PRUNED_FILE", "REPORT_FILE", "PruneArgs", "PruneReport", "load_pruned_run", "prune_run",
            "read_architecture"]
+
+
+@dataclass
+class PruneArgs:
+    """What ``samft prune`` asks for (built by the CLI; usable from Python): prune ``run_dir`` to
+    ``target_gmacs`` encoder GMACs per image into ``out_dir`` (default RUN-pruned).
+
+    The search runs ``search_steps`` optimizer steps, or ``search_epochs`` passes over the training split
+    (exactly one of the two), with the gate thresholds' learning rate ``arch_lr`` and the FLOPs-loss weight
+    ``lam`` (None: the authors' rule); ``finetune_epochs`` epochs of the normal training loop follow
+    (``overrides``: ``key=value`` for the pruned run's config, e.g. ``train.lr=1e-4``). The search saves its
+    state every ``search_save_every`` steps (``OUT/search_state.pt``). ``resume`` with ``out_dir``: continues
+    the search from that state (same source run and settings required), or the fine-tuning of a run whose
+    search finished (``run_dir`` and ``target_gmacs`` are then not needed). ``log``: called with each
+    search step's record."""
+
+    run_dir: Optional[str | Path] = None
+    target_gmacs: Optional[float] = None
+    search_steps: Optional[int] = None
+    search_epochs: Optional[int] = None
+    finetune_epochs: int = 0
+    out_dir: Optional[str | Path] = None
+    arch_lr: float = 5e-4
+    lam: Optional[float] = None
+    device: str | torch.device = "cpu"
+    overwrite: bool = False
+    overrides: Optional[list[str]] = None
+    resume: bool = False
+    show_progress: bool = False
+    search_save_every: int = 100
+    log: Optional[Callable[[dict], None]] = None
 
 
 @dataclass
@@ -116,25 +147,25 @@ def pruned_config(cfg: Config, out: Path, finetune_epochs: int, device: torch.de
         raise PruneError(f"prune: the pruned run's config: {e}") from None
 
 
-def _search_phase(loaded: LoadedRun, target_gmacs: float, steps: Optional[int], epochs: Optional[int],
-                  arch_lr: float, lam: Optional[float], device: torch.device, log,
+def _search_phase(loaded: LoadedRun, args: PruneArgs, device: torch.device,
                   checkpoint: SearchCheckpoint) -> tuple[dict, dict, dict]:
     """Search (resumable from ``checkpoint``), rebuild, validate before/after: (architecture, record for
     architecture.json, report)."""
     cfg = loaded.cfg
+    target_gmacs, arch_lr, lam = args.target_gmacs, args.arch_lr, args.lam
     train_pairs, val_pairs = train_val_pairs(cfg.data)
     size = loaded.model.img_size
     dataset = TrainDataset(train_pairs, size, cfg.train.hflip, cfg.train.seed)
     loader_fn = _loader_fn(dataset, cfg.train.batch_size, cfg.train.seed)
+    steps = args.search_steps
     if steps is None:
-        steps = epochs * math.ceil(len(dataset) / cfg.train.batch_size)
+        steps = args.search_epochs * math.ceil(len(dataset) / cfg.train.batch_size)
     metrics = {"source": _validate(loaded, val_pairs, device, "source")}
     checkpoint.identity = {"source_run": str(loaded.run_dir.resolve()), "target_gmacs": float(target_gmacs),
                            "steps": int(steps), "arch_lr": float(arch_lr), "lambda": lam, "lr": float(cfg.train.lr)}
     result = search(loaded.model, loader_fn, target_gmacs, steps, arch_lr=arch_lr, lam=lam,
-                    lr=cfg.train.lr, device=device, log=log, checkpoint=checkpoint)
+                    lr=cfg.train.lr, device=device, log=args.log, checkpoint=checkpoint)
     arch = rebuild(loaded.model.image_encoder)
-    loaded.model.refresh_aux_modules()
     pruned = gmacs(encoder_block_flops(loaded.model.image_encoder, size)["total"])
     metrics["pruned"] = _validate(loaded, val_pairs, device, "pruned")
     record = {"source_run": str(loaded.run_dir.resolve()), "dense_gmacs": result.dense_gmacs,
@@ -144,45 +175,35 @@ def _search_phase(loaded: LoadedRun, target_gmacs: float, steps: Optional[int], 
     return arch, record, {"history": result.history, "metric": metric_name, "metrics": metrics}
 
 
-def prune_run(run_dir: Optional[str | Path], target_gmacs: Optional[float], search_steps: Optional[int] = None,
-              finetune_epochs: int = 0, out_dir: Optional[str | Path] = None, arch_lr: float = 5e-4,
-              lam: Optional[float] = None, device: str | torch.device = "cpu", overwrite: bool = False,
-              search_epochs: Optional[int] = None, log: Optional[Callable[[dict], None]] = None,
-              overrides: Optional[list[str]] = None, resume: bool = False, show_progress: bool = False,
-              search_save_every: int = 100) -> PruneReport:
-    """Prune the run at ``run_dir`` to ``target_gmacs`` per image and write the pruned run (module doc).
-
-    The search runs ``search_steps`` optimizer steps, or ``search_epochs`` passes over the training split;
-    ``finetune_epochs`` epochs of the normal training loop follow (``overrides``: ``key=value`` for the
-    pruned run's config, e.g. ``train.lr=1e-4``). The search saves its state every ``search_save_every``
-    steps (``OUT/search_state.pt``). ``resume`` with ``out_dir``: continues the search from that state
-    (same source run and settings required), or the fine-tuning of a run whose search finished.
-    """
-    device = torch.device(device)
-    if resume and out_dir is not None and (Path(out_dir) / PRUNED_FILE).is_file():
-        return _resume(Path(out_dir), device, show_progress, overrides)
-    if (search_steps is None) == (search_epochs is None) or (search_steps or search_epochs or 0) < 1:
-        raise PruneError(f"prune: give one of search steps ({search_steps}) or search epochs ({search_epochs}), >= 1")
-    if run_dir is None or target_gmacs is None or target_gmacs <= 0:
-        raise PruneError(f"prune: needs the source run and a positive target GMACs (got {run_dir}, {target_gmacs})")
-    run_dir = Path(run_dir)
+def prune_run(args: PruneArgs) -> PruneReport:
+    """Prune ``args.run_dir`` to ``args.target_gmacs`` per image and write the pruned run (module doc;
+    the options: :class:`PruneArgs`)."""
+    device = torch.device(args.device)
+    if args.resume and args.out_dir is not None and (Path(args.out_dir) / PRUNED_FILE).is_file():
+        return _resume(Path(args.out_dir), device, args.show_progress, args.overrides)
+    steps, epochs = args.search_steps, args.search_epochs
+    if (steps is None) == (epochs is None) or (steps or epochs or 0) < 1:
+        raise PruneError(f"prune: give one of search steps ({steps}) or search epochs ({epochs}), >= 1")
+    if args.run_dir is None or args.target_gmacs is None or args.target_gmacs <= 0:
+        raise PruneError(f"prune: needs the source run and a positive target GMACs (got {args.run_dir}, "
+                         f"{args.target_gmacs})")
+    run_dir = Path(args.run_dir)
     loaded = load_run(run_dir, device)
     if loaded.cfg.model.pruned:
         raise PruneError(f"{run_dir}: is already a pruned run (model.pruned); prune its source run instead")
     if make_task(loaded.cfg).kind != "binary":  # the search's loss is written for one mask token
         raise PruneError(f"{run_dir}: pruning supports binary-mask runs for now (this run is multi-class)")
-    out = _out_path(run_dir, out_dir)
-    cfg = pruned_config(loaded.cfg, out, finetune_epochs, device, overrides)  # bad overrides fail before search
-    _claim_out(out, overwrite or resume)
-    checkpoint = SearchCheckpoint(out / SEARCH_STATE_FILE, search_save_every, atomic_torch_save)
-    _note_search_start(checkpoint.path, resume)
-    arch, record, report = _search_phase(loaded, target_gmacs, search_steps, search_epochs, arch_lr, lam, device, log,
-                                         checkpoint)
-    record["finetune_epochs"] = finetune_epochs
+    out = _out_path(run_dir, args.out_dir)
+    cfg = pruned_config(loaded.cfg, out, args.finetune_epochs, device, args.overrides)  # bad overrides fail early
+    _claim_out(out, args.overwrite or args.resume)
+    checkpoint = SearchCheckpoint(out / SEARCH_STATE_FILE, args.search_save_every, atomic_torch_save)
+    _note_search_start(checkpoint.path, args.resume)
+    arch, record, report = _search_phase(loaded, args, device, checkpoint)
+    record["finetune_epochs"] = args.finetune_epochs
     sha = _write(out, loaded, cfg, arch, record, report)
     checkpoint.path.unlink(missing_ok=True)
-    if finetune_epochs:
-        _finetune(cfg, out, resume=False, show_progress=show_progress)
+    if args.finetune_epochs:
+        _finetune(cfg, out, resume=False, show_progress=args.show_progress)
     else:
         save_adapter(loaded.model, out / ADAPTER_FILE, adapter_expectations(cfg, sha))
     return _finish(out, arch, record, report, device)

@@ -1,6 +1,6 @@
 """Training set-up in parts: :func:`prepare_run` (device, precision, paths, data check, splits) and
 :func:`build_training` (model, task, optimizer, schedule, scaler, the module a step calls and its DDP
-wrapper, loss weights).
+wrapper, the loss terms with their weights).
 
 ``scripts/bench_train.py`` and the tests build a training with these too, so what they measure or check
 is what ``samft train`` runs.
@@ -12,7 +12,7 @@ import math
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -29,7 +29,9 @@ from samft.engine.train.step import TrainingModule
 from samft.errors import ConfigError, SamftError
 from samft.model import build_model, count_params
 from samft.model.semantic import SemanticSAM
+from samft.slip.terms import slip_terms
 from samft.tasks.task import Task, make_task
+from samft.tasks.terms import LossTerm, model_aux_term
 
 
 @dataclass
@@ -104,53 +106,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: 
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps)
 
 
-LossFn = Callable[[torch.nn.Module, dict], dict]
-
-
-@dataclass
-class ExtraStream:
-    """A second data stream (e.g. unlabelled images for a self-supervised loss).
-
-    ``loss(model, batch) -> {name: scalar}``: its loss terms, each added to the total with ``weights[name]``
-    and logged as ``aux_<name>``. ``model`` is the plain SemanticSAM (never a DDP wrapper): the loss runs
-    inside the forward of :class:`~samft.engine.train.step.TrainingModule`, which DDP wraps under torchrun.
-    The dataset may have ``set_epoch(epoch)``; the stream cycles through its own epochs independently of
-    the labelled one and resumes exactly; under torchrun each process draws its own shard
-    (``DistributedSampler``).
-
-    ``modules``: training-only modules of the stream (e.g. the SSL projection head), or a function
-    ``model -> module`` that builds them for the built model. Their parameters are trained with the model's
-    (inside the DDP wrapper: gradients averaged; BatchNorm1d synchronised across processes) and saved in
-    the resumable state (restored on resume), never in the adapter files or exports; they are in training
-    mode throughout. ``drop_last``: skip each epoch's last incomplete batch (a stream whose loss needs full
-    batches, e.g. BatchNorm or the same batch size on every process).
-    """
-
-    name: str
-    dataset: Any
-    batch_size: int
-    loss: LossFn
-    weights: dict[str, float]
-    collate: Optional[Callable] = None
-    modules: Union[nn.Module, Callable[[SemanticSAM], nn.Module], None] = None
-    drop_last: bool = False
-
-
-@dataclass
-class LabelledTerm:
-    """A loss term on the labelled batch beside the task loss (e.g. SLIP's region-text loss).
-
-    ``loss(out, batch) -> {name: scalar}`` with the model's :class:`SegOutput` and the labelled batch;
-    each term is added with ``weights[name]`` and logged as ``aux_<name>``. ``modules``: as
-    :class:`ExtraStream`'s (training-only, in the optimizer and the resumable state, never in adapters).
-    """
-
-    name: str
-    loss: Callable[[Any, dict], dict]
-    weights: dict[str, float]
-    modules: Union[nn.Module, Callable[[SemanticSAM], nn.Module], None] = None
-
-
 @dataclass
 class TrainingParts:
     """Everything one optimizer step needs (see :func:`samft.engine.train.loop.train_step`)."""
@@ -164,27 +119,29 @@ class TrainingParts:
     scaler: torch.amp.GradScaler
     device: torch.device
     precision: str
-    aux_weights: dict[str, float]
     base_sha256: str = ""
-    extra_streams: list[ExtraStream] = field(default_factory=list)
-    labelled_terms: list[LabelledTerm] = field(default_factory=list)
+    terms: list[LossTerm] = field(default_factory=list)  # the model's auxiliary losses first, then the others
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weight of every named value the terms return (``aux_<name>`` columns, in this order)."""
+        weights: dict[str, float] = {}
+        for term in self.terms:
+            weights.update(term.weights)
+        return weights
 
     @property
     def loss_names(self) -> list[str]:
-        """Every auxiliary and extra loss term logged (``aux_<name>`` columns)."""
-        names = list(self.aux_weights)
-        for part in (*self.labelled_terms, *self.extra_streams):
-            names += [n for n in part.weights if n not in names]
-        return names
+        """Every auxiliary and extra loss value logged (``aux_<name>`` columns)."""
+        return list(self.weights)
 
     @property
     def extra_modules(self) -> dict[str, nn.Module]:
-        """The training-only modules of the labelled terms and the extra streams, by their name."""
-        return {s.name: s.modules for s in (*self.labelled_terms, *self.extra_streams)
-                if isinstance(s.modules, nn.Module)}
+        """The training-only modules of the terms, by the term's name."""
+        return {t.name: t.modules for t in self.terms if isinstance(t.modules, nn.Module)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer steps: the model's trainable tensors, then those of the extra streams' modules."""
+        """What the optimizer steps: the model's trainable tensors, then those of the terms' modules."""
         modules = [self.model, *self.extra_modules.values()]
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
@@ -200,11 +157,15 @@ def aux_weights(cfg: Config, task: Task, model: SemanticSAM) -> dict[str, float]
 
 
 def build_training(cfg: Config, device: torch.device, precision: str, total_steps: int,
-                   info: Optional[D.DistInfo] = None, extra_streams: Optional[list[ExtraStream]] = None,
+                   info: Optional[D.DistInfo] = None, terms: Optional[list[LossTerm]] = None,
                    task: Optional[Task] = None, text_emb: Optional[torch.Tensor] = None) -> TrainingParts:
     """Model (PEFT applied, on ``device``), task, AdamW, warm-up + linear decay, scaler, and the
-    :class:`~samft.engine.train.step.TrainingModule` of the model and the training-only modules, wrapped in
-    DistributedDataParallel when distributed.
+    :class:`~samft.engine.train.step.TrainingModule` of the model and the terms' training-only modules,
+    wrapped in DistributedDataParallel when distributed.
+
+    The loss terms: the model's auxiliary losses (:func:`aux_weights`), those ``cfg`` asks for (SLIP's,
+    :func:`samft.slip.terms.slip_terms`), then ``terms`` (a term reading a stream other than the labelled one
+    needs that stream in the loop: :func:`samft.engine.train.loop.train`'s ``streams``).
 
     ``text_emb``: the class-name embeddings of the text class head when resuming (the run's own copy, so
     the run resumes even when ``model.text``'s source has gone); None reads ``model.text``."""
@@ -218,39 +179,38 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
     if tc.compile:
         compile_blocks(model.image_encoder.blocks)
     task = task or make_task(cfg)
-    from samft.engine.train.slip import config_terms
-
-    terms = _bind_modules(config_terms(cfg), model, device, info)
-    streams = _bind_modules(list(extra_streams or []), model, device, info)
+    wanted = [model_aux_term(aux_weights(cfg, task, model)), *slip_terms(cfg), *(terms or [])]
+    terms = _bind_modules(wanted, model, device, info)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, tc.adam_eps,
-                               [s.modules for s in (*terms, *streams) if s.modules is not None])
+                               [t.modules for t in terms if t.modules is not None])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, tc.warmup_steps, total_steps, tc.min_lr_ratio, tc.schedule, tc.poly_power))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    module: torch.nn.Module = TrainingModule(model, terms, streams)
+    module: torch.nn.Module = TrainingModule(model, terms)
     if info.enabled:
         module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                          find_unused_parameters=peft.get(cfg.peft.method).unused_params)
     return TrainingParts(cfg, model, module, task, optimizer, scheduler, scaler, device, precision,
-                         aux_weights(cfg, task, model), built.base_sha256, streams, terms)
+                         built.base_sha256, terms)
 
 
-def _bind_modules(streams: list, model: SemanticSAM, device: torch.device, info: D.DistInfo) -> list:
-    """Build each stream's training-only modules for ``model`` (when given as a function), on ``device``,
+def _bind_modules(terms: list[LossTerm], model: SemanticSAM, device: torch.device, info: D.DistInfo
+                  ) -> list[LossTerm]:
+    """Build each term's training-only modules for ``model`` (when given as a function), on ``device``,
     in training mode. When distributed their BatchNorm layers are synchronised across processes
     (:func:`samft.slip.ssl.convert_sync_batchnorm`: the statistics of the batch of all processes, on any
     device); they are trained inside the DDP wrapper (:class:`TrainingModule`), so their gradients are
     averaged like the model's."""
     bound = []
-    for stream in streams:
-        modules = stream.modules
+    for term in terms:
+        modules = term.modules
         if modules is not None and not isinstance(modules, nn.Module):
             modules = modules(model)
         if modules is not None:
             modules = modules.to(device).train()
             if info.enabled:
-                modules = _sync_batchnorm(stream.name, modules)
-        bound.append(replace(stream, modules=modules))
+                modules = _sync_batchnorm(term.name, modules)
+        bound.append(replace(term, modules=modules))
     return bound
 
 
@@ -275,7 +235,6 @@ class Schedule:
     """How many micro-batches and optimizer steps a training has."""
 
     micro_per_epoch: int
-    steps_per_epoch: int
     total_steps: int
 
     @classmethod
@@ -284,7 +243,7 @@ class Schedule:
         micro = math.ceil(samples_per_rank / tc.batch_size)
         steps = math.ceil(micro / tc.accum_steps)
         total = tc.epochs * steps
-        return cls(micro, steps, min(total, tc.max_steps) if tc.max_steps else total)
+        return cls(micro, min(total, tc.max_steps) if tc.max_steps else total)
 
 
 def describe_start(ctx: RunContext, parts: TrainingParts, schedule: Schedule) -> str:

@@ -10,7 +10,7 @@ extra stream's loss (SLIP's SSL loss on the unlabelled batch) run here, inside o
 heads registered as submodules. Without torchrun the same module runs unwrapped: one code path.
 
     forward(x (B, 3, S, S), batches {stream name: batch})
-      -> SegOutput of model(x), {term name: scalar} of the labelled terms and extra streams
+      -> SegOutput of model(x), {name: scalar} of every loss term (the model's auxiliary losses among them)
 """
 
 from __future__ import annotations
@@ -24,38 +24,36 @@ from samft.errors import ConfigError
 
 
 class TrainingModule(nn.Module):
-    """``model`` (a SemanticSAM) and the training-only modules of ``terms`` and ``streams``, in ``heads`` by name.
+    """``model`` (a SemanticSAM) and the training-only modules of ``terms``, in ``heads`` by the term's name.
 
-    ``terms``: :class:`~samft.engine.train.setup.LabelledTerm` (``loss(out, labelled batch)``); ``streams``:
-    :class:`~samft.engine.train.setup.ExtraStream` (``loss(model, its batch)``, given the plain model). Their
-    ``modules`` must already be built (:func:`samft.engine.train.setup.build_training` binds them).
+    ``terms``: :class:`~samft.tasks.terms.LossTerm` (``loss(model, out, batch of its stream)``, given the plain
+    model). Their ``modules`` must already be built (:func:`samft.engine.train.setup.build_training` binds them).
     """
 
-    def __init__(self, model: nn.Module, terms: Sequence[Any] = (), streams: Sequence[Any] = ()) -> None:
+    def __init__(self, model: nn.Module, terms: Sequence[Any] = ()) -> None:
         super().__init__()
         self.model = model
         heads: dict[str, nn.Module] = {}
-        for part in (*terms, *streams):
-            if part.name in heads or part.name == "labelled":
-                raise ConfigError(f"loss term / data stream {part.name!r}: the name is taken (by the labelled stream or "
-                                  f"another term or stream)")
-            if part.modules is not None:
-                if not isinstance(part.modules, nn.Module):
-                    raise TypeError(f"{part.name!r}: its modules are not built yet (see build_training)")
-                heads[part.name] = part.modules
+        names: set[str] = set()
+        for term in terms:
+            if term.name in names:
+                raise ConfigError(f"loss term / data stream {term.name!r}: the name is taken (by another term)")
+            names.add(term.name)
+            if term.modules is not None:
+                if not isinstance(term.modules, nn.Module):
+                    raise TypeError(f"{term.name!r}: its modules are not built yet (see build_training)")
+                heads[term.name] = term.modules
         self.heads = nn.ModuleDict(heads)
-        self.terms, self.streams = list(terms), list(streams)  # plain lists: their modules are in ``heads``
+        self.terms = list(terms)  # a plain list: their modules are in ``heads``
 
     def forward(self, x: torch.Tensor, batches: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
         """x (B, 3, S, S) the labelled images on the model's device; ``batches`` the micro-batch of every
-        stream (``labelled`` first) -> (SegOutput, {name: scalar term})."""
+        stream (``labelled`` first) -> (SegOutput, {name: scalar value of a term})."""
         out = self.model(x)
-        terms: dict[str, torch.Tensor] = {}
+        values: dict[str, torch.Tensor] = {}
         for term in self.terms:
-            terms.update(term.loss(out, batches["labelled"]))
-        for stream in self.streams:
-            terms.update(stream.loss(self.model, batches[stream.name]))
-        return out, terms
+            values.update(term.loss(self.model, out, batches[term.stream]))
+        return out, values
 
 
 __all__ = ["TrainingModule"]

@@ -138,11 +138,6 @@ def get_attention(name: str) -> type[EncoderAttention]:
     return _REGISTRY[name]
 
 
-def attention_help() -> dict[str, str]:
-    _discover()
-    return dict(_HELP)
-
-
 def _sam_attention(module: nn.Module) -> bool:
     return isinstance(module, (Attention, EncoderAttention))
 
