@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from samft.model.encoder import embed, neck
-from samft.tasks.task import semantic_probs  # noqa: F401  (re-exported)
+from samft.tasks.task import semantic_probs, upsample_logits  # noqa: F401  (re-exported)
 from samft.tasks.terms import active_aux_sink, aux_sink
 
 
@@ -170,11 +170,6 @@ class SemanticSAM(nn.Module):
         for name, value in sink.values.items():
             aux[name] = aux[name] + value if name in aux else value
         return SegOutput(masks, class_logits, aux, emb)
-
-
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, Q, h, w) logits to ``size``."""
-    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def logits_to_original(logits: torch.Tensor, input_size: int, valid_hw: tuple[int, int],

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from samft.tasks.losses import structure_loss
-from samft.model.semantic import upsample_logits
+from samft.tasks.task import upsample_logits
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs, search_flops, stem_flops
 from samft.prune.rebuild import architecture, summary

@@ -29,6 +29,11 @@ from samft.data.draw import class_overlay, label_image, overlay, png_bytes
 from samft.tasks.losses import PointSampling, SetLossWeights, set_loss, structure_loss
 from samft.tasks.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
 
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, Q, h, w) logits to ``size``."""
+    return torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
 def semantic_probs(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """MaskFormer's semantic inference: per-pixel class scores ``sum_q softmax(class_q)[:C] * sigmoid(mask_q)``.
 
