@@ -19,7 +19,6 @@ import copy
 from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
