@@ -491,3 +491,13 @@ def test_ddp_on_gloo_gives_identical_gradients_equal_to_one_process(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "rank 0: identical gradients" in out and "rank 1: identical gradients" in out
+
+
+def test_info_names_bra_inside_vpts_wrapper():
+    """VPT wraps the whole attention (``base_layer``): ``samft info`` still names the attention inside it."""
+    from samft.config import config_from_dict
+    from samft.model import describe
+
+    cfg = config_from_dict({"model": {"type": "tiny", "img_size": 64, "attention": "bra",
+                                      "bra": {"regions": 2, "topk": 2, "blocks": "all"}}, "peft": {"method": "vpt"}})
+    assert describe(cfg)["attention_blocks"] == {"bra": 2}

@@ -181,11 +181,18 @@ def attention_impl(encoder: nn.Module) -> str:
     return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")
 
 
+def _unwrap(attn: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The attention inside PEFT wrappers (VPT wraps the whole attention and keeps it as ``base_layer``)."""
+    while attn is not None and not isinstance(attn, EncoderAttention) and hasattr(attn, "base_layer"):
+        attn = attn.base_layer
+    return attn
+
+
 def attention_kinds(encoder: nn.Module) -> list[str]:
-    """Per block, the implementation its attention uses."""
+    """Per block, the implementation its attention uses (looked up inside PEFT wrappers)."""
     kinds = []
     for block in encoder.blocks:
-        attn = getattr(block, "attn", None)  # a pruned block may have none (SPViT's skip or conv)
+        attn = _unwrap(getattr(block, "attn", None))  # a pruned block may have none (SPViT's skip or conv)
         kinds.append(attn.kind if isinstance(attn, EncoderAttention) else "eager" if attn is not None else "none")
     return kinds
 
