@@ -91,18 +91,10 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
     Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
     merges the per-image results and writes ``eval.json``; every rank returns the merged results.
     """
-    owns_group = not D.is_initialized()
-    info = D.setup(device)
-    ok = False
-    try:
+    with D.distributed(device) as info:
         tiling = (tile, check_tiling(tile, overlap)) if tile else None
-        results = _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info,
-                                tiling)
-        ok = True
-        return results
-    finally:
-        if owns_group:
-            D.cleanup(graceful=ok)
+        return _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info,
+                             tiling)
 
 
 def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torch.device, show_progress: bool,

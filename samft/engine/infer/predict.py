@@ -122,17 +122,9 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     predicts and writes its share of the images (each image once, on its own GPU); every process returns
     the paths of all the masks written.
     """
-    owns_group = not D.is_initialized()
-    info = D.setup(device)
-    ok = False
-    try:
-        written = _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, pick_device(device)),
-                               show_progress, overwrite, tile, overlap, workers, write_threads, info)
-        ok = True
-        return written
-    finally:
-        if owns_group:
-            D.cleanup(graceful=ok)
+    with D.distributed(device) as info:
+        return _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, pick_device(device)),
+                            show_progress, overwrite, tile, overlap, workers, write_threads, info)
 
 
 def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path], with_overlay: bool,

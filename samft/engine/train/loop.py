@@ -94,15 +94,9 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True,
     ``extra_streams``: further data streams with their own loss terms (see :class:`ExtraStream`), besides
     those the config asks for (``loss.ssl.weight > 0``: the unlabelled stream, :mod:`samft.engine.train.slip`).
     """
-    info = D.setup(cfg.train.device)
-    ok = False
-    try:
-        with _StopSignal(), RunLock(Path(cfg.output.dir or "runs/run"), info.is_main):
-            run_dir = _train(cfg, resume, show_progress, info, extra_streams)
-        ok = True
-        return run_dir
-    finally:
-        D.cleanup(graceful=ok)
+    with D.distributed(cfg.train.device) as info, _StopSignal(), \
+            RunLock(Path(cfg.output.dir or "runs/run"), info.is_main):
+        return _train(cfg, resume, show_progress, info, extra_streams)
 
 
 def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
