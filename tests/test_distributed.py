@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samft.engine.artifacts.checkpoint import read_adapter
+from samft.engine.artifacts.adapter import read_adapter
 from samft.engine.distributed import tensors_sha256
 from samft.engine.infer.evaluate import evaluate_run
 

@@ -12,10 +12,11 @@ import numpy as np
 from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
 from samft.engine import distributed as D
-from samft.engine.artifacts.checkpoint import atomic_write_bytes
+from samft.engine.artifacts.fileio import atomic_write_bytes
 from samft.engine.infer.evaluate import iter_predictions
 from samft.engine.runtime import pick_device, resolve_precision
-from samft.engine.artifacts.runs import is_run_file, load_run
+from samft.engine.artifacts.rundir import is_run_file
+from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
 from samft.engine.infer.writer import BackgroundWriter
 from samft.errors import SamftError
