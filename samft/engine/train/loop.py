@@ -98,18 +98,23 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True,
         return _train(cfg, resume, show_progress, info, extra_streams)
 
 
-def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
-           extra_streams: Optional[list[ExtraStream]]) -> Path:
-    run = RunDir(cfg.output.dir or "runs/run")
-    run_dir = run.path
-    if info.is_main:
+def _claim(run: RunDir, cfg: Config, resume: bool, main: bool) -> tuple[bool, bool]:
+    """(resume, whether the folder existed): a run killed before its first save starts again in place;
+    a fresh start claims the folder (:meth:`RunDir.claim`)."""
+    if main:
         run.clean_stale_tmp()
     if resume and not run.state_path.is_file():
         resume = False  # nothing was saved yet (killed before the first save): start again in place
         cfg.output.overwrite = True
-        if info.is_main:
-            console.print(f"note: {run_dir} has no saved state yet; starting it again from step 0")
-    existed = run.claim(cfg.output.overwrite) if not resume else True
+        if main:
+            console.print(f"note: {run.path} has no saved state yet; starting it again from step 0")
+    return resume, run.claim(cfg.output.overwrite) if not resume else True
+
+
+def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
+           extra_streams: Optional[list[ExtraStream]]) -> Path:
+    run = RunDir(cfg.output.dir or "runs/run")
+    resume, existed = _claim(run, cfg, resume, info.is_main)
     changes = resume_changes(run.read_config(), cfg) if resume else {}
     ctx = prepare_run(cfg, resume, info, show_progress)
     fit = Fit(ctx, list(extra_streams or []) + config_streams(ctx))
@@ -126,7 +131,7 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo,
         if not resume and ctx.main:
             run.remove_failed_start(existed)
         raise
-    return run_dir
+    return run.path
 
 
 def _batch_size(batch: Any) -> int:
