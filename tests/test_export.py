@@ -10,10 +10,9 @@ from segment_anything.build_sam import sam_model_registry
 
 from samft import peft
 from samft.config import dump_yaml
-from samft.engine.artifacts.adapter import save_adapter
+from samft.engine.artifacts.adapter import save_adapter, adapter_expectations
 from samft.engine.artifacts.export import export_run, head_path, load_exported
 from samft.engine.artifacts.rundir import ADAPTER_FILE, CONFIG_FILE
-from samft.engine.artifacts.adapter import adapter_expectations
 from samft.engine.artifacts.loading import load_run
 from samft.errors import CheckpointError, SamftError
 from samft.model import build_model

@@ -15,10 +15,9 @@ from typer.testing import CliRunner
 
 from samft.cli import app
 from samft.config import dump_yaml
-from samft.engine.artifacts.adapter import read_adapter, save_adapter, trainable_state
+from samft.engine.artifacts.adapter import read_adapter, save_adapter, trainable_state, adapter_expectations
 from samft.engine.artifacts.export import export_run, load_exported
 from samft.engine.artifacts.rundir import ADAPTER_FILE, CONFIG_FILE
-from samft.engine.artifacts.adapter import adapter_expectations
 from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.segmenter import Segmenter
 from samft.engine.train.loop import TrainingInterrupted, train

@@ -44,12 +44,11 @@ from samft.config import Config, config_from_dict, dump_yaml
 from samft.data.datasets import TrainDataset, collate
 from samft.data.layouts import train_val_pairs
 from samft.engine.artifacts.fileio import atomic_torch_save, atomic_write_bytes
-from samft.engine.artifacts.adapter import save_adapter
+from samft.engine.artifacts.adapter import save_adapter, adapter_expectations
 from samft.engine.infer.evaluate import evaluate_pairs
 from samft.engine.artifacts import prune_files
 from samft.engine.artifacts.rundir import ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, RunDir
 from samft.engine.artifacts.loading import LoadedRun, load_run, locate_pruned
-from samft.engine.artifacts.adapter import adapter_expectations
 from samft.errors import SamftError
 from samft.model import build_model
 from samft.prune.errors import PruneError
