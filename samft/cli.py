@@ -82,7 +82,7 @@ def train(
 ) -> None:
     """Fine-tune SAM on a dataset; writes a run directory (config, adapter, state, metrics, plots)."""
     from samft.config import load_config
-    from samft.engine.artifacts.runs import read_run_config
+    from samft.engine.artifacts.rundir import read_run_config
     from samft.engine.train.loop import train as run_training
 
     if resume is not None:
@@ -113,9 +113,10 @@ def eval_(
                                        "at native resolution (as samft predict --tile)"),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in pixels (default SIZE/8)"),
 ) -> None:
-    """Evaluate a run at each image's original resolution; writes RUN/eval.json."""
+    """Evaluate a run at each image's original resolution; writes RUN/eval.json (MODEL.eval.json for an exported
+    model file)."""
     from samft.engine.infer.evaluate import evaluate_run
-    from samft.engine.artifacts.runs import newest_run
+    from samft.engine.artifacts.rundir import eval_path, newest_run
 
     run_dir = run or newest_run()
     named = {k: str(Path(v).expanduser().resolve()) for k, v in _parse_named(data, "--data").items()}  # from cwd
@@ -126,7 +127,7 @@ def eval_(
         print(json.dumps(results, indent=2))
         return
     _print_metrics_table(f"{run_dir} (config {results['config_hash']}, {results['protocol']})", results["sets"])
-    _console().print(f"written: {Path(run_dir) / 'eval.json'}")
+    _console().print(f"written: {eval_path(run_dir)}")
 
 
 def _print_metrics_table(title: str, sets: dict) -> None:
@@ -167,7 +168,7 @@ def predict(
     import time
 
     from samft.engine.infer.predict import predict_run
-    from samft.engine.artifacts.runs import newest_run
+    from samft.engine.artifacts.rundir import newest_run
 
     run_dir = run or newest_run()
     t0 = time.perf_counter()
@@ -196,7 +197,7 @@ def export(
     """Fold the adapters into SAM's weights (LoRA, SSF, BitFit ...) and write a plain SAM checkpoint plus
     the decoder head (--merged); for methods that cannot be merged, say so and write the unmerged model.
     --onnx writes the whole model as one ONNX graph, checked against PyTorch with onnxruntime."""
-    from samft.engine.artifacts.runs import newest_run
+    from samft.engine.artifacts.rundir import newest_run
 
     if merged is None and onnx is None:
         raise SamftError("export needs --merged FILE and/or --onnx FILE")
@@ -238,7 +239,7 @@ def prune(
 ) -> None:
     """SPViT: prune the run's encoder to --target-gmacs (attention -> derived convs or skip, fewer MLP
     units), fine-tune, and write a new run directory."""
-    from samft.engine.artifacts.runs import newest_run
+    from samft.engine.artifacts.rundir import newest_run
     from samft.prune.rebuild import summary
     from samft.engine.train.prune import PruneArgs, prune_run
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 def make_run(run_dir: Path, data_dir: Path):
     from samft.config import dump_yaml, load_config
-    from samft.engine.artifacts.checkpoint import save_adapter
-    from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations
+    from samft.engine.artifacts.adapter import save_adapter, adapter_expectations
+    from samft.engine.artifacts.rundir import ADAPTER_FILE, CONFIG_FILE
     from samft.model import build_model
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={data_dir}", f"output.dir={run_dir}"])

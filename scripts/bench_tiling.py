@@ -53,7 +53,7 @@ def child(args) -> None:
 
     from samft.data.io import read_image
     from samft.engine.infer.predict import predict_run
-    from samft.engine.artifacts.runs import load_run
+    from samft.engine.artifacts.loading import load_run
     from samft.data.layouts import Pair
     from samft.engine.infer.tiling import TileGrid, iter_tiled_predictions, model_tile_predictor
 

@@ -64,7 +64,7 @@ def run_one(config: str, overrides: list[str], run_dir: Path, device: str, own_p
     from samft.config import load_config
     from samft.engine.infer.evaluate import evaluate_run
     from samft.engine.train.loop import read_metrics, train
-    from samft.engine.artifacts.runs import METRICS_FILE
+    from samft.engine.artifacts.rundir import METRICS_FILE
     from samft.model import describe
 
     cfg = load_config(config, overrides)

@@ -69,7 +69,7 @@ def recognise(cfg, sets: dict) -> Optional[str]:
 
 def read_run(arg: str) -> Run:
     """``DIR`` or ``NAME=DIR`` -> the run's dataset, method, protocol and eval.json sets."""
-    from samft.engine.artifacts.runs import EVAL_FILE, read_run_config
+    from samft.engine.artifacts.rundir import EVAL_FILE, read_run_config
     from samft.errors import SamftError
     from samft.config.protocol import differences
 
@@ -126,7 +126,7 @@ def train_configs(configs: list[str], workdir: Path, overrides: list[str], fresh
     """Train and evaluate each config into ``workdir/<stem>``; returns ``NAME=DIR`` for each."""
     from samft.config import load_config
     from samft.engine.infer.evaluate import evaluate_run
-    from samft.engine.artifacts.runs import EVAL_FILE
+    from samft.engine.artifacts.rundir import EVAL_FILE
     from samft.engine.train.loop import train
 
     out = []

@@ -50,7 +50,7 @@ def main() -> None:
     run = train(cfg, show_progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from samft.engine.artifacts.runs import load_run
+        from samft.engine.artifacts.loading import load_run
         from samft.prune.flops import encoder_block_flops, gmacs
 
         model = load_run(run, __import__("torch").device("cpu")).model

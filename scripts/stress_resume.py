@@ -130,7 +130,8 @@ def same(a, b, where: str) -> str | None:
 
 
 def compare(run: Path, ref: Path) -> str | None:
-    from samft.engine.artifacts.checkpoint import load_resume_state, read_adapter
+    from samft.engine.artifacts.state import load_resume_state
+    from samft.engine.artifacts.adapter import read_adapter
 
     for name in ("adapter_last.safetensors", "adapter.safetensors"):
         a, b = (dict(sorted(read_adapter(d / name)[0].items())) for d in (ref, run))  # file order is not kept

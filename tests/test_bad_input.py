@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from samft.cli import app
 from samft.data.synthetic import write_dataset
-from samft.engine.artifacts.checkpoint import load_resume_state, save_resume_state
+from samft.engine.artifacts.state import load_resume_state, save_resume_state
 
 from conftest import TINY
 

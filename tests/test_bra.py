@@ -293,7 +293,7 @@ def test_whole_model_with_all_regions_is_the_dense_model():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_peft_method_trains_a_step_with_bra(method):
-    from samft.engine.artifacts.checkpoint import trainable_state
+    from samft.engine.artifacts.adapter import trainable_state
 
     model = build_model(tiny_config(method, model=BRA)).model.train()
     (lepe,) = [n for n, _ in model.named_parameters() if n.endswith("lepe.weight")]  # one global block
@@ -348,8 +348,7 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
 
 
 def test_save_load_and_the_attention_is_recorded(tmp_path):
-    from samft.engine.artifacts.checkpoint import load_adapter, read_adapter, save_adapter
-    from samft.engine.artifacts.runs import adapter_expectations
+    from samft.engine.artifacts.adapter import load_adapter, read_adapter, save_adapter, adapter_expectations
 
     cfg = tiny_config("lora", model=BRA)
     built = build_model(cfg)
@@ -383,9 +382,9 @@ def test_save_load_and_the_attention_is_recorded(tmp_path):
 @pytest.mark.parametrize("method", ["lora", "conv_lora"])  # mergeable and not: both export unmerged with BRA
 def test_export_is_unmerged_and_gives_the_runs_outputs(method, tmp_path):
     from samft.config import dump_yaml
-    from samft.engine.artifacts.checkpoint import save_adapter
+    from samft.engine.artifacts.adapter import save_adapter, adapter_expectations
     from samft.engine.artifacts.export import export_run, load_exported
-    from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations
+    from samft.engine.artifacts.rundir import ADAPTER_FILE, CONFIG_FILE
 
     cfg = tiny_config(method, model=BRA)
     built = build_model(cfg)

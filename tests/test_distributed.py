@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from samft.engine.artifacts.checkpoint import read_adapter
+from samft.engine.artifacts.adapter import read_adapter
 from samft.engine.distributed import tensors_sha256
 from samft.engine.infer.evaluate import evaluate_run
 
@@ -147,3 +147,39 @@ def test_diverged_ranks_are_an_error(monkeypatch):
     monkeypatch.setattr(D, "gather_objects", lambda obj, info: [obj, obj, "f" * 64])
     with pytest.raises(SamftError, match=r"the 3 processes ended with different weights \(ranks \[0, 1\]: "):
         D.check_in_sync(tensors, D.DistInfo(rank=0, world_size=3))
+
+
+def test_the_context_tears_down_only_a_group_it_created(tmp_path, monkeypatch):
+    """``distributed()`` creates the group under torchrun's variables and destroys it on success; a group
+    that already existed (a caller's) is left alone, as is a group after a failure (left to process exit)."""
+    import torch.distributed as dist
+
+    import samft.engine.distributed as D
+
+    store = f"file://{tmp_path / 'store'}"
+    made, real_init = [], dist.init_process_group
+
+    def init_group(backend, timeout):  # a one-process group standing in for torchrun's two
+        made.append(backend)
+        real_init(backend, init_method=store, rank=0, world_size=1, timeout=timeout)
+
+    monkeypatch.setattr(D.dist, "init_process_group", init_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with D.distributed("cpu") as info:
+        assert D.is_initialized() and info.world_size == 2 and made == ["gloo"]
+    assert not D.is_initialized()  # its own group: destroyed
+
+    real_init("gloo", init_method=f"{store}2", rank=0, world_size=1)  # the caller's group
+    try:
+        with D.distributed("cpu"):
+            pass
+        assert D.is_initialized() and made == ["gloo"]  # neither made again nor destroyed
+    finally:
+        dist.destroy_process_group()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with D.distributed("cpu"):
+            raise RuntimeError("boom")
+    assert D.is_initialized()  # after a failure: left to the process exit
+    dist.destroy_process_group()

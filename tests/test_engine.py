@@ -14,9 +14,10 @@ from PIL import Image
 
 import samft
 from samft.config import config_from_dict
-from samft.engine.artifacts.checkpoint import load_resume_state as load_state, read_adapter
+from samft.engine.artifacts.state import load_resume_state as load_state
+from samft.engine.artifacts.adapter import read_adapter
 from samft.engine.train.checkpointer import Checkpointer, better
-from samft.engine.artifacts.metrics_log import read_metrics
+from samft.engine.artifacts.metrics_csv import read_metrics
 from samft.engine.train.setup import build_training
 from samft.engine.train.loop import TrainingInterrupted, train, train_step
 from samft.errors import SamftError
@@ -252,7 +253,7 @@ def test_resume_without_a_saved_state_starts_again(tmp_path, synthetic_dir):
 
 def test_resume_applies_allowed_keys_and_refuses_the_rest(tmp_path, synthetic_dir):
     run = train(_cfg(tmp_path, synthetic_dir, "more", epochs=1), show_progress=False)
-    from samft.engine.artifacts.runs import read_run_config
+    from samft.engine.artifacts.rundir import read_run_config
 
     with pytest.raises(SamftError, match="train.lr: cannot change on --resume"):
         train(read_run_config(run, ["train.lr=0.5"]), resume=True, show_progress=False)

@@ -10,9 +10,10 @@ from segment_anything.build_sam import sam_model_registry
 
 from samft import peft
 from samft.config import dump_yaml
-from samft.engine.artifacts.checkpoint import save_adapter
+from samft.engine.artifacts.adapter import save_adapter, adapter_expectations
 from samft.engine.artifacts.export import export_run, head_path, load_exported
-from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations, load_run
+from samft.engine.artifacts.rundir import ADAPTER_FILE, CONFIG_FILE
+from samft.engine.artifacts.loading import load_run
 from samft.errors import CheckpointError, SamftError
 from samft.model import build_model
 from samft.model.sam import build_tiny
@@ -151,3 +152,21 @@ def test_export_of_a_multiclass_model(method, tmp_path):
     assert got.masks.shape == (2, 5, 16, 16) and got.class_logits.shape == (2, 5, 4)  # 3 classes + "no object"
     torch.testing.assert_close(got.masks, want.masks, **TOLERANCE)
     torch.testing.assert_close(got.class_logits, want.class_logits, **TOLERANCE)
+
+
+def test_cli_eval_of_an_exported_model_prints_the_file_it_wrote(tmp_path, synthetic_dir):
+    """``samft eval --run MODEL.pth`` writes MODEL.eval.json next to the model, and says so (it once printed
+    MODEL.pth/eval.json, a path that does not exist)."""
+    from typer.testing import CliRunner
+
+    from samft.cli import app
+
+    run, _ = make_run(tmp_path / "run", "lora")
+    out = tmp_path / "model.pth"
+    export_run(run, out)
+    result = CliRunner().invoke(app, ["eval", "--run", str(out), "--data", f"all={synthetic_dir}", "--device", "cpu"],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    printed = Path(result.output.split("written: ", 1)[1].split()[0])
+    assert printed == tmp_path / "model.eval.json" and printed.is_file()
+    assert not (tmp_path / "model.pth" / "eval.json").exists()

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from samft.data.synthetic import write_dataset
-from samft.engine.artifacts.checkpoint import load_resume_state
+from samft.engine.artifacts.state import load_resume_state
 
 from conftest import ROOT, TINY
 from test_cli_e2e import samft

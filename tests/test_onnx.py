@@ -22,7 +22,7 @@ from samft.data.transforms import SamTransform
 from samft.deploy_onnx import OnnxSegmenter, preprocess, resize_bilinear
 from samft.engine.infer.evaluate import iter_predictions
 from samft.engine.artifacts.onnx_export import check_exportable, export_onnx
-from samft.engine.artifacts.runs import load_run
+from samft.engine.artifacts.loading import load_run
 from samft.errors import SamftError
 from samft.model.attention.sdpa import SDPAAttention
 from samft.peft.conv_lora import ConvLoRAConfig, ConvLoRALinear

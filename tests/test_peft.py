@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from samft import peft
-from samft.engine.artifacts.checkpoint import load_adapter, save_adapter
+from samft.engine.artifacts.adapter import load_adapter, save_adapter
 from samft.errors import CheckpointError, ConfigError
 from samft.model import build_model
 from samft.peft.inject import AdapterLayer

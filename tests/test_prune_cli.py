@@ -22,7 +22,7 @@ from samft.cli import app
 from samft.data.synthetic import write_dataset
 from samft.engine.artifacts.export import load_exported
 from samft.engine.train.prune import ARCH_FILE, PRUNED_FILE, REPORT_FILE, load_pruned_run
-from samft.engine.artifacts.runs import load_run
+from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.segmenter import Segmenter
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.search_block import SearchBlock

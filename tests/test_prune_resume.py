@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from samft.engine.artifacts.checkpoint import atomic_torch_save
+from samft.engine.artifacts.fileio import atomic_torch_save
 from samft.model import build_model
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs

@@ -8,7 +8,9 @@ import warnings
 import pytest
 import torch
 
-from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, load_run
+from samft.engine.artifacts.rundir import ADAPTER_FILE, CONFIG_FILE
+
+from samft.engine.artifacts.loading import load_run
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.rebuild import PrunedBlock

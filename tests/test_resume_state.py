@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-import samft.engine.artifacts.checkpoint as ckpt
-from samft.engine.artifacts.checkpoint import load_resume_state, load_trainable, save_resume_state
+import samft.engine.artifacts.state as ckpt
+from samft.engine.artifacts.state import load_resume_state, save_resume_state
+from samft.engine.artifacts.adapter import load_trainable
 from samft.errors import CheckpointError
 
 from conftest import tiny_config

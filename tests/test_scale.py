@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import samft.engine.runtime as runtime
-from samft.engine.artifacts.checkpoint import read_adapter
+from samft.engine.artifacts.adapter import read_adapter
 from samft.engine.train.loop import train
 from samft.errors import ConfigError
 

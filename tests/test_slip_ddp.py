@@ -193,7 +193,8 @@ def test_ddp_gradients_of_both_slip_losses_equal_one_process(tmp_path):
 def test_both_slip_losses_train_under_torchrun(tmp_path):
     """The real command line, 2 processes on gloo, with the text class head too: both losses logged, one digest
     for the weights (the class head's included) and one for the heads, no loss head tensor in the adapter."""
-    from samft.engine.artifacts.checkpoint import load_resume_state, read_adapter
+    from samft.engine.artifacts.state import load_resume_state
+    from samft.engine.artifacts.adapter import read_adapter
     from samft.engine.distributed import tensors_sha256
 
     from test_distributed import torchrun

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import samft.engine.train.loop as train_mod
-from samft.engine.artifacts.checkpoint import load_resume_state as load_state, read_adapter
-from samft.engine.artifacts.metrics_log import read_metrics
+from samft.engine.artifacts.state import load_resume_state as load_state
+from samft.engine.artifacts.adapter import read_adapter
+from samft.engine.artifacts.metrics_csv import read_metrics
 from samft.engine.train.setup import build_training
 from samft.slip.terms import ssl_stream
 from samft.engine.train.loop import TrainingInterrupted, train
@@ -145,7 +146,7 @@ def _voc_cfg(tmp_path, name, weight=1.0, method="lora", **train_opts):
 
 
 def test_region_text_term_is_the_loss_of_the_labelled_forward_with_padding_ignored(tmp_path):
-    from samft.engine.artifacts.checkpoint import trainable_state
+    from samft.engine.artifacts.adapter import trainable_state
     from samft.slip.text import region_text_loss
 
     cfg = _voc_cfg(tmp_path, "unit", weight=0.5, grad_clip=0.0)
@@ -181,7 +182,7 @@ def test_a_run_with_the_region_text_loss_logs_it_and_keeps_its_head_out_of_the_a
     steps = [r for r in read_metrics(run / "metrics.csv") if r["kind"] == "step"]
     assert steps and all(float(r["aux_clip"]) > 0 for r in steps)
     plain = build_training(_voc_cfg(tmp_path, "plain", weight=0.0), torch.device("cpu"), "fp32", 2)
-    from samft.engine.artifacts.checkpoint import trainable_state
+    from samft.engine.artifacts.adapter import trainable_state
 
     assert set(read_adapter(run / "adapter.safetensors")[0]) == set(trainable_state(plain.model))
     assert set(load_state(run / "state.safetensors")["extra_modules"]["clip"]) == {"proj.weight", "text_emb", "logit_scale"}

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from samft.cli import app
 from samft.config import dump_yaml
-from samft.engine.artifacts.checkpoint import read_adapter, save_adapter, trainable_state
+from samft.engine.artifacts.adapter import read_adapter, save_adapter, trainable_state, adapter_expectations
 from samft.engine.artifacts.export import export_run, load_exported
-from samft.engine.artifacts.runs import ADAPTER_FILE, CONFIG_FILE, adapter_expectations, load_run
+from samft.engine.artifacts.rundir import ADAPTER_FILE, CONFIG_FILE
+from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.segmenter import Segmenter
 from samft.engine.train.loop import TrainingInterrupted, train
 from samft.errors import CheckpointError

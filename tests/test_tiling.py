@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from samft.cli import app
 from samft.data.layouts import Pair
 from samft.engine.infer.evaluate import iter_predictions
-from samft.engine.artifacts.runs import load_run
+from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.tiling import (TileGrid, decide_tiled, iter_bands, iter_tiled_predictions, predict_tiled, ramp,
                                  tile_starts)
 from samft.tasks.task import LabelMap

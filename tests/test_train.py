@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samft.engine.artifacts.checkpoint import load_resume_state, read_adapter
-from samft.engine.artifacts.metrics_log import read_metrics
+from samft.engine.artifacts.state import load_resume_state
+
+from samft.engine.artifacts.adapter import read_adapter
+from samft.engine.artifacts.metrics_csv import read_metrics
 from samft.engine.train.loop import TrainingDiverged, TrainingInterrupted, lr_factor, train
 
 from conftest import interrupt_after, tiny_config

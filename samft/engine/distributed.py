@@ -10,13 +10,14 @@ failure summary shows the message) and exits without waiting for the others.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,25 @@ def cleanup(graceful: bool = True) -> None:
     exit: destroying it can wait on collectives that the other processes will never finish."""
     if graceful and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device_name: str = "auto") -> Iterator[DistInfo]:
+    """``with distributed(device) as info:`` the process group of a torchrun launch for the duration.
+
+    Sets it up (:func:`setup`) unless one exists already (a caller's: a training's validation, a test), and
+    tears down only a group it created itself, after the body succeeded (:func:`cleanup`); after a
+    failure the group is left to the process exit.
+    """
+    owns_group = not is_initialized()
+    info = setup(device_name)
+    ok = False
+    try:
+        yield info
+        ok = True
+    finally:
+        if owns_group:
+            cleanup(graceful=ok)
 
 
 def device_for(info: DistInfo, device: torch.device) -> torch.device:

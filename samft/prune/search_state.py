@@ -26,7 +26,7 @@ SEARCH_STATE_FORMAT = "samft-search-state-1"
 @dataclass
 class SearchCheckpoint:
     """Where and how often a search saves its state, and what it must have been saved by. ``write(obj,
-    path)`` writes atomically (the engine passes ``samft.engine.artifacts.checkpoint.atomic_torch_save``)."""
+    path)`` writes atomically (the engine passes ``samft.engine.artifacts.fileio.atomic_torch_save``)."""
 
     path: Path
     every: int

@@ -31,21 +31,22 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
-from safetensors.torch import save as st_save
 
 from samft import peft
 
 from samft.version import __version__
 from samft.config import config_from_dict, dump_yaml
-from samft.engine.artifacts.checkpoint import atomic_torch_save, atomic_write_bytes, read_safetensors
-from samft.engine.artifacts.runs import ADAPTER_FILE, is_run_file, load_run
+from samft.engine.artifacts import exports
+from samft.engine.artifacts.exports import (HEAD_FORMAT, PRUNED_EXPORT_FORMAT, UNMERGED_FORMAT,  # noqa: F401
+                                            head_path)
+from samft.engine.artifacts.loading import LoadedRun, load_run
+from samft.engine.artifacts.rundir import ADAPTER_FILE, is_run_file
 from samft.errors import CheckpointError, SamftError
 from samft.model import SemanticSAM, build_model
 from samft.model.attention import attention_function
@@ -53,10 +54,38 @@ from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, s
 from samft.peft.inject import AdapterLayer
 from samft.slip.text import attach_text_class_head, stored_text_embeddings
 
-HEAD_FORMAT = "samft-merged-head-1"
-UNMERGED_FORMAT = "samft-unmerged-model-1"
 POS_EMBED = "image_encoder.pos_embed"
-PRUNED_EXPORT_FORMAT = "samft-pruned-model-1"
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    """What exporting a run reads of its config and adapter, gathered once where the run is loaded."""
+
+    sam_type: str
+    img_size: int
+    peft_method: str
+    attention: str
+    pruned: Optional[str]  # model.pruned: the pruned run's base file
+    base_sha256: str
+    config_yaml: str  # the run's resolved config, stored in the export
+    model_cfg: Any  # the model section (SAM's native-size base is built from it)
+
+    @property
+    def mergeable(self) -> bool:
+        return peft.get(self.peft_method).mergeable
+
+    @property
+    def sam_attention(self) -> bool:
+        """Whether the encoder's attention is SAM's function (plain segment_anything can run it)."""
+        return attention_function(self.attention) == "dense"
+
+    @classmethod
+    def of(cls, run: LoadedRun) -> "ExportArgs":
+        cfg = run.cfg
+        stored = cfg if not cfg.model.pruned else dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, pruned=None))  # an export carries its own weights
+        return cls(cfg.model.type, cfg.model.img_size, cfg.peft.method, cfg.model.attention, cfg.model.pruned,
+                   run.meta.get("base_sha256", ""), dump_yaml(stored), cfg.model)
 
 
 @dataclass
@@ -84,12 +113,6 @@ class ExportResult:
                     f"samft.engine.artifacts.export.load_exported)")
         return (f"{self.method} cannot be merged: its layers cannot be folded into SAM's weights; wrote the unmerged "
                 f"samft model to {self.files[0]} (load it with samft.engine.artifacts.export.load_exported)")
-
-
-def head_path(out: str | Path) -> Path:
-    """``model.pth`` -> ``model.head.safetensors`` (next to the merged checkpoint)."""
-    out = Path(out)
-    return out.with_name(f"{out.stem if out.suffix else out.name}.head.safetensors")
 
 
 def _native_model_cfg(model_cfg):
@@ -164,74 +187,71 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
     out = Path(out)
     check_export_target(out, overwrite)
     run = load_run(run_dir, torch.device("cpu"), adapter)
-    cfg, model = run.cfg, run.model.eval()
-    if cfg.model.pruned:
-        return _export_pruned(run, out)
-    spec = peft.get(cfg.peft.method)
-    sam_function = attention_function(cfg.model.attention) == "dense"
-    if not spec.mergeable or not sam_function:
-        unmerged = {
-            "format": UNMERGED_FORMAT, "samft_version": __version__, "peft_method": cfg.peft.method,
-            "sam_type": cfg.model.type, "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        }
-        _write(out, lambda: atomic_torch_save(unmerged, out))
-        reason = "" if sam_function else (f"model.attention={cfg.model.attention} is not SAM's attention, so plain "
-                                          f"segment_anything cannot run this encoder")
-        return ExportResult(False, cfg.peft.method, [out], reason=reason)
+    args, model = ExportArgs.of(run), run.model.eval()
+    if args.pruned:
+        return _export_pruned(args, model, out)
+    if not args.mergeable or not args.sam_attention:
+        return _export_unmerged(args, model, out)
+    return _export_merged(args, model, out)
 
+
+def _state_dict(model: SemanticSAM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _export_unmerged(args: ExportArgs, model: SemanticSAM, out: Path) -> ExportResult:
+    record = {"samft_version": __version__, "peft_method": args.peft_method, "sam_type": args.sam_type,
+              "base_sha256": args.base_sha256, "config_yaml": args.config_yaml, "state_dict": _state_dict(model)}
+    _write(out, lambda: exports.write_model(out, exports.UNMERGED, record))
+    reason = "" if args.sam_attention else (f"model.attention={args.attention} is not SAM's attention, so plain "
+                                            f"segment_anything cannot run this encoder")
+    return ExportResult(False, args.peft_method, [out], reason=reason)
+
+
+def _export_merged(args: ExportArgs, model: SemanticSAM, out: Path) -> ExportResult:
     with torch.no_grad():
         pos_embed = model.image_encoder.pos_embed.detach().clone() if model.image_encoder.pos_embed is not None \
             else None
-        folded = merge_encoder(model, cfg.peft.method)
-        base = build_sam(_native_model_cfg(cfg.model))  # the base's full SAM (IoU head, other mask tokens)
+        folded = merge_encoder(model, args.peft_method)
+        base = build_sam(_native_model_cfg(args.model_cfg))  # the base's full SAM (IoU head, other mask tokens)
         state = _sam_state(model, base.state_dict())
     head = {f"decoder.{k}": v.detach().cpu().contiguous().clone() for k, v in model.decoder.state_dict().items()}
     if pos_embed is not None:
         head[POS_EMBED] = pos_embed.cpu().contiguous()
-    meta = {"format": HEAD_FORMAT, "samft_version": __version__, "sam_type": cfg.model.type,
-            "img_size": str(cfg.model.img_size), "num_queries": str(model.decoder.num_queries),
-            "num_classes": str(model.num_classes), "peft_method": cfg.peft.method,
-            "base_sha256": run.meta.get("base_sha256", ""), "config_yaml": dump_yaml(cfg)}
-    _write(out, lambda: atomic_torch_save(state, out))
-    head_file = head_path(out)
-    _write(head_file, lambda: atomic_write_bytes(head_file, st_save(head, metadata=meta)))
-    return ExportResult(True, cfg.peft.method, [out, head_file], folded)
+    meta = {"samft_version": __version__, "sam_type": args.sam_type, "img_size": str(args.img_size),
+            "num_queries": str(model.decoder.num_queries), "num_classes": str(model.num_classes),
+            "peft_method": args.peft_method, "base_sha256": args.base_sha256, "config_yaml": args.config_yaml}
+    _write(out, lambda: exports.write_merged(out, state, head, meta))
+    return ExportResult(True, args.peft_method, [out, head_path(out)], folded)
 
 
-def _export_pruned(run, out: Path) -> ExportResult:
+def _export_pruned(args: ExportArgs, model: SemanticSAM, out: Path) -> ExportResult:
     """A pruned run: adapters folded when mergeable, then architecture + whole state dict in one file."""
     from samft.prune.state import read_pruned
 
-    cfg, model = run.cfg, run.model.eval()
-    spec = peft.get(cfg.peft.method)
-    arch = read_pruned(cfg.model.pruned, tensors=False)[0]
+    arch = read_pruned(args.pruned, tensors=False)[0]
     folded = 0
-    if spec.mergeable:
+    if args.mergeable:
         with torch.no_grad():
-            folded = spec.merge(model.image_encoder)
-        left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
-        if left:
-            raise SamftError(f"PEFT method {cfg.peft.method}: merging left adapter layers {left[:3]}")
-    stored = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pruned=None))
-    atomic_torch_save({
-        "format": PRUNED_EXPORT_FORMAT, "samft_version": __version__, "peft_method": cfg.peft.method,
-        "merged": spec.mergeable, "sam_type": cfg.model.type, "base_sha256": run.meta.get("base_sha256", ""),
-        "config_yaml": dump_yaml(stored), "architecture": json.dumps(arch),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-    }, out)
-    return ExportResult(spec.mergeable, cfg.peft.method, [out], folded, pruned=True)
+            folded = merge_encoder(model, args.peft_method)
+    exports.write_model(out, exports.PRUNED, {
+        "samft_version": __version__, "peft_method": args.peft_method, "merged": args.mergeable,
+        "sam_type": args.sam_type, "base_sha256": args.base_sha256, "config_yaml": args.config_yaml,
+        "architecture": arch, "state_dict": _state_dict(model),
+    })
+    return ExportResult(args.mergeable, args.peft_method, [out], folded, pruned=True)
 
 
-def _load_pruned(path: Path, data: dict, device: torch.device) -> tuple[SemanticSAM, Any]:
+def _load_pruned(export: exports.Export, device: torch.device) -> tuple[SemanticSAM, Any]:
     from samft.prune.errors import PruneError
     from samft.prune.rebuild import build_pruned_encoder
 
+    path, data = export.path, export.data
     cfg = _config(data["config_yaml"], str(path))
     built = _structure(cfg, data, path)  # the structure only; every tensor comes from the file
     try:
-        build_pruned_encoder(built.model.image_encoder, json.loads(data["architecture"]))
-    except (PruneError, ValueError) as e:
+        build_pruned_encoder(built.model.image_encoder, data["architecture"])
+    except (PruneError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: its architecture does not fit its config: {e}") from None
     if data.get("merged"):
         peft.get(cfg.peft.method).merge(built.model.image_encoder)
@@ -244,32 +264,24 @@ def _load_pruned(path: Path, data: dict, device: torch.device) -> tuple[Semantic
     return built.model.to(device).eval(), cfg
 
 
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: exported model not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a readable export"
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
-
-
 def _config(yaml_text: str, source: str):
     try:
         return config_from_dict(yaml.safe_load(yaml_text) or {})
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{source}: the stored config is not valid YAML ({str(e).splitlines()[0]})") from None
     except SamftError as e:
         raise CheckpointError(f"{source}: the stored config is not valid for this samft: {e}") from None
 
 
 def _structure(cfg, data: dict, path: Path):
     """The model of ``cfg``, structure only (every tensor comes from the file's state dict)."""
-    state = data.get("state_dict")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds no state dict (a damaged samft export?)")
+    state = data["state_dict"]
     emb = stored_text_embeddings(cfg, state, str(path))
     return build_model(cfg, meta=True, text_emb=None if emb is None else torch.empty_like(emb, device="meta"))
 
 
-def _load_unmerged(path: Path, data: dict, device: torch.device) -> tuple[SemanticSAM, Any]:
+def _load_unmerged(export: exports.Export, device: torch.device) -> tuple[SemanticSAM, Any]:
+    path, data = export.path, export.data
     cfg = _config(data["config_yaml"], str(path))
     built = _structure(cfg, data, path)
     try:
@@ -280,25 +292,23 @@ def _load_unmerged(path: Path, data: dict, device: torch.device) -> tuple[Semant
     return built.model.to(device).eval(), cfg
 
 
-def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optional[Path]
-                 ) -> tuple[SemanticSAM, Any]:
-    head_file = head_file or head_path(path)
-    if not head_file.is_file():
-        raise CheckpointError(f"{path}: a merged SAM checkpoint needs its decoder head {head_file} (written by "
-                              f"samft export next to it)")
-    head, meta = read_safetensors(head_file, "decoder head")
-    if meta.get("format") != HEAD_FORMAT:
-        raise CheckpointError(f"{head_file}: not a samft decoder head (metadata format {meta.get('format')!r})")
-    cfg = _config(meta["config_yaml"], str(head_file))
+def _merged_sam(export: exports.Export, cfg) -> Any:
+    """SAM of the head's config at its run's input size, the merged checkpoint loaded strictly."""
     sam = build_sam(dataclasses.replace(_native_model_cfg(cfg.model), checkpoint=None), meta=True)
     try:
-        sam.load_state_dict(state, strict=True, assign=True)
+        sam.load_state_dict(export.data, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: not a SAM {cfg.model.type} checkpoint: {e}") from None
+        raise CheckpointError(f"{export.path}: not a SAM {cfg.model.type} checkpoint: {e}") from None
     set_image_size(sam, cfg.model.img_size)
-    if POS_EMBED in head:
-        sam.image_encoder.pos_embed = torch.nn.Parameter(head[POS_EMBED], requires_grad=False)
-    model = SemanticSAM(sam, int(meta["num_queries"]), int(meta["num_classes"]))
+    if POS_EMBED in export.head:
+        sam.image_encoder.pos_embed = torch.nn.Parameter(export.head[POS_EMBED], requires_grad=False)
+    return sam
+
+
+def _load_merged(export: exports.Export, device: torch.device) -> tuple[SemanticSAM, Any]:
+    head, meta, head_file = export.head, export.head_meta, export.head_file
+    cfg = _config(meta["config_yaml"], str(head_file))
+    model = SemanticSAM(_merged_sam(export, cfg), int(meta["num_queries"]), int(meta["num_classes"]))
     emb = stored_text_embeddings(cfg, head, str(head_file))
     if emb is not None:
         attach_text_class_head(cfg, model.decoder, emb)
@@ -311,6 +321,9 @@ def _load_merged(path: Path, state: dict, device: torch.device, head_file: Optio
     return model.to(device).eval(), cfg
 
 
+_LOADERS = {exports.UNMERGED: _load_unmerged, exports.PRUNED: _load_pruned, exports.MERGED: _load_merged}
+
+
 def load_exported(path: str | Path, device: torch.device | str = "cpu",
                   head_file: Optional[str | Path] = None) -> SemanticSAM:
     """The SemanticSAM of an export (frozen, in eval mode): a merged SAM checkpoint + its head, an
@@ -321,13 +334,5 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu",
 def load_exported_with_config(path: str | Path, device: torch.device | str = "cpu",
                               head_file: Optional[str | Path] = None) -> tuple[SemanticSAM, Any]:
     """:func:`load_exported` and the config the export was made from (its task, sizes, thresholds)."""
-    path = Path(path)
-    data = _read(path)
-    device = torch.device(device)
-    if isinstance(data, dict) and data.get("format") == UNMERGED_FORMAT:
-        return _load_unmerged(path, data, device)
-    if isinstance(data, dict) and data.get("format") == PRUNED_EXPORT_FORMAT:
-        return _load_pruned(path, data, device)
-    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
-        return _load_merged(path, data, device, Path(head_file) if head_file else None)
-    raise CheckpointError(f"{path}: neither a merged SAM checkpoint nor an unmerged samft export")
+    export = exports.read(path, head_file)  # recognised by its stored kind (earlier versions: its shape)
+    return _LOADERS[export.kind](export, torch.device(device))

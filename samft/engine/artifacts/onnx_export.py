@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +41,11 @@ from samft import peft
 from samft.version import __version__
 from samft.constants import PIXEL_MEAN, PIXEL_STD
 from samft.data.classes import ClassSpec
-from samft.engine.artifacts.checkpoint import atomic_write_bytes
+from samft.engine.artifacts import onnx_meta
 from samft.engine.artifacts.export import merge_encoder
-from samft.engine.artifacts.runs import ADAPTER_FILE, load_run
+from samft.engine.artifacts.loading import LoadedRun, load_run
+from samft.engine.artifacts.onnx_meta import META_PREFIX  # noqa: F401  (re-exported)
+from samft.engine.artifacts.rundir import ADAPTER_FILE
 from samft.errors import SamftError
 from samft.model import SemanticSAM
 from samft.model.attention import EncoderAttention
@@ -54,7 +55,37 @@ from samft.peft.inject import AdapterLayer
 TOLERANCE = 1e-3  # largest |onnxruntime - PyTorch| allowed on the output (logits or class scores), fp32
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from opset 17
 MIN_OPSET, MAX_OPSET = 14, 20  # scaled_dot_product_attention needs 14; the TorchScript exporter stops at 20
-META_PREFIX = "samft."
+
+
+@dataclass(frozen=True)
+class OnnxArgs:
+    """What the ONNX export reads of a run's config, gathered once where the run is loaded."""
+
+    img_size: int
+    peft_method: str
+    attention: str
+    sam_type: str
+    threshold: float
+    classes: list[str]  # class names of a multi-class run, [] for a binary one
+
+    @property
+    def mergeable(self) -> bool:
+        return peft.get(self.peft_method).mergeable
+
+    @classmethod
+    def of(cls, run: LoadedRun) -> "OnnxArgs":
+        cfg = run.cfg
+        spec = ClassSpec.of(cfg.data)
+        return cls(cfg.model.img_size, cfg.peft.method, cfg.model.attention, cfg.model.type, cfg.eval.threshold,
+                   list(spec.names) if spec else [])
+
+    def metadata(self, output: str, opset: int) -> dict[str, object]:
+        """The graph's ``samft.*`` metadata (read back by :mod:`samft.deploy_onnx`)."""
+        return {"version": __version__, "img_size": str(self.img_size),
+                "task": "multiclass" if self.classes else "binary", "output": output,
+                "threshold": str(self.threshold), "classes": self.classes, "peft_method": self.peft_method,
+                "attention": self.attention, "sam_type": self.sam_type, "pixel_mean": list(PIXEL_MEAN),
+                "pixel_std": list(PIXEL_STD), "opset": str(opset)}
 
 
 class OnnxGraph(nn.Module):
@@ -134,16 +165,6 @@ def _trace(graph: OnnxGraph, example: torch.Tensor, opset: int, dynamic_batch: b
     return buf.getvalue()
 
 
-def _with_metadata(data: bytes, meta: dict[str, object]) -> bytes:
-    import onnx
-
-    model = onnx.load_from_string(data)
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = META_PREFIX + key, value if isinstance(value, str) else json.dumps(value)
-    return model.SerializeToString()
-
-
 def _ort_outputs(data: bytes, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
@@ -162,12 +183,50 @@ def _real_input(image: Optional[Path], img_size: int) -> Optional[torch.Tensor]:
     return SamTransform(img_size)(read_image(image))["image"][None]
 
 
-def _metadata(cfg, output: str, opset: int) -> dict[str, object]:
-    classes = ClassSpec.of(cfg.data)
-    return {"version": __version__, "img_size": str(cfg.model.img_size), "task": "multiclass" if classes else "binary",
-            "output": output, "threshold": str(cfg.eval.threshold), "classes": classes.names if classes else [],
-            "peft_method": cfg.peft.method, "attention": cfg.model.attention, "sam_type": cfg.model.type,
-            "pixel_mean": list(PIXEL_MEAN), "pixel_std": list(PIXEL_STD), "opset": str(opset)}
+def _check_target(out: Path, overwrite: bool, opset: int) -> None:
+    if out.is_dir():
+        raise SamftError(f"{out}: is a folder; --onnx needs a file name such as model.onnx")
+    if out.exists() and not overwrite:
+        raise SamftError(f"{out}: already exists; pass --overwrite to replace it")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SamftError(f"--opset {opset}: expected {MIN_OPSET} to {MAX_OPSET}")
+
+
+def _inputs(size: int, dynamic_batch: bool, image: Optional[str | Path]) -> dict[str, torch.Tensor]:
+    """The verification inputs: a random image (a batch of 2 with ``dynamic_batch``) and the real one."""
+    inputs = {"random image": torch.randn(2 if dynamic_batch else 1, 3, size, size,
+                                          generator=torch.Generator().manual_seed(0))}
+    real = _real_input(Path(image) if image is not None else None, size)
+    if real is None:
+        warnings.warn("ONNX export verified on a random image only: pass --image PATH to also check a real one")
+    else:
+        inputs[f"real image {Path(image).name}"] = real
+    return inputs
+
+
+def _traced(graph: OnnxGraph, args: OnnxArgs, example: torch.Tensor, opset: int, dynamic_batch: bool,
+            output: str) -> bytes:
+    try:
+        with export_friendly(graph.model), torch.no_grad():
+            return _trace(graph, example, opset, dynamic_batch, output)
+    except Exception as e:  # noqa: BLE001 - any exporter failure: name what was being exported
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SamftError(f"ONNX export of PEFT method {args.peft_method} with model.attention={args.attention} "
+                         f"failed: {type(e).__name__}: {first}") from None
+
+
+def _verify(out: Path, got: dict[str, np.ndarray], want: dict[str, np.ndarray], tolerance: float) -> dict[str, float]:
+    """max |onnxruntime - PyTorch| per input; a SamftError (nothing written) beyond ``tolerance``."""
+    checks = {}
+    for name in want:
+        if got[name].shape != want[name].shape:
+            raise SamftError(f"{out}: onnxruntime gave shape {got[name].shape} on the {name}, PyTorch "
+                             f"{want[name].shape}: not written")
+        checks[name] = float(np.abs(got[name] - want[name]).max())
+        if not checks[name] <= tolerance:  # NaN fails too
+            raise SamftError(f"{out}: onnxruntime differs from PyTorch by {checks[name]:.3g} on the {name} "
+                             f"(tolerance {tolerance:g}): not written")
+    return checks
 
 
 def export_onnx(run_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False,
@@ -179,46 +238,19 @@ def export_onnx(run_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET
     warning). Runs on the CPU.
     """
     out = Path(out)
-    if out.is_dir():
-        raise SamftError(f"{out}: is a folder; --onnx needs a file name such as model.onnx")
-    if out.exists() and not overwrite:
-        raise SamftError(f"{out}: already exists; pass --overwrite to replace it")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise SamftError(f"--opset {opset}: expected {MIN_OPSET} to {MAX_OPSET}")
+    _check_target(out, overwrite, opset)
     run = load_run(run_dir, torch.device("cpu"), adapter)
-    cfg, model = run.cfg, run.model.eval()
-    check_exportable(model, cfg.model.attention)
+    args, model = OnnxArgs.of(run), run.model.eval()
+    check_exportable(model, args.attention)
     require_onnx()
-    size = cfg.model.img_size
     graph = OnnxGraph(model).eval()
-    inputs = {"random image": torch.randn(2 if dynamic_batch else 1, 3, size, size,
-                                          generator=torch.Generator().manual_seed(0))}
-    real = _real_input(Path(image) if image is not None else None, size)
-    if real is None:
-        warnings.warn("ONNX export verified on a random image only: pass --image PATH to also check a real one")
-    else:
-        inputs[f"real image {Path(image).name}"] = real
+    inputs = _inputs(args.img_size, dynamic_batch, image)
     with torch.no_grad():
         want = {name: graph(x).numpy() for name, x in inputs.items()}  # the run's own (unmerged) model
-        merged = merge_encoder(model, cfg.peft.method) if peft.get(cfg.peft.method).mergeable else 0
+        merged = merge_encoder(model, args.peft_method) if args.mergeable else 0
     output = "scores" if model.num_classes > 1 else "logits"
-    try:
-        with export_friendly(model), torch.no_grad():
-            data = _trace(graph, inputs["random image"][:1], opset, dynamic_batch, output)
-    except Exception as e:  # noqa: BLE001 - any exporter failure: name what was being exported
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise SamftError(f"ONNX export of PEFT method {cfg.peft.method} with model.attention={cfg.model.attention} "
-                         f"failed: {type(e).__name__}: {first}") from None
-    data = _with_metadata(data, _metadata(cfg, output, opset))
-    got = _ort_outputs(data, inputs)
-    checks = {}
-    for name in inputs:
-        if got[name].shape != want[name].shape:
-            raise SamftError(f"{out}: onnxruntime gave shape {got[name].shape} on the {name}, PyTorch "
-                             f"{want[name].shape}: not written")
-        checks[name] = float(np.abs(got[name] - want[name]).max())
-        if not checks[name] <= tolerance:  # NaN fails too
-            raise SamftError(f"{out}: onnxruntime differs from PyTorch by {checks[name]:.3g} on the {name} "
-                             f"(tolerance {tolerance:g}): not written")
-    atomic_write_bytes(out, data)
-    return OnnxResult(out, cfg.peft.method, merged, len(data), checks, tolerance)
+    data = _traced(graph, args, inputs["random image"][:1], opset, dynamic_batch, output)
+    data = onnx_meta.with_metadata(data, args.metadata(output, opset))
+    checks = _verify(out, _ort_outputs(data, inputs), want, tolerance)
+    onnx_meta.write_bytes(out, data)
+    return OnnxResult(out, args.peft_method, merged, len(data), checks, tolerance)

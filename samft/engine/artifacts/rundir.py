@@ -1,9 +1,13 @@
-"""Creating, claiming and locking a run directory.
+"""A run directory: :class:`RunDir` owns its file names, the claim rule, the lock, loading and the
+``eval.json`` path; every command that writes a run (train, prune, eval) goes through it.
 
 samft writes only into a folder that does not exist, is empty, or that samft created (it holds the
 ``.samft-run`` marker, or a run of an earlier version: ``config.yaml`` with ``state.pt`` or an adapter).
 ``output.overwrite=true`` replaces a run samft created, deleting only samft's own files; it never makes a
 folder of the user's writable. A start that fails before the run's first file removes what it created.
+
+An exported model file (``samft export``: ``MODEL.pth``) stands for a run too (``RunDir(MODEL.pth)``):
+it is loaded with its own config and its evaluation goes to ``MODEL.eval.json`` next to it.
 """
 
 from __future__ import annotations
@@ -12,88 +16,204 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 from samft.version import __version__
-from samft.engine.artifacts.checkpoint import atomic_write_text
-from samft.engine.artifacts.runs import (ADAPTER_FILE, CONFIG_FILE, EVAL_FILE, LAST_ADAPTER_FILE, LEGACY_STATE_FILE, MARKER_FILE,
-                               METRICS_FILE, PLOT_FILE, RESUMES_FILE, SPLIT_FILE, STATE_FILE, state_file)
 from samft.config import RESUMABLE_KEYS  # what --resume may change: opt(..., resumable=True) in the schema
+from samft.engine.artifacts import run_config
+from samft.engine.artifacts.fileio import atomic_write_text
 from samft.errors import SamftError
 
+CONFIG_FILE = "config.yaml"
+ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
+LAST_ADAPTER_FILE = "adapter_last.safetensors"
+STATE_FILE = "state.safetensors"  # the resumable state (never a pickle)
+LEGACY_STATE_FILE = "state.pt"  # an earlier version's state: read with weights_only=True
+METRICS_FILE = "metrics.csv"
+EVAL_FILE = "eval.json"
+PLOT_FILE = "curves.png"
+SPLIT_FILE = "split.json"
+MARKER_FILE = ".samft-run"  # a folder samft created
+RESUMES_FILE = "resumes.jsonl"
+ARCH_FILE = "architecture.json"  # a pruned run (samft prune): the architecture and what the search found
+PRUNED_FILE = "pruned.safetensors"  # a pruned run: the pruned model's whole state (config key model.pruned)
 LOCK_FILE = ".lock"
+
+RUN_FILES = (CONFIG_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, LEGACY_STATE_FILE, METRICS_FILE, EVAL_FILE,
+             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ARCH_FILE, PRUNED_FILE, LOCK_FILE)
 # what a training writes, deleted when a run is started again (a pruned run's pruned.safetensors and
 # architecture.json are its base, written by samft prune before its training starts: they stay)
 TRAINING_FILES = (STATE_FILE, LEGACY_STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, EVAL_FILE,
                   SPLIT_FILE, RESUMES_FILE)
 
 
-def is_samft_run(run_dir: Path) -> bool:
-    """Whether samft created ``run_dir`` (marker, or an earlier version's run files)."""
-    if (run_dir / MARKER_FILE).is_file():
+class RunDir:
+    """One run directory (or an exported model file standing for one): its paths and the rules for
+    writing into it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def exported(self) -> bool:
+        """Whether this is an exported model file (``samft export``), not a folder."""
+        return self.path.is_file()
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def split_path(self) -> Path:
+        return self.path / SPLIT_FILE
+
+    @property
+    def eval_path(self) -> Path:
+        """Where evaluating this run writes its results: ``RUN/eval.json``, or ``MODEL.eval.json`` next to
+        an exported model file ``MODEL.pth``."""
+        if self.exported:
+            return self.path.with_name(self.path.stem + ".eval.json")
+        return self.path / EVAL_FILE
+
+    @property
+    def state_path(self) -> Path:
+        """The run's resumable state: ``state.safetensors``, or an earlier version's ``state.pt``."""
+        legacy = self.path / LEGACY_STATE_FILE
+        return legacy if legacy.is_file() and not (self.path / STATE_FILE).is_file() else self.path / STATE_FILE
+
+    def read_config(self, overrides: Optional[list[str]] = None):
+        """The run's ``config.yaml`` (:mod:`samft.engine.artifacts.run_config`)."""
+        if not self.config_path.is_file():
+            raise SamftError(f"{self.path}: not a run directory ({CONFIG_FILE} not found)")
+        return run_config.read(self.config_path, overrides)
+
+    def load(self, device, adapter: str = ADAPTER_FILE):
+        """The run's model (:func:`samft.engine.artifacts.loading.load_run`)."""
+        from samft.engine.artifacts.loading import load_run
+
+        return load_run(self.path, device, adapter)
+
+    # --- claiming and writing -------------------------------------------------------------------
+
+    def is_samft_run(self) -> bool:
+        """Whether samft created this folder (marker, or an earlier version's run files)."""
+        if (self.path / MARKER_FILE).is_file():
+            return True
+        return self.config_path.is_file() and self.has_progress()
+
+    def has_progress(self) -> bool:
+        """Whether the run holds trained weights or a resumable state."""
+        return self.state_path.exists() or any((self.path / f).exists() for f in (ADAPTER_FILE, LAST_ADAPTER_FILE))
+
+    def _user_files(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir() if p.name not in (LOCK_FILE, MARKER_FILE))
+
+    def claim(self, overwrite: bool) -> bool:
+        """Check that a fresh training may write here; returns whether the folder already existed.
+
+        Raises when it holds a run (unless ``overwrite``) or files samft did not create (always).
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise SamftError(f"output.dir {self.path}: is a file, not a folder")
+        if not self.path.is_dir():
+            return False
+        files = self._user_files()
+        if not files:
+            return True
+        if not self.is_samft_run():
+            raise SamftError(f"output.dir {self.path}: holds files samft did not create ({', '.join(files[:3])}"
+                             f"{' ...' if len(files) > 3 else ''}); choose an empty or new folder")
+        if self.has_progress() and not overwrite:
+            raise SamftError(f"{self.path}: already holds a run; continue it with --resume {self.path}, choose "
+                             f"another output.dir, or set output.overwrite=true to replace it")
         return True
-    return (run_dir / CONFIG_FILE).is_file() and has_progress(run_dir)
+
+    def init(self, config_yaml: str) -> None:
+        """Clear samft's own files of an earlier run here, then write the marker and ``config.yaml``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in TRAINING_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        atomic_write_text(self.path / MARKER_FILE, json.dumps({"samft_version": __version__, "created": time.time()}))
+        run_config.write(self.config_path, config_yaml)
+
+    def remove_failed_start(self, existed: bool) -> None:
+        """Undo :meth:`init` after a start that failed before saving anything."""
+        if self.has_progress():
+            return
+        for name in (CONFIG_FILE, MARKER_FILE, METRICS_FILE, SPLIT_FILE):
+            (self.path / name).unlink(missing_ok=True)
+        if not existed:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # something else is in it: leave it
+
+    def clean_stale_tmp(self) -> int:
+        """Remove temporary files of atomic writes cut short by a kill (never renamed, never used)."""
+        n = 0
+        if self.path.is_dir():
+            for stale in self.path.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def lock(self, enabled: bool = True) -> "RunLock":
+        """An exclusive lock on this run for the duration of a ``with`` (see :class:`RunLock`)."""
+        return RunLock(self.path, enabled)
+
+    def record_resume(self, changes: dict[str, tuple[object, object]], step_hint: str, config_yaml: str) -> None:
+        """Write the changed config into the run and append the change to ``resumes.jsonl``."""
+        run_config.write(self.config_path, config_yaml)
+        entry = {"time": time.time(), "at": step_hint,
+                 "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+        with open(self.path / RESUMES_FILE, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
-def has_progress(run_dir: Path) -> bool:
-    """Whether the run holds trained weights or a resumable state."""
-    return state_file(run_dir).exists() or any((run_dir / f).exists() for f in (ADAPTER_FILE, LAST_ADAPTER_FILE))
+def eval_path(run: str | Path) -> Path:
+    """Where evaluating ``run`` (a run directory or an exported model file) writes its results."""
+    return RunDir(run).eval_path
 
 
-def _user_files(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_FILE, MARKER_FILE))
+def state_file(run_dir: str | Path) -> Path:
+    """The run's resumable state (see :attr:`RunDir.state_path`)."""
+    return RunDir(run_dir).state_path
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool) -> bool:
-    """Check that a fresh training may write into ``run_dir``; returns whether the folder already existed.
-
-    Raises when it holds a run (unless ``overwrite``) or files samft did not create (always).
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SamftError(f"output.dir {run_dir}: is a file, not a folder")
-    if not run_dir.is_dir():
+def is_run_file(path: str | Path) -> bool:
+    """Whether ``path`` (followed through links) is one of a run directory's own files (config.yaml,
+    adapter*, state*, metrics.csv ...), which other commands must never write to."""
+    path = Path(path).resolve()
+    if not (path.parent / CONFIG_FILE).is_file():
         return False
-    files = _user_files(run_dir)
-    if not files:
-        return True
-    if not is_samft_run(run_dir):
-        raise SamftError(f"output.dir {run_dir}: holds files samft did not create ({', '.join(files[:3])}"
-                         f"{' ...' if len(files) > 3 else ''}); choose an empty or new folder")
-    if has_progress(run_dir) and not overwrite:
-        raise SamftError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, choose another "
-                         f"output.dir, or set output.overwrite=true to replace it")
-    return True
+    return path.name in RUN_FILES or path.name.startswith(("adapter", "state", ".state", ".adapter"))
 
 
-def init_run_dir(run_dir: Path, config_yaml: str) -> None:
-    """Clear samft's own files of an earlier run there, then write the marker and ``config.yaml``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in TRAINING_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    atomic_write_text(run_dir / MARKER_FILE, json.dumps({"samft_version": __version__, "created": time.time()}))
-    atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
+def newest_run(root: str | Path = "runs") -> Path:
+    """The most recently modified run directory (one holding an adapter) under ``root``."""
+    root = Path(root)
+    runs = [p.parent for p in root.glob(f"*/{ADAPTER_FILE}")] if root.is_dir() else []
+    if not runs:
+        raise SamftError(f"no run found under {root}/ (a run directory holds {ADAPTER_FILE}); pass --run DIR")
+    return max(runs, key=lambda p: (p / ADAPTER_FILE).stat().st_mtime)
 
 
-def remove_failed_start(run_dir: Path, existed: bool) -> None:
-    """Undo :func:`init_run_dir` after a start that failed before saving anything."""
-    if has_progress(run_dir):
-        return
-    for name in (CONFIG_FILE, MARKER_FILE, METRICS_FILE, SPLIT_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    if not existed:
-        try:
-            run_dir.rmdir()
-        except OSError:
-            pass  # something else is in it: leave it
-
-
-def clean_stale_tmp(run_dir: Path) -> int:
-    """Remove temporary files of atomic writes cut short by a kill (never renamed, never used)."""
-    n = 0
-    if run_dir.is_dir():
-        for stale in run_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-            n += 1
-    return n
+def read_run_config(run_dir: str | Path, overrides: Optional[list[str]] = None):
+    """The config of the run at ``run_dir`` (``config.yaml``), with ``overrides`` applied."""
+    return RunDir(run_dir).read_config(overrides)
 
 
 class RunLock:
@@ -171,9 +291,3 @@ def resume_changes(saved: object, wanted: object) -> dict[str, tuple[object, obj
     return changes
 
 
-def record_resume(run_dir: Path, changes: dict[str, tuple[object, object]], step_hint: str, config_yaml: str) -> None:
-    """Write the changed config into the run and append the change to ``resumes.jsonl``."""
-    atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
-    entry = {"time": time.time(), "at": step_hint, "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
-    with open(run_dir / RESUMES_FILE, "a") as f:
-        f.write(json.dumps(entry) + "\n")

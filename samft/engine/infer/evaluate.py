@@ -4,9 +4,7 @@ config's protocol (``eval.miou``, ``eval.ber``: the task's metrics)."""
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -20,9 +18,10 @@ from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
 from samft.engine import distributed as D
-from samft.engine.artifacts.checkpoint import atomic_write_text
+from samft.engine.artifacts import eval_json
 from samft.engine.runtime import autocast, pick_device, resolve_precision
-from samft.engine.artifacts.runs import ADAPTER_FILE, EVAL_FILE, load_run
+from samft.engine.artifacts.rundir import ADAPTER_FILE, RunDir
+from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
 from samft.errors import SamftError
 from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics
@@ -91,18 +90,10 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
     Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
     merges the per-image results and writes ``eval.json``; every rank returns the merged results.
     """
-    owns_group = not D.is_initialized()
-    info = D.setup(device)
-    ok = False
-    try:
+    with D.distributed(device) as info:
         tiling = (tile, check_tiling(tile, overlap)) if tile else None
-        results = _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info,
-                                tiling)
-        ok = True
-        return results
-    finally:
-        if owns_group:
-            D.cleanup(graceful=ok)
+        return _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info,
+                             tiling)
 
 
 def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torch.device, show_progress: bool,
@@ -137,21 +128,8 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
             "seconds": round(time.perf_counter() - t0, 3),
         }
     if write and info.is_main:
-        target = Path(run_dir).with_name(Path(run_dir).stem + ".eval.json") if exported else Path(run_dir) / EVAL_FILE
-        atomic_write_text(target, json.dumps(merge_eval_json(target, results), indent=2))
+        target = RunDir(run_dir).eval_path  # RUN/eval.json, or MODEL.eval.json next to an exported model
+        eval_json.write(target, eval_json.merge(target, results))
     D.barrier(info)
     return results
 
-
-def merge_eval_json(path: Path, results: dict) -> dict:
-    """``results`` merged into the run's existing eval.json: a set evaluated again replaces only its own entry
-    (each entry keeps the checkpoint, config hash and scoring it was made with); other sets stay."""
-    try:
-        old = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        warnings.warn(f"{path}: unreadable, replaced by this evaluation's results", stacklevel=3)
-        old = {}
-    sets = old.get("sets") if isinstance(old.get("sets"), dict) else {}
-    for name, entry in results["sets"].items():
-        entry.setdefault("scoring", results.get("scoring"))
-    return {**results, "sets": {**{k: v for k, v in sets.items() if k not in results["sets"]}, **results["sets"]}}

@@ -12,10 +12,11 @@ from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
 from samft.data.paths import expand_glob
 from samft.engine import distributed as D
-from samft.engine.artifacts.checkpoint import atomic_write_bytes
+from samft.engine.artifacts.fileio import atomic_write_bytes
 from samft.engine.infer.evaluate import iter_predictions
 from samft.engine.runtime import pick_device, resolve_precision
-from samft.engine.artifacts.runs import is_run_file, load_run
+from samft.engine.artifacts.rundir import is_run_file
+from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
 from samft.engine.infer.writer import BackgroundWriter
 from samft.errors import SamftError
@@ -130,17 +131,9 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     predicts and writes its share of the images (each image once, on its own GPU); every process returns
     the paths of all the masks written.
     """
-    owns_group = not D.is_initialized()
-    info = D.setup(device)
-    ok = False
-    try:
-        written = _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, pick_device(device)),
-                               show_progress, overwrite, tile, overlap, workers, write_threads, info)
-        ok = True
-        return written
-    finally:
-        if owns_group:
-            D.cleanup(graceful=ok)
+    with D.distributed(device) as info:
+        return _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, pick_device(device)),
+                            show_progress, overwrite, tile, overlap, workers, write_threads, info)
 
 
 def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path], with_overlay: bool,

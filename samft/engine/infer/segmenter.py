@@ -20,7 +20,8 @@ import torch
 from samft.config import Config
 from samft.data.io import read_image
 from samft.data.transforms import SamTransform
-from samft.engine.artifacts.runs import ADAPTER_FILE, load_run
+from samft.engine.artifacts.rundir import ADAPTER_FILE
+from samft.engine.artifacts.loading import load_run
 from samft.engine.runtime import autocast, pick_device, resolve_precision
 from samft.errors import DataError
 from samft.model.semantic import SemanticSAM, image_scores

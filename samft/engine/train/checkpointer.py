@@ -22,9 +22,9 @@ from typing import Any, Optional
 import torch
 
 from samft.version import __version__
-from samft.engine.artifacts.checkpoint import (load_resume_state, load_trainable, read_adapter, save_adapter, save_resume_state,
-                                     set_rng_state, trainable_state)
-from samft.engine.artifacts.runs import ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, state_file
+from samft.engine.artifacts.state import load_resume_state, save_resume_state, set_rng_state
+from samft.engine.artifacts.adapter import load_trainable, read_adapter, save_adapter, trainable_state
+from samft.engine.artifacts.rundir import ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, state_file
 from samft.errors import CheckpointError, SamftError
 from samft.tasks.metrics import higher_is_better
 

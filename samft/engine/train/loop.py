@@ -25,7 +25,6 @@ step, :class:`Fit` is the loop.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -41,13 +40,13 @@ from samft.config import Config, config_hash, dump_yaml
 from samft.data.datasets import TrainDataset, collate
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
-from samft.engine.artifacts.checkpoint import rng_state, trainable_state
+from samft.engine.artifacts import split_file
+from samft.engine.artifacts.adapter import adapter_expectations, trainable_state
+from samft.engine.artifacts.state import rng_state
 from samft.engine.train.checkpointer import Checkpointer, TrainState, resumed_text_embeddings
 from samft.engine.infer.evaluate import evaluate_pairs
-from samft.engine.artifacts.metrics_log import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
-from samft.engine.artifacts.rundir import (RunLock, claim_run_dir, clean_stale_tmp, init_run_dir, record_resume,
-                                 remove_failed_start, resume_changes)
-from samft.engine.artifacts.runs import METRICS_FILE, PLOT_FILE, adapter_expectations, state_file
+from samft.engine.artifacts.metrics_csv import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
+from samft.engine.artifacts.rundir import METRICS_FILE, PLOT_FILE, SPLIT_FILE, RunDir, resume_changes
 from samft.engine.runtime import autocast
 from samft.engine.train.schedule import lr_factor  # noqa: F401  (re-exported)
 from samft.engine.train.slip import config_streams
@@ -97,51 +96,45 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, streams
     terms (:class:`~samft.tasks.terms.LossTerm`, each reading the labelled stream or one of ``streams``),
     besides those the config asks for (SLIP's: :mod:`samft.slip.terms`).
     """
-    info = D.setup(cfg.train.device)
-    ok = False
-    try:
-        with _StopSignal(), RunLock(Path(cfg.output.dir or "runs/run"), info.is_main):
-            run_dir = _train(cfg, resume, show_progress, info, list(streams or []), list(terms or []))
-        ok = True
-        return run_dir
-    finally:
-        D.cleanup(graceful=ok)
+    with D.distributed(cfg.train.device) as info, _StopSignal(), \
+            RunDir(cfg.output.dir or "runs/run").lock(info.is_main):
+        return _train(cfg, resume, show_progress, info, list(streams or []), list(terms or []))
+
+
+def _claim(run: RunDir, cfg: Config, resume: bool, main: bool) -> tuple[bool, bool]:
+    """(resume, whether the folder existed): a run killed before its first save starts again in place;
+    a fresh start claims the folder (:meth:`RunDir.claim`)."""
+    if main:
+        run.clean_stale_tmp()
+    if resume and not run.state_path.is_file():
+        resume = False  # nothing was saved yet (killed before the first save): start again in place
+        cfg.output.overwrite = True
+        if main:
+            console.print(f"note: {run.path} has no saved state yet; starting it again from step 0")
+    return resume, run.claim(cfg.output.overwrite) if not resume else True
 
 
 def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo, streams: list[DataStream],
            terms: list[LossTerm]) -> Path:
-    run_dir = Path(cfg.output.dir or "runs/run")
-    if info.is_main:
-        clean_stale_tmp(run_dir)
-    if resume and not state_file(run_dir).is_file():
-        resume = False  # nothing was saved yet (killed before the first save): start again in place
-        cfg.output.overwrite = True
-        if info.is_main:
-            console.print(f"note: {run_dir} has no saved state yet; starting it again from step 0")
-    existed = claim_run_dir(run_dir, cfg.output.overwrite) if not resume else True
-    changes = _resume_changes(run_dir, cfg) if resume else {}
+    run = RunDir(cfg.output.dir or "runs/run")
+    resume, existed = _claim(run, cfg, resume, info.is_main)
+    changes = resume_changes(run.read_config(), cfg) if resume else {}
     ctx = prepare_run(cfg, resume, info, show_progress)
     fit = Fit(ctx, streams + config_streams(ctx), terms)
     if not resume and ctx.main:
-        init_run_dir(run_dir, dump_yaml(cfg))
+        run.init(dump_yaml(cfg))
         fit.write_split()
     if changes and ctx.main:
-        record_resume(run_dir, changes, "resume", dump_yaml(cfg))
+        run.record_resume(changes, "resume", dump_yaml(cfg))
         console.print("resuming with " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     D.barrier(info)
     try:
         fit.run()
     except Exception:
         if not resume and ctx.main:
-            remove_failed_start(run_dir, existed)
+            run.remove_failed_start(existed)
         raise
-    return run_dir
-
-
-def _resume_changes(run_dir: Path, cfg: Config) -> dict:
-    from samft.engine.artifacts.runs import read_run_config
-
-    return resume_changes(read_run_config(run_dir), cfg)
+    return run.path
 
 
 def _batch_size(batch: Any) -> int:
@@ -251,11 +244,7 @@ class Fit:
 
     def write_split(self) -> None:
         """``split.json``: the image (and mask) files of each split this run uses."""
-        from samft.engine.artifacts.checkpoint import atomic_write_text
-
-        split = {name: [[str(p.image), str(p.mask) if p.mask else None] for p in pairs]
-                 for name, pairs in (("train", self.ctx.train_pairs), ("val", self.ctx.val_pairs))}
-        atomic_write_text(self.run_dir / "split.json", json.dumps(split, indent=1))
+        split_file.write(self.run_dir / SPLIT_FILE, {"train": self.ctx.train_pairs, "val": self.ctx.val_pairs})
 
     def run(self) -> None:
         ctx, parts = self.ctx, self.parts

@@ -1,6 +1,6 @@
 """Prune a trained run into a new run directory: load, search, rebuild, fine-tune, write.
 
-``prune_run`` loads a binary-task run (``samft.engine.artifacts.runs.load_run``), searches an architecture for
+``prune_run`` loads a binary-task run (``samft.engine.artifacts.loading.load_run``), searches an architecture for
 ``target_gmacs`` on the run's training split, rebuilds the encoder with plain modules and writes a new
 run directory that every command reads like any other run (``eval``, ``predict``, ``export``, ``info``,
 ``Segmenter.from_run``):
@@ -43,11 +43,12 @@ from torch.utils.data import DataLoader
 from samft.config import Config, config_from_dict, dump_yaml
 from samft.data.datasets import TrainDataset, collate
 from samft.data.layouts import train_val_pairs
-from samft.engine.artifacts.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_text, save_adapter
+from samft.engine.artifacts.fileio import atomic_torch_save, atomic_write_bytes
+from samft.engine.artifacts.adapter import save_adapter, adapter_expectations
 from samft.engine.infer.evaluate import evaluate_pairs
-from samft.engine.artifacts.rundir import init_run_dir
-from samft.engine.artifacts.runs import (ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, LoadedRun, adapter_expectations,
-                               load_run, locate_pruned, read_run_config)
+from samft.engine.artifacts import prune_files
+from samft.engine.artifacts.rundir import ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, RunDir
+from samft.engine.artifacts.loading import LoadedRun, load_run, locate_pruned
 from samft.errors import SamftError
 from samft.model import build_model
 from samft.prune.errors import PruneError
@@ -228,20 +229,20 @@ def _finetune(cfg: Config, out: Path, resume: bool, show_progress: bool) -> None
         train(cfg, resume=resume, show_progress=show_progress)
     except Exception:
         if not (out / CONFIG_FILE).is_file():  # a failed start removed config + marker: keep the run resumable
-            init_run_dir(out, dump_yaml(cfg))
+            RunDir(out).init(dump_yaml(cfg))
         raise
 
 
 def _resume(out: Path, device: torch.device, show_progress: bool, overrides: Optional[list[str]]) -> PruneReport:
     """Continue the fine-tuning of a pruned run (``overrides`` as ``samft train --resume`` takes them)."""
-    cfg = read_run_config(out, overrides)
+    cfg = RunDir(out).read_config(overrides)
     cfg.output.dir = str(out)
     try:
-        record = json.loads((out / ARCH_FILE).read_text())
-        report = json.loads((out / REPORT_FILE).read_text())
-        arch = record.pop("architecture")
-    except (OSError, ValueError, KeyError) as e:
+        record = prune_files.read_architecture(out / ARCH_FILE)
+        report = prune_files.read_report(out / REPORT_FILE)
+    except SamftError as e:
         raise PruneError(f"{out}: not a pruned run to resume ({e})") from None
+    arch = record.pop("architecture")
     if record.get("finetune_epochs"):
         _finetune(cfg, out, resume=True, show_progress=show_progress)
     else:
@@ -255,7 +256,7 @@ def _finish(out: Path, arch: dict, record: dict, report: dict, device: torch.dev
     loaded = load_run(out, device)
     if record.get("finetune_epochs"):
         report["metrics"]["finetuned"] = _validate(loaded, train_val_pairs(loaded.cfg.data)[1], device, "finetuned")
-    atomic_write_text(out / REPORT_FILE, json.dumps({**record, **report}, indent=1, default=float))
+    prune_files.write(out / REPORT_FILE, {**record, **report})
     return PruneReport(out, arch, record["dense_gmacs"], record["target_gmacs"], record["pruned_gmacs"],
                        record["reached"], report["metrics"], loaded.model)
 
@@ -266,10 +267,10 @@ def _write(out: Path, loaded: LoadedRun, cfg: Config, arch: dict, record: dict, 
     meta = {"format": PRUNED_FORMAT, "architecture": json.dumps(arch), "peft_method": cfg.peft.method,
             "sam_type": cfg.model.type, "adapter_meta": json.dumps(loaded.meta)}
     data = st_save(state, metadata=meta)
-    init_run_dir(out, dump_yaml(cfg))  # the marker (samft's folder) and config.yaml; stale run files go
+    RunDir(out).init(dump_yaml(cfg))  # the marker (samft's folder) and config.yaml; stale run files go
     atomic_write_bytes(out / PRUNED_FILE, data)
-    atomic_write_text(out / ARCH_FILE, json.dumps({**record, "architecture": arch}, indent=1))
-    atomic_write_text(out / REPORT_FILE, json.dumps({**record, **report}, indent=1, default=float))
+    prune_files.write(out / ARCH_FILE, {**record, "architecture": arch})
+    prune_files.write(out / REPORT_FILE, {**record, **report})
     return "pruned:" + hashlib.sha256(data).hexdigest()
 
 
@@ -279,9 +280,9 @@ def read_architecture(run_dir: str | Path) -> Optional[dict[str, Any]]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["architecture"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise PruneError(f"{path}: not a samft architecture file ({e})") from None
+        return prune_files.read_architecture(path)["architecture"]
+    except SamftError as e:
+        raise PruneError(f"{path}: not a samft architecture file ({str(e).split(': ', 1)[-1]})") from None
 
 
 def load_pruned_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
@@ -291,7 +292,7 @@ def load_pruned_run(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     run_dir = Path(run_dir)
     if read_architecture(run_dir) is None:
         raise PruneError(f"{run_dir}: not a pruned run ({ARCH_FILE} not found)")
-    cfg = read_run_config(run_dir)
+    cfg = RunDir(run_dir).read_config()
     locate_pruned(run_dir, cfg)
     built = build_model(cfg)
     _, _, meta, _ = read_pruned(cfg.model.pruned, tensors=False)

@@ -6,7 +6,10 @@ import csv
 from pathlib import Path
 from typing import Any, Optional
 
-from samft.engine.artifacts.checkpoint import atomic_write_text
+from samft.engine.artifacts.fileio import MAX_NUMBER, atomic_write_text, fail
+
+KIND = "metrics_csv"
+FORMAT = "samft-metrics-csv-1"
 
 STEP_COLUMNS = ["kind", "epoch", "step", "lr", "loss", "task_loss", "grad_norm", "images_per_s", "seconds"]
 
@@ -16,9 +19,49 @@ def metrics_columns(aux_names: list[str], metric_names: tuple[str, ...]) -> list
     return STEP_COLUMNS + [f"aux_{n}" for n in aux_names] + [f"val_{m}" for m in metric_names]
 
 
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _check_row(path: Path, n: int, row: dict) -> None:
+    if None in row or any(v is None for v in row.values()):
+        fail(path, f"row {n}: has {'more' if None in row else 'fewer'} cells than the header (cut short?)")
+    if row["kind"] not in ("step", "epoch"):
+        fail(path, f"row {n}: field 'kind' is {row['kind'][:20]!r}, expected step or epoch")
+    for key, value in row.items():
+        if key == "kind" or value == "":
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            fail(path, f"row {n}: field {key!r} is {value[:20]!r}, expected a number")
+        if abs(number) > MAX_NUMBER and key in ("epoch", "step"):
+            fail(path, f"row {n}: field {key!r} is {value[:20]}, expected 0 to {MAX_NUMBER:g}")
+
+
+def read(path: str | Path) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv`` (cells as text), checked: a header with kind/epoch/step, numeric cells."""
+    path = Path(path)
+    if not path.is_file():
+        fail(path, "metrics file not found")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in STEP_COLUMNS[:3] if c not in (reader.fieldnames or [])]
+            if missing:
+                fail(path, f"field {missing[0]!r} is missing from the header")
+            rows = list(reader)
+    except (csv.Error, UnicodeDecodeError) as e:
+        fail(path, f"not a readable metrics file ({e})")
+    for n, row in enumerate(rows, 1):
+        _check_row(path, n, row)
+    return rows
+
+
+read_metrics = read
+
+
+def write(path: str | Path, columns: list[str], rows: list[dict]) -> None:
+    """Write the header and ``rows`` (cells as given, missing ones empty) atomically; :class:`MetricsLog`
+    appends to it afterwards."""
+    lines = [",".join(columns)] + [",".join(str(r.get(c) or "") for c in columns) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 class MetricsLog:
@@ -33,8 +76,7 @@ class MetricsLog:
         if not enabled:
             return
         kept = self._kept(keep_rows, keep_until_step)
-        lines = [",".join(columns)] + [",".join(str(r.get(c) or "") for c in columns) for r in kept]
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        write(path, columns, kept)
         self.rows = len(kept)
 
     def _kept(self, keep_rows: Optional[int], keep_until_step: Optional[int]) -> list[dict]:
@@ -54,6 +96,7 @@ class MetricsLog:
         return rows
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one row (the header was written when the log was opened)."""
         if not self.enabled:
             return
         cells = []
@@ -73,7 +116,7 @@ def plot_curves(run_dir: Path, metrics_file: str, plot_file: str, metric: str, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir / metrics_file)
+    rows = read(run_dir / metrics_file)
     steps = [r for r in rows if r["kind"] == "step" and r["loss"]]
     epochs = [r for r in rows if r["kind"] == "epoch" and r.get(f"val_{metric}")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

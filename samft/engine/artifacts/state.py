@@ -1,13 +1,9 @@
-"""Run-directory files, all written atomically (write a temporary file, fsync, rename).
-
-- ``adapter.safetensors``: the trainable tensors only (PEFT layers + decoder), with metadata naming the
-  samft version, SAM type, the base checkpoint's sha256 and the PEFT method.
-- ``state.safetensors``: everything ``--resume`` needs (trainable tensors, optimizer, scheduler, step, RNG)
-  in ONE file written atomically: every tensor (and numpy array) as a safetensors tensor, everything else
-  as JSON in the file's metadata, with references to the tensors. Reading it never unpickles anything, so
-  a run directory from elsewhere cannot execute code. A ``state.pt`` of samft <= 0.1 (``torch.save``) is
-  read with ``torch.load(weights_only=True)`` and an allow-list of numpy's array reconstruction only (for
-  numpy's RNG state); anything else in it is refused.
+"""The resumable state (``state.safetensors``): everything ``--resume`` needs (trainable tensors,
+optimizer, scheduler, step, RNG) in ONE file written atomically: every tensor (and numpy array) as a
+safetensors tensor, everything else as JSON in the file's metadata, with references to the tensors.
+Reading it never unpickles anything, so a run directory from elsewhere cannot execute code. A
+``state.pt`` of samft <= 0.1 (``torch.save``) is read with ``torch.load(weights_only=True)`` and an
+allow-list of numpy's array reconstruction only (for numpy's RNG state); anything else in it is refused.
 """
 
 from __future__ import annotations
@@ -18,121 +14,21 @@ import math
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from torch import nn
 
 from samft.version import __version__
+from samft.engine.artifacts.fileio import MAX_DEPTH, atomic_write_bytes, field, parse_json, read_safetensors
 from samft.errors import CheckpointError
-from samft.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
-ADAPTER_FORMAT = "samft-adapter-1"
+KIND = "state"
 STATE_FORMAT = "samft-state-1"
+FORMAT = STATE_FORMAT
 RESUME_KEYS = ("trainable", "optimizer", "scheduler", "progress")  # what --resume needs
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers that belong to the trained model although no optimizer changes them, by model name: those a
-    module lists in its ``adapter_buffers`` attribute (the text class head's class-name embeddings)."""
-    out = {}
-    for prefix, module in model.named_modules():
-        for name in getattr(module, "adapter_buffers", ()):
-            out[f"{prefix}.{name}" if prefix else name] = getattr(module, name)
-    return out
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter holds: every parameter that requires grad, and the modules' ``adapter_buffers``,
-    by model name."""
-    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.detach() for n, b in adapter_buffers(model).items()})
-    return state
-
-
-def save_adapter(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
-    tensors = {n: t.to("cpu").contiguous().clone() for n, t in trainable_state(model).items()}
-    metadata = {"format": ADAPTER_FORMAT, "samft_version": __version__}
-    metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
-
-
-def read_safetensors(path: str | Path, what: str = "adapter") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata of a safetensors file (a CheckpointError naming it when unreadable)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {what} file not found")
-    data = path.read_bytes()
-    try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
-    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
-    return tensors, metadata
-
-
-def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors, metadata = read_safetensors(path)
-    if metadata.get("format") != ADAPTER_FORMAT:
-        raise CheckpointError(f"{path}: not a samft adapter (metadata format {metadata.get('format')!r})")
-    return tensors, metadata
-
-
-def check_adapter_meta(path: str | Path, meta: dict[str, str], expected: dict[str, str]) -> None:
-    """Refuse an adapter trained on another SAM type, base checkpoint, PEFT method or attention function
-    (``bra`` vs SAM's dense attention; eager and sdpa are the same function)."""
-    from samft.model.attention import attention_function
-
-    labels = {"sam_type": "SAM type", "base_sha256": "base checkpoint sha256", "peft_method": "PEFT method",
-              "attention": "encoder attention (model.attention)"}
-    for key, want in expected.items():
-        got = meta.get(key)
-        differ = (attention_function(got) != attention_function(want)) if key == "attention" and got and want \
-            else got != want
-        if got is not None and want and differ:
-            raise CheckpointError(f"{path}: adapter was trained with {labels.get(key, key)} {got!r}, "
-                                  f"but this model has {want!r}")
-
-
-def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy saved trainable tensors (and adapter buffers) into the model; the key sets must match exactly."""
-    own = {**dict(model.named_parameters()), **adapter_buffers(model)}
-    wanted = set(trainable_state(model))
-    missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: adapter does not fit this model: {len(missing)} missing tensors "
-                              f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if own[name].shape != t.shape:
-                raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the model expects "
-                                      f"{tuple(own[name].shape)}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/infinite value(s) of {t.numel()}; "
-                                      f"refusing to use it")
-            own[name].copy_(t.to(own[name].device, own[name].dtype))
-
-
-def load_adapter(model: nn.Module, path: str | Path, expected: Optional[dict[str, str]] = None,
-                 adapter: Optional[tuple[dict[str, torch.Tensor], dict[str, str]]] = None) -> dict[str, str]:
-    """Check ``path``'s metadata against ``expected`` and load its tensors into ``model`` (``adapter``: its
-    (tensors, metadata) when already read)."""
-    tensors, meta = adapter or read_adapter(path)
-    check_adapter_meta(path, meta, expected or {})
-    load_trainable(model, tensors, str(path))
-    return meta
+STATE_DEPTH = 2 * MAX_DEPTH + 2  # every object is a one-key tag: twice the nesting of the state itself
 
 
 def rng_state() -> dict[str, Any]:
@@ -218,18 +114,23 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor], used: set) -> Any:
     if tag == "float" and value in ("nan", "inf", "-inf"):
         return float(value)
     if tag in ("tensor", "ndarray"):
-        name = value if tag == "tensor" else value[0]
-        if name not in tensors:
-            raise ValueError(f"tensor {name!r} is referenced but not stored")
-        used.add(name)
-        if tag == "tensor":
-            return tensors[name]
-        _, dtype, shape = value
-        dt = np.dtype(dtype)
-        if dt.hasobject:
-            raise ValueError(f"ndarray {name!r} of Python objects")
-        return np.frombuffer(tensors[name].numpy().tobytes(), dt).reshape(shape).copy()
+        return _decode_array(tag, value, tensors, used)
     raise ValueError(f"unknown tag {tag!r}")
+
+
+def _decode_array(tag: str, value: Any, tensors: dict[str, torch.Tensor], used: set) -> Any:
+    """A ``{"tensor": name}`` or ``{"ndarray": [name, dtype, shape]}`` reference resolved."""
+    name = value if tag == "tensor" else value[0]
+    if not isinstance(name, str) or name not in tensors:
+        raise ValueError(f"tensor {name!r} is referenced but not stored")
+    used.add(name)
+    if tag == "tensor":
+        return tensors[name]
+    _, dtype, shape = value
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise ValueError(f"ndarray {name!r} of Python objects")
+    return np.frombuffer(tensors[name].numpy().tobytes(), dt).reshape(shape).copy()
 
 
 def _hashable(key: Any) -> Any:
@@ -266,9 +167,10 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: not a samft resumable state (metadata format {meta.get('format')!r}, "
                                   f"expected {STATE_FORMAT!r})")
         used: set = set()
+        tree = parse_json(meta.get("state", "null"), path, "the resumable state", STATE_DEPTH)
         try:
-            state = _decode(json.loads(meta.get("state", "null")), tensors, used)
-        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+            state = _decode(tree, tensors, used)
+        except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{path}: the resumable state is damaged ({e})") from None
         if set(tensors) - used:
             raise CheckpointError(f"{path}: the resumable state is damaged ({len(set(tensors) - used)} stored "
@@ -310,3 +212,9 @@ def _check_resume_shape(path: Path, state: Any) -> None:
     bad = [k for k, v in state["trainable"].items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: trainable {bad[0]!r} is not a tensor")
+    field(state["progress"], "step", int, path, "progress", default=0, lo=0)
+    field(state["progress"], "epoch", int, path, "progress", default=0, lo=0)
+
+
+read = load_resume_state
+write = save_resume_state

@@ -1,0 +1,56 @@
+"""``eval.json`` (or ``MODEL.eval.json`` next to an exported model): one entry per evaluated set, merged
+across evaluations (a set evaluated again replaces only its own entry)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+from samft.engine.artifacts.fileio import atomic_write_text, field, read_json_file
+from samft.errors import SamftError
+
+KIND = "eval_json"
+FORMAT = "samft-eval-1"
+MAX_SET_IMAGES = 10**9
+
+
+def _check_set(path: Path, name: str, entry: object) -> None:
+    where = f"sets.{name}"
+    field({"e": entry}, "e", dict, path, where)  # names the set when it is not a mapping
+    field(entry, "n_images", int, path, where, lo=0, hi=MAX_SET_IMAGES)
+    metrics = field(entry, "metrics", dict, path, where)
+    for key in metrics:
+        field(metrics, key, (int, float), path, f"{where}.metrics", lo=-math.inf, hi=math.inf)
+
+
+def read(path: str | Path) -> dict:
+    """The results in ``path``, checked: a mapping with a ``sets`` mapping of {n_images, metrics} entries."""
+    path = Path(path)
+    data = read_json_file(path, "evaluation results")
+    sets = field(data, "sets", dict, path)
+    for name, entry in sets.items():
+        _check_set(path, name, entry)
+    return data
+
+
+def merge(path: Path, results: dict) -> dict:
+    """``results`` merged into the results already in ``path``: a set evaluated again replaces only its own
+    entry (each entry keeps the checkpoint, config hash and scoring it was made with); other sets stay.
+    An unreadable file is replaced, with a warning."""
+    try:
+        old = read(path) if path.is_file() else {}
+    except SamftError as e:
+        reason = str(e).split(": ", 1)[-1]
+        warnings.warn(f"{path}: unreadable ({reason}), replaced by this evaluation's results", stacklevel=3)
+        old = {}
+    sets = old.get("sets") if isinstance(old.get("sets"), dict) else {}
+    for entry in results["sets"].values():
+        entry.setdefault("scoring", results.get("scoring"))
+    return {**results, "sets": {**{k: v for k, v in sets.items() if k not in results["sets"]}, **results["sets"]}}
+
+
+def write(path: str | Path, results: dict) -> None:
+    """Write ``results`` (already merged) atomically."""
+    atomic_write_text(path, json.dumps(results, indent=2))
