@@ -24,8 +24,16 @@ def _console():
     return console
 
 
+def _e(value: object) -> str:
+    """A value shown inside rich markup, its own brackets kept (file names like scan[bad].png, hints like
+    samft[onnx], shapes like [image, mask])."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    _console().print(f"[yellow]warning:[/] {message}")
+    _console().print(f"[yellow]warning:[/] {_e(message)}")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -45,7 +53,7 @@ def user_errors(fn: Callable) -> Callable:
                     from samft.engine.distributed import record_error
 
                     record_error(f"{type(e).__name__}: {e}")
-            _console().print(f"[bold red]{label}:[/] {e}", soft_wrap=True)
+            _console().print(f"[bold red]{label}:[/] {_e(e)}")
             raise typer.Exit(130 if interrupted else 2) from None
         except KeyboardInterrupt:
             _console().print("[bold red]interrupted[/]")
@@ -87,7 +95,7 @@ def train(
 
     if resume is not None:
         if config is not None:
-            _console().print(f"note: --resume uses {resume}/config.yaml; --config {config} is not read")
+            _console().print(f"note: --resume uses {resume}/config.yaml; --config {config} is not read", markup=False)
         cfg = read_run_config(resume, overrides)
         cfg.output.dir = str(resume)
     elif config is not None:
@@ -98,7 +106,7 @@ def train(
         cfg.train.progress = False
     run_dir = run_training(cfg, resume=resume is not None, show_progress=cfg.train.progress)
     if _rank() == 0:
-        _console().print(f"[green]done:[/] {run_dir}")
+        _console().print(f"[green]done:[/] {_e(run_dir)}")
 
 
 @app.command("eval")
@@ -127,7 +135,7 @@ def eval_(
         print(json.dumps(results, indent=2))
         return
     _print_metrics_table(f"{run_dir} (config {results['config_hash']}, {results['protocol']})", results["sets"])
-    _console().print(f"written: {eval_path(run_dir)}")
+    _console().print(f"written: {eval_path(run_dir)}", markup=False)
 
 
 def _print_metrics_table(title: str, sets: dict) -> None:
@@ -142,7 +150,7 @@ def _print_metrics_table(title: str, sets: dict) -> None:
     for n in names:
         table.add_column(n, justify="right")
     for set_name, r in sets.items():
-        table.add_row(set_name, str(r["n_images"]), *(f"{r['metrics'][n]:.4f}" for n in names))
+        table.add_row(_e(set_name), str(r["n_images"]), *(f"{r['metrics'][n]:.4f}" for n in names))
     Console(width=max(120, 12 * (len(names) + 2))).print(table)
 
 
@@ -177,7 +185,7 @@ def predict(
     seconds = max(time.perf_counter() - t0, 1e-9)
     if _rank() != 0:  # under torchrun: rank 0 reports, for all the processes
         return
-    _console().print(f"[green]wrote {len(written)} mask(s)[/] to {written[0].parent if written else out} in "
+    _console().print(f"[green]wrote {len(written)} mask(s)[/] to {_e(written[0].parent if written else out)} in "
                      f"{seconds:.1f} s ({len(written) / seconds:.1f} images/s, model loading included)")
 
 
@@ -206,12 +214,12 @@ def export(
         from samft.engine.artifacts.export import export_run
 
         result = export_run(run_dir, merged, overwrite=overwrite)
-        _console().print(("[green]" if result.merged else "[yellow]") + result.message() + "[/]", soft_wrap=True)
+        _console().print(("[green]" if result.merged else "[yellow]") + _e(result.message()) + "[/]")
     if onnx is not None:
         from samft.engine.artifacts.onnx_export import export_onnx
 
         result = export_onnx(run_dir, onnx, opset, dynamic_batch, image, overwrite=overwrite)
-        _console().print(f"[green]{result.message()}[/]", soft_wrap=True)
+        _console().print(f"[green]{_e(result.message())}[/]")
 
 
 @app.command()
@@ -256,13 +264,14 @@ def prune(
                      resume=resume is not None, show_progress=not no_progress, search_save_every=search_save_every)
     report = prune_run(args)
     c = _console()
-    c.print(f"architecture   {summary(report.arch)}")
+    say = functools.partial(c.print, markup=False)  # plain text: names and values keep their brackets
+    say(f"architecture   {summary(report.arch)}")
     reached = "reached" if report.reached else "NOT reached"
-    c.print(f"encoder GMACs  {report.dense_gmacs:.4g} -> {report.pruned_gmacs:.4g} "
+    say(f"encoder GMACs  {report.dense_gmacs:.4g} -> {report.pruned_gmacs:.4g} "
             f"(target {report.target_gmacs:.4g}, {reached})")
     for stage, values in report.metrics.items():
-        c.print(f"{stage:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-    c.print(f"[green]wrote[/] {report.out_dir}")
+        say(f"{stage:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    c.print(f"[green]wrote[/] {_e(report.out_dir)}")
 
 
 @app.command()
@@ -282,26 +291,27 @@ def info(
         print(json.dumps(result, indent=2))
         return
     c = _console()
+    say = functools.partial(c.print, markup=False)  # plain text: option lists keep their brackets
     adapted = result["adapted_modules"]
-    c.print(f"model          {cfg.model.type} @ {cfg.model.img_size}px (checkpoint: {cfg.model.checkpoint})")
+    say(f"model          {cfg.model.type} @ {cfg.model.img_size}px (checkpoint: {cfg.model.checkpoint})")
     blocks = ", ".join(f"{k} x {n}" for k, n in result["attention_blocks"].items())
     options = f" {result['attention_options']}" if result["attention_options"] else ""
-    c.print(f"attention      {result['attention']}{options} (blocks: {blocks})")
+    say(f"attention      {result['attention']}{options} (blocks: {blocks})")
     if result["attention_params"]:
         new = ", ".join(f"{k} {n:,}" for k, n in result["attention_params"].items())
-        c.print(f"attn params    {sum(result['attention_params'].values()):,} new, trainable ({new})")
-    c.print(f"encoder        {result['encoder_gmacs']:,} GMACs forward per image at {cfg.model.img_size}px")
-    c.print(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
-    c.print(f"adapted        {len(adapted)}" + (f": {adapted[0]} ... {adapted[-1]}" if adapted else " (nothing wrapped)"))
-    c.print(f"class head     {result['class_head']}")
-    c.print(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "
+        say(f"attn params    {sum(result['attention_params'].values()):,} new, trainable ({new})")
+    say(f"encoder        {result['encoder_gmacs']:,} GMACs forward per image at {cfg.model.img_size}px")
+    say(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
+    say(f"adapted        {len(adapted)}" + (f": {adapted[0]} ... {adapted[-1]}" if adapted else " (nothing wrapped)"))
+    say(f"class head     {result['class_head']}")
+    say(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "
             f"adapters {result['adapter_params']:,} + decoder {result['decoder_params']:,}")
-    c.print(f"total          {result['total_params']:,}")
+    say(f"total          {result['total_params']:,}")
     if "pruned_blocks" in result:
-        c.print(f"pruned         {result['pruned_architecture']}; encoder GMACs {result['encoder_gmacs_dense']:.4g} -> "
+        say(f"pruned         {result['pruned_architecture']}; encoder GMACs {result['encoder_gmacs_dense']:.4g} -> "
                 f"{result['encoder_gmacs']:.4g}")
         for b in result["pruned_blocks"]:
-            c.print(f"  block {b['block']:<3d}  {b['attn']:5s}  MLP {b['mlp_units']}/{b['mlp_units_dense']}  GMACs "
+            say(f"  block {b['block']:<3d}  {b['attn']:5s}  MLP {b['mlp_units']}/{b['mlp_units_dense']}  GMACs "
                     f"{b['gmacs_before']:.4g} -> {b['gmacs_after']:.4g}")
 
 
@@ -322,7 +332,7 @@ def score(
         return
     _print_metrics_table(f"{pred} vs {gt}", {"scored": {"n_images": result["n_images"], "metrics": result["metrics"]}})
     if result["resized"]:
-        _console().print(f"note: {result['resized']} prediction(s) resized to their mask's size")
+        _console().print(f"note: {result['resized']} prediction(s) resized to their mask's size", markup=False)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
@@ -349,23 +359,23 @@ def data_check(
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"data check: {config}")
+        table = Table(title=f"data check: {_e(config)}")
         for column in ("split", "pairs", "image sizes", "mask values (pixels)", "foreground", "problems"):
             table.add_column(column)
         for split in report.splits:
             d = split.as_dict()
             fg = f"{d['foreground_mean']:.1%}" if d["foreground_mean"] is not None else "-"
-            table.add_row(split.name, str(split.pairs), d["image_sizes"], d["mask_values"], fg,
+            table.add_row(_e(split.name), str(split.pairs), _e(d["image_sizes"]), _e(d["mask_values"]), fg,
                           str(len(split.problems)))
         Console().print(table)
         for note in report.notes:
-            _console().print(f"note: {note}")
+            _console().print(f"note: {note}", markup=False)
         for w in report.warnings:
-            _console().print(f"[yellow]warning:[/] {w}")
+            _console().print(f"[yellow]warning:[/] {_e(w)}")
         from samft.data.check import group_problems
 
         for p in group_problems(report.problems):
-            _console().print(f"[red]problem:[/] {p}", soft_wrap=True)
+            _console().print(f"[red]problem:[/] {_e(p)}")
     if report.problems:
         raise SamftError(f"{len(report.problems)} problem(s) found")
     if not as_json:
@@ -384,7 +394,7 @@ def demo_data(
     from samft.data.synthetic import write_dataset
 
     write_dataset(out_dir, n, seed, overwrite=overwrite)
-    _console().print(f"wrote {n} pairs to {out_dir}/images and {out_dir}/masks")
+    _console().print(f"wrote {n} pairs to {out_dir}/images and {out_dir}/masks", markup=False)
 
 
 def quiet_openmp() -> None:

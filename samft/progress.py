@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # never hard-wrapped: a log line stays one line
 
 
 PLAIN_EVERY_S = float(os.environ.get("SAMFT_PROGRESS_EVERY", "30"))

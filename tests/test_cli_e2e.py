@@ -165,3 +165,20 @@ def test_checkpoint_of_another_type_is_one_clear_line(workdir):
     assert ("sam_vit_h_4b8939.pth: this is a vit_h checkpoint (encoder width 1280, 32 blocks) but model.type is "
             "vit_b") in " ".join(proc.stderr.split())
     assert "Traceback" not in proc.stderr
+
+
+def test_printed_user_strings_keep_their_brackets(tmp_path):
+    """rich markup never eats a user's text: a file name with [...] in an error, option lists in ``info``."""
+    from typer.testing import CliRunner
+
+    from samft.cli import app
+
+    runner = CliRunner()
+    missing = tmp_path / "scan[bad].png"
+    result = runner.invoke(app, ["predict", str(missing), "--run", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "scan[bad].png" in result.output, result.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {type: tiny, img_size: 64}\npeft: {method: lora}\n")
+    result = runner.invoke(app, ["info", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "'targets': ['qkv']" in result.output, result.output

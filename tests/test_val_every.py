@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from samft.engine.artifacts.metrics_log import read_metrics
+from samft.engine.artifacts.metrics_csv import read_metrics
 from samft.engine.train.loop import train
 
 from conftest import tiny_config
