@@ -61,6 +61,17 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
+def _check_target(target: Path, out: Path, inputs: dict[Path, Path], inodes: dict[tuple[int, int], Path]) -> bool:
+    """Refuses a target that is an input image (by path or hard link) or a run's own file; True if it exists."""
+    st = target.stat() if target.exists() else None
+    same = inputs.get(target.resolve()) or (inodes.get((st.st_dev, st.st_ino)) if st else None)
+    if same is not None:
+        raise SamftError(f"{same}: --out {out} would write a mask onto this input image; choose another output folder")
+    if is_run_file(target):
+        raise SamftError(f"{target}: is a run's own file; samft predict never writes over it (choose another --out)")
+    return target.exists() or target.is_symlink()
+
+
 def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bool) -> list[Pair]:
     """The input pairs with distinct output names, after checking that writing them loses nothing:
     no output lands on an input file (whatever ``overwrite`` says), and no existing file in ``out`` is
@@ -77,18 +88,7 @@ def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bo
     targets = [out / f"{p.name}.png" for p in pairs]
     if with_overlay:
         targets += [out / "overlays" / f"{p.name}.png" for p in pairs]
-    clashes = []
-    for target in targets:
-        st = target.stat() if target.exists() else None
-        same = inputs.get(target.resolve()) or (inodes.get((st.st_dev, st.st_ino)) if st else None)
-        if same is not None:
-            raise SamftError(f"{same}: --out {out} would write a mask onto this input image; "
-                             f"choose another output folder")
-        if is_run_file(target):
-            raise SamftError(f"{target}: is a run's own file; samft predict never writes over it (choose another "
-                             f"--out)")
-        if target.exists() or target.is_symlink():
-            clashes.append(target)
+    clashes = [target for target in targets if _check_target(target, out, inputs, inodes)]
     if clashes and not overwrite:
         raise SamftError(f"{clashes[0]}: already exists in {out} ({len(clashes)} of the {len(targets)} output "
                          f"file(s) exist); pass --overwrite to replace them, or choose another --out")
@@ -136,6 +136,26 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
                             show_progress, overwrite, tile, overlap, workers, write_threads, info)
 
 
+def _prepare_output(out: Path, with_overlay: bool) -> None:
+    try:
+        (out / "overlays" if with_overlay else out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+
+
+def _write_all(source, task: Task, out: Path, with_overlay: bool, total: int, show: bool, write_threads: int) -> int:
+    """Decide and write every prediction of ``source`` (in background threads); returns how many were empty."""
+    empty = 0
+    with progress("predict", total, show) as advance, BackgroundWriter(write_threads) as writer:
+        for pair, scores, _ in source:
+            labels = task.labels(scores)
+            writer.submit(_write_prediction, task, out / f"{pair.name}.png", labels, pair.image,
+                          out / "overlays" if with_overlay else None)
+            empty += int(task.is_empty(labels))
+            advance()
+    return empty
+
+
 def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path], with_overlay: bool,
                  dev, show_progress: bool, overwrite: bool, tile: Optional[int], overlap: Optional[int],
                  workers: Optional[int], write_threads: int, info: D.DistInfo) -> list[Path]:
@@ -146,24 +166,13 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
     run = load_run(run_dir, dev)
     task = make_task(run.cfg)
     D.barrier(info)  # every process has checked the plan before any writes
-    try:
-        (out / "overlays" if with_overlay else out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+    _prepare_output(out, with_overlay)
     mine = D.shard(pairs, info)
     precision = resolve_precision(run.cfg.train.precision, dev)
     batch, workers = run.cfg.eval.batch_size, run.cfg.data.num_workers if workers is None else workers
     source = (iter_tiled_predictions(run.model, mine, tile, overlap, batch, dev, task, precision) if tile
               else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize))
-    empty = 0
-    with progress("predict", len(mine), show_progress and info.is_main) as advance, \
-            BackgroundWriter(write_threads) as writer:
-        for pair, scores, _ in source:
-            labels = task.labels(scores)
-            writer.submit(_write_prediction, task, out / f"{pair.name}.png", labels, pair.image,
-                          out / "overlays" if with_overlay else None)
-            empty += int(task.is_empty(labels))
-            advance()
+    empty = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main, write_threads)
     shares = D.gather_objects((len(mine), empty), info)  # also waits until every process has written its share
     empty = sum(e for _, e in shares)
     written = [out / f"{p.name}.png" for p in pairs]
