@@ -241,9 +241,11 @@ def test_stale_temporary_files_are_removed_on_a_fresh_start(tmp_path, synthetic_
 
 
 def test_resume_without_a_saved_state_starts_again(tmp_path, synthetic_dir):
-    """Killed inside the first save: an adapter_last but no state. --resume restarts the run in place."""
+    """Killed inside the first save: an adapter_last but no state (the best adapter is written after the state).
+    --resume restarts the run in place."""
     first = train(_cfg(tmp_path, synthetic_dir, "nostate", epochs=1), show_progress=False)
     (first / "state.safetensors").unlink()
+    (first / "adapter.safetensors").unlink()
     train(_cfg(tmp_path, synthetic_dir, "nostate", epochs=1), resume=True, show_progress=False)
     assert load_state(first / "state.safetensors")["progress"]["step"] > 0
 
@@ -589,3 +591,57 @@ def test_device_errors_name_the_option_the_value_came_from():
         pick_device("gpu9")
     with pytest.raises(ConfigError, match=r"^train\.device: 'gpu9' is not a device"):
         pick_device("gpu9", "train.device")
+
+
+def test_resume_of_a_finished_run_without_its_state_is_refused_and_loses_nothing(tmp_path, synthetic_dir):
+    """The trust review's first data loss: a finished run whose state.safetensors was deleted (to save space) was
+    wiped and retrained by --resume. Now one line, every file untouched; output.overwrite=true restarts it."""
+    run = train(_cfg(tmp_path, synthetic_dir, "done", epochs=1), show_progress=False)
+    (run / "state.safetensors").unlink()
+    (run / "eval.json").write_text('{"sets": {}}')
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(SamftError, match=r"has trained weights but no state\.safetensors.*samft train --config"):
+        train(_cfg(tmp_path, synthetic_dir, "done", epochs=1), resume=True, show_progress=False)
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before
+    cfg = _cfg(tmp_path, synthetic_dir, "done", epochs=1)
+    cfg.output.overwrite = True  # asked for explicitly: trained again from step 0
+    train(cfg, resume=True, show_progress=False)
+    assert (run / "state.safetensors").is_file() and not (run / "eval.json").exists()
+
+
+def test_a_users_tmp_files_are_never_cleaned(tmp_path, synthetic_dir):
+    """Training into a user's folder used to delete the user's *.tmp files before refusing the folder; and in a
+    run folder only samft's own temporary names are cleaned."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("notes.tmp", ".draft.tmp", ".eval.json.77.tmp"):
+        (mine / name).write_text("the user's")
+    with pytest.raises(SamftError, match="holds files samft did not create"):
+        train(_cfg(tmp_path, synthetic_dir, "mine", epochs=1), show_progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == [".draft.tmp", ".eval.json.77.tmp", "notes.tmp"]
+    run = train(_cfg(tmp_path, synthetic_dir, "run", epochs=1), show_progress=False)
+    (run / ".draft.tmp").write_text("the user's")
+    (run / ".metrics.csv.samft-4242.tmp").write_text("half a write")
+    cfg = _cfg(tmp_path, synthetic_dir, "run", epochs=1)
+    cfg.output.overwrite = True
+    train(cfg, show_progress=False)
+    assert (run / ".draft.tmp").read_text() == "the user's"
+    assert not (run / ".metrics.csv.samft-4242.tmp").exists()
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, synthetic_dir):
+    """A resume refused at the saved state (here: a damaged state file) has not rewritten config.yaml or
+    resumes.jsonl."""
+    from samft.engine.artifacts.rundir import read_run_config
+
+    run = train(_cfg(tmp_path, synthetic_dir, "refused", epochs=1), show_progress=False)
+    state = run / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    cfg = read_run_config(run, ["train.epochs=2"])
+    cfg.output.dir = str(run)
+    with pytest.raises(SamftError):
+        train(cfg, resume=True, show_progress=False)
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before

@@ -110,10 +110,6 @@ class SemanticSAM(nn.Module):
         self.prompt_encoder.requires_grad_(False)
         self.decoder.requires_grad_(True)
 
-    def refresh_aux_modules(self) -> None:
-        """Nothing to refresh: the auxiliary-loss names are read from the modules when asked
-        (:attr:`aux_loss_names`) and the values reach the output through the aux-loss sink. Kept for callers."""
-
     @property
     def aux_loss_names(self) -> list[str]:
         """Names of the auxiliary losses this model's modules can produce (a module's ``aux_name``)."""

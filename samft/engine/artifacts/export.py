@@ -259,7 +259,6 @@ def _load_pruned(export: exports.Export, device: torch.device) -> tuple[Semantic
         built.model.load_state_dict(data["state_dict"], strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit its architecture: {str(e).splitlines()[0]}") from None
-    built.model.refresh_aux_modules()
     built.model.requires_grad_(False)
     return built.model.to(device).eval(), cfg
 

@@ -23,6 +23,7 @@ from samft.config import RESUMABLE_KEYS  # what --resume may change: opt(..., re
 from samft.engine.artifacts import run_config
 from samft.engine.artifacts.fileio import atomic_write_text
 from samft.errors import SamftError
+from samft.files import is_own_tmp
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
@@ -119,7 +120,9 @@ class RunDir:
         return self.state_path.exists() or any((self.path / f).exists() for f in (ADAPTER_FILE, LAST_ADAPTER_FILE))
 
     def _user_files(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir() if p.name not in (LOCK_FILE, MARKER_FILE))
+        """What is in the folder besides the lock, the marker and samft's own temporary files."""
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.name not in (LOCK_FILE, MARKER_FILE) and not is_own_tmp(p.name) and not _legacy_tmp(p.name))
 
     def claim(self, overwrite: bool) -> bool:
         """Check that a fresh training may write here; returns whether the folder already existed.
@@ -162,12 +165,15 @@ class RunDir:
                 pass  # something else is in it: leave it
 
     def clean_stale_tmp(self) -> int:
-        """Remove temporary files of atomic writes cut short by a kill (never renamed, never used)."""
+        """Remove samft's own temporary files of atomic writes cut short by a kill (never renamed, never used):
+        ``.NAME.samft-PID.tmp`` (:func:`samft.files.is_own_tmp`), and an earlier version's ``.NAME.PID.tmp`` of
+        a run file. Nothing else, whatever its name."""
         n = 0
         if self.path.is_dir():
             for stale in self.path.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
-                n += 1
+                if is_own_tmp(stale.name) or _legacy_tmp(stale.name):
+                    stale.unlink(missing_ok=True)
+                    n += 1
         return n
 
     def lock(self, enabled: bool = True) -> "RunLock":
@@ -291,3 +297,10 @@ def resume_changes(saved: object, wanted: object) -> dict[str, tuple[object, obj
     return changes
 
 
+
+
+def _legacy_tmp(name: str) -> bool:
+    """An earlier version's temporary name of a run file: ``.NAME.PID.tmp`` with NAME one of RUN_FILES."""
+    parts = name.split(".")
+    return (len(parts) >= 4 and parts[0] == "" and parts[-1] == "tmp" and parts[-2].isdigit()
+            and ".".join(parts[1:-2]) in RUN_FILES)

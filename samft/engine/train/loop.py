@@ -46,7 +46,7 @@ from samft.engine.artifacts.state import rng_state
 from samft.engine.train.checkpointer import Checkpointer, TrainState, resumed_text_embeddings
 from samft.engine.infer.evaluate import evaluate_pairs
 from samft.engine.artifacts.metrics_csv import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
-from samft.engine.artifacts.rundir import METRICS_FILE, PLOT_FILE, SPLIT_FILE, RunDir, resume_changes
+from samft.engine.artifacts.rundir import ADAPTER_FILE, METRICS_FILE, PLOT_FILE, SPLIT_FILE, RunDir, resume_changes
 from samft.engine.runtime import autocast
 from samft.engine.train.schedule import lr_factor  # noqa: F401  (re-exported)
 from samft.engine.train.slip import config_streams
@@ -102,16 +102,24 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, streams
 
 
 def _claim(run: RunDir, cfg: Config, resume: bool, main: bool) -> tuple[bool, bool]:
-    """(resume, whether the folder existed): a run killed before its first save starts again in place;
-    a fresh start claims the folder (:meth:`RunDir.claim`)."""
-    if main:
-        run.clean_stale_tmp()
+    """(resume, whether the folder existed): a run killed before its first save (at most ``adapter_last``, which is
+    written before the state) starts again in place; a run with a best adapter but no resumable state is refused (starting it again would delete them) unless
+    ``output.overwrite``; a fresh start claims the folder (:meth:`RunDir.claim`). samft's own temporary files
+    of a kill are cleaned only once the folder is claimed as a run."""
     if resume and not run.state_path.is_file():
+        if (run.path / ADAPTER_FILE).is_file() and not cfg.output.overwrite:  # the best: written after a state
+            raise SamftError(f"{run.path}: has trained weights but no {run.state_path.name}, so --resume cannot "
+                             f"continue it; start a new run from its config (samft train --config "
+                             f"{run.config_path} output.dir=NEW_DIR), or add output.overwrite=true to train this "
+                             f"one again from step 0, deleting its adapters, metrics and eval.json")
         resume = False  # nothing was saved yet (killed before the first save): start again in place
         cfg.output.overwrite = True
         if main:
             console.print(f"note: {run.path} has no saved state yet; starting it again from step 0")
-    return resume, run.claim(cfg.output.overwrite) if not resume else True
+    existed = run.claim(cfg.output.overwrite) if not resume else True
+    if main:
+        run.clean_stale_tmp()
+    return resume, existed
 
 
 def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo, streams: list[DataStream],
@@ -121,6 +129,8 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo, str
     changes = resume_changes(run.read_config(), cfg) if resume else {}
     ctx = prepare_run(cfg, resume, info, show_progress)
     fit = Fit(ctx, streams + config_streams(ctx), terms)
+    if resume:
+        fit.restore()  # every check of the saved state first: a refused resume changes nothing
     if not resume and ctx.main:
         run.init(dump_yaml(cfg))
         fit.write_split()
@@ -224,6 +234,7 @@ class Fit:
     def __init__(self, ctx: RunContext, streams: list[DataStream], terms: list[LossTerm] = ()) -> None:
         cfg, info = ctx.cfg, ctx.info
         self.ctx, self.cfg, self.tc, self.info, self.main = ctx, cfg, cfg.train, info, ctx.main
+        self.restored = False
         self.run_dir = ctx.run_dir
         task = make_task(cfg)
         self.dataset = TrainDataset(ctx.train_pairs, cfg.model.img_size, cfg.train.hflip, cfg.train.seed,
@@ -246,13 +257,18 @@ class Fit:
         """``split.json``: the image (and mask) files of each split this run uses."""
         split_file.write(self.run_dir / SPLIT_FILE, {"train": self.ctx.train_pairs, "val": self.ctx.val_pairs})
 
+    def restore(self) -> None:
+        """Load the resumable state (its checks raise before anything in the run is written)."""
+        self.state = self.checkpointer.restore()
+        self.restored = True
+        if self.main:
+            console.print(f"resuming {self.run_dir} at step {self.state.step}/{self.schedule.total_steps} "
+                          f"(epoch {self.state.epoch + 1})")
+
     def run(self) -> None:
         ctx, parts = self.ctx, self.parts
-        if ctx.resume:
-            self.state = self.checkpointer.restore()
-            if self.main:
-                console.print(f"resuming {self.run_dir} at step {self.state.step}/{self.schedule.total_steps} "
-                              f"(epoch {self.state.epoch + 1})")
+        if ctx.resume and not self.restored:
+            self.restore()
         columns = metrics_columns(parts.loss_names, parts.task.metric_names)
         self.log = MetricsLog(self.run_dir / METRICS_FILE, columns, self.main, self.state.log_rows,
                               self.state.step if ctx.resume and self.state.log_rows is None else None)
