@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import samft.slip.ssl as ssl_mod
-from samft.data.unlabelled import TwoViewTransform
+from samft.slip.augment import TwoViewTransform
 from samft.slip.ssl import SSLHead, ssl_loss
 
 EPS, MOMENTUM = 1e-5, 0.1  # nn.SyncBatchNorm's defaults, as in SLIP's _build_mlp

@@ -16,7 +16,8 @@ from PIL import Image
 from torch import nn
 
 from samft.config import config_from_dict
-from samft.data.unlabelled import TwoViewTransform, UnlabelledDataset, unlabelled_images
+from samft.data.unlabelled import unlabelled_images
+from samft.slip.augment import TwoViewTransform, UnlabelledDataset
 from samft.errors import ConfigError, DataError
 from samft.model import build_model
 from samft.peft import get as get_method

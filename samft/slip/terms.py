@@ -39,7 +39,8 @@ from torch import nn
 
 from samft.config import Config
 from samft.data.transforms import valid_mask
-from samft.data.unlabelled import UnlabelledDataset, unlabelled_images
+from samft.data.unlabelled import unlabelled_images
+from samft.slip.augment import UnlabelledDataset
 from samft.errors import ConfigError
 from samft.slip.ssl import build_ssl_head, ssl_loss
 from samft.slip.text import build_text_heads
