@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -63,3 +63,13 @@ def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alp
         draw.rectangle([w + 6, y, w + 20, y + 12], fill=tuple(int(v) for v in classes.colours[c]), outline=(0, 0, 0))
         draw.text((w + 26, y), classes.names[c], fill=(0, 0, 0))
     return canvas
+
+
+def mask_png(labels: np.ndarray, classes: Optional[ClassSpec] = None) -> bytes:
+    """The PNG file of a prediction: a 0/255 mask (binary, ``classes`` None) or a palette PNG of class ids."""
+    return png_bytes(labels.astype(np.uint8) * 255 if classes is None else label_image(labels, classes))
+
+
+def overlay_png(image: np.ndarray, labels: np.ndarray, classes: Optional[ClassSpec] = None) -> bytes:
+    """The PNG of the image with the prediction drawn on it (red tint and outline, or class colours + legend)."""
+    return png_bytes(overlay(image, labels) if classes is None else class_overlay(image, labels, classes))

@@ -10,7 +10,6 @@ training loop, evaluation and prediction never branch on it:
   (H, W); multi-class: MaskFormer's class scores (C, H, W)) and the label map from them;
 - the metrics accumulator and how a prediction updates it, the metric names, the default selection
   metric and the default weight of Conv-LoRA's balance loss (1.0 binary, 2.0 multi-class: the paper's);
-- the prediction writer: the PNG of a label map and its overlay picture.
 
 :func:`make_task` builds the task of a config. :class:`~samft.data.classes.ClassSpec` (class names, colours,
 ignore id) lives in the data layer, which decodes masks with it; drawing and PNG encoding are ``samft.data.draw``'s.
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 
 from samft.data.classes import ClassSpec
-from samft.data.draw import class_overlay, label_image, overlay, png_bytes
 from samft.tasks.losses import PointSampling, SetLossWeights, set_loss, structure_loss
 from samft.tasks.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
 
@@ -111,14 +109,6 @@ class Task:
         """Add one image's scores against its ground truth to ``metrics``."""
         raise NotImplementedError
 
-    def mask_png(self, labels: np.ndarray) -> bytes:
-        """The PNG file of a prediction (0/255 mask, or palette PNG of class ids)."""
-        raise NotImplementedError
-
-    def overlay_png(self, image: np.ndarray, labels: np.ndarray) -> bytes:
-        """The PNG of the image with the prediction drawn on it."""
-        raise NotImplementedError
-
 
 class BinaryTask(Task):
     """Foreground vs background: one mask token, structure loss, SOD/polyp metrics, 0/255 PNG masks."""
@@ -151,12 +141,6 @@ class BinaryTask(Task):
 
     def update(self, metrics, scores, gt, name):
         metrics.update(scores, gt.astype(bool), name)
-
-    def mask_png(self, labels):
-        return png_bytes(labels.astype(np.uint8) * 255)
-
-    def overlay_png(self, image, labels):
-        return png_bytes(overlay(image, labels))
 
 
 class MultiClassTask(Task):
@@ -196,12 +180,6 @@ class MultiClassTask(Task):
 
     def update(self, metrics, scores, gt, name):
         metrics.update(self.labels(scores), gt, name)
-
-    def mask_png(self, labels):
-        return png_bytes(label_image(labels, self.classes))
-
-    def overlay_png(self, image, labels):
-        return png_bytes(class_overlay(image, labels, self.classes))
 
 
 def make_task(cfg: Any) -> Task:

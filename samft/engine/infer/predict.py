@@ -21,7 +21,7 @@ from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
 from samft.engine.infer.writer import BackgroundWriter
 from samft.errors import SamftError
 from samft.progress import console, progress
-from samft.data.draw import class_overlay, label_image, overlay  # noqa: F401  (re-exported)
+from samft.data.draw import class_overlay, label_image, mask_png, overlay, overlay_png  # noqa: F401  (re-exported)
 from samft.tasks.task import Task, make_task
 
 
@@ -109,9 +109,9 @@ def _write(path: Path, data: bytes) -> None:
 
 def _write_prediction(task: Task, target: Path, labels: np.ndarray, image_path: Path, overlays: Optional[Path]) -> None:
     """Encode and write one mask (and its overlay); runs on a writer thread."""
-    _write(target, task.mask_png(labels))
+    _write(target, mask_png(labels, task.classes))
     if overlays is not None:
-        _write(overlays / target.name, task.overlay_png(read_image(image_path), labels))
+        _write(overlays / target.name, overlay_png(read_image(image_path), labels, task.classes))
 
 
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
