@@ -3,7 +3,6 @@ names come from samft/config/names.py and equal what the registries register; sm
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -99,24 +98,4 @@ def test_resumable_keys_come_from_the_schema():
                                    "data.num_workers", "data.check", "eval.batch_size"}
 
 
-def _complexity(fn: ast.AST) -> int:
-    """McCabe-like: 1 + branches (if/for/while/except/assert/IfExp/comprehension/match case) + boolean operands."""
-    n = 1
-    for node in ast.walk(fn):
-        if isinstance(node, (ast.If, ast.For, ast.AsyncFor, ast.While, ast.ExceptHandler, ast.Assert, ast.IfExp,
-                             ast.comprehension, ast.match_case)):
-            n += 1
-        elif isinstance(node, ast.BoolOp):
-            n += len(node.values) - 1
-    return n
-
-
-def test_config_functions_are_small():
-    too_big = []
-    for path in sorted((ROOT / "samft" / "config").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lines, cx = node.end_lineno - node.lineno + 1, _complexity(node)
-                if lines > 60 or cx > 15:
-                    too_big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines, complexity {cx}")
-    assert not too_big, too_big
+# Function size and complexity of samft/config: tests/test_architecture.py::test_functions_are_small

@@ -255,12 +255,7 @@ def _load_pruned(export: exports.Export, device: torch.device) -> tuple[Semantic
         raise CheckpointError(f"{path}: its architecture does not fit its config: {e}") from None
     if data.get("merged"):
         peft.get(cfg.peft.method).merge(built.model.image_encoder)
-    try:
-        built.model.load_state_dict(data["state_dict"], strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit its architecture: {str(e).splitlines()[0]}") from None
-    built.model.requires_grad_(False)
-    return built.model.to(device).eval(), cfg
+    return _loaded(built.model, data["state_dict"], device, f"{path}: does not fit its architecture"), cfg
 
 
 def _config(yaml_text: str, source: str):
@@ -283,12 +278,18 @@ def _load_unmerged(export: exports.Export, device: torch.device) -> tuple[Semant
     path, data = export.path, export.data
     cfg = _config(data["config_yaml"], str(path))
     built = _structure(cfg, data, path)
+    return _loaded(built.model, data["state_dict"], device, f"{path}: does not fit the model of its own config",
+                   first_line=False), cfg
+
+
+def _loaded(model: SemanticSAM, state: dict, device: torch.device, fails: str, first_line: bool = True) -> SemanticSAM:
+    """``model`` (meta) given ``state`` strictly, frozen, on ``device``, in eval mode; else ``fails: why``."""
     try:
-        built.model.load_state_dict(data["state_dict"], strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit the model of its own config: {e}") from None
-    built.model.requires_grad_(False)
-    return built.model.to(device).eval(), cfg
+        raise CheckpointError(f"{fails}: {str(e).splitlines()[0] if first_line else e}") from None
+    model.requires_grad_(False)
+    return model.to(device).eval()
 
 
 def _merged_sam(export: exports.Export, cfg) -> Any:
