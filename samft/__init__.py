@@ -16,7 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from samft.imports import defer_segment_anything_init
 from samft.version import __version__
+
+defer_segment_anything_init()  # samft uses segment_anything.modeling only: its predictor's torchvision import waits
 
 
 def _config(config: Any, overrides: Optional[list[str]]) -> Any:

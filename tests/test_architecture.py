@@ -28,7 +28,7 @@ LAYERS = {  # top-level package or module under samft. -> rank; a module may imp
     "model": 3, "peft": 3, "prune": 3, "slip": 3,
     "tasks": 2,
     "data": 1,
-    "config": 0, "constants": 0, "errors": 0, "files": 0, "progress": 0, "version": 0,
+    "config": 0, "constants": 0, "errors": 0, "files": 0, "imports": 0, "progress": 0, "version": 0,
     "deploy_onnx": 0,  # numpy + onnxruntime only (tested: no torch)
 }
 FORBIDDEN = {  # (importer, imported) -> why; both are top-level names or engine rooms ("engine.train" ...)

@@ -1,0 +1,28 @@
+"""Import-time savings (samft.imports) that change nothing a user sees; run in fresh processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                          timeout=120).stdout.strip()
+
+
+def test_the_model_imports_without_segment_anythings_predictor_and_the_package_still_works():
+    out = _run("import sys, samft.model\n"
+               "print('torchvision' in sys.modules, 'segment_anything.predictor' in sys.modules)\n"
+               "import segment_anything\n"
+               "from segment_anything import SamPredictor, sam_model_registry\n"
+               "print(SamPredictor.__name__, sorted(sam_model_registry), segment_anything.build_sam_vit_b.__name__)")
+    assert out.splitlines() == ["False False", "SamPredictor ['default', 'vit_b', 'vit_h', 'vit_l'] build_sam_vit_b"]
+
+
+def test_segment_anything_imported_first_is_left_as_it_is():
+    out = _run("import segment_anything, samft.model\nprint(hasattr(segment_anything, 'SamPredictor'))")
+    assert out == "True"
