@@ -415,7 +415,8 @@ def quiet_openmp() -> None:
     cores = os.cpu_count() or 1
     if load >= 0.5 * cores:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        if set(sys.argv[1:2]) & {"train", "eval", "predict", "prune"}:  # the commands that compute long
+        long_command = set(sys.argv[1:2]) & {"train", "eval", "predict", "prune"}  # the commands that compute long
+        if long_command and not {"--help", "-h"} & set(sys.argv[2:]):
             print(f"note: the machine is busy (load {load:.1f} on {cores} cores): idle OpenMP threads will sleep "
                   f"(OMP_WAIT_POLICY=PASSIVE; set it yourself to choose)", file=sys.stderr)
     else:

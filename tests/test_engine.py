@@ -645,3 +645,19 @@ def test_a_refused_resume_changes_nothing(tmp_path, synthetic_dir):
         train(cfg, resume=True, show_progress=False)
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
     assert after == before
+
+
+@pytest.mark.parametrize("argv,said", [(["samft", "train", "--config", "c.yaml"], True),
+                                       (["samft", "predict", "--help"], False), (["samft", "info"], False)])
+def test_the_busy_machine_note_only_for_long_commands(monkeypatch, capsys, argv, said):
+    import sys
+
+    from samft import cli
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.quiet_openmp()
+    assert ("machine is busy" in capsys.readouterr().err) is said
