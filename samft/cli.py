@@ -18,6 +18,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune Segment Anything for semantic segmentation with Conv-LoRA and other PEFT methods.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from samft.version import __version__
+
+        print(f"samft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Fine-tune Segment Anything for semantic segmentation with Conv-LoRA and other PEFT methods."""
+
+
 def _console():
     from samft.progress import console
 

@@ -182,3 +182,13 @@ def test_printed_user_strings_keep_their_brackets(tmp_path):
     result = runner.invoke(app, ["info", "--config", str(cfg)])
     assert result.exit_code == 0, result.output
     assert "'targets': ['qkv']" in result.output, result.output
+
+
+def test_version():
+    from typer.testing import CliRunner
+
+    from samft.cli import app
+    from samft.version import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"samft {__version__}"

@@ -133,3 +133,24 @@ def test_duplicate_class_names_are_refused(classes):
 
     with pytest.raises(ConfigError, match=r"data\.classes: .* \(class 2\) has the same name as class 1"):
         config_from_dict({"data": {"classes": classes}})
+
+
+def test_one_path_where_a_list_is_expected_is_a_one_element_list():
+    """``data.unlabelled=frames/`` as users write it (a list of str fields only; other lists stay strict)."""
+    from samft.config import config_from_dict, load_config  # noqa: F401
+    from samft.errors import ConfigError
+
+    cfg = config_from_dict({"data": {"unlabelled": "frames/"}})
+    assert cfg.data.unlabelled == ["frames/"]
+    cfg = config_from_dict({}, ["data.unlabelled=frames/"])
+    assert cfg.data.unlabelled == ["frames/"]
+    with pytest.raises(ConfigError, match="model.tiny.global_attn_indexes: expected list of int"):
+        config_from_dict({"model": {"tiny": {"global_attn_indexes": "1"}}})
+
+
+def test_a_choice_in_other_letters_is_suggested():
+    from samft.config import config_from_dict
+    from samft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.format: 'VOC' is not one of .*\(did you mean 'voc'\?\)"):
+        config_from_dict({"data": {"format": "VOC"}})

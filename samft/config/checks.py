@@ -14,7 +14,8 @@ from samft.errors import ConfigError
 def check_choice(value: Any, choices: tuple, key: str) -> None:
     """``value`` is one of ``choices``, else a ConfigError listing them with the nearest as a hint."""
     if value not in choices:
-        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        same_letters = [str(c) for c in choices if str(c).casefold() == str(value).casefold()]
+        near = same_letters or difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
 

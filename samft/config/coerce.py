@@ -55,11 +55,13 @@ def _dataclass(value: Any, tp: Any, key: str) -> Any:
 
 
 def _list(value: Any, tp: Any, key: str) -> list:
+    (item,) = typing.get_args(tp)
     if isinstance(value, tuple):
         value = list(value)
+    if isinstance(value, str) and item is str:
+        value = [value]  # one path or name where a list is expected: data.unlabelled=frames/
     if not isinstance(value, list):
         raise _Bad
-    (item,) = typing.get_args(tp)
     return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
 
 

@@ -49,7 +49,7 @@ def write_dataset(out_dir: str | Path, n: int = 64, seed: int = 0, overwrite: bo
     existing = [t for t in targets if t.exists() or t.is_symlink()]
     if existing and not overwrite:
         raise SamftError(f"{existing[0]}: already exists ({len(existing)} of the {len(targets)} files to write); "
-                         f"pass --overwrite to replace them, or choose another folder")
+                         f"replace them with --overwrite (overwrite=True from Python), or choose another folder")
     rng = np.random.default_rng(seed)
     try:
         for name in names:
