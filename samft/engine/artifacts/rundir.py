@@ -23,7 +23,7 @@ from samft.config import RESUMABLE_KEYS  # what --resume may change: opt(..., re
 from samft.engine.artifacts import run_config
 from samft.engine.artifacts.fileio import atomic_write_text
 from samft.errors import SamftError
-from samft.files import is_own_tmp
+from samft.files import append_text, is_own_tmp
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
@@ -181,12 +181,15 @@ class RunDir:
         return RunLock(self.path, enabled)
 
     def record_resume(self, changes: dict[str, tuple[object, object]], step_hint: str, config_yaml: str) -> None:
-        """Write the changed config into the run and append the change to ``resumes.jsonl``."""
-        run_config.write(self.config_path, config_yaml)
+        """Append the change to ``resumes.jsonl``, then write the changed config into the run.
+
+        ``resumes.jsonl`` is appended without following a link (:func:`samft.files.append_text`): a symlink
+        placed there is refused in one line before the config is rewritten, and its target is not touched.
+        """
         entry = {"time": time.time(), "at": step_hint,
                  "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
-        with open(self.path / RESUMES_FILE, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_text(self.path / RESUMES_FILE, json.dumps(entry) + "\n")
+        run_config.write(self.config_path, config_yaml)
 
 
 def eval_path(run: str | Path) -> Path:
