@@ -39,9 +39,10 @@ RESUMES_FILE = "resumes.jsonl"
 ARCH_FILE = "architecture.json"  # a pruned run (samft prune): the architecture and what the search found
 PRUNED_FILE = "pruned.safetensors"  # a pruned run: the pruned model's whole state (config key model.pruned)
 LOCK_FILE = ".lock"
+EVAL_LOCK_FILE = ".eval.json.lock"  # eval.json's read-merge-write (eval_json.update), separate from the training lock
 
 RUN_FILES = (CONFIG_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, LEGACY_STATE_FILE, METRICS_FILE, EVAL_FILE,
-             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ARCH_FILE, PRUNED_FILE, LOCK_FILE)
+             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ARCH_FILE, PRUNED_FILE, LOCK_FILE, EVAL_LOCK_FILE)
 # what a training writes, deleted when a run is started again (a pruned run's pruned.safetensors and
 # architecture.json are its base, written by samft prune before its training starts: they stay)
 TRAINING_FILES = (STATE_FILE, LEGACY_STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, EVAL_FILE,
@@ -122,7 +123,7 @@ class RunDir:
     def _user_files(self) -> list[str]:
         """What is in the folder besides the lock, the marker and samft's own temporary files."""
         return sorted(p.name for p in self.path.iterdir()
-                      if p.name not in (LOCK_FILE, MARKER_FILE) and not is_own_tmp(p.name) and not _legacy_tmp(p.name))
+                      if p.name not in (LOCK_FILE, EVAL_LOCK_FILE, MARKER_FILE) and not is_own_tmp(p.name) and not _legacy_tmp(p.name))
 
     def claim(self, overwrite: bool) -> bool:
         """Check that a fresh training may write here; returns whether the folder already existed.
