@@ -223,3 +223,56 @@ def test_an_interrupted_search_resumes_through_the_cli(work, monkeypatch):
     assert not (out / "search_state.pt").exists() and (out / PRUNED_FILE).is_file()
     history = json.loads((out / REPORT_FILE).read_text())["history"]
     assert [r["step"] for r in history] == [1, 2, 3, 4] and history[:2] == seen[:2]
+
+
+USER_FILES = {"metrics.csv": "a,b\n1,2\n", "eval.json": '{"sets": {}}', "split.json": "{}",
+              "config.yaml": "mine: 1\n", "notes.txt": "my notes"}
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _refused(*args):
+    result = CliRunner().invoke(app, ["prune", *(str(a) for a in args)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("extra", [(), ("pruned.safetensors",)])
+@pytest.mark.parametrize("how", ["resume", "overwrite"])
+def test_prune_never_writes_into_a_folder_samft_did_not_create(work, tmp_path, how, extra):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, text in {**USER_FILES, **{n: "x" for n in extra}}.items():
+        (mine / name).write_text(text)
+    before = _snapshot(mine)
+    where = ["--resume", mine] if how == "resume" else ["--out", mine, "--overwrite"]
+    output = _refused("--run", work / "dense", "--target-gmacs", "0.0008", "--search-steps", "1", "--no-progress",
+                      *where)
+    assert ("not a pruned run samft made" if how == "resume" else "samft did not create") in output
+    assert _snapshot(mine) == before
+
+
+def test_prune_resume_of_a_run_that_is_not_a_pruned_one_is_refused(work, tmp_path):
+    dense = tmp_path / "dense"  # a run samft made, but a dense training: --resume must not replace it
+    shutil.copytree(work / "dense", dense)
+    before = _snapshot(dense)
+    output = _refused("--run", work / "dense", "--target-gmacs", "0.0008", "--search-steps", "1", "--no-progress",
+                      "--resume", dense)
+    assert "not a pruned run samft made" in output and _snapshot(dense) == before
+    output = _refused("--run", work / "dense", "--resume", tmp_path / "nothing", "--target-gmacs", "0.0008",
+                      "--search-steps", "1")
+    assert "not a pruned run samft made" in output and not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--target-gmacs", "nan"), ("--target-gmacs", "inf"), ("--target-gmacs", "0"),
+                                          ("--target-gmacs", "-1"), ("--arch-lr", "inf"), ("--arch-lr", "nan"),
+                                          ("--arch-lr", "0"), ("--arch-lr", "-0.1"), ("--lambda", "nan"),
+                                          ("--lambda", "-1"), ("--finetune-epochs", "-1")])
+def test_meaningless_prune_numbers_are_refused_in_one_line(work, tmp_path, option, value):
+    args = {"--target-gmacs": "0.0008", "--arch-lr": "1e-3", option: value}
+    output = _refused("--run", work / "dense", "--search-steps", "1", "--out", tmp_path / "o", "--no-progress",
+                      *[x for kv in args.items() for x in kv])
+    assert option in output and "expected" in output and not (tmp_path / "o").exists()

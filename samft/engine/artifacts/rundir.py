@@ -120,37 +120,45 @@ class RunDir:
         """Whether the run holds trained weights or a resumable state."""
         return self.state_path.exists() or any((self.path / f).exists() for f in (ADAPTER_FILE, LAST_ADAPTER_FILE))
 
-    def _user_files(self) -> list[str]:
+    def user_files(self) -> list[str]:
         """What is in the folder besides the lock, the marker and samft's own temporary files."""
         return sorted(p.name for p in self.path.iterdir()
-                      if p.name not in (LOCK_FILE, EVAL_LOCK_FILE, MARKER_FILE) and not is_own_tmp(p.name) and not _legacy_tmp(p.name))
+                      if p.name not in (LOCK_FILE, EVAL_LOCK_FILE, MARKER_FILE) and not is_own_tmp(p.name)
+                      and not _legacy_tmp(p.name))
 
-    def claim(self, overwrite: bool) -> bool:
-        """Check that a fresh training may write here; returns whether the folder already existed.
+    def claim(self, overwrite: bool, option: str = "output.dir",
+              to_overwrite: str = "set output.overwrite=true") -> bool:
+        """Check that a fresh training (or pruning) may write here; returns whether the folder existed.
 
-        Raises when it holds a run (unless ``overwrite``) or files samft did not create (always).
+        Raises when it holds a run (unless ``overwrite``) or files samft did not create (always, whatever
+        ``overwrite``). ``option`` and ``to_overwrite`` name the command's own option in the messages.
         """
         if self.path.exists() and not self.path.is_dir():
-            raise SamftError(f"output.dir {self.path}: is a file, not a folder")
+            raise SamftError(f"{option} {self.path}: is a file, not a folder")
         if not self.path.is_dir():
             return False
-        files = self._user_files()
+        files = self.user_files()
         if not files:
             return True
         if not self.is_samft_run():
-            raise SamftError(f"output.dir {self.path}: holds files samft did not create ({', '.join(files[:3])}"
+            raise SamftError(f"{option} {self.path}: holds files samft did not create ({', '.join(files[:3])}"
                              f"{' ...' if len(files) > 3 else ''}); choose an empty or new folder")
         if self.has_progress() and not overwrite:
             raise SamftError(f"{self.path}: already holds a run; continue it with --resume {self.path}, choose "
-                             f"another output.dir, or set output.overwrite=true to replace it")
+                             f"another {option}, or {to_overwrite} to replace it")
         return True
+
+    def mark(self) -> None:
+        """Create the folder and write the ``.samft-run`` marker (the folder is samft's from now on)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / MARKER_FILE, json.dumps({"samft_version": __version__, "created": time.time()}))
 
     def init(self, config_yaml: str) -> None:
         """Clear samft's own files of an earlier run here, then write the marker and ``config.yaml``."""
         self.path.mkdir(parents=True, exist_ok=True)
         for name in TRAINING_FILES:
             (self.path / name).unlink(missing_ok=True)
-        atomic_write_text(self.path / MARKER_FILE, json.dumps({"samft_version": __version__, "created": time.time()}))
+        self.mark()
         run_config.write(self.config_path, config_yaml)
 
     def remove_failed_start(self, existed: bool) -> None:
