@@ -7,7 +7,8 @@ run directory that every command reads like any other run (``eval``, ``predict``
 
 - ``pruned.safetensors``: the whole pruned model's state right after the search (sliced MLPs, derived
   convolutions and their BatchNorm statistics), the architecture in its metadata (:mod:`samft.prune.state`);
-- ``config.yaml``: the source run's config with ``model.pruned`` naming that file (so ``build_model``
+- ``config.yaml``: the source run's config with ``model.pruned`` naming that file, relative to the run
+  (``pruned.safetensors``: a moved or copied run reads its own; so ``build_model``
   rebuilds the pruned model as the run's base), ``output.dir`` the new directory, ``train.epochs`` the
   fine-tuning epochs;
 - ``architecture.json``: the architecture description plus what the search found (GMACs dense /
@@ -176,7 +177,9 @@ def _validate(loaded: LoadedRun, pairs, device: torch.device, name: str) -> dict
 def pruned_config(cfg: Config, out: Path, finetune_epochs: int, device: torch.device,
                   overrides: Optional[list[str]] = None) -> Config:
     """The pruned run's config: the source's with ``model.pruned`` = OUT/pruned.safetensors, ``output.dir``
-    = OUT, the fine-tuning's epochs (no ``max_steps`` cap) and device, then the user's ``key=value``."""
+    = OUT, the fine-tuning's epochs (no ``max_steps`` cap) and device, then the user's ``key=value``.
+    In memory the path is absolute (the training builds the model from it); ``config.yaml`` stores it
+    relative to the run (:func:`samft.engine.artifacts.run_config.write`), so the run can be moved."""
     data = yaml.safe_load(dump_yaml(cfg))
     data["model"]["pruned"] = str((out / PRUNED_FILE).resolve())
     data["output"].update({"dir": str(out.resolve()), "overwrite": False})
