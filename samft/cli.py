@@ -252,7 +252,8 @@ def prune(
     arch_lr: float = typer.Option(5e-4, "--arch-lr", help="learning rate of the gate thresholds"),
     lam: Optional[float] = typer.Option(None, "--lambda", help="FLOPs-loss weight (default: the authors' rule)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty --out directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a run samft made in --out (never a "
+                                   "folder samft did not create)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue this pruned run: its saved search (give "
                                           "the same --run, --target-gmacs and search options) or its fine-tuning"),
     search_save_every: int = typer.Option(100, "--search-save-every", min=1, help="save the search's state every "

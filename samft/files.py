@@ -5,14 +5,21 @@ A reader sees the old file or the new one, never half of one. The temporary file
 ``.NAME.samft-PID.tmp`` (shortened with a hash when NAME is long, so that a legal file name never makes an
 illegal temporary one); a kill leaves at most such a file, which the next training in a run folder samft
 created removes (:func:`is_own_tmp`). The rename replaces a link at ``path`` itself, never its target.
+
+Appends (:func:`append_text`) never follow a link either: a link at the appended file is refused in one
+line. :func:`exclusive_lock` serialises a read-modify-write of one file across processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Iterator
+
+from samft.errors import SamftError
 
 NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
 _OWN_TMP = re.compile(r"^\..+\.samft-\d+\.tmp$")
@@ -72,3 +79,39 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` to ``path`` (created when missing), never through a link: a symlink at ``path`` is
+    refused with a one-line :class:`SamftError` naming the file, and its target is left as it was."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if path.is_symlink():
+            raise SamftError(f"{path}: is a symlink; samft never writes a run's file through a link (remove the "
+                             f"link, keeping its target's contents elsewhere if you need them)") from None
+        raise SamftError(f"{path}: cannot append ({e.strerror or e})") from None
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the lock file ``path`` (created, never through a link, and left in
+    place: removing it would let a waiter lock a file nobody else sees) for the duration of a ``with``;
+    waits for another holder."""
+    import fcntl
+
+    path = Path(path)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise SamftError(f"{path}: cannot create the lock file ({e.strerror or e}); is it a symlink?") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -114,8 +114,11 @@ def test_pruned_run_without_finetuning_is_a_normal_run(work, fixed_search, tmp_p
         np.testing.assert_array_equal(written, seg.predict(image))
     assert (Segmenter.from_run(out, device="cpu").predict_scores(images[0]) == seg.predict_scores(images[0])).all()
 
-    moved = tmp_path / "moved"  # a moved run finds its own pruned.safetensors (and says so)
+    moved = tmp_path / "moved"  # an earlier version's moved run (model.pruned absolute) finds its own, and says so
     shutil.copytree(out, moved)
+    saved = yaml.safe_load((moved / "config.yaml").read_text())
+    saved["model"]["pruned"] = str((out / PRUNED_FILE).resolve())
+    (moved / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     (out / PRUNED_FILE).rename(out / "gone.safetensors")
     with pytest.warns(UserWarning, match="not found; using"):
         again = load_run(moved, torch.device("cpu")).model
@@ -158,7 +161,7 @@ def test_finetuning_runs_the_training_loop_and_resumes(work, fixed_search):
     assert {p.name for p in out.iterdir()} == PRUNED_FILES | RUN_FILES
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["train"]["epochs"] == 1 and cfg["train"]["lr"] == 5e-4
-    assert cfg["model"]["pruned"] == str(out / PRUNED_FILE)
+    assert cfg["model"]["pruned"] == PRUNED_FILE  # relative: the run can be moved
     # eval of the run = the training loop's own validation of the fine-tuned model (metrics.csv, 6 digits)
     evaluated = json.loads(cli("eval", "--run", out, "--json").stdout)["sets"]["val"]["metrics"]
     logged, epochs = _last_validation(out)
@@ -223,3 +226,82 @@ def test_an_interrupted_search_resumes_through_the_cli(work, monkeypatch):
     assert not (out / "search_state.pt").exists() and (out / PRUNED_FILE).is_file()
     history = json.loads((out / REPORT_FILE).read_text())["history"]
     assert [r["step"] for r in history] == [1, 2, 3, 4] and history[:2] == seen[:2]
+
+
+USER_FILES = {"metrics.csv": "a,b\n1,2\n", "eval.json": '{"sets": {}}', "split.json": "{}",
+              "config.yaml": "mine: 1\n", "notes.txt": "my notes"}
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _refused(*args):
+    result = CliRunner().invoke(app, ["prune", *(str(a) for a in args)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("extra", [(), ("pruned.safetensors",)])
+@pytest.mark.parametrize("how", ["resume", "overwrite"])
+def test_prune_never_writes_into_a_folder_samft_did_not_create(work, tmp_path, how, extra):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, text in {**USER_FILES, **{n: "x" for n in extra}}.items():
+        (mine / name).write_text(text)
+    before = _snapshot(mine)
+    where = ["--resume", mine] if how == "resume" else ["--out", mine, "--overwrite"]
+    output = _refused("--run", work / "dense", "--target-gmacs", "0.0008", "--search-steps", "1", "--no-progress",
+                      *where)
+    assert ("not a pruned run samft made" if how == "resume" else "samft did not create") in output
+    assert _snapshot(mine) == before
+
+
+def test_prune_resume_of_a_run_that_is_not_a_pruned_one_is_refused(work, tmp_path):
+    dense = tmp_path / "dense"  # a run samft made, but a dense training: --resume must not replace it
+    shutil.copytree(work / "dense", dense)
+    before = _snapshot(dense)
+    output = _refused("--run", work / "dense", "--target-gmacs", "0.0008", "--search-steps", "1", "--no-progress",
+                      "--resume", dense)
+    assert "not a pruned run samft made" in output and _snapshot(dense) == before
+    output = _refused("--run", work / "dense", "--resume", tmp_path / "nothing", "--target-gmacs", "0.0008",
+                      "--search-steps", "1")
+    assert "not a pruned run samft made" in output and not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--target-gmacs", "nan"), ("--target-gmacs", "inf"), ("--target-gmacs", "0"),
+                                          ("--target-gmacs", "-1"), ("--arch-lr", "inf"), ("--arch-lr", "nan"),
+                                          ("--arch-lr", "0"), ("--arch-lr", "-0.1"), ("--lambda", "nan"),
+                                          ("--lambda", "-1"), ("--finetune-epochs", "-1")])
+def test_meaningless_prune_numbers_are_refused_in_one_line(work, tmp_path, option, value):
+    args = {"--target-gmacs": "0.0008", "--arch-lr": "1e-3", option: value}
+    output = _refused("--run", work / "dense", "--search-steps", "1", "--out", tmp_path / "o", "--no-progress",
+                      *[x for kv in args.items() for x in kv])
+    assert option in output and "expected" in output and not (tmp_path / "o").exists()
+
+
+def test_a_pruned_run_is_relocatable(work, fixed_search, tmp_path):
+    out = tmp_path / "pruned"
+    _prune(work, out, "--finetune-epochs", "0")
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["pruned"] == PRUNED_FILE  # relative
+    x = torch.randn(2, 3, 64, 64)
+    ref = _outputs(load_run(out, torch.device("cpu")).model, x)
+    copied = tmp_path / "copied"  # a copy reads its own pruned.safetensors, not the original's
+    shutil.copytree(out, copied)
+    (out / PRUNED_FILE).write_bytes((copied / "adapter.safetensors").read_bytes())  # the original's changes
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(copied, moved)
+    shutil.rmtree(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not the fallback for a model.pruned that is gone
+        loaded = load_run(moved, torch.device("cpu"))
+    assert loaded.cfg.model.pruned == str(moved / PRUNED_FILE)
+    torch.testing.assert_close(_outputs(loaded.model, x), ref, rtol=0, atol=0)
+    evaluated = json.loads(cli("eval", "--run", moved, "--json").stdout)["sets"]["val"]
+    assert evaluated["n_images"] > 0
+    image = sorted((work / "data" / "images").iterdir())[0]
+    cli("predict", image, "--run", moved, "--out", tmp_path / "pred")
+    assert (tmp_path / "pred" / f"{image.stem}.png").is_file()
+    assert yaml.safe_load((moved / "config.yaml").read_text())["model"]["pruned"] == PRUNED_FILE

@@ -11,6 +11,7 @@ import torch
 from samft.engine.artifacts.rundir import ADAPTER_FILE, CONFIG_FILE
 
 from samft.engine.artifacts.loading import load_run
+from samft.errors import SamftError
 from samft.prune.errors import PruneError
 from samft.prune.flops import encoder_block_flops, gmacs
 from samft.prune.rebuild import PrunedBlock
@@ -50,7 +51,7 @@ def test_prune_run_writes_a_run_that_loads_back(tmp_path, synthetic_dir):
         torch.testing.assert_close(loaded.model(x).masks, report.model.eval()(x).masks)
         before = load_pruned_run(out).model(x).masks  # the model as it left the search
     assert not torch.equal(before, loaded.model(x).masks)
-    with pytest.raises(PruneError, match="not empty"):
+    with pytest.raises(SamftError, match="already holds a run.*--overwrite"):
         prune_run(PruneArgs(run, target, search_steps=1, out_dir=out))
     with pytest.raises(PruneError, match="not a pruned run"):
         load_pruned_run(run)
@@ -71,4 +72,4 @@ def test_cli_prune(tmp_path, synthetic_dir):
     assert (out / ARCH_FILE).is_file()
     result = CliRunner().invoke(app, ["prune", "--run", str(run), "--target-gmacs", "0.0008", "--search-steps", "2",
                                       "--out", str(out)])
-    assert result.exit_code == 2 and "not empty" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "already holds a run" in result.output and "Traceback" not in result.output

@@ -24,8 +24,8 @@ from samft.config.data import DATA_FORMATS, DataConfig
 from samft.config.dump import RESUMABLE_KEYS, config_hash, describe_fields, dump_yaml, resumable_keys, to_dict
 from samft.config.eval import EvalConfig, OutputConfig
 from samft.config.field import opt, section
-from samft.config.load import (RENAMED, apply_overrides, config_from_dict, load_config, migrate, parse_override,
-                               yaml_error)
+from samft.config.load import (RENAMED, apply_overrides, config_from_dict, file_beside, load_config, migrate,
+                               parse_override, yaml_error)
 from samft.config.loss import AuxLossConfig, ClipLossConfig, LossConfig, SetLossConfig, SSLLossConfig
 from samft.config.metric_names import METRIC_CHOICES, canonical, task_metric_names
 from samft.config.model import BRA_BLOCKS, SLIP_TEMPLATES, BRAConfig, ModelConfig, TextConfig, TinyConfig
@@ -41,7 +41,8 @@ __all__ = [
     "DataConfig", "EvalConfig", "LossConfig", "METRIC_CHOICES", "ModelConfig", "OutputConfig", "PEFT_METHODS",
     "PROTOCOLS", "PeftConfig", "RENAMED", "RESUMABLE_KEYS", "SAM_TYPES", "SLIP_TEMPLATES", "SSLLossConfig",
     "SetLossConfig", "TextConfig", "TinyConfig", "TrainConfig", "apply_overrides", "apply_protocol", "canonical",
-    "check_fields", "config_from_dict", "config_hash", "describe_fields", "dump_yaml", "load_config", "migrate",
+    "check_fields", "config_from_dict", "config_hash", "describe_fields", "dump_yaml", "file_beside", "load_config",
+    "migrate",
     "opt", "parse_override", "resumable_keys", "section", "task_metric_names", "to_dict", "unused_option_warnings",
     "validate", "yaml_error",
 ]

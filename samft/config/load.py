@@ -118,4 +118,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{_blame(data, overrides, str(e), path)}: {e}") from None
     if cfg.output.dir is None:
         cfg.output.dir = str(Path("runs") / path.stem)
+    cfg.model.pruned = file_beside(path.parent, cfg.model.pruned)  # a run's config.yaml: its pruned.safetensors
     return cfg
+
+
+def file_beside(folder: Path, value: str | None) -> str | None:
+    """A relative path naming a file in ``folder`` (the config's own folder: a pruned run stores
+    ``model.pruned: pruned.safetensors``) as that file's path; anything else unchanged (a relative path
+    naming no file there stays relative to the working directory)."""
+    if not value or Path(value).expanduser().is_absolute() or not (Path(folder) / value).is_file():
+        return value
+    return str((Path(folder) / value).absolute())

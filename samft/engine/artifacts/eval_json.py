@@ -1,5 +1,9 @@
 """``eval.json`` (or ``MODEL.eval.json`` next to an exported model): one entry per evaluated set, merged
-across evaluations (a set evaluated again replaces only its own entry)."""
+across evaluations (a set evaluated again replaces only its own entry).
+
+:func:`update` reads, merges and writes under an exclusive lock on ``.eval.json.lock`` beside the file
+(``.MODEL.eval.json.lock`` for an exported model), so two evaluations writing one file at once both keep
+their sets; the lock is separate from a run's training lock (``.lock``)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 
 from samft.engine.artifacts.fileio import atomic_write_text, field, read_json_file
 from samft.errors import SamftError
+from samft.files import exclusive_lock
 
 KIND = "eval_json"
 FORMAT = "samft-eval-1"
@@ -54,3 +59,21 @@ def merge(path: Path, results: dict) -> dict:
 def write(path: str | Path, results: dict) -> None:
     """Write ``results`` (already merged) atomically."""
     atomic_write_text(path, json.dumps(results, indent=2))
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of ``path``'s read-merge-write: ``.NAME.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def update(path: str | Path, results: dict) -> dict:
+    """Merge ``results`` into ``path`` (:func:`merge`) and write it, all under the file's exclusive lock
+    (:func:`lock_path`): a concurrent evaluation waits, then merges into what this one wrote. Returns the
+    merged results."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(lock_path(path)):
+        merged = merge(path, results)
+        write(path, merged)
+    return merged

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Optional
 
-from samft.engine.artifacts.fileio import MAX_NUMBER, atomic_write_text, fail
+from samft.engine.artifacts.fileio import MAX_NUMBER, atomic_write_bytes, atomic_write_text, fail
+from samft.files import append_text
 
 KIND = "metrics_csv"
 FORMAT = "samft-metrics-csv-1"
@@ -65,7 +67,8 @@ def write(path: str | Path, columns: list[str], rows: list[dict]) -> None:
 
 
 class MetricsLog:
-    """Appends rows as training goes. On resume the file is cut back to the rows the saved state had
+    """Appends rows as training goes (never through a link: the header's atomic write replaces a link at
+    ``metrics.csv``, and a link placed there afterwards is refused in one line). On resume the file is cut back to the rows the saved state had
     written (``keep_rows``; older states: the rows up to ``keep_until_step``), so a row logged after the
     last save is written once, not twice."""
 
@@ -103,8 +106,7 @@ class MetricsLog:
         for c in self.columns:
             v = row.get(c, "")
             cells.append(f"{v:.6g}" if isinstance(v, float) else str(v))
-        with open(self.path, "a") as f:
-            f.write(",".join(cells) + "\n")
+        append_text(self.path, ",".join(cells) + "\n")  # never through a link placed at metrics.csv
         self.rows += 1
 
 
@@ -136,7 +138,7 @@ def plot_curves(run_dir: Path, metrics_file: str, plot_file: str, metric: str, s
     if axes[1].lines:  # nothing to label before the first validation (train.val_every > 1)
         axes[1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = run_dir / f".{plot_file}.tmp"
-    fig.savefig(tmp, dpi=100, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(run_dir / plot_file)
+    atomic_write_bytes(run_dir / plot_file, buf.getvalue())  # replaces a link at curves.png, never its target

@@ -1,4 +1,8 @@
-"""A run's ``config.yaml``: the resolved config it was trained with (YAML, safe tags only)."""
+"""A run's ``config.yaml``: the resolved config it was trained with (YAML, safe tags only).
+
+A run is relocatable: a file of the run's own that the config names (a pruned run's ``model.pruned``,
+its ``pruned.safetensors``) is stored relative to the run folder, and read back as the path in the folder
+the config is read from. An absolute path (an earlier version's, or a file outside the run) is kept."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Optional
 
 import yaml
 
-from samft.config import Config, config_from_dict, yaml_error
+from samft.config import Config, config_from_dict, file_beside, yaml_error
 from samft.engine.artifacts.fileio import MAX_DEPTH, atomic_write_text, depth
 from samft.errors import ConfigError, SamftError
 
@@ -40,11 +44,35 @@ def read(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
     if depth(data) > MAX_DEPTH:
         raise ConfigError(f"{path}: the run's config is nested more than {MAX_DEPTH} levels deep")
     try:
-        return config_from_dict(data, overrides)
+        cfg = config_from_dict(data, overrides)
     except SamftError as e:
         raise SamftError(f"{path}: {e}") from None
+    cfg.model.pruned = file_beside(path.parent, cfg.model.pruned)
+    return cfg
+
+
+def _relative_to_run(run_dir: Path, value: object) -> object:
+    """``value`` as a path relative to ``run_dir`` when it names a file directly in it, else unchanged."""
+    if not isinstance(value, str) or not value or not Path(value).is_absolute():
+        return value
+    file = Path(value)
+    try:
+        if file.parent.resolve() == run_dir.resolve():
+            return file.name
+    except OSError:
+        pass
+    return value
 
 
 def write(path: str | Path, config_yaml: str) -> None:
-    """Write the resolved config (``samft.config.dump_yaml``'s text) atomically."""
+    """Write the resolved config (``samft.config.dump_yaml``'s text) atomically; ``model.pruned`` naming a
+    file in the run's own folder is stored relative to it (the run can be moved or copied)."""
+    path = Path(path)
+    data = yaml.safe_load(config_yaml)
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and model.get("pruned"):
+        relative = _relative_to_run(path.parent, model["pruned"])
+        if relative != model["pruned"]:
+            model["pruned"] = relative
+            config_yaml = yaml.safe_dump(data, sort_keys=False)  # as samft.config.dump_yaml writes it
     atomic_write_text(path, config_yaml)

@@ -23,7 +23,7 @@ from samft.config import RESUMABLE_KEYS  # what --resume may change: opt(..., re
 from samft.engine.artifacts import run_config
 from samft.engine.artifacts.fileio import atomic_write_text
 from samft.errors import SamftError
-from samft.files import is_own_tmp
+from samft.files import append_text, is_own_tmp
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
@@ -39,9 +39,10 @@ RESUMES_FILE = "resumes.jsonl"
 ARCH_FILE = "architecture.json"  # a pruned run (samft prune): the architecture and what the search found
 PRUNED_FILE = "pruned.safetensors"  # a pruned run: the pruned model's whole state (config key model.pruned)
 LOCK_FILE = ".lock"
+EVAL_LOCK_FILE = ".eval.json.lock"  # eval.json's read-merge-write (eval_json.update), separate from the training lock
 
 RUN_FILES = (CONFIG_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, LEGACY_STATE_FILE, METRICS_FILE, EVAL_FILE,
-             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ARCH_FILE, PRUNED_FILE, LOCK_FILE)
+             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ARCH_FILE, PRUNED_FILE, LOCK_FILE, EVAL_LOCK_FILE)
 # what a training writes, deleted when a run is started again (a pruned run's pruned.safetensors and
 # architecture.json are its base, written by samft prune before its training starts: they stay)
 TRAINING_FILES = (STATE_FILE, LEGACY_STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, EVAL_FILE,
@@ -119,37 +120,45 @@ class RunDir:
         """Whether the run holds trained weights or a resumable state."""
         return self.state_path.exists() or any((self.path / f).exists() for f in (ADAPTER_FILE, LAST_ADAPTER_FILE))
 
-    def _user_files(self) -> list[str]:
+    def user_files(self) -> list[str]:
         """What is in the folder besides the lock, the marker and samft's own temporary files."""
         return sorted(p.name for p in self.path.iterdir()
-                      if p.name not in (LOCK_FILE, MARKER_FILE) and not is_own_tmp(p.name) and not _legacy_tmp(p.name))
+                      if p.name not in (LOCK_FILE, EVAL_LOCK_FILE, MARKER_FILE) and not is_own_tmp(p.name)
+                      and not _legacy_tmp(p.name))
 
-    def claim(self, overwrite: bool) -> bool:
-        """Check that a fresh training may write here; returns whether the folder already existed.
+    def claim(self, overwrite: bool, option: str = "output.dir",
+              to_overwrite: str = "set output.overwrite=true") -> bool:
+        """Check that a fresh training (or pruning) may write here; returns whether the folder existed.
 
-        Raises when it holds a run (unless ``overwrite``) or files samft did not create (always).
+        Raises when it holds a run (unless ``overwrite``) or files samft did not create (always, whatever
+        ``overwrite``). ``option`` and ``to_overwrite`` name the command's own option in the messages.
         """
         if self.path.exists() and not self.path.is_dir():
-            raise SamftError(f"output.dir {self.path}: is a file, not a folder")
+            raise SamftError(f"{option} {self.path}: is a file, not a folder")
         if not self.path.is_dir():
             return False
-        files = self._user_files()
+        files = self.user_files()
         if not files:
             return True
         if not self.is_samft_run():
-            raise SamftError(f"output.dir {self.path}: holds files samft did not create ({', '.join(files[:3])}"
+            raise SamftError(f"{option} {self.path}: holds files samft did not create ({', '.join(files[:3])}"
                              f"{' ...' if len(files) > 3 else ''}); choose an empty or new folder")
         if self.has_progress() and not overwrite:
             raise SamftError(f"{self.path}: already holds a run; continue it with --resume {self.path}, choose "
-                             f"another output.dir, or set output.overwrite=true to replace it")
+                             f"another {option}, or {to_overwrite} to replace it")
         return True
+
+    def mark(self) -> None:
+        """Create the folder and write the ``.samft-run`` marker (the folder is samft's from now on)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / MARKER_FILE, json.dumps({"samft_version": __version__, "created": time.time()}))
 
     def init(self, config_yaml: str) -> None:
         """Clear samft's own files of an earlier run here, then write the marker and ``config.yaml``."""
         self.path.mkdir(parents=True, exist_ok=True)
         for name in TRAINING_FILES:
             (self.path / name).unlink(missing_ok=True)
-        atomic_write_text(self.path / MARKER_FILE, json.dumps({"samft_version": __version__, "created": time.time()}))
+        self.mark()
         run_config.write(self.config_path, config_yaml)
 
     def remove_failed_start(self, existed: bool) -> None:
@@ -181,12 +190,15 @@ class RunDir:
         return RunLock(self.path, enabled)
 
     def record_resume(self, changes: dict[str, tuple[object, object]], step_hint: str, config_yaml: str) -> None:
-        """Write the changed config into the run and append the change to ``resumes.jsonl``."""
-        run_config.write(self.config_path, config_yaml)
+        """Append the change to ``resumes.jsonl``, then write the changed config into the run.
+
+        ``resumes.jsonl`` is appended without following a link (:func:`samft.files.append_text`): a symlink
+        placed there is refused in one line before the config is rewritten, and its target is not touched.
+        """
         entry = {"time": time.time(), "at": step_hint,
                  "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
-        with open(self.path / RESUMES_FILE, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_text(self.path / RESUMES_FILE, json.dumps(entry) + "\n")
+        run_config.write(self.config_path, config_yaml)
 
 
 def eval_path(run: str | Path) -> Path:

@@ -129,7 +129,7 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
         }
     if write and info.is_main:
         target = RunDir(run_dir).eval_path  # RUN/eval.json, or MODEL.eval.json next to an exported model
-        eval_json.write(target, eval_json.merge(target, results))
+        eval_json.update(target, results)  # read-merge-write under the file's lock: no set of another eval lost
     D.barrier(info)
     return results
 

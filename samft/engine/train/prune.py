@@ -7,7 +7,8 @@ run directory that every command reads like any other run (``eval``, ``predict``
 
 - ``pruned.safetensors``: the whole pruned model's state right after the search (sliced MLPs, derived
   convolutions and their BatchNorm statistics), the architecture in its metadata (:mod:`samft.prune.state`);
-- ``config.yaml``: the source run's config with ``model.pruned`` naming that file (so ``build_model``
+- ``config.yaml``: the source run's config with ``model.pruned`` naming that file, relative to the run
+  (``pruned.safetensors``: a moved or copied run reads its own; so ``build_model``
   rebuilds the pruned model as the run's base), ``output.dir`` the new directory, ``train.epochs`` the
   fine-tuning epochs;
 - ``architecture.json``: the architecture description plus what the search found (GMACs dense /
@@ -47,7 +48,7 @@ from samft.engine.artifacts.fileio import atomic_torch_save, atomic_write_bytes
 from samft.engine.artifacts.adapter import save_adapter, adapter_expectations
 from samft.engine.infer.evaluate import evaluate_pairs
 from samft.engine.artifacts import prune_files
-from samft.engine.artifacts.rundir import ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, RunDir
+from samft.engine.artifacts.rundir import ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, MARKER_FILE, PRUNED_FILE, RunDir
 from samft.engine.artifacts.loading import LoadedRun, load_run, locate_pruned
 from samft.errors import SamftError
 from samft.model import build_model
@@ -115,11 +116,52 @@ def _out_path(run_dir: Path, out_dir: Optional[str | Path]) -> Path:
     return out
 
 
-def _claim_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PruneError(f"{out}: already exists and is not empty (pass overwrite to replace its files, or resume "
-                         f"to continue the pruning there)")
-    out.mkdir(parents=True, exist_ok=True)
+def _claim_out(out: Path, overwrite: bool, resume: bool) -> None:
+    """Claim OUT by the one rule of :meth:`RunDir.claim` (a folder samft did not create is refused whatever
+    ``overwrite`` says; a run samft made needs ``overwrite``), then mark it samft's. A saved search there is
+    continued with ``resume`` only (:func:`_check_resumable` ran before), or dropped with ``overwrite``."""
+    run = RunDir(out)
+    if not resume:
+        run.claim(overwrite, option="--out", to_overwrite="pass --overwrite")
+        if (out / SEARCH_STATE_FILE).is_file() and not overwrite:
+            raise PruneError(f"{out}: holds an interrupted search ({SEARCH_STATE_FILE}); continue it with --resume "
+                             f"{out} (same source run and search options), or pass --overwrite to search again")
+    run.mark()
+
+
+_SEARCH_FILES = {SEARCH_STATE_FILE, CONFIG_FILE, ARCH_FILE, REPORT_FILE}  # a pruned run whose search is not done
+
+
+def _check_resumable(out: Path) -> None:
+    """``resume`` needs a pruned run samft made at OUT: a finished one (``pruned.safetensors`` and
+    ``architecture.json`` in a run samft created) or one whose search was interrupted (samft's marker, or an
+    earlier version's lone ``search_state.pt``, and nothing a training or a user wrote). Refused in one
+    line otherwise, before anything is written."""
+    run = RunDir(out)
+    files = set(run.user_files()) if out.is_dir() else set()
+    if (out / PRUNED_FILE).is_file():
+        ok = run.is_samft_run() and (out / ARCH_FILE).is_file()
+    else:
+        marked = run.file(MARKER_FILE).is_file() or files == {SEARCH_STATE_FILE}
+        ok = out.is_dir() and files <= _SEARCH_FILES and marked
+    if not ok:
+        shown = ", ".join(sorted(files)[:3]) or "nothing"
+        raise PruneError(f"prune --resume {out}: not a pruned run samft made (it holds {shown}); nothing was "
+                         f"written. Start a pruning with --out NEW_DIR")
+
+
+def _check_options(args: PruneArgs) -> None:
+    """Numbers that mean nothing (NaN, infinite, negative, zero where a positive value is needed) are refused
+    in one line naming the option."""
+    for option, value, lo in (("--target-gmacs", args.target_gmacs, 0.0), ("--arch-lr", args.arch_lr, 0.0),
+                              ("--lambda", args.lam, 0.0)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > lo):
+            raise PruneError(f"prune {option} {value!r}: expected a finite number > 0")
+    for option, value, lo in (("--search-steps", args.search_steps, 1), ("--search-epochs", args.search_epochs, 1),
+                              ("--finetune-epochs", args.finetune_epochs, 0),
+                              ("--search-save-every", args.search_save_every, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
+            raise PruneError(f"prune {option} {value!r}: expected a whole number >= {lo}")
 
 
 def _loader_fn(dataset: TrainDataset, batch_size: int, seed: int) -> Callable[[], DataLoader]:
@@ -135,7 +177,9 @@ def _validate(loaded: LoadedRun, pairs, device: torch.device, name: str) -> dict
 def pruned_config(cfg: Config, out: Path, finetune_epochs: int, device: torch.device,
                   overrides: Optional[list[str]] = None) -> Config:
     """The pruned run's config: the source's with ``model.pruned`` = OUT/pruned.safetensors, ``output.dir``
-    = OUT, the fine-tuning's epochs (no ``max_steps`` cap) and device, then the user's ``key=value``."""
+    = OUT, the fine-tuning's epochs (no ``max_steps`` cap) and device, then the user's ``key=value``.
+    In memory the path is absolute (the training builds the model from it); ``config.yaml`` stores it
+    relative to the run (:func:`samft.engine.artifacts.run_config.write`), so the run can be moved."""
     data = yaml.safe_load(dump_yaml(cfg))
     data["model"]["pruned"] = str((out / PRUNED_FILE).resolve())
     data["output"].update({"dir": str(out.resolve()), "overwrite": False})
@@ -180,23 +224,27 @@ def prune_run(args: PruneArgs) -> PruneReport:
     """Prune ``args.run_dir`` to ``args.target_gmacs`` per image and write the pruned run (module doc;
     the options: :class:`PruneArgs`)."""
     device = torch.device(args.device)
+    _check_options(args)
     if args.resume and args.out_dir is not None and (Path(args.out_dir) / PRUNED_FILE).is_file():
+        _check_resumable(Path(args.out_dir))
         return _resume(Path(args.out_dir), device, args.show_progress, args.overrides)
     steps, epochs = args.search_steps, args.search_epochs
-    if (steps is None) == (epochs is None) or (steps or epochs or 0) < 1:
+    if (steps is None) == (epochs is None):
         raise PruneError(f"prune: give one of search steps ({steps}) or search epochs ({epochs}), >= 1")
-    if args.run_dir is None or args.target_gmacs is None or args.target_gmacs <= 0:
+    if args.run_dir is None or args.target_gmacs is None:
         raise PruneError(f"prune: needs the source run and a positive target GMACs (got {args.run_dir}, "
                          f"{args.target_gmacs})")
     run_dir = Path(args.run_dir)
+    out = _out_path(run_dir, args.out_dir)
+    if args.resume:
+        _check_resumable(out)
     loaded = load_run(run_dir, device)
     if loaded.cfg.model.pruned:
         raise PruneError(f"{run_dir}: is already a pruned run (model.pruned); prune its source run instead")
     if make_task(loaded.cfg).kind != "binary":  # the search's loss is written for one mask token
         raise PruneError(f"{run_dir}: pruning supports binary-mask runs for now (this run is multi-class)")
-    out = _out_path(run_dir, args.out_dir)
     cfg = pruned_config(loaded.cfg, out, args.finetune_epochs, device, args.overrides)  # bad overrides fail early
-    _claim_out(out, args.overwrite or args.resume)
+    _claim_out(out, args.overwrite, args.resume)
     checkpoint = SearchCheckpoint(out / SEARCH_STATE_FILE, args.search_save_every, atomic_torch_save)
     _note_search_start(checkpoint.path, args.resume)
     arch, record, report = _search_phase(loaded, args, device, checkpoint)
