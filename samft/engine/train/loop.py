@@ -102,10 +102,10 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, streams
 
 
 def _claim(run: RunDir, cfg: Config, resume: bool, main: bool) -> tuple[bool, bool]:
-    """(resume, whether the folder existed): a run killed before its first save (at most ``adapter_last``, which is
-    written before the state) starts again in place; a run with a best adapter but no resumable state is refused (starting it again would delete them) unless
-    ``output.overwrite``; a fresh start claims the folder (:meth:`RunDir.claim`). samft's own temporary files
-    of a kill are cleaned only once the folder is claimed as a run."""
+    """(resume, whether the folder existed): a run killed before its first save (at most ``adapter_last``, which
+    is written before the state) starts again in place; a run with a best adapter but no resumable state is
+    refused (starting it again would delete them) unless ``output.overwrite``; a fresh start claims the folder
+    (:meth:`RunDir.claim`). samft's own temporary files of a kill are cleaned only once the folder is claimed."""
     if resume and not run.state_path.is_file():
         if (run.path / ADAPTER_FILE).is_file() and not cfg.output.overwrite:  # the best: written after a state
             raise SamftError(f"{run.path}: has trained weights but no {run.state_path.name}, so --resume cannot "
