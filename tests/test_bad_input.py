@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from samft.cli import app
 from samft.data.synthetic import write_dataset
+from samft.errors import SamftError
 from samft.engine.artifacts.state import load_resume_state, save_resume_state
 
 from conftest import TINY
@@ -448,7 +449,7 @@ def resume_cases() -> dict[str, Callable]:
         return ["train", "--config", c.config(output={"dir": str(run)})], f"{run}: already holds a run"
 
     return {
-        "state_pickle_payload": lambda c: state(c, lambda p: _payload_pickle(c, p), "samft never loads"),
+        "state_pickle_payload": lambda c: state(c, lambda p: _payload_pickle(c, p), "was not loaded"),
         "state_export": lambda c: state(c, export_file, "not a samft resumable state (no trainable"),
         "state_adapter": lambda c: state(c, adapter_file, "not a samft resumable state (metadata format "
                                                            "'samft-adapter-1'"),
@@ -730,3 +731,48 @@ def test_ctrl_c_during_eval_or_predict(tmp_path, trained, monkeypatch, command):
         assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0000.png"]  # whole files only
     else:
         assert not (ctx.run() / "eval.json").exists()
+
+
+class _SystemPayload:
+    """Unpickling this runs ``touch MARKER`` in the current folder (``os.system`` as the global)."""
+
+    def __reduce__(self):
+        return os.system, (f"touch {PAYLOAD}",)
+
+
+@pytest.mark.parametrize("where", ["model_checkpoint", "eval_run_model", "predict_run_model", "legacy_state",
+                                   "search_state"])
+def test_a_code_pickle_is_not_loaded_and_never_advised_to_be(where, tmp_path, trained):
+    """Every torch.load in samft refuses a pickle naming code, says it was not loaded, and never repeats
+    torch's advice to re-run with weights_only=False."""
+    ctx = Ctx(tmp_path, trained)
+    evil = tmp_path / "evil.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "x": _SystemPayload()}, evil)
+    if where == "search_state":
+        from samft.engine.artifacts.fileio import atomic_torch_save
+        from samft.prune.search_state import SearchCheckpoint, load_search_state
+
+        old = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            with pytest.raises(SamftError) as info:
+                load_search_state(SearchCheckpoint(evil, every=1, write=atomic_torch_save))
+        finally:
+            os.chdir(old)
+        out, code = str(info.value), 2
+    else:
+        if where == "legacy_state":
+            run = ctx.run()
+            (run / "state.safetensors").unlink()
+            shutil.copy(evil, run / "state.pt")
+        args = {"model_checkpoint": ["train", "--config", ctx.config(model={"checkpoint": str(evil)})],
+                "eval_run_model": ["eval", "--run", evil, "--data", f"t={ctx.data}"],
+                "predict_run_model": ["predict", ctx.data / "images", "--run", evil, "--out", tmp_path / "o"],
+                "legacy_state": ["train", "--resume", tmp_path / "run"]}[where]
+        result, out = cli(*args, cwd=tmp_path)
+        code = result.exit_code
+        assert [line for line in result.output.splitlines() if line.strip()][-1].startswith("error:"), out
+    assert code == 2 and "Traceback" not in out, out
+    assert "contains Python code or objects" in out and "was not loaded" in out, out
+    assert "weights_only" not in out and "trusted source" not in out, out
+    assert not (tmp_path / PAYLOAD).exists(), "the payload ran"
