@@ -140,11 +140,30 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo, str
     D.barrier(info)
     try:
         fit.run()
-    except Exception:
+    except Exception as e:
         if not resume and ctx.main:
             run.remove_failed_start(existed)
+        if isinstance(e, TrainingDiverged):
+            raise _diverged(e, run, cfg) from None
         raise
     return run.path
+
+
+def _diverged(e: TrainingDiverged, run: RunDir, cfg: Config) -> TrainingDiverged:
+    """The divergence in one line, with advice that works: whether a saved state exists, and a new run with a
+    lower ``train.lr`` (computed from this one's) or gradient clipping, since ``--resume`` keeps both."""
+    tc = cfg.train
+    if run.state_path.is_file():
+        saved = (f"the state saved before it is kept in {run.state_path} (--resume would continue with the same "
+                 f"train.lr and train.grad_clip, which it cannot change)")
+    else:
+        saved = "nothing was saved (no resumable state)"
+    config = f"--config {run.config_path} output.dir=NEW_DIR" if run.config_path.is_file() else "--config YOUR_CONFIG"
+    fixes = [f"train.lr={tc.lr / 3:.3g} (a third of {tc.lr:g})"] if tc.lr > 0 else []
+    fixes.append("train.grad_clip=1.0 (clipping is off)" if tc.grad_clip <= 0 else
+                 f"train.grad_clip={tc.grad_clip / 2:.3g} (half of {tc.grad_clip:g})")
+    return TrainingDiverged(f"{e}; {saved}. Start a new run with samft train {config} and {' or '.join(fixes)}, "
+                            f"and check the data")
 
 
 def _batch_size(batch: Any) -> int:
@@ -185,10 +204,8 @@ def train_step(parts: TrainingParts, micro_batches: list[dict[str, Any]], step: 
                 loss = loss + weights.get(name, 1.0) * value
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"loss became {value} at step {step + 1} (epoch {epoch + 1}); training stopped. The last good "
-                    f"checkpoint is kept in {parts.cfg.output.dir} (resume with --resume after lowering train.lr "
-                    f"or checking the data)")
+                raise TrainingDiverged(f"loss became {value} at step {step + 1} (epoch {epoch + 1}); training "
+                                       f"stopped")  # the run's advice is added by train() (_diverged)
             parts.scaler.scale(loss / n).backward()
         totals["loss"] += value / n
         totals["task_loss"] += float(task.detach()) / n
