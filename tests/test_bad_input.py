@@ -776,3 +776,64 @@ def test_a_code_pickle_is_not_loaded_and_never_advised_to_be(where, tmp_path, tr
     assert "contains Python code or objects" in out and "was not loaded" in out, out
     assert "weights_only" not in out and "trusted source" not in out, out
     assert not (tmp_path / PAYLOAD).exists(), "the payload ran"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "predict_tiled", "eval_cuda"])
+def test_out_of_memory_is_one_line_saying_what_to_set(command, tmp_path, trained, monkeypatch):
+    """An allocator's failure in the forward pass (CPU's RuntimeError, CUDA's OutOfMemoryError) is one line:
+    what did not fit and what to set, never a traceback."""
+    from samft.model.semantic import SemanticSAM
+
+    def no_memory(self, *args, **kwargs):
+        if command == "eval_cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(SemanticSAM, "forward", no_memory)
+    ctx = Ctx(tmp_path, trained)
+    images = ctx.data / "images"
+    args, expected = {
+        "train": (["train", "--config", ctx.config(train={"batch_size": 3}, model={"img_size": 64})],
+                  ["out of CPU memory: a batch of 3 image(s) at model.img_size=64 did not fit", "train.batch_size",
+                   "model.img_size", "train.grad_checkpointing=true"]),
+        "eval": (["eval", "--run", ctx.run()], ["out of CPU memory: whole images", "--tile 1024", "eval.batch_size"]),
+        "eval_cuda": (["eval", "--run", ctx.run()], ["out of GPU memory: whole images", "--tile"]),
+        "predict": (["predict", images, "--run", ctx.run(), "--out", tmp_path / "o"],
+                    ["out of CPU memory: whole images", "--tile 1024", "eval.batch_size"]),
+        "predict_tiled": (["predict", images, "--run", ctx.run(), "--out", tmp_path / "o", "--tile", "64"],
+                          ["out of CPU memory: eval.batch_size tiles of 64 x 64 px", "a smaller --tile"]),
+    }[command]
+    result, out = cli(*args, cwd=tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in out, f"{out} {result.exception!r}"
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: out of"), lines[-3:]
+    for part in expected:
+        assert part in out, out
+    assert "alloc_cpu.cpp" not in out and "Tried to allocate" not in out
+
+
+def test_a_bug_is_not_reported_as_out_of_memory(tmp_path, trained, monkeypatch):
+    from samft.model.semantic import SemanticSAM
+
+    def bug(self, *args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(SemanticSAM, "forward", bug)
+    result, out = cli("eval", "--run", Ctx(tmp_path, trained).run(), cwd=tmp_path)
+    assert result.exit_code != 2 and isinstance(result.exception, RuntimeError) and "out of" not in out
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+@pytest.mark.parametrize("options, message", [
+    (["--tile", "0"], "--tile 0: expected at least 32 pixels"),
+    (["--overlap", "16"], "--overlap 16: only used with --tile SIZE"),
+])
+def test_tile_zero_and_overlap_without_tile_are_refused(command, options, message, tmp_path, trained):
+    """--tile 0 used to mean 'no tiles' and --overlap without --tile was ignored, both in silence."""
+    ctx = Ctx(tmp_path, trained)
+    args = ["eval", "--run", ctx.run()] if command == "eval" else [
+        "predict", ctx.data / "images", "--run", ctx.run(), "--out", tmp_path / "o"]
+    result, out = cli(*args, *options, cwd=tmp_path)
+    assert result.exit_code == 2 and out.startswith("error: ") and message in out, out
+    assert not (tmp_path / "o").exists() and not (ctx.run() / "eval.json").exists()

@@ -19,10 +19,10 @@ from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
 from samft.engine import distributed as D
 from samft.engine.artifacts import eval_json
-from samft.engine.runtime import autocast, pick_device, resolve_precision
+from samft.engine.runtime import autocast, memory_advice, pick_device, resolve_precision
 from samft.engine.artifacts.rundir import ADAPTER_FILE, RunDir
 from samft.engine.artifacts.loading import load_run
-from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
+from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
 from samft.errors import SamftError
 from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics
 from samft.model.semantic import SemanticSAM, image_scores
@@ -90,8 +90,9 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
     Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
     merges the per-image results and writes ``eval.json``; every rank returns the merged results.
     """
-    with D.distributed(device) as info:
-        tiling = (tile, check_tiling(tile, overlap)) if tile else None
+    with D.distributed(device) as info, memory_advice(*inference_memory(tile)):
+        overlap = check_tiling(tile, overlap)
+        tiling = (tile, overlap) if tile is not None else None
         return _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info,
                              tiling)
 

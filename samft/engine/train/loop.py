@@ -47,7 +47,7 @@ from samft.engine.train.checkpointer import Checkpointer, TrainState, resumed_te
 from samft.engine.infer.evaluate import evaluate_pairs
 from samft.engine.artifacts.metrics_csv import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
 from samft.engine.artifacts.rundir import ADAPTER_FILE, METRICS_FILE, PLOT_FILE, SPLIT_FILE, RunDir, resume_changes
-from samft.engine.runtime import autocast
+from samft.engine.runtime import autocast, memory_advice
 from samft.engine.train.schedule import lr_factor  # noqa: F401  (re-exported)
 from samft.engine.train.slip import config_streams
 from samft.engine.train.setup import (RunContext, Schedule, TrainingParts, build_training, describe_start,
@@ -97,8 +97,18 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, streams
     besides those the config asks for (SLIP's: :mod:`samft.slip.terms`).
     """
     with D.distributed(cfg.train.device) as info, _StopSignal(), \
-            RunDir(cfg.output.dir or "runs/run").lock(info.is_main):
+            RunDir(cfg.output.dir or "runs/run").lock(info.is_main), memory_advice(*_train_memory(cfg)):
         return _train(cfg, resume, show_progress, info, list(streams or []), list(terms or []))
+
+
+def _train_memory(cfg: Config) -> tuple[str, str]:
+    """What a training that ran out of memory held, and what to set (:func:`memory_advice`)."""
+    tc = cfg.train
+    what = f"a batch of {tc.batch_size or 'train.batch_size'} image(s) at model.img_size={cfg.model.img_size}"
+    advice = ["a lower train.batch_size (train.accum_steps keeps the effective batch)", "a lower model.img_size"]
+    if not tc.grad_checkpointing:
+        advice.append("train.grad_checkpointing=true (much less memory, about 1/3 more time)")
+    return what, f"set {', '.join(advice[:-1])} or {advice[-1]}"
 
 
 def _claim(run: RunDir, cfg: Config, resume: bool, main: bool) -> tuple[bool, bool]:
