@@ -837,3 +837,43 @@ def test_tile_zero_and_overlap_without_tile_are_refused(command, options, messag
     result, out = cli(*args, *options, cwd=tmp_path)
     assert result.exit_code == 2 and out.startswith("error: ") and message in out, out
     assert not (tmp_path / "o").exists() and not (ctx.run() / "eval.json").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "train"])
+def test_worker_counts_are_capped_and_said_once(command, tmp_path, trained, monkeypatch):
+    """predict --workers 48 for one image, a run config with data.num_workers: 64 (eval, training): the
+    DataLoaders get at most one process per CPU and per batch, and one warning line says so."""
+    import samft.engine.infer.evaluate as evaluate
+    import samft.engine.train.streams as streams
+
+    asked: list[int] = []
+
+    def spy(real):
+        def loader(*args, num_workers=0, **kwargs):
+            asked.append(num_workers)
+            return real(*args, num_workers=0, **kwargs)  # no processes forked in the test
+        return loader
+
+    monkeypatch.setattr(evaluate, "DataLoader", spy(evaluate.DataLoader))
+    monkeypatch.setattr(streams, "DataLoader", spy(streams.DataLoader))
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    ctx = Ctx(tmp_path, trained)
+    if command == "predict":
+        args = ["predict", ctx.data / "images" / "0000.png", "--run", ctx.run(), "--out", tmp_path / "o",
+                "--workers", "48"]
+        said = "--workers=48: using 1 data-loading process(es), as there are 1 batch(es) to load"
+    else:
+        run = ctx.run()
+        text = (run / "config.yaml").read_text().replace("num_workers: 0", "num_workers: 64")
+        assert "num_workers: 64" in text
+        (run / "config.yaml").write_text(text)
+        args = ["eval", "--run", run, "--data", f"all={ctx.data}"] if command == "eval" else [
+            "train", "--config", ctx.config(data={"num_workers": 64}, output={"dir": str(tmp_path / "r")})]
+        said = "data.num_workers=64: using 2 data-loading process(es), as there are 2 batch(es) to load"
+    result, out = cli(*args, cwd=tmp_path)
+    assert result.exit_code == 0, f"{out} {result.exception!r}"
+    assert asked and max(asked) <= 3, asked
+    assert f"warning: {said}" in out, out
+    assert out.count("warning: data.num_workers=64") <= 1 and out.count("warning: --workers") <= 1, out
+    assert "worker processes in total" not in out, out  # torch's own warning: no loader was left uncapped

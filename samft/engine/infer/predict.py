@@ -169,9 +169,11 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
     _prepare_output(out, with_overlay)
     mine = D.shard(pairs, info)
     precision = resolve_precision(run.cfg.train.precision, dev)
-    batch, workers = run.cfg.eval.batch_size, run.cfg.data.num_workers if workers is None else workers
+    batch, option = run.cfg.eval.batch_size, "data.num_workers" if workers is None else "--workers"
+    workers = run.cfg.data.num_workers if workers is None else workers
     source = (iter_tiled_predictions(run.model, mine, tile, overlap, batch, dev, task, precision) if tile
-              else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize))
+              else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize,
+                                    workers_option=option))
     empty = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main, write_threads)
     shares = D.gather_objects((len(mine), empty), info)  # also waits until every process has written its share
     empty = sum(e for _, e in shares)

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from samft.config import Config, config_hash, dump_yaml
+from samft.data.workers import cap_workers
 from samft.data.datasets import TrainDataset, collate
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
@@ -269,6 +270,7 @@ class Fit:
         self.sampler = DistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=cfg.train.seed)
         self.schedule = Schedule.of(cfg, len(self.sampler))
+        self.workers = cap_workers(cfg.data.num_workers, len(self.sampler), cfg.train.batch_size)  # once per run
         self.parts = build_training(cfg, ctx.device, ctx.precision, self.schedule.total_steps, info, list(terms),
                                     task, resumed_text_embeddings(self.run_dir, cfg) if ctx.resume else None)
         self.streams = _check_streams(streams, self.parts.terms)
@@ -326,7 +328,7 @@ class Fit:
     def _epoch(self) -> None:
         st, tc, sched = self.state, self.tc, self.schedule
         loader = epoch_loader(self.dataset, self.sampler, st.epoch, st.micro_in_epoch * tc.batch_size, tc.batch_size,
-                              self.cfg.data.num_workers, collate, self._pin)
+                              self.workers, collate, self._pin)
         self.parts.module.train()
         for modules in self.parts.extra_modules.values():
             modules.train()
@@ -399,7 +401,8 @@ class Fit:
         dev = self.ctx.device
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             metrics = evaluate_pairs(self.parts.model, D.shard(self.ctx.val_pairs, self.info), self.cfg, dev,
-                                     self.ctx.precision, f"val {epoch_no}", self.ctx.show_progress and self.main)
+                                     self.ctx.precision, f"val {epoch_no}", self.ctx.show_progress and self.main,
+                                     workers_option=None)  # capped in silence: the training's cap was said
         metrics = D.merge_across(metrics, self.info)
         kind = metrics.degenerate()
         if kind and self.main:
