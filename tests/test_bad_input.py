@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import inspect
 import json
 import os
 import shutil
@@ -877,3 +878,75 @@ def test_worker_counts_are_capped_and_said_once(command, tmp_path, trained, monk
     assert f"warning: {said}" in out, out
     assert out.count("warning: data.num_workers=64") <= 1 and out.count("warning: --workers") <= 1, out
     assert "worker processes in total" not in out, out  # torch's own warning: no loader was left uncapped
+
+
+# --- the numeric options of eval / predict / score / export x the kinds of value a user can type -----------
+# (prune's numeric options are checked in tests/test_prune_cli.py)
+
+KINDS = {"negative": ("-1", "-0.5"), "zero": ("0", "0"), "nan": ("nan", "nan"), "inf": ("inf", "inf"),
+         "wrong_type": ("abc", "abc")}  # (an int option's text, a float option's)
+TYPER = "typer"  # Typer refuses it itself (usage error, exit 2) before samft runs
+OK = "ok"  # legal: the command runs
+GRID = {  # (command, option, is_float) -> {kind: TYPER, OK, or the text of samft's one-line error}
+    ("eval", "--tile", False): {"negative": "--tile -1: expected at least 32 pixels",
+                                "zero": "--tile 0: expected at least 32 pixels"},
+    ("eval", "--overlap", False): {"negative": "--overlap -1: expected 0 to half the tile (32)", "zero": OK},
+    ("predict", "--tile", False): {"negative": "--tile -1: expected at least 32 pixels",
+                                   "zero": "--tile 0: expected at least 32 pixels"},
+    ("predict", "--overlap", False): {"negative": "--overlap -1: expected 0 to half the tile (32)", "zero": OK},
+    ("predict", "--workers", False): {"negative": TYPER, "zero": OK},
+    ("score", "--threshold", True): {"negative": "--threshold -0.5: expected a probability between 0 and 1",
+                                     "zero": OK, "nan": "--threshold nan: expected a probability between 0 and 1",
+                                     "inf": "--threshold inf: expected a probability between 0 and 1"},
+    ("export", "--opset", False): {"negative": "--opset -1: expected 14 to 20", "zero": "--opset 0: expected 14 to 20"},
+}
+CELLS = [(cmd, opt, is_float, kind, GRID[(cmd, opt, is_float)].get(kind, TYPER))
+         for (cmd, opt, is_float) in GRID for kind in KINDS]
+
+
+def _grid_args(c: Ctx, command: str, option: str, value: str) -> list:
+    if command == "eval":
+        extra = ["--tile", "64"] if option == "--overlap" else []
+        return ["eval", "--run", c.run(), *extra, option, value]
+    if command == "predict":
+        extra = ["--tile", "64"] if option == "--overlap" else []
+        return ["predict", c.data / "images" / "0000.png", "--run", c.run(), "--out", c.tmp / "o", *extra,
+                option, value]
+    if command == "score":
+        return ["score", "--pred", c.data / "masks", "--gt", c.data / "masks", option, value]
+    return ["export", "--onnx", c.tmp / "m.onnx", "--run", c.run(), option, value]
+
+
+def test_the_grid_covers_every_numeric_option():
+    import typing
+
+    numeric = set()
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        if name not in ("eval", "predict", "score", "export"):
+            continue
+        hints = typing.get_type_hints(command.callback)
+        for param, default in inspect.signature(command.callback).parameters.items():
+            if set(typing.get_args(hints[param]) or (hints[param],)) & {int, float}:
+                numeric.add((name, default.default.param_decls[0]))
+    assert numeric == {(cmd, opt) for cmd, opt, _ in GRID}, numeric
+
+
+@pytest.mark.parametrize("command, option, is_float, kind, expected", CELLS,
+                         ids=[f"{c}{o}-{k}" for c, o, _, k, _ in CELLS])
+def test_numeric_option_grid(command, option, is_float, kind, expected, tmp_path, trained):
+    """Every cell exits 2 with one line naming the option and value (or Typer's own usage error where it
+    refuses the type), or 0 where the value is legal."""
+    ctx = Ctx(tmp_path, trained)
+    value = KINDS[kind][1 if is_float else 0]
+    result, out = cli(*_grid_args(ctx, command, option, value), cwd=tmp_path)
+    assert "Traceback" not in out, out
+    if expected == OK:
+        assert result.exit_code == 0, f"{out} {result.exception!r}"
+        return
+    assert result.exit_code == 2, f"exit {result.exit_code}: {out} {result.exception!r}"
+    if expected == TYPER:
+        assert f"Invalid value for '{option}'" in out, out
+        return
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
