@@ -335,7 +335,7 @@ def info(
 def score(
     pred: Path = typer.Option(..., "--pred", help="folder of prediction maps (grey 0-255, 16-bit, float TIFF or .npy)"),
     gt: Path = typer.Option(..., "--gt", help="folder of ground-truth masks (matched to predictions by file stem)"),
-    threshold: float = typer.Option(0.5, "--threshold", help="threshold for dice@0.5, iou@0.5 and BER"),
+    threshold: float = typer.Option(0.5, "--threshold", help="probability threshold in [0, 1] of dice, iou and BER (named after it: dice@0.3 ...)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON object"),
 ) -> None:
     """Score saved prediction maps (any method's) against ground truth with samft's metrics."""

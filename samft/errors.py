@@ -7,6 +7,8 @@ non-zero; library users catch it like any exception.
 
 from __future__ import annotations
 
+import re
+
 
 class SamftError(Exception):
     """An error caused by user input (path, config key or value, data file, checkpoint)."""
@@ -22,3 +24,23 @@ class DataError(SamftError):
 
 class CheckpointError(SamftError):
     """A checkpoint or adapter file does not match what is asked for."""
+
+
+def pickle_refused(e: Exception) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a pickle that names Python code or objects."""
+    lowered = str(e).lower()
+    return "weights only" in lowered or "weights_only" in lowered or "unsupported global" in lowered
+
+
+def load_failure(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words that never repeat torch's own text: for a
+    pickle that names Python code or objects, torch advises re-running with ``weights_only=False``, the one
+    thing never to do with a file one did not make."""
+    text = str(e)
+    if pickle_refused(e):
+        found = re.search(r"GLOBAL\s+([\w.]+)", text)
+        which = f" ({found.group(1)[:80]})" if found else ""
+        return (f"it contains Python code or objects{which}, not only tensors, and was not loaded (nothing in it "
+                f"was run); samft reads only files of tensors")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first.split('. ')[0][:200]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import inspect
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 from samft.cli import app
 from samft.data.synthetic import write_dataset
+from samft.errors import SamftError
 from samft.engine.artifacts.state import load_resume_state, save_resume_state
 
 from conftest import TINY
@@ -448,7 +450,7 @@ def resume_cases() -> dict[str, Callable]:
         return ["train", "--config", c.config(output={"dir": str(run)})], f"{run}: already holds a run"
 
     return {
-        "state_pickle_payload": lambda c: state(c, lambda p: _payload_pickle(c, p), "samft never loads"),
+        "state_pickle_payload": lambda c: state(c, lambda p: _payload_pickle(c, p), "was not loaded"),
         "state_export": lambda c: state(c, export_file, "not a samft resumable state (no trainable"),
         "state_adapter": lambda c: state(c, adapter_file, "not a samft resumable state (metadata format "
                                                            "'samft-adapter-1'"),
@@ -730,3 +732,221 @@ def test_ctrl_c_during_eval_or_predict(tmp_path, trained, monkeypatch, command):
         assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0000.png"]  # whole files only
     else:
         assert not (ctx.run() / "eval.json").exists()
+
+
+class _SystemPayload:
+    """Unpickling this runs ``touch MARKER`` in the current folder (``os.system`` as the global)."""
+
+    def __reduce__(self):
+        return os.system, (f"touch {PAYLOAD}",)
+
+
+@pytest.mark.parametrize("where", ["model_checkpoint", "eval_run_model", "predict_run_model", "legacy_state",
+                                   "search_state"])
+def test_a_code_pickle_is_not_loaded_and_never_advised_to_be(where, tmp_path, trained):
+    """Every torch.load in samft refuses a pickle naming code, says it was not loaded, and never repeats
+    torch's advice to re-run with weights_only=False."""
+    ctx = Ctx(tmp_path, trained)
+    evil = tmp_path / "evil.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "x": _SystemPayload()}, evil)
+    if where == "search_state":
+        from samft.engine.artifacts.fileio import atomic_torch_save
+        from samft.prune.search_state import SearchCheckpoint, load_search_state
+
+        old = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            with pytest.raises(SamftError) as info:
+                load_search_state(SearchCheckpoint(evil, every=1, write=atomic_torch_save))
+        finally:
+            os.chdir(old)
+        out, code = str(info.value), 2
+    else:
+        if where == "legacy_state":
+            run = ctx.run()
+            (run / "state.safetensors").unlink()
+            shutil.copy(evil, run / "state.pt")
+        args = {"model_checkpoint": ["train", "--config", ctx.config(model={"checkpoint": str(evil)})],
+                "eval_run_model": ["eval", "--run", evil, "--data", f"t={ctx.data}"],
+                "predict_run_model": ["predict", ctx.data / "images", "--run", evil, "--out", tmp_path / "o"],
+                "legacy_state": ["train", "--resume", tmp_path / "run"]}[where]
+        result, out = cli(*args, cwd=tmp_path)
+        code = result.exit_code
+        assert [line for line in result.output.splitlines() if line.strip()][-1].startswith("error:"), out
+    assert code == 2 and "Traceback" not in out, out
+    assert "contains Python code or objects" in out and "was not loaded" in out, out
+    assert "weights_only" not in out and "trusted source" not in out, out
+    assert not (tmp_path / PAYLOAD).exists(), "the payload ran"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "predict_tiled", "eval_cuda"])
+def test_out_of_memory_is_one_line_saying_what_to_set(command, tmp_path, trained, monkeypatch):
+    """An allocator's failure in the forward pass (CPU's RuntimeError, CUDA's OutOfMemoryError) is one line:
+    what did not fit and what to set, never a traceback."""
+    from samft.model.semantic import SemanticSAM
+
+    def no_memory(self, *args, **kwargs):
+        if command == "eval_cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(SemanticSAM, "forward", no_memory)
+    ctx = Ctx(tmp_path, trained)
+    images = ctx.data / "images"
+    args, expected = {
+        "train": (["train", "--config", ctx.config(train={"batch_size": 3}, model={"img_size": 64})],
+                  ["out of CPU memory: a batch of 3 image(s) at model.img_size=64 did not fit", "train.batch_size",
+                   "model.img_size", "train.grad_checkpointing=true"]),
+        "eval": (["eval", "--run", ctx.run()], ["out of CPU memory: whole images", "--tile 1024", "eval.batch_size"]),
+        "eval_cuda": (["eval", "--run", ctx.run()], ["out of GPU memory: whole images", "--tile"]),
+        "predict": (["predict", images, "--run", ctx.run(), "--out", tmp_path / "o"],
+                    ["out of CPU memory: whole images", "--tile 1024", "eval.batch_size"]),
+        "predict_tiled": (["predict", images, "--run", ctx.run(), "--out", tmp_path / "o", "--tile", "64"],
+                          ["out of CPU memory: eval.batch_size tiles of 64 x 64 px", "a smaller --tile"]),
+    }[command]
+    result, out = cli(*args, cwd=tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in out, f"{out} {result.exception!r}"
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: out of"), lines[-3:]
+    for part in expected:
+        assert part in out, out
+    assert "alloc_cpu.cpp" not in out and "Tried to allocate" not in out
+
+
+def test_a_bug_is_not_reported_as_out_of_memory(tmp_path, trained, monkeypatch):
+    from samft.model.semantic import SemanticSAM
+
+    def bug(self, *args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(SemanticSAM, "forward", bug)
+    result, out = cli("eval", "--run", Ctx(tmp_path, trained).run(), cwd=tmp_path)
+    assert result.exit_code != 2 and isinstance(result.exception, RuntimeError) and "out of" not in out
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+@pytest.mark.parametrize("options, message", [
+    (["--tile", "0"], "--tile 0: expected at least 32 pixels"),
+    (["--overlap", "16"], "--overlap 16: only used with --tile SIZE"),
+])
+def test_tile_zero_and_overlap_without_tile_are_refused(command, options, message, tmp_path, trained):
+    """--tile 0 used to mean 'no tiles' and --overlap without --tile was ignored, both in silence."""
+    ctx = Ctx(tmp_path, trained)
+    args = ["eval", "--run", ctx.run()] if command == "eval" else [
+        "predict", ctx.data / "images", "--run", ctx.run(), "--out", tmp_path / "o"]
+    result, out = cli(*args, *options, cwd=tmp_path)
+    assert result.exit_code == 2 and out.startswith("error: ") and message in out, out
+    assert not (tmp_path / "o").exists() and not (ctx.run() / "eval.json").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "train"])
+def test_worker_counts_are_capped_and_said_once(command, tmp_path, trained, monkeypatch):
+    """predict --workers 48 for one image, a run config with data.num_workers: 64 (eval, training): the
+    DataLoaders get at most one process per CPU and per batch, and one warning line says so."""
+    import samft.engine.infer.evaluate as evaluate
+    import samft.engine.train.streams as streams
+
+    asked: list[int] = []
+
+    def spy(real):
+        def loader(*args, num_workers=0, **kwargs):
+            asked.append(num_workers)
+            return real(*args, num_workers=0, **kwargs)  # no processes forked in the test
+        return loader
+
+    monkeypatch.setattr(evaluate, "DataLoader", spy(evaluate.DataLoader))
+    monkeypatch.setattr(streams, "DataLoader", spy(streams.DataLoader))
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    ctx = Ctx(tmp_path, trained)
+    if command == "predict":
+        args = ["predict", ctx.data / "images" / "0000.png", "--run", ctx.run(), "--out", tmp_path / "o",
+                "--workers", "48"]
+        said = "--workers=48: using 1 data-loading process(es), as there are 1 batch(es) to load"
+    else:
+        run = ctx.run()
+        text = (run / "config.yaml").read_text().replace("num_workers: 0", "num_workers: 64")
+        assert "num_workers: 64" in text
+        (run / "config.yaml").write_text(text)
+        args = ["eval", "--run", run, "--data", f"all={ctx.data}"] if command == "eval" else [
+            "train", "--config", ctx.config(data={"num_workers": 64}, output={"dir": str(tmp_path / "r")})]
+        said = "data.num_workers=64: using 2 data-loading process(es), as there are 2 batch(es) to load"
+    result, out = cli(*args, cwd=tmp_path)
+    assert result.exit_code == 0, f"{out} {result.exception!r}"
+    assert asked and max(asked) <= 3, asked
+    assert f"warning: {said}" in out, out
+    assert out.count("warning: data.num_workers=64") <= 1 and out.count("warning: --workers") <= 1, out
+    assert "worker processes in total" not in out, out  # torch's own warning: no loader was left uncapped
+
+
+# --- the numeric options of eval / predict / score / export x the kinds of value a user can type -----------
+# (prune's numeric options are checked in tests/test_prune_cli.py)
+
+KINDS = {"negative": ("-1", "-0.5"), "zero": ("0", "0"), "nan": ("nan", "nan"), "inf": ("inf", "inf"),
+         "wrong_type": ("abc", "abc")}  # (an int option's text, a float option's)
+TYPER = "typer"  # Typer refuses it itself (usage error, exit 2) before samft runs
+OK = "ok"  # legal: the command runs
+GRID = {  # (command, option, is_float) -> {kind: TYPER, OK, or the text of samft's one-line error}
+    ("eval", "--tile", False): {"negative": "--tile -1: expected at least 32 pixels",
+                                "zero": "--tile 0: expected at least 32 pixels"},
+    ("eval", "--overlap", False): {"negative": "--overlap -1: expected 0 to half the tile (32)", "zero": OK},
+    ("predict", "--tile", False): {"negative": "--tile -1: expected at least 32 pixels",
+                                   "zero": "--tile 0: expected at least 32 pixels"},
+    ("predict", "--overlap", False): {"negative": "--overlap -1: expected 0 to half the tile (32)", "zero": OK},
+    ("predict", "--workers", False): {"negative": TYPER, "zero": OK},
+    ("score", "--threshold", True): {"negative": "--threshold -0.5: expected a probability between 0 and 1",
+                                     "zero": OK, "nan": "--threshold nan: expected a probability between 0 and 1",
+                                     "inf": "--threshold inf: expected a probability between 0 and 1"},
+    ("export", "--opset", False): {"negative": "--opset -1: expected 14 to 20", "zero": "--opset 0: expected 14 to 20"},
+}
+CELLS = [(cmd, opt, is_float, kind, GRID[(cmd, opt, is_float)].get(kind, TYPER))
+         for (cmd, opt, is_float) in GRID for kind in KINDS]
+
+
+def _grid_args(c: Ctx, command: str, option: str, value: str) -> list:
+    if command == "eval":
+        extra = ["--tile", "64"] if option == "--overlap" else []
+        return ["eval", "--run", c.run(), *extra, option, value]
+    if command == "predict":
+        extra = ["--tile", "64"] if option == "--overlap" else []
+        return ["predict", c.data / "images" / "0000.png", "--run", c.run(), "--out", c.tmp / "o", *extra,
+                option, value]
+    if command == "score":
+        return ["score", "--pred", c.data / "masks", "--gt", c.data / "masks", option, value]
+    return ["export", "--onnx", c.tmp / "m.onnx", "--run", c.run(), option, value]
+
+
+def test_the_grid_covers_every_numeric_option():
+    import typing
+
+    numeric = set()
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        if name not in ("eval", "predict", "score", "export"):
+            continue
+        hints = typing.get_type_hints(command.callback)
+        for param, default in inspect.signature(command.callback).parameters.items():
+            if set(typing.get_args(hints[param]) or (hints[param],)) & {int, float}:
+                numeric.add((name, default.default.param_decls[0]))
+    assert numeric == {(cmd, opt) for cmd, opt, _ in GRID}, numeric
+
+
+@pytest.mark.parametrize("command, option, is_float, kind, expected", CELLS,
+                         ids=[f"{c}{o}-{k}" for c, o, _, k, _ in CELLS])
+def test_numeric_option_grid(command, option, is_float, kind, expected, tmp_path, trained):
+    """Every cell exits 2 with one line naming the option and value (or Typer's own usage error where it
+    refuses the type), or 0 where the value is legal."""
+    ctx = Ctx(tmp_path, trained)
+    value = KINDS[kind][1 if is_float else 0]
+    result, out = cli(*_grid_args(ctx, command, option, value), cwd=tmp_path)
+    assert "Traceback" not in out, out
+    if expected == OK:
+        assert result.exit_code == 0, f"{out} {result.exception!r}"
+        return
+    assert result.exit_code == 2, f"exit {result.exit_code}: {out} {result.exception!r}"
+    if expected == TYPER:
+        assert f"Invalid value for '{option}'" in out, out
+        return
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines

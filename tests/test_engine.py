@@ -517,6 +517,9 @@ def test_data_check_reports_each_class_share_by_name(tmp_path):
 
 def test_a_runs_split_can_be_reused(tmp_path, synthetic_dir):
     from samft.data.layouts import train_val_pairs
+    import json
+
+    from samft.engine.artifacts import split_file
 
     run = train(_cfg(tmp_path, synthetic_dir, "split", epochs=1, max_steps=1), show_progress=False)
     cfg = _cfg(tmp_path, synthetic_dir, "again")
@@ -529,6 +532,14 @@ def test_a_runs_split_can_be_reused(tmp_path, synthetic_dir):
     cfg.data.split_file = str(tmp_path / "bad.json")
     with pytest.raises(SamftError, match="is not a split.json"):
         train_val_pairs(cfg.data)
+    listed = json.loads((run / "split.json").read_text())
+    for name in ("train", "val"):  # a list emptied: "done" on 0 images before
+        (tmp_path / "empty.json").write_text(json.dumps({**listed, name: []}))
+        cfg.data.split_file = str(tmp_path / "empty.json")
+        with pytest.raises(SamftError, match=rf"empty.json: the '{name}' list is empty"):
+            train_val_pairs(cfg.data)
+        with pytest.raises(SamftError, match=rf"empty.json: field '{name}' is an empty list"):
+            split_file.read(tmp_path / "empty.json")
 
 
 def test_repeated_problems_are_grouped_with_a_hint():

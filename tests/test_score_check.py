@@ -185,3 +185,41 @@ def test_data_check_passes_and_warns_about_leakage(tmp_path, synthetic_dir):
     assert report.warnings == ["test set same shares 24 of its 24 images with the training split"]
     train = report.splits[0].as_dict()
     assert train["pairs"] == 24 and train["mask_values"].startswith("0: ")
+
+
+def _maps(tmp_path, prob: np.ndarray) -> tuple:
+    """One .npy prediction and its 0/255 mask (a square)."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir(exist_ok=True)
+    gt.mkdir(exist_ok=True)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(gt / "a.png")
+    np.save(pred / "a.npy", prob)
+    return pred, gt
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan"), float("inf")])
+def test_score_threshold_outside_0_1_is_refused(tmp_path, threshold):
+    pred, gt = _maps(tmp_path, np.full((16, 16), 0.4))
+    with pytest.raises(SamftError, match=rf"--threshold {threshold}: expected a probability between 0 and 1"):
+        score_folders(pred, gt, threshold, show_progress=False)
+
+
+def test_score_names_the_threshold_it_used(tmp_path):
+    prob = np.zeros((16, 16))
+    prob[4:12, 4:12] = 0.4  # foreground at 0.3, nothing at 0.5
+    pred, gt = _maps(tmp_path, prob)
+    at_03 = score_folders(pred, gt, 0.3, show_progress=False)
+    assert at_03["threshold"] == 0.3
+    assert {"dice@0.3", "iou@0.3", "BER@0.3"} <= set(at_03["metrics"]), at_03["metrics"]
+    assert not {"dice@0.5", "iou@0.5", "BER"} & set(at_03["metrics"])
+    assert at_03["metrics"]["dice@0.3"] == pytest.approx(1.0)
+    default = score_folders(pred, gt, show_progress=False)["metrics"]
+    assert default["dice@0.5"] == pytest.approx(0.0) and "BER" in default
+
+
+def test_an_all_nan_prediction_is_refused_not_scored_as_empty(tmp_path):
+    pred, gt = _maps(tmp_path, np.full((16, 16), np.nan, np.float32))
+    with pytest.raises(SamftError, match=r"a.npy: every value of the prediction map is NaN"):
+        score_folders(pred, gt, show_progress=False)

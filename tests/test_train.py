@@ -65,12 +65,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, synthetic_dir, m
         return loss * float("nan") if calls["n"] > 4 else loss  # steps 1-2 fine (2 micro-batches each)
 
     monkeypatch.setattr(tasks_mod, "structure_loss", poisoned)
-    cfg = _cfg(tmp_path, synthetic_dir, "nan", save_every=1)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3 \(epoch 1\)"):
+    cfg = _cfg(tmp_path, synthetic_dir, "nan", save_every=1, lr=3e-3, grad_clip=0.0)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3 \(epoch 1\)") as info:
         train(cfg, show_progress=False)
     state = load_resume_state(tmp_path / "nan" / "state.safetensors")
     assert state["progress"]["step"] == 2
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+    message = str(info.value)  # advice that works: --resume cannot change train.lr, a new run can
+    assert f"the state saved before it is kept in {tmp_path / 'nan' / 'state.safetensors'}" in message
+    assert f"samft train --config {tmp_path / 'nan' / 'config.yaml'} output.dir=NEW_DIR" in message
+    assert "train.lr=0.001 (a third of 0.003)" in message and "train.grad_clip=1.0 (clipping is off)" in message
+    assert "resume with --resume after lowering" not in message
+
+
+def test_nan_loss_before_any_save_says_nothing_was_saved(tmp_path, synthetic_dir, monkeypatch):
+    import samft.tasks.task as tasks_mod
+
+    real = tasks_mod.structure_loss
+    monkeypatch.setattr(tasks_mod, "structure_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    cfg = _cfg(tmp_path, synthetic_dir, "inf", lr=6e-4, grad_clip=0.5)
+    with pytest.raises(TrainingDiverged, match=r"loss became inf at step 1 \(epoch 1\)") as info:
+        train(cfg, show_progress=False)
+    message = str(info.value)
+    assert "nothing was saved (no resumable state)" in message and "kept in" not in message, message
+    assert not (tmp_path / "inf" / "state.safetensors").exists()
+    assert "samft train --config YOUR_CONFIG and train.lr=0.0002 (a third of 0.0006)" in message, message
+    assert "train.grad_clip=0.25 (half of 0.5)" in message, message
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, synthetic_dir):

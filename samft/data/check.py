@@ -25,6 +25,7 @@ from samft.data.datasets import load_pair
 from samft.data.io import read_image, read_mask_values
 from samft.data.layouts import Layout, Pair, list_images, named_test_splits, split_pairs, train_val_pairs
 from samft.data.unlabelled import unlabelled_images
+from samft.data.workers import cap_workers
 from samft.progress import progress
 from samft.errors import SamftError
 
@@ -133,7 +134,8 @@ def _check_pairs(report: SplitReport, pairs: list[Pair], full: bool, workers: in
                  classes: Optional[ClassSpec] = None) -> None:
     report.pairs = len(pairs)
     report.class_names = classes.names if classes is not None else ()
-    loader = DataLoader(_CheckDataset(pairs, full, classes), batch_size=None, num_workers=workers)
+    loader = DataLoader(_CheckDataset(pairs, full, classes), batch_size=None,
+                        num_workers=cap_workers(workers, len(pairs), option=None))  # capped in silence
     with progress(f"check {report.name}", len(pairs), show_progress) as advance:
         for item in loader:
             if "problem" in item:

@@ -353,6 +353,10 @@ def split_file_pairs(path: str | Path, root: str | Path) -> tuple[list[Pair], li
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"data.split_file: {path} is not a split.json (lists 'train' and 'val' of [image, mask]): "
                         f"{type(e).__name__}: {e}") from None
+    for name, pairs in zip(("train", "val"), splits):
+        if not pairs:
+            raise DataError(f"data.split_file: {path}: the {name!r} list is empty; expected at least one "
+                            f"[image, mask] pair")
     missing = [p.image for s in splits for p in s if not p.image.is_file()]
     if missing:
         raise DataError(f"data.split_file: {path} lists {len(missing)} image(s) that do not exist, e.g. {missing[0]}")

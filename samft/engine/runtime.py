@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from samft.errors import ConfigError
+from samft.errors import ConfigError, SamftError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -42,6 +42,28 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ConfigError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
                           "use fp16 (with a GradScaler) or fp32")
     return precision
+
+
+OOM_TEXTS = ("can't allocate memory", "out of memory", "DefaultCPUAllocator")  # the allocators' RuntimeErrors
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocator's failure (CUDA or CPU), not a bug."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e) for t in OOM_TEXTS)
+
+
+@contextlib.contextmanager
+def memory_advice(what: str, advice: str):
+    """Turn running out of memory inside the ``with`` into one line: ``what`` did not fit, ``advice``."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        kind = "GPU" if "CUDA" in str(e) or isinstance(e, torch.OutOfMemoryError) else "CPU"
+        raise SamftError(f"out of {kind} memory: {what} did not fit; {advice}") from None
 
 
 def autocast(device: torch.device, precision: str):

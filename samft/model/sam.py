@@ -26,7 +26,7 @@ from samft.config import ModelConfig
 from samft.config.names import SAM_TYPES, check_registered
 from samft.constants import PATCH, PIXEL_MEAN, PIXEL_STD  # noqa: F401  (re-exported)
 from samft.files import atomic_write_text
-from samft.errors import CheckpointError
+from samft.errors import CheckpointError, load_failure
 
 # encoder width -> (type, depth) of the official checkpoints, to name a wrong file
 OFFICIAL = {768: ("vit_b", 12), 1024: ("vit_l", 24), 1280: ("vit_h", 32)}
@@ -71,21 +71,11 @@ def build_tiny(cfg: ModelConfig) -> Sam:
     )
 
 
-def load_error(e: Exception) -> str:
-    """torch.load's failure in a few words (its own messages run to paragraphs)."""
-    text = str(e)
-    if "Weights only load failed" in text or "Unsupported global" in text:
-        found = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "Python objects"
-        return f"it holds {found}, which samft never unpickles: only tensors are read"
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"{type(e).__name__}: {first.split('. ')[0]}"
-
-
 def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_error(e)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_failure(e)})") from None
     if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
         state = next(iter(state.values()))  # {"model": {...}} / {"state_dict": {...}} wrappers
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from samft.errors import load_failure
 from samft.prune.errors import PruneError
 
 SEARCH_STATE_FORMAT = "samft-search-state-1"
@@ -53,7 +54,7 @@ def load_search_state(ckpt: SearchCheckpoint) -> Optional[dict[str, Any]]:
     try:
         data = torch.load(ckpt.path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable search state"
-        raise PruneError(f"{ckpt.path}: not a readable search state ({type(e).__name__}: {e})") from None
+        raise PruneError(f"{ckpt.path}: not a readable search state ({load_failure(e)})") from None
     if not isinstance(data, dict) or data.get("format") != SEARCH_STATE_FORMAT:
         raise PruneError(f"{ckpt.path}: not a samft search state")
     saved = data.get("identity", {})

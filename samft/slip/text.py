@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samft.errors import CheckpointError, ConfigError, DataError
+from samft.errors import CheckpointError, ConfigError, DataError, load_failure, pickle_refused
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial inverse temperature (log)
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp
@@ -148,8 +148,8 @@ def build_open_clip(model_name: str, checkpoint: str | Path) -> tuple[nn.Module,
     try:
         open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{checkpoint}: not a checkpoint of open_clip model {model_name!r} "
-                              f"({type(e).__name__}: {str(e)[:300]})") from None
+        why = load_failure(e) if pickle_refused(e) else f"{type(e).__name__}: {str(e)[:300]}"
+        raise CheckpointError(f"{checkpoint}: not a checkpoint of open_clip model {model_name!r} ({why})") from None
     return model.eval(), tokenizer
 
 

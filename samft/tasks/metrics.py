@@ -91,6 +91,18 @@ def threshold_curves(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.n
     return dice, iou
 
 
+THRESHOLD_METRICS = {"dice@0.5": "dice@{t}", "iou@0.5": "iou@{t}", "BER": "BER@{t}"}  # names at another threshold
+
+
+def at_threshold(metrics: dict[str, float], threshold: float) -> dict[str, float]:
+    """``metrics`` of :meth:`BinaryMetrics.compute` named for the threshold they were computed at:
+    ``dice@0.3``, ``iou@0.3``, ``BER@0.3`` at 0.3 (the names of 0.5, the default, are kept)."""
+    if threshold == 0.5:
+        return dict(metrics)
+    return {THRESHOLD_METRICS[k].format(t=f"{threshold:g}") if k in THRESHOLD_METRICS else k: v
+            for k, v in metrics.items()}
+
+
 class BinaryMetrics:
     """Accumulates per-image results; ``compute()`` reduces them over the images of a set."""
 

@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 
 from samft.engine.artifacts.fileio import (atomic_torch_save, atomic_write_bytes, depth, fail, field, int_text,
                                            parse_json, read_safetensors)
-from samft.errors import CheckpointError, SamftError
+from samft.errors import CheckpointError, SamftError, load_failure
 
 HEAD_FORMAT = "samft-merged-head-1"
 UNMERGED_FORMAT = "samft-unmerged-model-1"
@@ -54,8 +54,7 @@ def _torch_read(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable export"
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        fail(path, f"not a readable PyTorch file ({type(e).__name__}: {text})")
+        fail(path, f"not a readable PyTorch file ({load_failure(e)})")
 
 
 def recognise(path: Path, data: Any) -> str:

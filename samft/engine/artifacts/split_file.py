@@ -20,6 +20,8 @@ def read(path: str | Path) -> dict[str, list[list]]:
     for name, pairs in data.items():
         if not isinstance(pairs, list):
             fail(path, f"field {name!r} is a {type(pairs).__name__}, expected a list of [image, mask] pairs")
+        if not pairs and name in ("train", "val"):
+            fail(path, f"field {name!r} is an empty list, expected at least one [image, mask] pair")
         for i, pair in enumerate(pairs):
             ok = isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and \
                 (pair[1] is None or isinstance(pair[1], str))

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 
 from samft.version import __version__
 from samft.engine.artifacts.fileio import MAX_DEPTH, atomic_write_bytes, field, parse_json, read_safetensors
-from samft.errors import CheckpointError
+from samft.errors import CheckpointError, load_failure
 
 KIND = "state"
 STATE_FORMAT = "samft-state-1"
@@ -190,13 +190,7 @@ def _load_legacy(path: Path) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)  # by content
     except Exception as e:  # noqa: BLE001 - an UnpicklingError for code, anything else for damage
-        text = str(e)
-        if "Unsupported global" in text or "WeightsUnpickler" in text:
-            which = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "a Python object"
-            raise CheckpointError(f"{path}: holds Python code or objects ({which}) that samft never loads; this is "
-                                  f"not a samft state (refused, nothing was executed)") from None
-        raise CheckpointError(f"{path}: not a readable samft state ({type(e).__name__}: "
-                              f"{text.splitlines()[0] if text else ''})") from None
+        raise CheckpointError(f"{path}: not a readable samft state ({load_failure(e)})") from None
 
 
 def _check_resume_shape(path: Path, state: Any) -> None:

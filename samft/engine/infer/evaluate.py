@@ -14,15 +14,16 @@ from torch.utils.data import DataLoader
 
 from samft.version import __version__
 from samft.config import Config, config_hash
+from samft.data.workers import cap_workers
 from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
 from samft.engine import distributed as D
 from samft.engine.artifacts import eval_json
-from samft.engine.runtime import autocast, pick_device, resolve_precision
+from samft.engine.runtime import autocast, memory_advice, pick_device, resolve_precision
 from samft.engine.artifacts.rundir import ADAPTER_FILE, RunDir
 from samft.engine.artifacts.loading import load_run
-from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
+from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
 from samft.errors import SamftError
 from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics
 from samft.model.semantic import SemanticSAM, image_scores
@@ -33,19 +34,22 @@ from samft.tasks.task import Task, make_task
 @torch.no_grad()
 def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, device: torch.device, task: Task,
                      precision: str = "fp32", num_workers: int = 0, at_input_size: bool = False,
-                     resize: str = "pad") -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
+                     resize: str = "pad", workers_option: Optional[str] = "data.num_workers"
+                     ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
     """Yield (pair, scores, ground truth or None) at each image's original size.
 
     Binary models give the foreground probability (H, W); multi-class models the per-pixel class scores
     (C, H, W) of MaskFormer's inference (argmax = label map). ``at_input_size``: scores and ground truth
     at img_size x img_size instead (AutoGluon's protocol: the unpadded prediction and the ground truth
     both stretched to the square input, the ground truth nearest as PIL). ``resize``: the input geometry
-    (``data.resize``: pad or squash), the one the model was trained with.
+    (``data.resize``: pad or squash), the one the model was trained with. ``num_workers`` is capped by the CPUs
+    and the batches (:func:`samft.data.workers.cap_workers`; ``workers_option`` names where it came from).
     """
     was_training = model.training
     model.eval()
     loader = DataLoader(EvalDataset(pairs, model.img_size, task.classes, resize), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator())
+                        num_workers=cap_workers(num_workers, len(pairs), batch_size, workers_option),
+                        collate_fn=collate, generator=torch.Generator())
     try:
         for batch in loader:
             with autocast(device, precision):
@@ -63,7 +67,8 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
 
 def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, precision: str,
                    description: str = "eval", show_progress: bool = True, tile: Optional[int] = None,
-                   overlap: Optional[int] = None) -> BinaryMetrics | ConfusionMetrics:
+                   overlap: Optional[int] = None, workers_option: Optional[str] = "data.num_workers"
+                   ) -> BinaryMetrics | ConfusionMetrics:
     """The task's metrics of ``model`` on ``pairs``; ``tile``: predict by tiles at native resolution
     (``samft.engine.infer.tiling``; ``overlap`` None = default)."""
     task = make_task(cfg)
@@ -72,7 +77,7 @@ def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: t
         source = iter_tiled_predictions(model, pairs, tile, overlap, cfg.eval.batch_size, device, task, precision)
     else:
         source = iter_predictions(model, pairs, cfg.eval.batch_size, device, task, precision, cfg.data.num_workers,
-                                  cfg.eval.resize_gt_to_input, cfg.data.resize)
+                                  cfg.eval.resize_gt_to_input, cfg.data.resize, workers_option)
     with progress(description, len(pairs), show_progress) as advance:
         for pair, scores, gt in source:
             task.update(metrics, scores, gt, pair.name)
@@ -90,8 +95,9 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
     Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
     merges the per-image results and writes ``eval.json``; every rank returns the merged results.
     """
-    with D.distributed(device) as info:
-        tiling = (tile, check_tiling(tile, overlap)) if tile else None
+    with D.distributed(device) as info, memory_advice(*inference_memory(tile)):
+        overlap = check_tiling(tile, overlap)
+        tiling = (tile, overlap) if tile is not None else None
         return _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info,
                              tiling)
 

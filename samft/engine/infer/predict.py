@@ -14,10 +14,10 @@ from samft.data.paths import expand_glob
 from samft.engine import distributed as D
 from samft.engine.artifacts.fileio import atomic_write_bytes
 from samft.engine.infer.evaluate import iter_predictions
-from samft.engine.runtime import pick_device, resolve_precision
+from samft.engine.runtime import memory_advice, pick_device, resolve_precision
 from samft.engine.artifacts.rundir import is_run_file
 from samft.engine.artifacts.loading import load_run
-from samft.engine.infer.tiling import check_tiling, iter_tiled_predictions
+from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
 from samft.engine.infer.writer import BackgroundWriter
 from samft.errors import SamftError
 from samft.progress import console, progress
@@ -131,7 +131,7 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     predicts and writes its share of the images (each image once, on its own GPU); every process returns
     the paths of all the masks written.
     """
-    with D.distributed(device) as info:
+    with D.distributed(device) as info, memory_advice(*inference_memory(tile)):
         return _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, pick_device(device)),
                             show_progress, overwrite, tile, overlap, workers, write_threads, info)
 
@@ -160,7 +160,7 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
                  dev, show_progress: bool, overwrite: bool, tile: Optional[int], overlap: Optional[int],
                  workers: Optional[int], write_threads: int, info: D.DistInfo) -> list[Path]:
     files = collect_inputs(inputs)
-    overlap = check_tiling(tile, overlap) if tile else None
+    overlap = check_tiling(tile, overlap)
     out = Path(out_dir) if out_dir else default_output(Path(run_dir))
     pairs = plan_outputs(files, out, with_overlay, overwrite)
     run = load_run(run_dir, dev)
@@ -169,9 +169,11 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
     _prepare_output(out, with_overlay)
     mine = D.shard(pairs, info)
     precision = resolve_precision(run.cfg.train.precision, dev)
-    batch, workers = run.cfg.eval.batch_size, run.cfg.data.num_workers if workers is None else workers
+    batch, option = run.cfg.eval.batch_size, "data.num_workers" if workers is None else "--workers"
+    workers = run.cfg.data.num_workers if workers is None else workers
     source = (iter_tiled_predictions(run.model, mine, tile, overlap, batch, dev, task, precision) if tile
-              else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize))
+              else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize,
+                                    workers_option=option))
     empty = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main, write_threads)
     shares = D.gather_objects((len(mine), empty), info)  # also waits until every process has written its share
     empty = sum(e for _, e in shares)

@@ -16,9 +16,23 @@ from samft.data.io import IMAGE_EXTS, read_binary_mask, read_mask_values
 from samft.data.layouts import list_images
 from samft.progress import progress
 from samft.errors import DataError
-from samft.tasks.metrics import BinaryMetrics
+from samft.tasks.metrics import BinaryMetrics, at_threshold
 
 PRED_EXTS = IMAGE_EXTS + (".npy",)
+
+
+def _check_not_all_nan(path: Path, arr: np.ndarray) -> None:
+    """A map of NaN only (a failed export) would be scored as an empty prediction: refuse it."""
+    if arr.size and np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).all():
+        raise DataError(f"{path}: every value of the prediction map is NaN; expected probabilities in [0, 1] "
+                        f"(it would have been scored as an empty mask)")
+
+
+def check_threshold(threshold: float) -> float:
+    """``--threshold``: a probability in [0, 1]."""
+    if not 0.0 <= threshold <= 1.0:  # NaN fails both comparisons
+        raise DataError(f"--threshold {threshold}: expected a probability between 0 and 1")
+    return threshold
 
 
 def read_prediction(path: Path) -> np.ndarray:
@@ -29,12 +43,14 @@ def read_prediction(path: Path) -> np.ndarray:
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot read the .npy prediction ({e})") from None
         arr = np.squeeze(arr)
+        _check_not_all_nan(path, arr)
         if arr.ndim != 2:
             raise DataError(f"{path}: expected a 2-D probability map, got shape {arr.shape}")
         if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1):
             raise DataError(f"{path}: probabilities must lie in [0, 1], got [{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]")
         return np.nan_to_num(arr.astype(np.float32))
     values = read_mask_values(path)
+    _check_not_all_nan(path, values)
     if values.dtype == np.uint16 or values.max(initial=0) > 255:
         return (values.astype(np.float32) / 65535.0).clip(0, 1)
     return values.astype(np.float32) / 255.0
@@ -44,6 +60,7 @@ def score_folders(pred_dir: str | Path, gt_dir: str | Path, threshold: float = 0
                   show_progress: bool = True) -> dict:
     """Metrics of every prediction in ``pred_dir`` against the mask of the same stem in ``gt_dir``."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    check_threshold(threshold)
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found")
     gts = {p.stem: p for p in list_images(gt_dir, "ground-truth")}
@@ -68,5 +85,6 @@ def score_folders(pred_dir: str | Path, gt_dir: str | Path, threshold: float = 0
                 resized += 1
             metrics.update(np.clip(prob, 0, 1), gt, stem)
             advance()
-    return {"pred": str(pred_dir), "gt": str(gt_dir), "n_images": len(metrics), "resized": resized,
-            "unmatched_predictions": len(set(preds) - set(gts)), "metrics": metrics.compute()}
+    return {"pred": str(pred_dir), "gt": str(gt_dir), "threshold": threshold, "n_images": len(metrics),
+            "resized": resized, "unmatched_predictions": len(set(preds) - set(gts)),
+            "metrics": at_threshold(metrics.compute(), threshold)}

@@ -46,14 +46,30 @@ def default_overlap(tile: int) -> int:
     return tile // 8
 
 
-def check_tiling(tile: int, overlap: Optional[int]) -> int:
-    """Validate ``--tile``/``--overlap``; returns the overlap (default ``tile // 8``)."""
+def check_tiling(tile: Optional[int], overlap: Optional[int]) -> Optional[int]:
+    """Validate ``--tile``/``--overlap``; returns the overlap (default ``tile // 8``), None without ``--tile``
+    (then ``--overlap`` is refused: it would be ignored)."""
+    if tile is None:
+        if overlap is not None:
+            raise SamftError(f"--overlap {overlap}: only used with --tile SIZE (tiled prediction); add --tile or "
+                             f"drop --overlap")
+        return None
     if tile < MIN_TILE:
-        raise SamftError(f"--tile {tile}: expected at least {MIN_TILE} pixels")
+        raise SamftError(f"--tile {tile}: expected at least {MIN_TILE} pixels (or no --tile: whole images)")
     overlap = default_overlap(tile) if overlap is None else overlap
     if not 0 <= overlap <= tile // 2:
         raise SamftError(f"--overlap {overlap}: expected 0 to half the tile ({tile // 2})")
     return overlap
+
+
+def inference_memory(tile: Optional[int]) -> tuple[str, str]:
+    """What an evaluation or a prediction that ran out of memory held, and what to set
+    (:func:`samft.engine.runtime.memory_advice`)."""
+    batch = "eval.batch_size (in the run's config.yaml)"
+    if tile:
+        return f"eval.batch_size tiles of {tile} x {tile} px", f"set a smaller --tile or a lower {batch}"
+    return ("whole images (each at the run's model.img_size, its mask at the image's full size)",
+            f"predict large images by tiles at native resolution (--tile 1024) or set a lower {batch}")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from samft.config import Config, config_hash, dump_yaml
+from samft.data.workers import cap_workers
 from samft.data.datasets import TrainDataset, collate
 from samft.data.transforms import valid_mask
 from samft.engine import distributed as D
@@ -47,7 +48,7 @@ from samft.engine.train.checkpointer import Checkpointer, TrainState, resumed_te
 from samft.engine.infer.evaluate import evaluate_pairs
 from samft.engine.artifacts.metrics_csv import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
 from samft.engine.artifacts.rundir import ADAPTER_FILE, METRICS_FILE, PLOT_FILE, SPLIT_FILE, RunDir, resume_changes
-from samft.engine.runtime import autocast
+from samft.engine.runtime import autocast, memory_advice
 from samft.engine.train.schedule import lr_factor  # noqa: F401  (re-exported)
 from samft.engine.train.slip import config_streams
 from samft.engine.train.setup import (RunContext, Schedule, TrainingParts, build_training, describe_start,
@@ -97,8 +98,18 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, streams
     besides those the config asks for (SLIP's: :mod:`samft.slip.terms`).
     """
     with D.distributed(cfg.train.device) as info, _StopSignal(), \
-            RunDir(cfg.output.dir or "runs/run").lock(info.is_main):
+            RunDir(cfg.output.dir or "runs/run").lock(info.is_main), memory_advice(*_train_memory(cfg)):
         return _train(cfg, resume, show_progress, info, list(streams or []), list(terms or []))
+
+
+def _train_memory(cfg: Config) -> tuple[str, str]:
+    """What a training that ran out of memory held, and what to set (:func:`memory_advice`)."""
+    tc = cfg.train
+    what = f"a batch of {tc.batch_size or 'train.batch_size'} image(s) at model.img_size={cfg.model.img_size}"
+    advice = ["a lower train.batch_size (train.accum_steps keeps the effective batch)", "a lower model.img_size"]
+    if not tc.grad_checkpointing:
+        advice.append("train.grad_checkpointing=true (much less memory, about 1/3 more time)")
+    return what, f"set {', '.join(advice[:-1])} or {advice[-1]}"
 
 
 def _claim(run: RunDir, cfg: Config, resume: bool, main: bool) -> tuple[bool, bool]:
@@ -140,11 +151,30 @@ def _train(cfg: Config, resume: bool, show_progress: bool, info: D.DistInfo, str
     D.barrier(info)
     try:
         fit.run()
-    except Exception:
+    except Exception as e:
         if not resume and ctx.main:
             run.remove_failed_start(existed)
+        if isinstance(e, TrainingDiverged):
+            raise _diverged(e, run, cfg) from None
         raise
     return run.path
+
+
+def _diverged(e: TrainingDiverged, run: RunDir, cfg: Config) -> TrainingDiverged:
+    """The divergence in one line, with advice that works: whether a saved state exists, and a new run with a
+    lower ``train.lr`` (computed from this one's) or gradient clipping, since ``--resume`` keeps both."""
+    tc = cfg.train
+    if run.state_path.is_file():
+        saved = (f"the state saved before it is kept in {run.state_path} (--resume would continue with the same "
+                 f"train.lr and train.grad_clip, which it cannot change)")
+    else:
+        saved = "nothing was saved (no resumable state)"
+    config = f"--config {run.config_path} output.dir=NEW_DIR" if run.config_path.is_file() else "--config YOUR_CONFIG"
+    fixes = [f"train.lr={tc.lr / 3:.3g} (a third of {tc.lr:g})"] if tc.lr > 0 else []
+    fixes.append("train.grad_clip=1.0 (clipping is off)" if tc.grad_clip <= 0 else
+                 f"train.grad_clip={tc.grad_clip / 2:.3g} (half of {tc.grad_clip:g})")
+    return TrainingDiverged(f"{e}; {saved}. Start a new run with samft train {config} and {' or '.join(fixes)}, "
+                            f"and check the data")
 
 
 def _batch_size(batch: Any) -> int:
@@ -185,10 +215,8 @@ def train_step(parts: TrainingParts, micro_batches: list[dict[str, Any]], step: 
                 loss = loss + weights.get(name, 1.0) * value
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"loss became {value} at step {step + 1} (epoch {epoch + 1}); training stopped. The last good "
-                    f"checkpoint is kept in {parts.cfg.output.dir} (resume with --resume after lowering train.lr "
-                    f"or checking the data)")
+                raise TrainingDiverged(f"loss became {value} at step {step + 1} (epoch {epoch + 1}); training "
+                                       f"stopped")  # the run's advice is added by train() (_diverged)
             parts.scaler.scale(loss / n).backward()
         totals["loss"] += value / n
         totals["task_loss"] += float(task.detach()) / n
@@ -242,6 +270,7 @@ class Fit:
         self.sampler = DistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=cfg.train.seed)
         self.schedule = Schedule.of(cfg, len(self.sampler))
+        self.workers = cap_workers(cfg.data.num_workers, len(self.sampler), cfg.train.batch_size)  # once per run
         self.parts = build_training(cfg, ctx.device, ctx.precision, self.schedule.total_steps, info, list(terms),
                                     task, resumed_text_embeddings(self.run_dir, cfg) if ctx.resume else None)
         self.streams = _check_streams(streams, self.parts.terms)
@@ -299,7 +328,7 @@ class Fit:
     def _epoch(self) -> None:
         st, tc, sched = self.state, self.tc, self.schedule
         loader = epoch_loader(self.dataset, self.sampler, st.epoch, st.micro_in_epoch * tc.batch_size, tc.batch_size,
-                              self.cfg.data.num_workers, collate, self._pin)
+                              self.workers, collate, self._pin)
         self.parts.module.train()
         for modules in self.parts.extra_modules.values():
             modules.train()
@@ -372,7 +401,8 @@ class Fit:
         dev = self.ctx.device
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             metrics = evaluate_pairs(self.parts.model, D.shard(self.ctx.val_pairs, self.info), self.cfg, dev,
-                                     self.ctx.precision, f"val {epoch_no}", self.ctx.show_progress and self.main)
+                                     self.ctx.precision, f"val {epoch_no}", self.ctx.show_progress and self.main,
+                                     workers_option=None)  # capped in silence: the training's cap was said
         metrics = D.merge_across(metrics, self.info)
         kind = metrics.degenerate()
         if kind and self.main:

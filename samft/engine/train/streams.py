@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from samft.data.workers import cap_workers
 from samft.engine import distributed as D
 
 
@@ -62,7 +63,8 @@ class StreamCursor:
         self.name, self.dataset, self.batch_size = name, dataset, batch_size
         self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=stream_seed(seed, name))
-        self.num_workers, self.collate, self.pin_memory, self.drop_last = num_workers, collate, pin_memory, drop_last
+        self.collate, self.pin_memory, self.drop_last = collate, pin_memory, drop_last
+        self.num_workers = cap_workers(num_workers, len(self.sampler), batch_size)
         if drop_last and len(self.sampler) < batch_size:
             from samft.errors import DataError
 
