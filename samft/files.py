@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 from typing import Iterator
 
 from samft.errors import SamftError
@@ -115,3 +117,33 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+MAX_JSON_DEPTH = 32  # JSON nested deeper than this is refused (samft never writes more than a few levels)
+
+
+def json_depth(node: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """The nesting depth of a parsed JSON value, counted up to ``limit + 1`` (iteratively: no recursion)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def parse_json(text: str | bytes, path: str | Path, what: str, error: type, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` of a file's text; damage and nesting deeper than ``max_depth`` raise ``error`` in one line
+    naming the file."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise error(f"{path}: {what} is nested more than {max_depth} levels deep (damaged or not samft's)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path}: {what} is not valid JSON ({e})") from None
+    if json_depth(data, max_depth) > max_depth:
+        raise error(f"{path}: {what} is nested more than {max_depth} levels deep (damaged or not samft's)")
+    return data

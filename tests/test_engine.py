@@ -538,8 +538,12 @@ def test_a_runs_split_can_be_reused(tmp_path, synthetic_dir):
         cfg.data.split_file = str(tmp_path / "empty.json")
         with pytest.raises(SamftError, match=rf"empty.json: the '{name}' list is empty"):
             train_val_pairs(cfg.data)
-        with pytest.raises(SamftError, match=rf"empty.json: field '{name}' is an empty list"):
-            split_file.read(tmp_path / "empty.json")
+        with pytest.raises(SamftError, match=rf"empty.json: the '{name}' list is empty"):
+            split_file.read(tmp_path / "empty.json")  # the run file kind's reader is the same one
+    (tmp_path / "null.json").write_text(json.dumps({**listed, "val": [[listed["val"][0][0], None]]}))
+    cfg.data.split_file = str(tmp_path / "null.json")  # passed data check, crashed at the first validation before
+    with pytest.raises(SamftError, match=r"null.json: field 'val.0' is .*, expected \[image path, mask path\]"):
+        train_val_pairs(cfg.data)
 
 
 def test_repeated_problems_are_grouped_with_a_hint():

@@ -43,7 +43,7 @@ JSON_KINDS = {
                   {"missing_key": (lambda d: d.pop("sets"), "'sets'"),
                    "wrong_type": (lambda d: d["sets"]["all"].update(n_images="3"), "'sets.all.n_images'"),
                    "absurd_value": (lambda d: d["sets"]["all"].update(n_images=10**15 + 1), "'sets.all.n_images'")}),
-    "split_file": ({"train": [["a.png", "a_mask.png"]], "val": [["b.png", None]]},
+    "split_file": ({"train": [["a.png", "a_mask.png"]], "val": [["b.png", "b_mask.png"]]},
                    {"missing_key": (lambda d: d["train"][0].pop(), "'train.0'"),
                     "wrong_type": (lambda d: d.update(val="b.png"), "'val'")}),
     "architecture_json": ({"architecture": {"blocks": []}, "dense_gmacs": 1.5},

@@ -37,6 +37,7 @@ from typing import Optional
 
 from samft.config import DataConfig
 from samft.data.io import IMAGE_EXTS, is_image_name
+from samft.data import split_file
 from samft.errors import DataError
 
 
@@ -340,23 +341,15 @@ def split_pairs(data: DataConfig, spec: str) -> list[Pair]:
 
 
 def split_file_pairs(path: str | Path, root: str | Path) -> tuple[list[Pair], list[Pair]]:
-    """The train and validation pairs listed by a run's ``split.json`` (relative paths from ``root``)."""
-    import json
-
+    """The train and validation pairs listed by a split file (``data.split_file``, a run's ``split.json``; read
+    and checked by :func:`samft.data.split_file.read`); relative paths start at ``root``; every image exists."""
     path = Path(root) / Path(path).expanduser()
     try:
-        listed = json.loads(path.read_text())
-        splits = [[Pair(Path(root) / img, Path(root) / mask if mask else None, Path(img).stem)
-                   for img, mask in listed[name]] for name in ("train", "val")]
-    except FileNotFoundError:
-        raise DataError(f"data.split_file: {path} not found") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"data.split_file: {path} is not a split.json (lists 'train' and 'val' of [image, mask]): "
-                        f"{type(e).__name__}: {e}") from None
-    for name, pairs in zip(("train", "val"), splits):
-        if not pairs:
-            raise DataError(f"data.split_file: {path}: the {name!r} list is empty; expected at least one "
-                            f"[image, mask] pair")
+        listed = split_file.read(path)
+    except DataError as e:
+        raise DataError(f"data.split_file: {e}") from None
+    splits = [[Pair(Path(root) / img, Path(root) / mask, Path(img).stem) for img, mask in listed[name]]
+              for name in split_file.NEEDED]
     missing = [p.image for s in splits for p in s if not p.image.is_file()]
     if missing:
         raise DataError(f"data.split_file: {path} lists {len(missing)} image(s) that do not exist, e.g. {missing[0]}")

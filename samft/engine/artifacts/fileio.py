@@ -9,7 +9,6 @@ and nothing else in the engine opens those files (see :mod:`samft.engine.artifac
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -20,8 +19,10 @@ from safetensors.torch import load as st_load
 
 from samft.errors import CheckpointError
 from samft.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from samft.files import MAX_JSON_DEPTH, json_depth
+from samft.files import parse_json as _parse_json
 
-MAX_DEPTH = 32  # JSON nested deeper than this is refused (samft never writes more than a few levels)
+MAX_DEPTH = MAX_JSON_DEPTH
 MAX_NUMBER = 1e15  # counts, sizes and steps beyond this are damage, not data
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "a mapping",
                list: "a list", type(None): "null"}
@@ -33,29 +34,13 @@ def fail(path: str | Path, message: str, cls: type = CheckpointError) -> None:
 
 
 def depth(node: Any, limit: int = MAX_DEPTH) -> int:
-    """The nesting depth of a parsed JSON value, counted up to ``limit + 1`` (iteratively: no recursion)."""
-    deepest, stack = 0, [(node, 1)]
-    while stack:
-        value, level = stack.pop()
-        if isinstance(value, (dict, list)):
-            deepest = max(deepest, level)
-            if deepest > limit:
-                return deepest
-            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return deepest
+    """The nesting depth of a parsed JSON value (see :func:`samft.files.json_depth`)."""
+    return json_depth(node, limit)
 
 
 def parse_json(text: str | bytes, path: str | Path, what: str, max_depth: int = MAX_DEPTH) -> Any:
-    """``json.loads`` of a file's text, refusing damage and nesting deeper than ``max_depth``."""
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        fail(path, f"{what} is nested more than {max_depth} levels deep (damaged or not samft's)")
-    except (ValueError, UnicodeDecodeError) as e:
-        fail(path, f"{what} is not valid JSON ({e})")
-    if depth(data, max_depth) > max_depth:
-        fail(path, f"{what} is nested more than {max_depth} levels deep (damaged or not samft's)")
-    return data
+    """``json.loads`` of a file's text, refusing damage and nesting deeper than ``max_depth`` (one line)."""
+    return _parse_json(text, path, what, CheckpointError, max_depth)
 
 
 def read_json_file(path: str | Path, what: str) -> Any:
