@@ -27,9 +27,10 @@ class CheckpointError(SamftError):
 
 
 def pickle_refused(e: Exception) -> bool:
-    """Whether ``torch.load(weights_only=True)`` refused a pickle that names Python code or objects."""
+    """Whether ``torch.load(weights_only=True)`` refused a pickle that names Python code or objects (torch says
+    "Unsupported global"; a file that is no pickle at all fails on an unsupported operand instead)."""
     lowered = str(e).lower()
-    return "weights only" in lowered or "weights_only" in lowered or "unsupported global" in lowered
+    return "unsupported global" in lowered or bool(re.search(r"\bGLOBAL\b", str(e)))
 
 
 def load_failure(e: Exception) -> str:
@@ -42,5 +43,9 @@ def load_failure(e: Exception) -> str:
         which = f" ({found.group(1)[:80]})" if found else ""
         return (f"it contains Python code or objects{which}, not only tensors, and was not loaded (nothing in it "
                 f"was run); samft reads only files of tensors")
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if unpickler or "weights only load failed" in text.lower():  # torch's advice is never quoted
+        why = unpickler.group(1).strip().splitlines()[0][:120] if unpickler else "unreadable"
+        return f"damaged or another kind of file; unpickling stopped at: {why}"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(e).__name__}: {first.split('. ')[0][:200]}"

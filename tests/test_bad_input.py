@@ -950,3 +950,21 @@ def test_numeric_option_grid(command, option, is_float, kind, expected, tmp_path
         return
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
+
+
+def test_a_file_that_is_no_pickle_is_not_called_code(tmp_path):
+    """torch refuses any non-tensor file with the same 'Weights only load failed' text: only a pickle that names
+    a global is said to contain code; an image offered as a model is 'another kind of file'."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from samft.errors import load_failure
+
+    png = tmp_path / "image.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(png)
+    try:
+        torch.load(png, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (whatever torch raises)
+        said = load_failure(e)
+    assert "another kind of file" in said and "code" not in said and "weights_only" not in said
