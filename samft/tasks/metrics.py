@@ -226,11 +226,25 @@ class ConfusionMetrics:
         """What eval.json records beside the metrics: the IoU of each class."""
         return {"per_class_iou": self.per_class_iou()}
 
+    COLLAPSE_SHARE = 0.99  # one class over this share of the predicted pixels ...
+    PRESENT_SHARE = 0.01  # ... while at least two classes each hold this share of the truth
+
     def degenerate(self) -> Optional[str]:
-        """``"one class: NAME"`` when every scored pixel of every image is predicted as one class."""
-        predicted = np.flatnonzero(self.matrix.sum(axis=0))
-        if self.images and len(predicted) == 1:
-            return f"one class: {self.class_names[predicted[0]]}"
+        """``"one class: NAME"`` when every scored pixel of every image is predicted as one class, or
+        ``"collapsed to NAME (S % of the predicted pixels ...)"`` when one class takes over 99 % of the predicted
+        pixels while the truth has two or more classes of 1 % or more (a handful of stray pixels does not hide a
+        collapse)."""
+        predicted, truth = self.matrix.sum(axis=0), self.matrix.sum(axis=1)
+        if not self.images or not predicted.sum():
+            return None
+        if np.count_nonzero(predicted) == 1:
+            return f"one class: {self.class_names[int(np.argmax(predicted))]}"
+        top = int(np.argmax(predicted))
+        share = predicted[top] / predicted.sum()
+        present = int(np.count_nonzero(truth / max(truth.sum(), 1) >= self.PRESENT_SHARE))
+        if share > self.COLLAPSE_SHARE and present >= 2:
+            return (f"collapsed to {self.class_names[top]} ({100 * share:.1f} % of the predicted pixels, while the "
+                    f"ground truth has {present} classes)")
         return None
 
     def merge(self, other: "ConfusionMetrics") -> None:

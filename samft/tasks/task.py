@@ -72,8 +72,16 @@ class Task:
     plot_metrics: tuple[str, ...] = ()  # drawn in curves.png (with the selection metric)
     default_metric = ""
     default_balance_weight = 1.0
-    learning_hints = "Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs or a larger model.img_size."
+    extra_hints = "more train.epochs or a larger model.img_size"
     decides_in_bands = False  # whether tiled prediction may hand over a LabelMap instead of the scores
+
+    def learning_hints(self, lr: float) -> str:
+        """What to try when a run learns nothing, from the run's own learning rate (``train.lr``)."""
+        if lr < 3e-4:
+            higher = f"a higher train.lr (now {lr:g}; e.g. 3e-4 to 1e-3)"
+        else:
+            higher = f"a higher train.lr (now {lr:g}; e.g. {min(3 * lr, 1e-2):g}) in a new run"
+        return f"Try {higher}, {self.extra_hints}."
 
     def selection_metric(self, metric: str) -> str:
         """The eval.json name of ``train.metric`` (``auto`` = the task's default)."""
@@ -118,8 +126,8 @@ class BinaryTask(Task):
     plot_metrics = ("dice@0.5", "meanDice", "Sm", "wFm", "meanEm", "MAE")  # BER (percent) only when selected
     default_metric = "Sm"
     default_balance_weight = 1.0
-    learning_hints = ("Try a higher train.lr (e.g. 3e-4 to 1e-3), more train.epochs, a larger model.img_size for small "
-                      "structures, or loss.bce=balanced for rare foreground.")
+    extra_hints = ("more train.epochs, a larger model.img_size for small structures, or loss.bce=balanced for rare "
+                   "foreground")
 
     def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True, ber: str = "pooled") -> None:
         self.threshold, self.bce, self.iou, self.ber = threshold, bce, iou, ber

@@ -5,6 +5,7 @@ config's protocol (``eval.miou``, ``eval.ber``: the task's metrics)."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -19,7 +20,7 @@ from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
 from samft.engine import distributed as D
-from samft.engine.artifacts import eval_json
+from samft.engine.artifacts import eval_json, split_file
 from samft.engine.runtime import autocast, memory_advice, pick_device, resolve_precision
 from samft.engine.artifacts.rundir import ADAPTER_FILE, RunDir
 from samft.engine.artifacts.loading import load_run
@@ -102,6 +103,32 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
                              tiling)
 
 
+def _say_degenerate(name: str, kind: Optional[str], info: D.DistInfo) -> None:
+    """One warning when a set's predictions are all empty, all foreground, one class, or collapsed to one."""
+    if kind and info.is_main:
+        every = f"{kind} for every image" if kind in ("empty", "full") or kind.startswith("one class") else kind
+        warnings.warn(f"eval {name}: the predictions are {every}: the model has not learnt this set's masks",
+                      stacklevel=3)
+
+
+def _training_images(run_dir: str | Path) -> set[Path]:
+    """The resolved images of a run's training split (``split.json``; none for an exported model file)."""
+    run = RunDir(run_dir)
+    if Path(run_dir).is_file() or not run.split_path.is_file():
+        return set()
+    listed = split_file.read(run.split_path)
+    return {Path(img).resolve() for img, _ in listed.get("train", [])}
+
+
+def _say_overlap(sets: dict[str, list[Pair]], train: set[Path], info: D.DistInfo) -> None:
+    """Scoring images the run trained on is not a test: say how many each set shares with the training split."""
+    for name, pairs in sets.items():
+        shared = sum(p.image.resolve() in train for p in pairs)
+        if shared and info.is_main:
+            warnings.warn(f"eval {name}: {shared} of its {len(pairs)} images are in the run's training split "
+                          f"(split.json): those scores measure memory, not generalisation", stacklevel=3)
+
+
 def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torch.device, show_progress: bool,
                   write: bool, info: D.DistInfo, tiling: Optional[tuple[int, int]] = None) -> dict:
     run = load_run(run_dir, dev)
@@ -111,6 +138,7 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
                          "input size: drop one of them")
     precision = resolve_precision(cfg.train.precision, dev)
     sets = eval_sets(cfg.data, data)
+    _say_overlap(sets, _training_images(run_dir), info)
     exported = Path(run_dir).is_file()  # an exported model file: results go next to it
     checkpoint = str(run_dir) if exported else str(Path(run_dir) / ADAPTER_FILE)
     chash = config_hash(cfg)
@@ -125,6 +153,7 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
         metrics = evaluate_pairs(run.model, D.shard(pairs, info), cfg, dev, precision, f"eval {name}",
                                  show_progress and info.is_main, *(tiling or ()))
         metrics = D.merge_across(metrics, info)
+        _say_degenerate(name, metrics.degenerate(), info)
         results["sets"][name] = {
             "n_images": len(metrics),
             "metrics": metrics.compute(),

@@ -143,17 +143,35 @@ def _prepare_output(out: Path, with_overlay: bool) -> None:
         raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
 
 
-def _write_all(source, task: Task, out: Path, with_overlay: bool, total: int, show: bool, write_threads: int) -> int:
-    """Decide and write every prediction of ``source`` (in background threads); returns how many were empty."""
-    empty = 0
+def _write_all(source, task: Task, out: Path, with_overlay: bool, total: int, show: bool,
+               write_threads: int) -> tuple[int, np.ndarray]:
+    """Decide and write every prediction of ``source`` (in background threads); returns how many were empty and
+    the predicted pixels per class (multi-class; empty for binary)."""
+    empty, counts = 0, np.zeros(task.num_classes if task.classes is not None else 0, dtype=np.int64)
     with progress("predict", total, show) as advance, BackgroundWriter(write_threads) as writer:
         for pair, scores, _ in source:
             labels = task.labels(scores)
             writer.submit(_write_prediction, task, out / f"{pair.name}.png", labels, pair.image,
                           out / "overlays" if with_overlay else None)
             empty += int(task.is_empty(labels))
+            if len(counts):
+                counts += np.bincount(labels.ravel().astype(np.int64), minlength=len(counts))[:len(counts)]
             advance()
-    return empty
+    return empty, counts
+
+
+COLLAPSE_SHARE, COLLAPSE_IMAGES = 0.995, 3
+
+
+def _collapse_warning(counts: np.ndarray, images: int, task: Task) -> None:
+    """Multi-class: one class over 99.5 % of every predicted pixel of 3 or more images is a collapse, said once."""
+    if len(counts) and images >= COLLAPSE_IMAGES and counts.sum():
+        top = int(np.argmax(counts))
+        share = counts[top] / counts.sum()
+        if share > COLLAPSE_SHARE:
+            warnings.warn(f"{100 * share:.1f} % of the predicted pixels of all {images} images are "
+                          f"{task.classes.names[top]!r}: the model may have collapsed to one class; check the run's "
+                          f"validation mIoU and mAcc (1/{len(counts)} = {1 / len(counts):.3f} is chance)", stacklevel=3)
 
 
 def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path], with_overlay: bool,
@@ -174,13 +192,20 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
     source = (iter_tiled_predictions(run.model, mine, tile, overlap, batch, dev, task, precision) if tile
               else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize,
                                     workers_option=option))
-    empty = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main, write_threads)
-    shares = D.gather_objects((len(mine), empty), info)  # also waits until every process has written its share
-    empty = sum(e for _, e in shares)
+    empty, counts = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main,
+                               write_threads)
+    shares = D.gather_objects((len(mine), empty, counts), info)  # also waits until every process has written
     written = [out / f"{p.name}.png" for p in pairs]
-    if info.enabled and info.is_main:
-        console.print(f"predicted by {info.world_size} processes: {' + '.join(str(n) for n, _ in shares)} images")
-    if written and empty == len(written) and info.is_main:
-        warnings.warn(f"every one of the {len(written)} predicted masks is empty: the run may have learnt nothing; "
-                      f"check its metrics.csv (and eval.threshold {run.cfg.eval.threshold})")
+    if info.is_main:
+        _report(shares, written, task, info, run.cfg.eval.threshold)
     return written
+
+
+def _report(shares: list, written: list[Path], task: Task, info: D.DistInfo, threshold: float) -> None:
+    """Rank 0: how the processes shared the images; a collapse to one class; masks that are all empty."""
+    if info.enabled:
+        console.print(f"predicted by {info.world_size} processes: {' + '.join(str(n) for n, _, _ in shares)} images")
+    _collapse_warning(sum(c for _, _, c in shares), len(written), task)
+    if written and sum(e for _, e, _ in shares) == len(written):
+        warnings.warn(f"every one of the {len(written)} predicted masks is empty: the run may have learnt nothing; "
+                      f"check its metrics.csv (and eval.threshold {threshold})", stacklevel=3)

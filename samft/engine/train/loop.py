@@ -177,6 +177,14 @@ def _diverged(e: TrainingDiverged, run: RunDir, cfg: Config) -> TrainingDiverged
                             f"and check the data")
 
 
+def _for_every_image(kind: str) -> str:
+    """A degenerate prediction kind as the warnings say it (binary: empty / full; multi-class: one class)."""
+    return f"{kind} for every image" if kind in ("empty", "full") or kind.startswith("one class") else kind
+
+
+SMALL_VAL = 5  # fewer validation images than this make the best epoch and the curves noise
+
+
 def _batch_size(batch: Any) -> int:
     return int(batch["image"].shape[0]) if isinstance(batch, dict) and "image" in batch else 1
 
@@ -263,6 +271,11 @@ class Fit:
         cfg, info = ctx.cfg, ctx.info
         self.ctx, self.cfg, self.tc, self.info, self.main = ctx, cfg, cfg.train, info, ctx.main
         self.restored = False
+        self.last_degenerate: Optional[str] = None
+        if 0 < len(ctx.val_pairs) < SMALL_VAL and ctx.main:
+            warnings.warn(f"the validation set has only {len(ctx.val_pairs)} image(s): the best epoch and the "
+                          f"validation curves will be noise; hold out more (data.val_fraction) or give a val split",
+                          stacklevel=3)
         self.run_dir = ctx.run_dir
         task = make_task(cfg)
         self.dataset = TrainDataset(ctx.train_pairs, cfg.model.img_size, cfg.train.hflip, cfg.train.seed,
@@ -404,11 +417,14 @@ class Fit:
                                      self.ctx.precision, f"val {epoch_no}", self.ctx.show_progress and self.main,
                                      workers_option=None)  # capped in silence: the training's cap was said
         metrics = D.merge_across(metrics, self.info)
-        kind = metrics.degenerate()
-        if kind and self.main:
-            warnings.warn(f"epoch {epoch_no}: the validation predictions are {kind} for every image: "
-                          f"the model has not learnt the masks yet. {self.parts.task.learning_hints}", stacklevel=2)
+        self.last_degenerate = metrics.degenerate()
+        if self.last_degenerate and self.main:
+            warnings.warn(f"epoch {epoch_no}: the validation predictions are {_for_every_image(self.last_degenerate)}: "
+                          f"the model has not learnt the masks yet. {self._hints()}", stacklevel=2)
         return metrics.compute()
+
+    def _hints(self) -> str:
+        return self.parts.task.learning_hints(self.tc.lr)
 
     def _warn_if_flat(self) -> None:
         """The selection metric never moved over two or more validations: say so."""
@@ -416,7 +432,10 @@ class Fit:
                   if r["kind"] == "epoch" and r.get(f"val_{self.metric}")]
         if len(values) >= 2 and max(values) - min(values) <= 1e-9:
             warnings.warn(f"validation {self.metric} stayed at {values[0]:.4f} in all {len(values)} validated epochs: "
-                          f"the run learnt nothing measurable. {self.parts.task.learning_hints}", stacklevel=2)
+                          f"the run learnt nothing measurable. {self._hints()}", stacklevel=2)
+        elif self.last_degenerate:  # the metric may move on empty predictions (S-measure does): not learning
+            warnings.warn(f"the final validation predictions are {_for_every_image(self.last_degenerate)}, whatever "
+                          f"{self.metric} says: the run has not learnt the masks. {self._hints()}", stacklevel=2)
 
     def _finish(self) -> None:
         if self.info.enabled:  # DDP keeps the processes in step; check it (cheap: once per run)
