@@ -309,6 +309,8 @@ def info(
     say = functools.partial(c.print, markup=False)  # plain text: option lists keep their brackets
     adapted = result["adapted_modules"]
     say(f"model          {cfg.model.type} @ {cfg.model.img_size}px (checkpoint: {cfg.model.checkpoint})")
+    if result["checkpoint_note"]:
+        _console().print(f"[yellow]warning:[/] {_e(result['checkpoint_note'])}")
     blocks = ", ".join(f"{k} x {n}" for k, n in result["attention_blocks"].items())
     options = f" {result['attention_options']}" if result["attention_options"] else ""
     say(f"attention      {result['attention']}{options} (blocks: {blocks})")

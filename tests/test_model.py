@@ -164,3 +164,22 @@ def test_set_image_size_updates_prompt_encoder():
     assert sam.image_encoder.img_size == 320
     assert sam.prompt_encoder.input_image_size == (320, 320)
     assert sam.image_encoder.pos_embed.shape[1:3] == (20, 20)
+
+
+def test_a_checkpoint_named_for_another_size_is_flagged_and_a_missing_one_says_how_to_try_without(tmp_path):
+    """The example configs: model.type tiny with a sam_vit_b checkpoint is flagged by info; a missing checkpoint
+    fails before the data check, saying how to run without one."""
+    from samft.config import config_from_dict
+    from samft.engine.train.loop import train
+    from samft.errors import ConfigError
+    from samft.model import checkpoint_mismatch, describe
+
+    assert "model.type=vit_b" in checkpoint_mismatch("tiny", "/w/sam_vit_b_01ec64.pth")
+    assert checkpoint_mismatch("vit_b", "/w/sam_vit_b_01ec64.pth") is None
+    assert checkpoint_mismatch("tiny", None) is None
+    cfg = config_from_dict({"model": {"type": "tiny", "img_size": 64, "checkpoint": str(tmp_path / "sam_vit_b.pth")}})
+    assert "vit_b" in describe(cfg)["checkpoint_note"]
+    cfg = config_from_dict({"model": {"type": "tiny", "img_size": 64, "checkpoint": str(tmp_path / "nowhere.pth")},
+                            "data": {"root": str(tmp_path / "no_data")}, "output": {"dir": str(tmp_path / "run")}})
+    with pytest.raises(ConfigError, match=r"model\.checkpoint: file not found: .*model\.type=tiny model\.checkpoint=null"):
+        train(cfg, show_progress=False)

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -93,6 +94,18 @@ def _class_head(model: SemanticSAM) -> str:
         f"linear ({head.out_features - 1} classes + no object)"
 
 
+def checkpoint_mismatch(model_type: str, checkpoint: Optional[str]) -> Optional[str]:
+    """A note when the checkpoint's file name names another SAM size than ``model.type`` (``sam_vit_b_...`` for
+    ``tiny``); None when they agree or nothing can be told from the name."""
+    import re
+
+    found = re.search(r"vit_([blh])", Path(checkpoint).name) if checkpoint else None
+    if found and f"vit_{found.group(1)}" != model_type:
+        return (f"model.type is {model_type} but the checkpoint's name says vit_{found.group(1)}: set model.type="
+                f"vit_{found.group(1)}, or model.checkpoint=null to try the config with random weights")
+    return None
+
+
 def describe(cfg: Config) -> dict:
     """What ``samft info`` reports: model, attention, PEFT method and options, adapted modules, parameter
     counts and the encoder's forward GMACs per image at ``img_size`` (``samft/prune/encoder_flops.py``).
@@ -107,6 +120,7 @@ def describe(cfg: Config) -> dict:
         "model": cfg.model.type,
         "img_size": cfg.model.img_size,
         "checkpoint": cfg.model.checkpoint,
+        "checkpoint_note": checkpoint_mismatch(cfg.model.type, cfg.model.checkpoint),
         "attention": cfg.model.attention,
         "attention_options": dict(vars(options)) if options is not None else {},
         "attention_blocks": {k: kinds.count(k) for k in dict.fromkeys(kinds)},

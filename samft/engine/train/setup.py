@@ -74,10 +74,19 @@ def prepare_run(cfg: Config, resume: bool, info: D.DistInfo, show_progress: bool
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
         if cfg.model.checkpoint:
             cfg.model.checkpoint = str(Path(cfg.model.checkpoint).expanduser().resolve())
+    _check_checkpoint(cfg)  # before the data check: a missing checkpoint is said first, with the way round it
     if cfg.data.check != "off":
         _check_data(cfg, info, device, show_progress)
     train_pairs, val_pairs = train_val_pairs(cfg.data)
     return RunContext(cfg, info, device, precision, resume, train_pairs, val_pairs, show_progress)
+
+
+def _check_checkpoint(cfg: Config) -> None:
+    """``model.checkpoint`` names a file that exists; else one line saying how to try the config without one."""
+    path = cfg.model.checkpoint
+    if path and not Path(path).is_file():
+        raise ConfigError(f"model.checkpoint: file not found: {path} (to try this config before the checkpoint "
+                          f"arrives, add model.type=tiny model.checkpoint=null: a small random-weight SAM)")
 
 
 def _check_data(cfg: Config, info: D.DistInfo, device: torch.device, show_progress: bool) -> None:
