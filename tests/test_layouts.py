@@ -248,3 +248,21 @@ def test_two_images_with_one_stem_are_refused_naming_both(tmp_path):
     with pytest.raises(DataError, match=r"0001\.(png|jpg): has the same name as 0001\.(png|jpg)") as err:
         folder_pairs(tmp_path / "images", tmp_path / "masks")
     assert "data.ignore" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_layout_that_finds_no_pairs_names_the_one_that_does(tmp_path):
+    """format: isic on masks that share the images' stems: the error names data.format=folders."""
+    import numpy as np
+    from PIL import Image
+
+    from samft.config import config_from_dict
+    from samft.data.layouts import train_val_pairs
+    from samft.errors import DataError
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+        for i in range(3):
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / sub / f"ISIC_{i}.png")
+    cfg = config_from_dict({"data": {"format": "isic", "root": str(tmp_path), "train": "."}})
+    with pytest.raises(DataError, match=r"no mask found .*\(data\.format=folders finds 3 pairs there"):
+        train_val_pairs(cfg.data)

@@ -28,6 +28,7 @@ A split is given as a path relative to ``data.root``:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fnmatch
 import os
 import random
@@ -316,6 +317,24 @@ def unique_names(pairs: list[Pair]) -> list[Pair]:
     return [p if p.name == n else Pair(p.image, p.mask, n) for p, n in zip(pairs, names)]
 
 
+FOLDER_FORMATS = ("folders", "pranet", "sinet", "isic", "sbu")
+
+
+def _other_layouts(data: DataConfig, path: Path) -> str:
+    """When a folder layout finds no pairs: the other folder presets that do find pairs in ``path``, as a hint."""
+    found = []
+    for name in FOLDER_FORMATS:
+        if name == data.format or (name == "folders" and data.format == "auto"):
+            continue
+        other = Layout.of(dataclasses.replace(data, format=name, image_dir=None, mask_dir=None, mask_suffix=None))
+        try:
+            n = len(folder_pairs(path / other.image_dir, path / other.mask_dir, other.mask_suffix, other))
+        except DataError:
+            continue
+        found.append(f"data.format={name} finds {n} pairs there")
+    return f" ({'; '.join(found)})" if found else ""
+
+
 def split_pairs(data: DataConfig, spec: str) -> list[Pair]:
     """The pairs of one split (see the module docstring for the accepted forms)."""
     layout = Layout.of(data)
@@ -334,7 +353,10 @@ def split_pairs(data: DataConfig, spec: str) -> list[Pair]:
         if layout.format == "csv" or (path.is_file() and path.suffix.lower() == ".csv"):
             pairs = csv_pairs(path, (layout.root,))
         else:
-            pairs = folder_pairs(path / layout.image_dir, path / layout.mask_dir, layout.mask_suffix, layout)
+            try:
+                pairs = folder_pairs(path / layout.image_dir, path / layout.mask_dir, layout.mask_suffix, layout)
+            except DataError as e:
+                raise DataError(f"{e}{_other_layouts(data, path)}") from None
     if not pairs:
         raise DataError(f"{where}: the split is empty (no image/mask pairs)")
     return pairs
