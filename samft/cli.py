@@ -377,7 +377,8 @@ def data_check(
         from rich.table import Table
 
         table = Table(title=f"data check: {_e(config)}")
-        for column in ("split", "pairs", "image sizes", "mask values (pixels)", "foreground", "problems"):
+        for column in ("split", "pairs", "image sizes", "mask values: share of all pixels",
+                       "foreground: mean share per image", "problems"):
             table.add_column(column)
         for split in report.splits:
             d = split.as_dict()
