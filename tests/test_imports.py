@@ -26,3 +26,12 @@ def test_the_model_imports_without_segment_anythings_predictor_and_the_package_s
 def test_segment_anything_imported_first_is_left_as_it_is():
     out = _run("import segment_anything, samft.model\nprint(hasattr(segment_anything, 'SamPredictor'))")
     assert out == "True"
+
+
+def test_import_from_the_clones_parent_folder_finds_the_package(tmp_path):
+    """A clone named samft, Python started in its parent: the package, not the clone as a namespace package
+    (scripts/_env.sh installs with editable_mode=compat)."""
+    (tmp_path / "samft").symlink_to(ROOT)
+    out = subprocess.run([sys.executable, "-c", "import samft; print(samft.__file__)"], capture_output=True,
+                         text=True, check=True, cwd=tmp_path, timeout=120).stdout.strip()
+    assert out.endswith("samft/__init__.py") and out != "None"
