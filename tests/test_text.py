@@ -276,3 +276,23 @@ def test_a_run_with_open_clip_class_names_needs_the_text_tower_only_to_train(tin
     assert TEXT_EMB_KEY in segmenter.model.state_dict()
     scores = segmenter.predict_scores(np.zeros((40, 50, 3), np.uint8))
     assert scores.shape == (3, 40, 50)
+
+
+def test_logit_scales_are_clamped_after_the_step_as_slip_does():
+    """The parameter itself is held in [0, ln 100] after each optimizer step (SLIP's training loop), so the
+    forward's clamp never cuts the gradient."""
+    import math
+
+    import torch
+
+    from samft.slip.text import RegionTextHead, TextClassHead, clamp_logit_scales
+
+    heads = torch.nn.ModuleDict({"a": TextClassHead(8, torch.randn(3, 4)), "b": RegionTextHead(8, torch.randn(3, 4))})
+    with torch.no_grad():
+        heads["a"].logit_scale.fill_(7.0)
+        heads["b"].logit_scale.fill_(-1.0)
+        heads["a"].proj.weight.fill_(9.0)
+    clamp_logit_scales(heads)
+    assert float(heads["a"].logit_scale) == pytest.approx(math.log(100.0))
+    assert float(heads["b"].logit_scale) == 0.0
+    assert float(heads["a"].proj.weight.max()) == 9.0  # nothing else touched

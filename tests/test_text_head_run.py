@@ -174,3 +174,17 @@ def test_info_counts_the_text_head_without_reading_weights(tmp_path):
     assert text["decoder_params"] - plain["decoder_params"] == 32 * 8 + 8 + 1 - (32 * 4 + 4)
     assert text["class_head"] == "text (3 classes x 8-d class-name embeddings)"
     assert plain["class_head"] == "linear (3 classes + no object)"
+
+
+def test_training_clamps_the_text_heads_logit_scale_after_each_step(tmp_path, monkeypatch):
+    """A scale started above ln 100 is ln 100 after training (the loop's post-step clamp, SLIP's rule)."""
+    import math
+
+    import samft.slip.text as text_mod
+    from samft.engine.artifacts.adapter import read_adapter
+
+    monkeypatch.setattr(text_mod, "LOGIT_SCALE_INIT", 7.0)
+    run = train(_cfg(tmp_path, "clamped", epochs=1), show_progress=False)
+    tensors = read_adapter(run / "adapter_last.safetensors")[0]
+    scale = float(tensors["decoder.class_head.logit_scale"])
+    assert scale == pytest.approx(math.log(100.0), abs=1e-6)

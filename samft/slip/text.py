@@ -194,6 +194,15 @@ def embedding_dim(text_cfg, num_classes: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def clamp_logit_scales(module: nn.Module) -> None:
+    """SLIP's (and CLIP's) rule, after each optimizer step: every ``logit_scale`` parameter of ``module`` held in
+    [0, ln 100]. The forward's clamp then never cuts the gradient: the parameter is never above it."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name == "logit_scale" or name.endswith(".logit_scale"):
+                p.clamp_(0.0, LOGIT_SCALE_MAX)
+
+
 def clamped_scale(logit_scale: torch.Tensor) -> torch.Tensor:
     """exp(logit_scale) with logit_scale clamped at ln(100), as CLIP."""
     return logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()

@@ -57,6 +57,7 @@ from samft.engine.train.streams import StreamCursor, epoch_loader
 from samft.errors import SamftError
 from samft.model.semantic import upsample_logits
 from samft.progress import console, progress
+from samft.slip.text import clamp_logit_scales
 from samft.tasks.task import make_task
 from samft.tasks.terms import LABELLED, DataStream, LossTerm
 
@@ -246,6 +247,7 @@ def _optimizer_update(parts: TrainingParts) -> float:
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scales(parts.module)  # the text heads' scales, as SLIP: the parameter itself, after the step
     return grad_norm
 
 
