@@ -91,7 +91,7 @@ def test_protocol_is_recorded_and_a_resolved_config_round_trips():
     again = config_from_dict(data)
     assert dump_yaml(again) == dump_yaml(cfg)
     assert differences(again) == {"train.adam_eps": (1e-8, 1e-6)}
-    assert summary(again) == "protocol autogluon, except train.adam_eps=1e-08 (1e-06)"
+    assert summary(again) == "protocol autogluon, with your train.adam_eps=1e-08 (the protocol's: 1e-06)"
     assert summary(config_from_dict({})) == "protocol samft"
     assert apply_protocol(again) is again and dump_yaml(again) == dump_yaml(cfg)  # idempotent
 

@@ -108,11 +108,13 @@ def apply_protocol(cfg: Any) -> Any:
 
 
 def summary(cfg: Any) -> str:
-    """One line for a log: ``protocol autogluon`` or ``protocol autogluon, except train.adam_eps=1e-08 (1e-06)``."""
+    """One line for a log: ``protocol autogluon``, or with the options set away from it
+    ``protocol autogluon, with your train.adam_eps=1e-08 (the protocol's: 1e-06)``."""
     away = differences(cfg)
     if not away:
         return f"protocol {cfg.protocol}"
-    return f"protocol {cfg.protocol}, except " + ", ".join(f"{k}={v} ({p})" for k, (v, p) in away.items())
+    return f"protocol {cfg.protocol}, with your " + ", ".join(f"{k}={v} (the protocol's: {p})"
+                                                             for k, (v, p) in away.items())
 
 
 def differences(cfg: Any) -> dict[str, tuple[Any, Any]]:
