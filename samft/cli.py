@@ -250,8 +250,10 @@ def prune(
                                         "training loop)"),
     out: Optional[Path] = typer.Option(None, "--out", help="new run directory (default: RUN-pruned)"),
     arch_lr: float = typer.Option(5e-4, "--arch-lr", help="learning rate of the gate thresholds"),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="FLOPs-loss weight (default: the authors' rule)"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="FLOPs-loss weight (default: samft's rule, "
+                                       "the FLOPs loss starting at 1.1x the task loss; the SPViT authors fix it per "
+                                       "model in their configs)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run samft made in --out (never a "
                                    "folder samft did not create)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue this pruned run: its saved search (give "
@@ -281,12 +283,20 @@ def prune(
     c = _console()
     say = functools.partial(c.print, markup=False)  # plain text: names and values keep their brackets
     say(f"architecture   {summary(report.arch)}")
-    reached = "reached" if report.reached else "NOT reached"
-    say(f"encoder GMACs  {report.dense_gmacs:.4g} -> {report.pruned_gmacs:.4g} "
-            f"(target {report.target_gmacs:.4g}, {reached})")
+    say(f"encoder GMACs  {report.dense_gmacs:.4g} -> {report.pruned_gmacs:.4g}  {_target_line(report)}")
     for stage, values in report.metrics.items():
         say(f"{stage:14s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
     c.print(f"[green]wrote[/] {_e(report.out_dir)}")
+
+
+def _target_line(report) -> str:
+    """'target T: reached (x % under)' or 'target T: NOT reached (x % over)', and what the thresholds alone gave."""
+    gap = (report.pruned_gmacs - report.target_gmacs) / report.target_gmacs
+    said = "reached" if report.pruned_gmacs <= report.target_gmacs else "NOT reached"
+    line = f"(target {report.target_gmacs:.4g}: {said}, {abs(gap):.1%} {'over' if gap > 0 else 'under'}"
+    if report.search_gmacs is not None and abs(report.search_gmacs - report.pruned_gmacs) > 1e-12:
+        line += f"; the thresholds alone fixed {report.search_gmacs:.4g}, the gates' order the rest"
+    return line + ")"
 
 
 @app.command()

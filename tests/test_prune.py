@@ -6,6 +6,7 @@ import copy
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from samft.prune.flops import encoder_block_flops, gmacs, search_flops
 from samft.prune.gates import mixer_weights, nested
 from samft.prune.rebuild import (PrunedBlock, build_pruned_encoder, format_ranges, parse_ranges, pruned_mlp,
                                  rebuild)
+from samft.prune.order import ATTN, MLP, check_reachable, meet_target, pruning_order
 from samft.prune.search import search, to_search
 from samft.prune.search_block import SearchBlock, out_features
 
@@ -365,15 +367,114 @@ def test_search_moves_flops_to_a_reachable_target():
     assert gmacs(encoder_block_flops(model.image_encoder, 64)["total"]) == pytest.approx(result.gmacs)
 
 
-def test_a_too_low_target_is_reported():
+def test_a_too_low_target_is_refused_before_searching():
     model = _model()
-    floor_target = 1e-6
-    with pytest.warns(UserWarning, match="below the floor"):
-        result = search(model, lambda: _batches(1), floor_target, steps=2, arch_lr=0.1)
-    assert not result.reached and result.gmacs > floor_target
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruneError, match="below this encoder's floor 0.000557"):
+        search(model, lambda: _batches(1), 1e-6, steps=2, arch_lr=0.1)
+    assert not any(isinstance(b, SearchBlock) for b in model.image_encoder.blocks)  # nothing searched
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    floor = gmacs(encoder_flops(model.image_encoder, 64)["patch_embed"] + encoder_flops(model.image_encoder, 64)["neck"])
+    check_reachable(model.image_encoder, 64, floor)  # the floor itself is reachable (every step taken)
+    with pytest.raises(PruneError, match="cannot be reached"):
+        check_reachable(model.image_encoder, 64, floor * (1 - 1e-9))
 
 
 def test_too_few_steps_for_any_gate_to_close_is_warned():
     model = _model()
     with pytest.warns(UserWarning, match="no gate can close"):
-        search(model, lambda: _batches(1), 1e-4, steps=1)
+        search(model, lambda: _batches(1), 0.0008, steps=1)
+
+
+# -- the gates' order ----------------------------------------------------------------------------
+def _taken(enc) -> tuple[list[str], list[set[int]]]:
+    return [b.choice() for b in enc.blocks], [set(b.kept_units().tolist()) for b in enc.blocks]
+
+
+def test_a_one_step_search_meets_a_target_well_below_the_dense_gmacs():
+    """One step at the default arch_lr closes no gate; the order it learned still meets the target, with
+    the fewest steps: giving back the last one taken is above the target."""
+    model = _model("lora", seed=0, targets=["qkv"], rank=2)
+    dense = gmacs(encoder_flops(model.image_encoder, 64)["total"])
+    target = 0.7 * dense
+    seen = {}
+
+    def log(record):  # after the last step, before the order fixes the architecture
+        seen["order"] = pruning_order(model.image_encoder, 64)
+
+    with pytest.warns(UserWarning, match="no gate can close"):
+        result = search(model, lambda: _batches(1), target, steps=1, log=log)
+    assert result.search_gmacs == pytest.approx(dense)  # the thresholds alone pruned nothing
+    assert result.reached and result.gmacs <= target
+    order = seen["order"]
+    remaining = gmacs(order.remaining())
+    n = int(np.argmax(remaining <= target)) + 1  # the fewest steps at or below the target
+    before_last = remaining[n - 2] if n >= 2 else gmacs(order.dense)
+    assert remaining[n - 1] <= target < before_last  # not over-pruned: the last step taken was needed
+    assert result.gmacs == pytest.approx(remaining[n - 1])
+    assert order.score[:n].max() <= order.score[n:].min()  # the steps taken are the lowest-scored
+    choices, kept = _taken(model.image_encoder)
+    for b, blk in enumerate(model.image_encoder.blocks):
+        attn_steps = int(((order.block[:n] == b) & (order.kind[:n] == ATTN)).sum())
+        assert choices[b] == ("msa", "conv3", "conv1", "skip")[attn_steps]
+        dropped = set(order.index[:n][(order.block[:n] == b) & (order.kind[:n] == MLP)].tolist())
+        assert kept[b] == set(range(blk.hidden)) - dropped
+    arch = rebuild(model.image_encoder)
+    assert arch == result.arch
+    assert gmacs(encoder_block_flops(model.image_encoder, 64)["total"]) == pytest.approx(result.gmacs)
+
+
+def _scored(attn: list[float], units: list[torch.Tensor]):
+    """A search encoder with these thresholds, and the dense encoder's FLOPs (per block and total)."""
+    enc = _model().image_encoder
+    dense = encoder_block_flops(enc, 64)
+    to_search(enc)
+    with torch.no_grad():
+        for blk, a, u in zip(enc.blocks, attn, units):
+            blk.attn_thresholds.fill_(a)
+            blk.mlp_thresholds.copy_(u)
+    return enc, dense
+
+
+@pytest.mark.parametrize("high", [0, 1])
+def test_the_block_whose_gates_score_high_keeps_its_attention_longer(high):
+    """Every threshold still positive (no gate closed): the order alone decides. The block scored high keeps
+    MSA; the other is skipped before any MLP unit (scored between) goes, then the lowest-scored unit."""
+    units = [torch.full((128,), 2.0), torch.full((128,), 2.0)]
+    units[high][5] = 1.9
+    enc, costs = _scored([3.0 if b == high else 1.0 for b in range(2)], units)
+    low_mixer = costs["blocks"][1 - high]["mixer"]
+    unit = costs["blocks"][0]["mlp"] // 128
+    target = gmacs(costs["total"] - low_mixer - unit // 2)
+    reached = meet_target(enc, 64, target)
+    choices, kept = _taken(enc)
+    assert choices[high] == "msa" and choices[1 - high] == "skip"
+    assert kept[high] == set(range(128)) - {5} and kept[1 - high] == set(range(128))
+    assert reached == pytest.approx(gmacs(costs["total"] - low_mixer - unit)) and reached <= target
+    assert gmacs(encoder_block_flops(enc, 64)["total"]) == pytest.approx(reached)
+
+
+def test_mlp_units_go_in_the_order_of_their_scores_across_blocks():
+    gen = torch.Generator().manual_seed(0)
+    units = [torch.randn(128, generator=gen), torch.randn(128, generator=gen)]
+    enc, costs = _scored([5.0, 5.0], units)
+    unit = costs["blocks"][0]["mlp"] // 128
+    reached = meet_target(enc, 64, gmacs(costs["total"] - 10.5 * unit))
+    assert reached == pytest.approx(gmacs(costs["total"] - 11 * unit))
+    lowest = torch.cat(units).argsort()[:11].tolist()
+    _, kept = _taken(enc)
+    assert [set(range(128)) - k for k in kept] == [{i for i in lowest if i < 128}, {i - 128 for i in lowest if i >= 128}]
+    assert _taken(enc)[0] == ["msa", "msa"]
+
+
+def test_an_overshooting_search_gives_back_the_best_scored_steps_it_did_not_need():
+    """The thresholds closed block 1's attention and 64 units of block 0 (all below 0); the target needs only
+    the attention: the units come back, the attention stays skipped."""
+    units = [torch.cat([torch.full((64,), -1.0), torch.full((64,), 1.0)]), torch.full((128,), 1.0)]
+    enc, dense = _scored([2.0, -2.0], units)
+    assert _taken(enc)[0] == ["msa", "skip"]
+    target = gmacs(dense["total"] - dense["blocks"][1]["mixer"])
+    assert gmacs(encoder_block_flops(enc, 64)["total"]) < target  # what the thresholds alone fixed
+    assert meet_target(enc, 64, target) == pytest.approx(target)
+    assert _taken(enc) == (["msa", "skip"], [set(range(128)), set(range(128))])

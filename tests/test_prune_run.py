@@ -68,8 +68,41 @@ def test_cli_prune(tmp_path, synthetic_dir):
     result = CliRunner().invoke(app, ["prune", "--run", str(run), "--target-gmacs", "0.0008", "--search-steps", "2",
                                       "--arch-lr", "0.01", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "encoder GMACs" in result.output and "NOT reached" in result.output  # 2 steps cannot close a gate
+    # 2 steps cannot close a gate; the gates' order meets the target all the same, and the report says so
+    assert "encoder GMACs" in result.output and "(target 0.0008: reached" in result.output
+    assert "NOT reached" not in result.output and "the thresholds alone fixed 0.0009769" in result.output
+    saved = json.loads((out / ARCH_FILE).read_text())
+    assert saved["reached"] and saved["pruned_gmacs"] <= 0.0008 < saved["search_gmacs"]
     assert (out / ARCH_FILE).is_file()
     result = CliRunner().invoke(app, ["prune", "--run", str(run), "--target-gmacs", "0.0008", "--search-steps", "2",
                                       "--out", str(out)])
     assert result.exit_code == 2 and "already holds a run" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("target,said", [("0.0005", "below this encoder's floor 0.0005571 GMACs"),
+                                         ("0.001", "not below this run's dense encoder (0.0009769 GMACs)")])
+def test_a_target_out_of_reach_is_refused_in_one_line_before_searching(tmp_path, synthetic_dir, target, said):
+    from typer.testing import CliRunner
+
+    from samft.cli import app
+
+    run = tmp_path / "run"
+    _make_run(run, synthetic_dir, method="decoder_only")
+    out = tmp_path / "small"
+    result = CliRunner().invoke(app, ["prune", "--run", str(run), "--target-gmacs", target, "--search-steps", "2",
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and said in result.output and "nothing" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_prune_device_defaults_to_auto_like_every_command():
+    import typer
+
+    from samft.cli import app
+
+    commands = typer.main.get_command(app).commands
+    defaults = {name: {p.name: p.default for p in cmd.params}.get("device") for name, cmd in commands.items()}
+    assert defaults["prune"] == "auto" == defaults["eval"] == defaults["predict"]
+    assert PruneArgs().device == "auto"
+    lam_help = next(p.help for p in commands["prune"].params if p.name == "lam")
+    assert "samft's rule" in lam_help and "1.1x the task loss" in lam_help and "authors' rule" not in lam_help

@@ -7,14 +7,18 @@ in the reference (``create_2optimizers``): the thresholds (lr ``arch_lr``, defau
 decay) and every other trainable parameter (``head_probs``, the new BatchNorms, the run's PEFT
 parameters and the decoder; lr ``lr``, no weight decay).
 
-lambda: the authors set it so that the FLOPs loss is slightly above the task loss at the start of the
-search. When ``lam`` is not given it is ``LAMBDA_MARGIN * task_loss / (target - GMACs)^2`` on the first
-batch (GMACs of the dense encoder), i.e. the FLOPs loss starts at 1.1 x the task loss.
+lambda: samft's own rule, not the authors' (their configs fix lambda per model): when ``lam`` is not
+given it is ``LAMBDA_MARGIN * task_loss / (target - GMACs)^2`` on the first batch (GMACs of the dense
+encoder), i.e. the FLOPs loss starts at 1.1 x the task loss.
 
-Adam moves a threshold by at most about ``arch_lr`` per step, and a gate closes when its threshold
-crosses 0 (from 1.5): with ``steps * arch_lr < 1.5`` nothing can be pruned, which is warned about. A
-target below the floor (patch embedding + neck, every block skipped with no MLP unit) or not reached
-within ``tolerance`` is reported (``SearchResult.reached`` false and a one-line warning).
+The search learns an order (:mod:`samft.prune.order`): the thresholds score every attention choice and MLP
+unit, and the final architecture takes the cheapest choices in that order until the target is met,
+however short the search (``SearchResult.gmacs <= target``; ``search_gmacs`` is what the thresholds
+alone fixed). The step budget changes the quality of the order, not whether the target is met: Adam
+moves a threshold by at most about ``arch_lr`` per step and a gate closes when its threshold crosses 0
+(from 1.5), so with ``steps * arch_lr < 1.5`` no gate closes by itself and the order is a rough one,
+which is warned about. A target below the floor (patch embedding + neck: every attention skipped and no
+MLP unit) cannot be reached and is refused before searching (:func:`samft.prune.order.check_reachable`).
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from torch import nn
 from samft.tasks.losses import structure_loss
 from samft.tasks.task import upsample_logits
 from samft.prune.errors import PruneError
-from samft.prune.flops import encoder_block_flops, gmacs, search_flops, stem_flops
-from samft.prune.rebuild import architecture, summary
+from samft.prune.flops import encoder_block_flops, gmacs, search_flops
+from samft.prune.order import check_reachable, meet_target
+from samft.prune.rebuild import architecture
 from samft.prune.search_block import ALPHA, THETA, SearchBlock
 from samft.prune.search_state import SearchCheckpoint, load_search_state, restore_search_state, save_search_state
 
 LAMBDA_MARGIN = 1.1
-TOLERANCE = 0.15
 
 LossFn = Callable[[nn.Module, dict, torch.device], torch.Tensor]
 
@@ -73,7 +77,8 @@ def binary_task_loss(model: nn.Module, batch: dict, device: torch.device) -> tor
 
 
 def auto_lambda(task_loss: float, gmacs_now: float, target: float, margin: float = LAMBDA_MARGIN) -> float:
-    """lambda making ``lam * (target - gmacs_now)^2 = margin * task_loss`` (the authors' rule)."""
+    """lambda making ``lam * (target - gmacs_now)^2 = margin * task_loss`` (samft's rule; the authors fix
+    lambda per model in their configs)."""
     gap = max((target - gmacs_now) ** 2, (1e-3 * max(target, 1e-9)) ** 2)
     return margin * max(task_loss, 1e-6) / gap
 
@@ -88,7 +93,8 @@ def flops_term(now_gmacs: torch.Tensor, target: float, lam: float) -> torch.Tens
 
 @dataclass
 class SearchResult:
-    """What a search found; ``reached`` is false when the target was missed by more than the tolerance."""
+    """What a search found: the architecture the gates' order gives for the target (``gmacs``, at or below
+    ``target_gmacs``: ``reached``) and the GMACs the thresholds alone fixed (``search_gmacs``)."""
 
     arch: dict[str, Any]
     target_gmacs: float
@@ -97,6 +103,7 @@ class SearchResult:
     lam: float
     reached: bool
     history: list[dict[str, float]] = field(default_factory=list)
+    search_gmacs: Optional[float] = None
 
 
 def _batches(loader_fn: Callable[[], Iterable[dict]], steps: int) -> Iterable[dict]:
@@ -113,29 +120,29 @@ def _batches(loader_fn: Callable[[], Iterable[dict]], steps: int) -> Iterable[di
             raise PruneError("prune search: the data loader yielded no batch")
 
 
-def _check_target(target: float, dense: float, floor: float, steps: int, arch_lr: float, theta: float) -> None:
-    if target < floor:
-        warnings.warn(f"prune: target {target:.4g} GMACs is below the floor {floor:.4g} GMACs (patch embedding + "
-                      "neck, every block skipped): it cannot be reached", stacklevel=3)
-    elif target >= dense:
+def _check_target(target: float, dense: float, steps: int, arch_lr: float, theta: float) -> None:
+    if target >= dense:
         warnings.warn(f"prune: target {target:.4g} GMACs is not below the dense encoder's {dense:.4g} GMACs: "
                       "nothing needs pruning", stacklevel=3)
     if steps * arch_lr < theta:
         warnings.warn(f"prune: steps x arch_lr = {steps * arch_lr:.3g} < the initial threshold {theta}: Adam cannot "
-                      "move a threshold below 0 in that many steps, so no gate can close (more steps or arch_lr)",
+                      "move a threshold below 0 in that many steps, so no gate can close: the target is met by the "
+                      "gates' order after so few steps, a rough one (more steps or arch_lr)",
                       stacklevel=3)
 
 
 def search(model: nn.Module, loader_fn: Callable[[], Iterable[dict]], target_gmacs: float, steps: int,
            arch_lr: float = 5e-4, lam: Optional[float] = None, lr: float = 1e-4, alpha: float = ALPHA,
-           theta: float = THETA, loss_fn: LossFn = binary_task_loss, tolerance: float = TOLERANCE,
+           theta: float = THETA, loss_fn: LossFn = binary_task_loss,
            device: Optional[torch.device] = None, log: Optional[Callable[[dict], None]] = None,
            checkpoint: Optional[SearchCheckpoint] = None) -> SearchResult:
     """Search ``model``'s (a SemanticSAM) encoder architecture for ``target_gmacs`` per image at its input
     size, for ``steps`` optimizer steps over ``loader_fn()`` (called again at each pass; batches are
     dicts with ``image`` (B, 3, S, S), ``mask`` (B, S, S) and optionally ``valid_hw`` (B, 2)).
 
-    The encoder's blocks stay SearchBlocks (call :func:`samft.prune.rebuild.rebuild` to prune them);
+    The target is met whatever ``steps`` (module docstring); one below the floor raises a PruneError
+    before anything changes. The encoder's blocks stay SearchBlocks, their thresholds fixed to the
+    architecture found (call :func:`samft.prune.rebuild.rebuild` to prune them);
     the model is left in eval mode. ``log`` receives each step's record. ``checkpoint``: the state is
     saved there every ``checkpoint.every`` steps, and a state found there is continued (same steps as an
     uninterrupted search: ``loader_fn`` must give the same batch order again, as a seeded loader does).
@@ -144,9 +151,9 @@ def search(model: nn.Module, loader_fn: Callable[[], Iterable[dict]], target_gma
     device = device or next(model.parameters()).device
     size = model.img_size
     dense = gmacs(encoder_block_flops(enc, size)["total"])  # (an encoder already searching: its current GMACs)
-    floor = gmacs(stem_flops(enc, size))
+    check_reachable(enc, size, target_gmacs)
     to_search(enc, alpha, theta)
-    _check_target(target_gmacs, dense, floor, steps, arch_lr, theta)
+    _check_target(target_gmacs, dense, steps, arch_lr, theta)
     arch_params, weight_params = _parameter_groups(model)
     opt_arch = torch.optim.AdamW(arch_params, lr=arch_lr, weight_decay=0.0)
     opt_w = torch.optim.AdamW(weight_params, lr=lr, weight_decay=0.0) if weight_params and lr > 0 else None
@@ -165,7 +172,7 @@ def search(model: nn.Module, loader_fn: Callable[[], Iterable[dict]], target_gma
         if checkpoint is not None and checkpoint.due(step + 1, steps):
             save_search_state(checkpoint, step + 1, model, opt_arch, opt_w, lam, history)
     model.eval()
-    return _result(enc, size, target_gmacs, dense, floor, lam, tolerance, history)
+    return _result(enc, size, target_gmacs, dense, lam, history)
 
 
 def _step(model: nn.Module, batch: dict, device: torch.device, size: int, target_gmacs: float, lam: Optional[float],
@@ -204,12 +211,10 @@ def _parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     return arch, [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
 
 
-def _result(enc: nn.Module, size: int, target: float, dense: float, floor: float, lam: Optional[float],
-            tolerance: float, history: list[dict[str, float]]) -> SearchResult:
+def _result(enc: nn.Module, size: int, target: float, dense: float, lam: Optional[float],
+            history: list[dict[str, float]]) -> SearchResult:
+    """The thresholds' own architecture's GMACs, then the architecture the gates' order gives for ``target``."""
+    own = gmacs(encoder_block_flops(enc, size)["total"])
+    final = meet_target(enc, size, target)
     arch = architecture(enc)
-    final = gmacs(encoder_block_flops(enc, size)["total"])
-    reached = floor <= target and abs(final - target) <= tolerance * target
-    if not reached:
-        warnings.warn(f"prune: the search ended at {final:.4g} GMACs, target {target:.4g} (dense {dense:.4g}, floor "
-                      f"{floor:.4g}): missed by more than {tolerance:.0%} ({summary(arch)})", stacklevel=3)
-    return SearchResult(arch, target, dense, final, float(lam or 0.0), reached, history)
+    return SearchResult(arch, target, dense, final, float(lam or 0.0), final <= target, history, own)

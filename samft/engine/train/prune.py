@@ -12,7 +12,8 @@ run directory that every command reads like any other run (``eval``, ``predict``
   rebuilds the pruned model as the run's base), ``output.dir`` the new directory, ``train.epochs`` the
   fine-tuning epochs;
 - ``architecture.json``: the architecture description plus what the search found (GMACs dense /
-  target / pruned, whether the target was reached, lambda, the source run);
+  target / pruned, whether the target was reached (always, by the gates' order: :mod:`samft.prune.order`),
+  the GMACs the thresholds alone fixed, lambda, the source run);
 - the fine-tuning is the normal training loop (:func:`samft.engine.train.loop.train`) on that config: the
   run's PEFT parameters on the remaining attention blocks, the new conv/BatchNorm parameters and the
   decoder; it writes ``adapter.safetensors`` (best), ``adapter_last.safetensors``, ``state.pt``,
@@ -53,7 +54,9 @@ from samft.engine.artifacts.loading import LoadedRun, load_run, locate_pruned
 from samft.errors import SamftError
 from samft.model import build_model
 from samft.prune.errors import PruneError
+from samft.engine.runtime import pick_device
 from samft.prune.flops import encoder_block_flops, gmacs
+from samft.prune.order import check_reachable
 from samft.prune.rebuild import rebuild
 from samft.prune.search import search
 from samft.prune.search_state import SearchCheckpoint
@@ -73,7 +76,8 @@ class PruneArgs:
 
     The search runs ``search_steps`` optimizer steps, or ``search_epochs`` passes over the training split
     (exactly one of the two), with the gate thresholds' learning rate ``arch_lr`` and the FLOPs-loss weight
-    ``lam`` (None: the authors' rule); ``finetune_epochs`` epochs of the normal training loop follow
+    ``lam`` (None: samft's rule, the FLOPs loss starting at 1.1 x the task loss; the authors fix lambda per
+    model in their configs); ``finetune_epochs`` epochs of the normal training loop follow
     (``overrides``: ``key=value`` for the pruned run's config, e.g. ``train.lr=1e-4``). The search saves its
     state every ``search_save_every`` steps (``OUT/search_state.pt``). ``resume`` with ``out_dir``: continues
     the search from that state (same source run and settings required), or the fine-tuning of a run whose
@@ -88,7 +92,7 @@ class PruneArgs:
     out_dir: Optional[str | Path] = None
     arch_lr: float = 5e-4
     lam: Optional[float] = None
-    device: str | torch.device = "cpu"
+    device: str | torch.device = "auto"
     overwrite: bool = False
     overrides: Optional[list[str]] = None
     resume: bool = False
@@ -107,6 +111,7 @@ class PruneReport:
     reached: bool
     metrics: dict[str, dict[str, float]]
     model: torch.nn.Module  # the pruned (and fine-tuned) model, in eval mode
+    search_gmacs: Optional[float] = None  # what the thresholds alone fixed, before the gates' order met the target
 
 
 def _out_path(run_dir: Path, out_dir: Optional[str | Path]) -> Path:
@@ -214,8 +219,8 @@ def _search_phase(loaded: LoadedRun, args: PruneArgs, device: torch.device,
     pruned = gmacs(encoder_block_flops(loaded.model.image_encoder, size)["total"])
     metrics["pruned"] = _validate(loaded, val_pairs, device, "pruned")
     record = {"source_run": str(loaded.run_dir.resolve()), "dense_gmacs": result.dense_gmacs,
-              "target_gmacs": target_gmacs, "pruned_gmacs": pruned, "reached": result.reached, "lambda": result.lam,
-              "search_steps": steps, "arch_lr": arch_lr}
+              "target_gmacs": target_gmacs, "pruned_gmacs": pruned, "reached": result.reached,
+              "search_gmacs": result.search_gmacs, "lambda": result.lam, "search_steps": steps, "arch_lr": arch_lr}
     metric_name = make_task(cfg).selection_metric(cfg.train.metric)
     return arch, record, {"history": result.history, "metric": metric_name, "metrics": metrics}
 
@@ -223,7 +228,7 @@ def _search_phase(loaded: LoadedRun, args: PruneArgs, device: torch.device,
 def prune_run(args: PruneArgs) -> PruneReport:
     """Prune ``args.run_dir`` to ``args.target_gmacs`` per image and write the pruned run (module doc;
     the options: :class:`PruneArgs`)."""
-    device = torch.device(args.device)
+    device = args.device if isinstance(args.device, torch.device) else pick_device(args.device)
     _check_options(args)
     if args.resume and args.out_dir is not None and (Path(args.out_dir) / PRUNED_FILE).is_file():
         _check_resumable(Path(args.out_dir))
@@ -243,6 +248,7 @@ def prune_run(args: PruneArgs) -> PruneReport:
         raise PruneError(f"{run_dir}: is already a pruned run (model.pruned); prune its source run instead")
     if make_task(loaded.cfg).kind != "binary":  # the search's loss is written for one mask token
         raise PruneError(f"{run_dir}: pruning supports binary-mask runs for now (this run is multi-class)")
+    _check_target(loaded, args.target_gmacs)
     cfg = pruned_config(loaded.cfg, out, args.finetune_epochs, device, args.overrides)  # bad overrides fail early
     _claim_out(out, args.overwrite, args.resume)
     checkpoint = SearchCheckpoint(out / SEARCH_STATE_FILE, args.search_save_every, atomic_torch_save)
@@ -256,6 +262,17 @@ def prune_run(args: PruneArgs) -> PruneReport:
     else:
         save_adapter(loaded.model, out / ADAPTER_FILE, adapter_expectations(cfg, sha))
     return _finish(out, arch, record, report, device)
+
+
+def _check_target(loaded: LoadedRun, target: float) -> None:
+    """A target the search cannot reach (below the floor) or need not (not below the dense encoder) is refused
+    in one line, before anything is written."""
+    size = loaded.model.img_size
+    check_reachable(loaded.model.image_encoder, size, target)
+    dense = gmacs(encoder_block_flops(loaded.model.image_encoder, size)["total"])
+    if target >= dense:
+        raise PruneError(f"prune --target-gmacs {target:.4g}: not below this run's dense encoder ({dense:.4g} GMACs): "
+                         "nothing to prune; nothing was written")
 
 
 def _note_search_start(state: Path, resume: bool) -> None:
@@ -306,7 +323,7 @@ def _finish(out: Path, arch: dict, record: dict, report: dict, device: torch.dev
         report["metrics"]["finetuned"] = _validate(loaded, train_val_pairs(loaded.cfg.data)[1], device, "finetuned")
     prune_files.write(out / REPORT_FILE, {**record, **report})
     return PruneReport(out, arch, record["dense_gmacs"], record["target_gmacs"], record["pruned_gmacs"],
-                       record["reached"], report["metrics"], loaded.model)
+                       record["reached"], report["metrics"], loaded.model, record.get("search_gmacs"))
 
 
 def _write(out: Path, loaded: LoadedRun, cfg: Config, arch: dict, record: dict, report: dict) -> str:
