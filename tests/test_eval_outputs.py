@@ -1,0 +1,163 @@
+"""What ``samft eval`` and ``samft predict`` leave for a user to look at: per-image results sorted worst first,
+every evaluated set in the table with its own scoring, probability maps. Each test was checked against a
+mutant of the code it guards (named in its docstring)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from samft.cli import app
+from samft.engine.artifacts import eval_json, per_image_csv
+from samft.engine.infer.per_image import per_image_rows
+from samft.errors import SamftError
+from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics
+
+from conftest import classes_dir
+from test_export import make_run
+
+
+def _invoke(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------- per-image rows
+
+def test_binary_per_image_rows_come_from_the_records_and_sort_worst_first():
+    """Mutants: sorting best first; dice taken from the iou record; the threshold name not applied."""
+    from samft.data.layouts import Pair
+    from pathlib import Path
+
+    m = BinaryMetrics(threshold=0.3)
+    gt = np.zeros((16, 16), bool)
+    gt[4:12, 4:12] = True
+    for name, shift in (("good", 0), ("bad", 6), ("mid", 3)):
+        prob = np.roll(gt, shift, axis=1).astype(np.float32)
+        m.update(prob, gt, name)
+    pairs = [Pair(Path(f"/d/{n}.jpg"), None, n) for n in ("good", "bad", "mid")]
+    rows, columns, key = per_image_rows(m, pairs, "dice@0.5")
+    assert key == "dice@0.3" and columns == ["dice@0.3", "iou@0.3", "Sm", "MAE"]
+    assert [r["image"] for r in rows] == ["bad.jpg", "mid.jpg", "good.jpg"]
+    assert rows[-1]["dice@0.3"] == 1.0 and rows[0]["path"] == "/d/bad.jpg"
+    for r, k in zip(rows, (1, 2, 0)):  # the records' own values, not recomputed
+        assert r["dice@0.3"] == m.records["dice"][k] and r["iou@0.3"] == m.records["iou"][k]
+        assert r["Sm"] == m.records["sm"][k] and r["MAE"] == m.records["mae"][k]
+    rows, columns, key = per_image_rows(m, pairs, "MAE")  # lower is better: the largest error first
+    assert key == "MAE" and columns[0] == "MAE" and [r["image"] for r in rows][0] == "bad.jpg"
+    rows, columns, _ = per_image_rows(m, pairs, "BER")  # a metric not among the defaults is added, first
+    assert columns == ["BER@0.3", "dice@0.3", "iou@0.3", "Sm", "MAE"]
+
+
+def test_multiclass_per_image_metrics_over_the_classes_present():
+    """Mutants: mIoU over every class (absent ones as 0); pixel accuracy counting ignored pixels; records not
+    merged across processes."""
+    a, b = ConfusionMetrics(("bg", "cat", "dog")), ConfusionMetrics(("bg", "cat", "dog"))
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 255]])
+    pred = np.array([[0, 0, 1, 0], [0, 0, 1, 2]])
+    a.update(pred, gt, "one")  # bg: tp 4, union 5; cat: tp 2, union 3; dog only on the ignored pixel
+    b.update(np.zeros((2, 2), int), np.full((2, 2), 255), "ignored")  # nothing scored: NaN
+    a.merge(b)
+    first, second = a.per_image()
+    assert first["name"] == "one" and first["pixel_acc"] == pytest.approx(6 / 7)
+    assert first["mIoU"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    assert first["mAcc"] == pytest.approx((4 / 4 + 2 / 3) / 2)
+    assert second["name"] == "ignored" and math.isnan(second["mIoU"]) and math.isnan(second["pixel_acc"])
+    rows, columns, key = per_image_rows(a, [], "mIoU")
+    assert columns == ["mIoU", "pixel_acc"] and [r["image"] for r in rows] == ["one", "ignored"]  # NaN last
+
+
+def test_set_names_become_safe_distinct_file_names():
+    """Mutant: the name used as it is (a/b would make a folder, .. would climb out)."""
+    assert per_image_csv.set_file_name("val") == "val.csv"
+    names = {per_image_csv.set_file_name(n) for n in ("a/b", "a_b", "..", "a b")}
+    assert len(names) == 4 and all("/" not in n and not n.startswith(".") for n in names)
+
+
+def test_a_folder_samft_did_not_create_is_refused(tmp_path):
+    """Mutant: prepare_folder without the marker check (writes into a user's folder)."""
+    theirs = tmp_path / "eval_per_image"
+    theirs.mkdir()
+    (theirs / "val.csv").write_text("mine")
+    with pytest.raises(SamftError, match="samft did not create it"):
+        per_image_csv.prepare_folder(theirs)
+    assert (theirs / "val.csv").read_text() == "mine"
+    ours = per_image_csv.prepare_folder(tmp_path / "new")
+    assert per_image_csv.prepare_folder(ours) == ours  # ours again: fine
+
+
+# ---------------------------------------------------------------------------------- eval end to end
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory):
+    from samft.data.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("evalout")
+    data = write_dataset(root / "data", n=6, seed=1)
+    run, _ = make_run(root / "run", "lora", data={"root": str(data), "train": "."})
+    return run, data
+
+
+def test_eval_writes_per_image_csv_and_prints_the_worst(binary_run):
+    """Mutants: no CSV written; rows in evaluation order; the summary without the worst images."""
+    run, data = binary_run
+    result = _invoke("eval", "--run", run, "--data", f"syn={data}")
+    rows = _rows(run / "eval_per_image" / "syn.csv")
+    assert len(rows) == 6 and list(rows[0])[:3] == ["image", "path", "Sm"]
+    assert {r["image"] for r in rows} == {p.name for p in (data / "images").iterdir()}
+    sm = [float(r["Sm"]) for r in rows]
+    assert sm == sorted(sm)  # the selection metric (Sm, higher is better): worst first
+    entry = json.loads((run / "eval.json").read_text())["sets"]["syn"]
+    assert entry["per_image"] == "eval_per_image/syn.csv" and entry["sorted_by"] == "Sm"
+    assert [w["image"] for w in entry["worst"]] == [r["image"] for r in rows[:3]]
+    line = next(x for x in result.output.splitlines() if x.startswith("worst of syn"))
+    assert all(r["image"] in line for r in rows[:3]) and rows[3]["image"] not in line
+
+
+def test_the_table_shows_every_set_of_eval_json_with_its_own_scoring(binary_run):
+    """Mutants: the table of the new sets only; the entry's scoring from the file level (tiles for an
+    untiled set); the file-level scoring of the last evaluation when the sets differ."""
+    run, data = binary_run
+    _invoke("eval", "--run", run, "--data", f"first={data}")
+    result = _invoke("eval", "--run", run, "--data", f"tiled={data}", "--tile", "48")
+    out = " ".join(result.output.split())
+    assert "first" in out and "tiled" in out and "earlier" in out
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["sets"]["first"]["scoring"] == "original_resolution"
+    assert saved["sets"]["tiled"]["scoring"].startswith("original_resolution, tiles 48 px")
+    assert saved["scoring"] == eval_json.MIXED
+    as_json = json.loads(_invoke("eval", "--run", run, "--data", f"first={data}", "--json").stdout)
+    assert set(as_json["sets"]) >= {"first", "tiled"}  # the merged file, as written
+    assert as_json["scoring"] == eval_json.MIXED
+
+
+def test_an_old_entry_without_scoring_takes_its_files(tmp_path):
+    """Mutant: old entries left without a scoring (then claimed by the new file-level one)."""
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"scoring": "input_size", "sets": {"old": {"n_images": 1, "metrics": {}}}}))
+    merged = eval_json.update(path, {"scoring": "original_resolution", "sets": {"new": {"n_images": 1,
+                                                                                        "metrics": {}}}})
+    assert merged["sets"]["old"]["scoring"] == "input_size"
+    assert merged["sets"]["new"]["scoring"] == "original_resolution" and merged["scoring"] == eval_json.MIXED
+
+
+def test_an_exported_model_gets_its_per_image_folder_beside_its_eval_json(tmp_path, binary_run):
+    """Mutant: per_image_dir inside the folder of the model (next to the user's other files, unmarked)."""
+    from samft.engine.artifacts.rundir import RunDir
+
+    model = tmp_path / "model.pth"
+    model.write_bytes(b"")
+    assert RunDir(model).per_image_dir == tmp_path / "model.eval_per_image"
+    assert RunDir(binary_run[0]).per_image_dir == binary_run[0] / "eval_per_image"
