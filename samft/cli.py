@@ -216,6 +216,10 @@ def predict(
     overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in pixels (default SIZE/8)"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="image-decoding processes "
                                           "(default: the run's data.num_workers)"),
+    probs: Optional[str] = typer.Option(None, "--probs", help="also write probability maps to OUT/probs/: npy "
+                                        "(float16; binary (H, W) foreground probability, multi-class (C, H, W) class "
+                                        "scores) or png16 (16-bit PNG of the probability; multi-class: NAME/<class "
+                                        "id>.png, each class's share of the scores)"),
 ) -> None:
     """Predict masks (0/255 PNG at the original size, named after each input; same stems get distinct names).
     Under torchrun each process predicts its share of the images."""
@@ -227,12 +231,14 @@ def predict(
     run_dir = run or newest_run()
     t0 = time.perf_counter()
     written = predict_run(run_dir, inputs, out, with_overlay, device, overwrite=overwrite, tile=tile, overlap=overlap,
-                          workers=workers)
+                          workers=workers, probs=probs)
     seconds = max(time.perf_counter() - t0, 1e-9)
     if _rank() != 0:  # under torchrun: rank 0 reports, for all the processes
         return
     _console().print(f"[green]wrote {len(written)} mask(s)[/] to {_e(written[0].parent if written else out)} in "
                      f"{seconds:.1f} s ({len(written) / seconds:.1f} images/s, model loading included)")
+    if probs and written:
+        _console().print(f"probability maps ({probs}) in {_e(written[0].parent / 'probs')}")
 
 
 @app.command()

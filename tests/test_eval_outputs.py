@@ -161,3 +161,90 @@ def test_an_exported_model_gets_its_per_image_folder_beside_its_eval_json(tmp_pa
     model.write_bytes(b"")
     assert RunDir(model).per_image_dir == tmp_path / "model.eval_per_image"
     assert RunDir(binary_run[0]).per_image_dir == binary_run[0] / "eval_per_image"
+
+
+# ------------------------------------------------------------------------------------ predict --probs
+
+def test_binary_probs_npy_and_png16_match_the_masks(binary_run, tmp_path):
+    """Mutants: the probabilities not written; written at the input size instead of the image's; png16 scaled
+    to 255; a mask and its probabilities from different images."""
+    run, data = binary_run
+    images = sorted((data / "images").iterdir())[:3]
+    out = tmp_path / "npy"
+    _invoke("predict", *images, "--run", run, "--out", out, "--probs", "npy")
+    for image in images:
+        prob = np.load(out / "probs" / f"{image.stem}.npy")
+        mask = np.asarray(Image.open(out / f"{image.stem}.png")) > 0
+        assert prob.dtype == np.float16 and prob.shape == mask.shape == Image.open(image).size[::-1]
+        assert 0 <= prob.min() and prob.max() <= 1
+        assert (np.asarray(prob, np.float32) >= 0.5)[np.abs(prob - 0.5) > 1e-2].tolist() == \
+            mask[np.abs(prob - 0.5) > 1e-2].tolist()  # the mask is the thresholded map (away from the edge)
+    out16 = tmp_path / "png16"
+    _invoke("predict", images[0], "--run", run, "--out", out16, "--probs", "png16")
+    with Image.open(out16 / "probs" / f"{images[0].stem}.png") as im:
+        assert im.mode == "I;16"
+        grey = np.asarray(im).astype(np.float32) / 65535
+    np.testing.assert_allclose(grey, np.load(out / "probs" / f"{images[0].stem}.npy").astype(np.float32), atol=2e-3)
+
+
+def test_probs_are_refused_as_masks_are(binary_run, tmp_path):
+    """Mutants: plan_probs not called (an existing probability file replaced without --overwrite); an unknown
+    format accepted."""
+    run, data = binary_run
+    image = sorted((data / "images").iterdir())[0]
+    out = tmp_path / "out"
+    (out / "probs").mkdir(parents=True)
+    (out / "probs" / f"{image.stem}.npy").write_bytes(b"mine")
+    result = CliRunner().invoke(app, ["predict", str(image), "--run", str(run), "--out", str(out), "--probs", "npy"])
+    assert result.exit_code == 2 and "already exists" in result.output and "--overwrite" in result.output
+    assert (out / "probs" / f"{image.stem}.npy").read_bytes() == b"mine" and not (out / f"{image.stem}.png").exists()
+    _invoke("predict", image, "--run", run, "--out", out, "--probs", "npy", "--overwrite")
+    assert np.load(out / "probs" / f"{image.stem}.npy").dtype == np.float16
+    bad = CliRunner().invoke(app, ["predict", str(image), "--run", str(run), "--out", str(tmp_path / "x"),
+                                   "--probs", "tiff"])
+    assert bad.exit_code == 2 and "--probs tiff: expected npy or png16" in bad.output
+
+
+def test_binary_tiled_prediction_writes_probs(binary_run, tmp_path):
+    """Mutant: --probs with --tile refused for binary runs too (their tiled prediction has the scores)."""
+    run, _ = binary_run
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 110, 3), dtype=np.uint8)).save(big)
+    _invoke("predict", big, "--run", run, "--out", tmp_path / "out", "--tile", "64", "--probs", "npy")
+    prob = np.load(tmp_path / "out" / "probs" / "big.npy")
+    mask = np.asarray(Image.open(tmp_path / "out" / "big.png")) > 0
+    assert prob.shape == (150, 110)
+    assert ((prob.astype(np.float32) >= 0.5) == mask)[np.abs(prob - 0.5) > 1e-2].all()
+
+
+@pytest.fixture(scope="module")
+def multiclass_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalout_mc")
+    data = classes_dir(root / "data")
+    run, _ = make_run(root / "run", "lora", model={"num_mask_tokens": 3},
+                      data={"root": str(data), "train": ".", "classes": ["bg", "box", "bar"]})
+    return run, data
+
+
+def test_multiclass_probs_class_scores_and_one_png_per_class(multiclass_run, tmp_path):
+    """Mutants: png16 of the raw scores (not each class's share); npy of the label map; tiled multi-class
+    prediction with --probs not refused before anything is written."""
+    run, data = multiclass_run
+    image = sorted((data / "images").iterdir())[0]
+    _invoke("predict", image, "--run", run, "--out", tmp_path / "npy", "--probs", "npy")
+    scores = np.load(tmp_path / "npy" / "probs" / f"{image.stem}.npy").astype(np.float32)
+    labels = np.asarray(Image.open(tmp_path / "npy" / f"{image.stem}.png"))
+    assert scores.shape == (3, 64, 64)
+    top2 = np.sort(scores, axis=0)
+    clear = top2[-1] - top2[-2] > 1e-2  # float16 may swap near-ties
+    assert (scores.argmax(0) == labels)[clear].all()
+    _invoke("predict", image, "--run", run, "--out", tmp_path / "png", "--probs", "png16")
+    shares = np.stack([np.asarray(Image.open(tmp_path / "png" / "probs" / image.stem / f"{k}.png"), np.float32)
+                       for k in range(3)]) / 65535
+    np.testing.assert_allclose(shares.sum(0), 1.0, atol=2e-3)  # each pixel's classes share the whole
+    np.testing.assert_allclose(shares, scores / scores.sum(0, keepdims=True), atol=3e-3)
+    out = tmp_path / "tiled"
+    bad = CliRunner().invoke(app, ["predict", str(image), "--run", str(run), "--out", str(out), "--tile", "32",
+                                   "--probs", "npy"])
+    assert bad.exit_code == 2 and "--probs with --tile" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not out.exists()
