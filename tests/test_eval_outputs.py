@@ -127,8 +127,9 @@ def test_eval_writes_per_image_csv_and_prints_the_worst(binary_run):
 
 
 def test_the_table_shows_every_set_of_eval_json_with_its_own_scoring(binary_run):
-    """Mutants: the table of the new sets only; the entry's scoring from the file level (tiles for an
-    untiled set); the file-level scoring of the last evaluation when the sets differ."""
+    """Mutants: the table of the new sets only (evaluate_run returning this evaluation's results, not the merged
+    file); earlier sets' scoring replaced by the new evaluation's; the file-level scoring of the last evaluation
+    when the sets differ."""
     run, data = binary_run
     _invoke("eval", "--run", run, "--data", f"first={data}")
     result = _invoke("eval", "--run", run, "--data", f"tiled={data}", "--tile", "48")
@@ -154,7 +155,7 @@ def test_an_old_entry_without_scoring_takes_its_files(tmp_path):
 
 
 def test_an_exported_model_gets_its_per_image_folder_beside_its_eval_json(tmp_path, binary_run):
-    """Mutant: per_image_dir inside the folder of the model (next to the user's other files, unmarked)."""
+    """Mutant: per_image_dir in the model's folder (``eval_per_image`` shared by every model there)."""
     from samft.engine.artifacts.rundir import RunDir
 
     model = tmp_path / "model.pth"
@@ -166,8 +167,7 @@ def test_an_exported_model_gets_its_per_image_folder_beside_its_eval_json(tmp_pa
 # ------------------------------------------------------------------------------------ predict --probs
 
 def test_binary_probs_npy_and_png16_match_the_masks(binary_run, tmp_path):
-    """Mutants: the probabilities not written; written at the input size instead of the image's; png16 scaled
-    to 255; a mask and its probabilities from different images."""
+    """Mutants: the probabilities not written; png16 scaled to 255 instead of 65535."""
     run, data = binary_run
     images = sorted((data / "images").iterdir())[:3]
     out = tmp_path / "npy"
