@@ -248,3 +248,19 @@ def test_multiclass_probs_class_scores_and_one_png_per_class(multiclass_run, tmp
                                    "--probs", "npy"])
     assert bad.exit_code == 2 and "--probs with --tile" in bad.output and len(bad.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_new_training_in_the_run_clears_its_per_image_results_only(tmp_path):
+    """Mutant: RunDir.init without per_image_csv.remove (stale CSVs of the earlier run's model stay)."""
+    from samft.engine.artifacts.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    folder = per_image_csv.prepare_folder(run.per_image_dir)
+    per_image_csv.write(folder / "val.csv", [{"image": "a.png", "path": "/a.png", "Sm": 0.5}], ["Sm"])
+    run.init("model: {}\n")
+    assert not run.per_image_dir.exists()
+    theirs = tmp_path / "other" / "eval_per_image"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.csv").write_text("mine")
+    per_image_csv.remove(theirs)  # no marker: not samft's
+    assert (theirs / "notes.csv").read_text() == "mine"
