@@ -148,24 +148,56 @@ def eval_(
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    _print_metrics_table(f"{run_dir} (config {results['config_hash']}, {results['protocol']})", results["sets"])
+    _print_metrics_table(f"{run_dir} (config {results['config_hash']}, {results['protocol']})", results["sets"],
+                         results.get("evaluated"))
+    _print_worst(results["sets"], eval_path(run_dir).parent)
     _console().print(f"written: {eval_path(run_dir)}", markup=False)
 
 
-def _print_metrics_table(title: str, sets: dict) -> None:
-    """One row per set, one column per metric (stdout)."""
+def _table_extras(sets: dict, evaluated: Optional[float]) -> dict[str, dict[str, str]]:
+    """The extra columns of the metrics table, each {set: cell}: ``evaluated`` (now / earlier) when some set
+    comes from an earlier evaluation, ``scoring`` when the sets differ in it."""
+    when = {s: "now" if r.get("evaluated") == evaluated else "earlier" for s, r in sets.items()}
+    scoring = {s: _e(r.get("scoring", "")) for s, r in sets.items()}
+    extras = {}
+    if evaluated is not None and "earlier" in when.values():
+        extras["evaluated"] = when
+    if len(set(scoring.values())) > 1:
+        extras["scoring"] = scoring
+    return extras
+
+
+def _print_metrics_table(title: str, sets: dict, evaluated: Optional[float] = None) -> None:
+    """One row per set, one column per metric (stdout). ``evaluated``: this evaluation's time; sets of earlier
+    evaluations (another time) are marked, and each set's scoring shown when the sets differ in it."""
     from rich.console import Console
     from rich.table import Table
 
-    names = list(next(iter(sets.values()))["metrics"])
+    names = list(dict.fromkeys(n for r in sets.values() for n in r["metrics"]))
+    extras = _table_extras(sets, evaluated)
     table = Table(title=title)
-    table.add_column("set")
-    table.add_column("images", justify="right")
+    for column in ("set", "images", *extras):
+        table.add_column(column, justify="right" if column == "images" else "left")
     for n in names:
         table.add_column(n, justify="right")
     for set_name, r in sets.items():
-        table.add_row(_e(set_name), str(r["n_images"]), *(f"{r['metrics'][n]:.4f}" for n in names))
-    Console(width=max(120, 12 * (len(names) + 2))).print(table)
+        table.add_row(_e(set_name), str(r["n_images"]), *(cells[set_name] for cells in extras.values()),
+                      *(f"{r['metrics'][n]:.4f}" if n in r["metrics"] else "-" for n in names))
+    Console(width=max(120, 12 * (len(names) + 2 + len(extras)))).print(table)
+
+
+def _print_worst(sets: dict, folder: Path) -> None:
+    """The worst images of each set (its eval.json entry's ``worst``), and where the per-image results are
+    (``per_image``, relative to eval.json's ``folder``)."""
+    say = functools.partial(_console().print, markup=False)
+    for set_name, r in sets.items():
+        worst, key = r.get("worst"), r.get("sorted_by")
+        if not worst or not key:
+            continue
+        listed = ", ".join(f"{w.get('image')} {w[key]:.4f}" if isinstance(w.get(key), (int, float)) else
+                           f"{w.get('image')} -" for w in worst if isinstance(w, dict))
+        where = f" (every image: {folder / r['per_image']})" if isinstance(r.get("per_image"), str) else ""
+        say(f"worst of {set_name} by {key}: {listed}{where}")
 
 
 @app.command()
@@ -184,6 +216,10 @@ def predict(
     overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in pixels (default SIZE/8)"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="image-decoding processes "
                                           "(default: the run's data.num_workers)"),
+    probs: Optional[str] = typer.Option(None, "--probs", help="also write probability maps to OUT/probs/: npy "
+                                        "(float16; binary (H, W) foreground probability, multi-class (C, H, W) class "
+                                        "scores) or png16 (16-bit PNG of the probability; multi-class: NAME/<class "
+                                        "id>.png, each class's share of the scores)"),
 ) -> None:
     """Predict masks (0/255 PNG at the original size, named after each input; same stems get distinct names).
     Under torchrun each process predicts its share of the images."""
@@ -195,12 +231,14 @@ def predict(
     run_dir = run or newest_run()
     t0 = time.perf_counter()
     written = predict_run(run_dir, inputs, out, with_overlay, device, overwrite=overwrite, tile=tile, overlap=overlap,
-                          workers=workers)
+                          workers=workers, probs=probs)
     seconds = max(time.perf_counter() - t0, 1e-9)
     if _rank() != 0:  # under torchrun: rank 0 reports, for all the processes
         return
     _console().print(f"[green]wrote {len(written)} mask(s)[/] to {_e(written[0].parent if written else out)} in "
                      f"{seconds:.1f} s ({len(written) / seconds:.1f} images/s, model loading included)")
+    if probs and written:
+        _console().print(f"probability maps ({probs}) in {_e(written[0].parent / 'probs')}")
 
 
 @app.command()

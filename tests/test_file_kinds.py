@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from samft.config import dump_yaml
-from samft.engine.artifacts import exports, metrics_csv, onnx_meta, state
+from samft.engine.artifacts import exports, metrics_csv, onnx_meta, per_image_csv, state
 from samft.engine.artifacts.kinds import KINDS
 from samft.errors import SamftError
 
@@ -81,6 +81,22 @@ def make_metrics_csv(path: Path, damage: str | None) -> str:
     elif damage == "absurd_value":
         rows[1]["step"], field = "1e30", "'step'"
     metrics_csv.write(path, columns, rows)
+    return field
+
+
+def make_per_image_csv(path: Path, damage: str | None) -> str:
+    rows = [{"image": f"{i}.png", "path": f"/data/{i}.png", "Sm": 0.5 + i / 10, "dice@0.5": 0.25, "MAE": 0.125}
+            for i in range(4)]
+    columns = ["Sm", "dice@0.5", "MAE"]
+    field = ""
+    if damage == "missing_key":
+        path.write_text("path,Sm\n/data/0.png,0.5\n")
+        return "'image'"
+    if damage == "wrong_type":
+        rows[1]["Sm"], field = "abc", "'Sm'"
+    elif damage == "absurd_value":
+        rows[2]["MAE"], field = 1e30, "MAE"
+    per_image_csv.write(path, rows, columns)
     return field
 
 
@@ -200,13 +216,14 @@ def make_run_config(path: Path, damage: str | None) -> str:
 
 MAKERS = {
     **{k: (lambda kind: lambda p, d: make_json_kind(kind, p, d))(k) for k in JSON_KINDS},
-    "metrics_csv": make_metrics_csv, "state": make_state, "adapter": make_adapter, "merged_head": make_head,
+    "metrics_csv": make_metrics_csv, "per_image_csv": make_per_image_csv, "state": make_state, "adapter": make_adapter, "merged_head": make_head,
     "unmerged_model": lambda p, d: make_model_export(exports.UNMERGED, p, d),
     "pruned_model": lambda p, d: make_model_export(exports.PRUNED, p, d),
     "merged_checkpoint": make_merged, "onnx_model": make_onnx, "run_config": make_run_config,
 }
 NOT_APPLICABLE = {  # damage a kind cannot carry (no such field in it)
     ("split_file", "absurd_value"), ("prune_json", "absurd_value"), ("metrics_csv", "deep_nesting"),
+    ("per_image_csv", "deep_nesting"),
     ("adapter", "wrong_type"),  # safetensors metadata holds strings only
 }
 

@@ -73,3 +73,18 @@ def mask_png(labels: np.ndarray, classes: Optional[ClassSpec] = None) -> bytes:
 def overlay_png(image: np.ndarray, labels: np.ndarray, classes: Optional[ClassSpec] = None) -> bytes:
     """The PNG of the image with the prediction drawn on it (red tint and outline, or class colours + legend)."""
     return png_bytes(overlay(image, labels) if classes is None else class_overlay(image, labels, classes))
+
+
+def png16_bytes(values: np.ndarray) -> bytes:
+    """A 16-bit grey PNG of a map in [0, 1] (H, W): ``round(value * 65535)``, values outside clipped."""
+    from PIL import Image
+
+    grey = np.round(np.clip(np.nan_to_num(values), 0.0, 1.0) * 65535.0).astype(np.uint16)
+    return png_bytes(Image.fromarray(grey))  # uint16: mode I;16
+
+
+def npy_bytes(array: np.ndarray, dtype: type = np.float16) -> bytes:
+    """A ``.npy`` file's bytes of ``array`` as ``dtype`` (float16: probability maps at half the size)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
+    return buf.getvalue()

@@ -166,6 +166,17 @@ class BinaryMetrics:
         for key, values in other.records.items():
             self.records[key].extend(values)
 
+    def per_image(self) -> list[dict]:
+        """Each image's metrics from its kept record (nothing recomputed): ``{"name": ..., metric: value}`` with
+        the names of :meth:`compute`, each metric of one image alone (BER: :func:`image_ber`)."""
+        r = self.records
+        return [{"name": r["name"][k], "dice@0.5": r["dice"][k], "iou@0.5": r["iou"][k],
+                 "meanDice": float(np.mean(r["dice_curve"][k])), "meanIoU": float(np.mean(r["iou_curve"][k])),
+                 "maxDice": float(np.max(r["dice_curve"][k])), "Sm": r["sm"][k], "wFm": r["wfm"][k],
+                 "meanEm": float(np.mean(r["em_curve"][k])), "maxEm": float(np.max(r["em_curve"][k])),
+                 "adpEm": r["em_adp"][k], "MAE": r["mae"][k], "BER": image_ber(*r["counts"][k])}
+                for k in range(len(self))]
+
     def compute(self) -> dict[str, float]:
         r = self.records
         if not r["name"]:
@@ -195,6 +206,18 @@ class BinaryMetrics:
         }
 
 
+def image_confusion_metrics(matrix: np.ndarray) -> dict[str, float]:
+    """One image's metrics from its own confusion matrix: ``mIoU`` over the classes present in its prediction or
+    ground truth, ``mAcc`` over the classes of its ground truth, ``pixel_acc``; NaN when no pixel is scored."""
+    tp = np.diag(matrix).astype(np.float64)
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    truth = matrix.sum(1)
+    nan = float("nan")
+    return {"mIoU": float(np.mean(tp[union > 0] / union[union > 0])) if (union > 0).any() else nan,
+            "mAcc": float(np.mean(tp[truth > 0] / truth[truth > 0])) if (truth > 0).any() else nan,
+            "pixel_acc": float(tp.sum() / matrix.sum()) if matrix.sum() else nan}
+
+
 class ConfusionMetrics:
     """Multi-class metrics from a confusion matrix (rows: ground truth, columns: prediction)."""
 
@@ -207,6 +230,7 @@ class ConfusionMetrics:
         self.matrix = np.zeros((n, n), dtype=np.int64)
         self.ignored_pred = np.zeros(n, dtype=np.int64)  # predictions on ignore-labelled pixels (per_class_all)
         self.images = 0
+        self.records: list[dict] = []  # each image's own metrics (:meth:`per_image`)
 
     def __len__(self) -> int:
         return self.images
@@ -218,9 +242,11 @@ class ConfusionMetrics:
         n = len(self.class_names)
         keep = gt != self.ignore_index
         index = gt[keep].astype(np.int64) * n + pred[keep].astype(np.int64)
-        self.matrix += np.bincount(index, minlength=n * n).reshape(n, n)
+        image = np.bincount(index, minlength=n * n).reshape(n, n)
+        self.matrix += image
         self.ignored_pred += np.bincount(pred[~keep].astype(np.int64), minlength=n)[:n]
         self.images += 1
+        self.records.append({"name": name, **image_confusion_metrics(image)})
 
     def extras(self) -> dict:
         """What eval.json records beside the metrics: the IoU of each class."""
@@ -251,6 +277,11 @@ class ConfusionMetrics:
         self.matrix += other.matrix
         self.ignored_pred += other.ignored_pred
         self.images += other.images
+        self.records.extend(other.records)
+
+    def per_image(self) -> list[dict]:
+        """Each image's ``{"name": ..., "mIoU", "mAcc", "pixel_acc"}`` (:func:`image_confusion_metrics`)."""
+        return [dict(r) for r in self.records]
 
     def per_class_iou(self) -> dict[str, Optional[float]]:
         """Each class's IoU (``dataset``: None for a class absent from prediction and ground truth)."""

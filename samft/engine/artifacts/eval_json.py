@@ -26,6 +26,8 @@ def _check_set(path: Path, name: str, entry: object) -> None:
     field({"e": entry}, "e", dict, path, where)  # names the set when it is not a mapping
     field(entry, "n_images", int, path, where, lo=0, hi=MAX_SET_IMAGES)
     metrics = field(entry, "metrics", dict, path, where)
+    if entry.get("scoring") is not None:
+        field(entry, "scoring", str, path, where)
     for key in metrics:
         field(metrics, key, (int, float), path, f"{where}.metrics", lo=-math.inf, hi=math.inf)
 
@@ -35,25 +37,35 @@ def read(path: str | Path) -> dict:
     path = Path(path)
     data = read_json_file(path, "evaluation results")
     sets = field(data, "sets", dict, path)
+    if data.get("scoring") is not None:
+        field(data, "scoring", str, path)
     for name, entry in sets.items():
         _check_set(path, name, entry)
     return data
 
 
+MIXED = "mixed: see each set's scoring"
+
+
 def merge(path: Path, results: dict) -> dict:
     """``results`` merged into the results already in ``path``: a set evaluated again replaces only its own
-    entry (each entry keeps the checkpoint, config hash and scoring it was made with); other sets stay.
-    An unreadable file is replaced, with a warning."""
+    entry (each entry keeps the checkpoint, config hash and ``scoring`` it was made with: an entry of an
+    earlier version without one takes its file's); other sets stay. The file-level ``scoring`` (for readers of
+    earlier versions) is the sets' common one, or :data:`MIXED`. An unreadable file is replaced, with a warning."""
     try:
         old = read(path) if path.is_file() else {}
     except SamftError as e:
         reason = str(e).split(": ", 1)[-1]
         warnings.warn(f"{path}: unreadable ({reason}), replaced by this evaluation's results", stacklevel=3)
         old = {}
-    sets = old.get("sets") if isinstance(old.get("sets"), dict) else {}
+    kept = {k: v for k, v in old.get("sets", {}).items() if k not in results["sets"]}
+    for entry in kept.values():
+        entry.setdefault("scoring", old.get("scoring"))
     for entry in results["sets"].values():
         entry.setdefault("scoring", results.get("scoring"))
-    return {**results, "sets": {**{k: v for k, v in sets.items() if k not in results["sets"]}, **results["sets"]}}
+    sets = {**kept, **results["sets"]}
+    scorings = {entry["scoring"] for entry in sets.values()}
+    return {**results, "scoring": scorings.pop() if len(scorings) == 1 else MIXED, "sets": sets}
 
 
 def write(path: str | Path, results: dict) -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 
 from samft.version import __version__
 from samft.config import RESUMABLE_KEYS  # what --resume may change: opt(..., resumable=True) in the schema
-from samft.engine.artifacts import run_config
+from samft.engine.artifacts import per_image_csv, run_config
 from samft.engine.artifacts.fileio import atomic_write_text
 from samft.errors import SamftError
 from samft.files import append_text, is_own_tmp
@@ -91,6 +91,14 @@ class RunDir:
         return self.path / EVAL_FILE
 
     @property
+    def per_image_dir(self) -> Path:
+        """Where evaluating this run writes each set's per-image CSV (:mod:`samft.engine.artifacts.per_image_csv`):
+        ``RUN/eval_per_image``, or ``MODEL.eval_per_image`` beside ``MODEL.eval.json``."""
+        if self.exported:
+            return self.path.with_name(self.path.stem + "." + per_image_csv.FOLDER)
+        return self.path / per_image_csv.FOLDER
+
+    @property
     def state_path(self) -> Path:
         """The run's resumable state: ``state.safetensors``, or an earlier version's ``state.pt``."""
         legacy = self.path / LEGACY_STATE_FILE
@@ -158,6 +166,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for name in TRAINING_FILES:
             (self.path / name).unlink(missing_ok=True)
+        per_image_csv.remove(self.per_image_dir)  # the earlier run's per-image results, with its eval.json
         self.mark()
         run_config.write(self.config_path, config_yaml)
 

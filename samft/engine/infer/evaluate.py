@@ -24,6 +24,7 @@ from samft.engine.artifacts import eval_json, split_file
 from samft.engine.runtime import autocast, memory_advice, pick_device, resolve_precision
 from samft.engine.artifacts.rundir import ADAPTER_FILE, RunDir
 from samft.engine.artifacts.loading import load_run
+from samft.engine.infer.per_image import write_per_image
 from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
 from samft.errors import SamftError
 from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics
@@ -93,8 +94,14 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
 
     ``tile``/``overlap``: predict each image by tiles at native resolution (the protocol names them).
 
+    Each set's per-image results go to ``eval_per_image/<set>.csv`` beside ``eval.json``
+    (:mod:`samft.engine.infer.per_image`); its entry names the file and holds the worst images. Returns
+    ``eval.json`` as written: the sets evaluated now merged with those of earlier evaluations (``write``
+    False: this evaluation's sets only).
+
     Under ``torchrun`` each process evaluates its share of the images (each image once) and rank 0
-    merges the per-image results and writes ``eval.json``; every rank returns the merged results.
+    merges the per-image results and writes ``eval.json``; rank 0 returns the merged file, the other
+    ranks this evaluation's results.
     """
     with D.distributed(device) as info, memory_advice(*inference_memory(tile)):
         overlap = check_tiling(tile, overlap)
@@ -129,6 +136,14 @@ def _say_overlap(sets: dict[str, list[Pair]], train: set[Path], info: D.DistInfo
                           f"(split.json): those scores measure memory, not generalisation", stacklevel=3)
 
 
+def _selection(cfg: Config) -> str:
+    """The metric the per-image results are sorted by: the run's ``train.metric`` (the task's default when it
+    is not one of the task's)."""
+    task = make_task(cfg)
+    name = task.selection_metric(cfg.train.metric)
+    return name if name in task.metric_names else task.default_metric
+
+
 def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torch.device, show_progress: bool,
                   write: bool, info: D.DistInfo, tiling: Optional[tuple[int, int]] = None) -> dict:
     run = load_run(run_dir, dev)
@@ -147,7 +162,8 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
         scoring = f"original_resolution, tiles {tiling[0]} px overlapping {tiling[1]} px"
     results: dict = {"samft_version": __version__, "run": str(run_dir), "checkpoint": checkpoint,
                      "config_hash": chash, "protocol": cfg.protocol, "scoring": scoring, "resize": cfg.data.resize,
-                     "miou": cfg.eval.miou, "ber": cfg.eval.ber, "sets": {}}
+                     "miou": cfg.eval.miou, "ber": cfg.eval.ber, "evaluated": round(time.time(), 3), "sets": {}}
+    target = RunDir(run_dir)  # RUN/eval.json, or MODEL.eval.json next to an exported model
     for name, pairs in sets.items():
         t0 = time.perf_counter()
         metrics = evaluate_pairs(run.model, D.shard(pairs, info), cfg, dev, precision, f"eval {name}",
@@ -160,11 +176,15 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
             **metrics.extras(),
             "checkpoint": checkpoint,
             "config_hash": chash,
+            "scoring": scoring,
+            "evaluated": results["evaluated"],
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if write and info.is_main:
+            results["sets"][name].update(write_per_image(target.per_image_dir, target.eval_path, name, metrics,
+                                                         pairs, _selection(cfg)))
     if write and info.is_main:
-        target = RunDir(run_dir).eval_path  # RUN/eval.json, or MODEL.eval.json next to an exported model
-        eval_json.update(target, results)  # read-merge-write under the file's lock: no set of another eval lost
+        results = eval_json.update(target.eval_path, results)  # read-merge-write under the file's lock
     D.barrier(info)
     return results
 

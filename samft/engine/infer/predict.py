@@ -22,6 +22,7 @@ from samft.engine.infer.writer import BackgroundWriter
 from samft.errors import SamftError
 from samft.progress import console, progress
 from samft.data.draw import class_overlay, label_image, mask_png, overlay, overlay_png  # noqa: F401  (re-exported)
+from samft.data.draw import npy_bytes, png16_bytes
 from samft.tasks.task import Task, make_task
 
 
@@ -95,6 +96,58 @@ def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bo
     return pairs
 
 
+PROBS_FORMATS = ("npy", "png16")
+PROBS_FOLDER = "probs"
+
+
+def check_probs(probs: Optional[str], tile: Optional[int], task: Optional[Task] = None) -> None:
+    """``--probs``: npy or png16; with ``--tile`` only where tiled prediction keeps the scores (binary: a
+    multi-class run's tiled prediction decides band by band and never holds C x H x W scores)."""
+    if probs is not None and probs not in PROBS_FORMATS:
+        raise SamftError(f"--probs {probs}: expected npy or png16")
+    if probs and tile and task is not None and task.decides_in_bands:
+        raise SamftError("--probs with --tile: a multi-class run's tiled prediction keeps no class scores (it decides "
+                         "band by band to bound memory); drop --tile or --probs")
+
+
+def probs_targets(out: Path, name: str, probs: str, num_classes: Optional[int]) -> list[Path]:
+    """The probability files of one image in ``out/probs``: ``NAME.npy`` (binary (H, W), multi-class (C, H, W));
+    png16: ``NAME.png`` (binary) or ``NAME/<class id>.png``, one per class (multi-class, ``num_classes``)."""
+    folder = out / PROBS_FOLDER
+    if probs == "npy":
+        return [folder / f"{name}.npy"]
+    if num_classes is None:
+        return [folder / f"{name}.png"]
+    return [folder / name / f"{k}.png" for k in range(num_classes)]
+
+
+def plan_probs(pairs: list[Pair], out: Path, probs: Optional[str], task: Task, overwrite: bool) -> None:
+    """The probability files refused as the masks are (:func:`plan_outputs`): never onto an input image or a
+    run's file, an existing file only with ``overwrite``."""
+    if not probs:
+        return
+    num_classes = task.num_classes if task.classes is not None else None
+    targets = [t for p in pairs for t in probs_targets(out, p.name, probs, num_classes)]
+    inputs = {p.image.resolve(): p.image for p in pairs}
+    inodes = {(st.st_dev, st.st_ino): p.image for p in pairs for st in [p.image.stat()]}
+    clashes = [t for t in targets if _check_target(t, out, inputs, inodes)]
+    if clashes and not overwrite:
+        raise SamftError(f"{clashes[0]}: already exists in {out} ({len(clashes)} of the {len(targets)} probability "
+                         f"file(s) exist); pass --overwrite to replace them, or choose another --out")
+
+
+def probability_files(scores: np.ndarray, task: Task, probs: str) -> list[tuple[str, bytes]]:
+    """(name under ``probs/`` without the image's name, bytes) of one image's scores: ``.npy`` float16 of the
+    scores as they are; png16 of the foreground probability, or of each class's share of the class scores
+    (the scores divided by their sum over the classes: a distribution per pixel with the same argmax)."""
+    if probs == "npy":
+        return [(".npy", npy_bytes(scores))]
+    if task.classes is None:
+        return [(".png", png16_bytes(scores))]
+    share = scores / np.maximum(scores.sum(axis=0, keepdims=True), np.finfo(np.float32).tiny)
+    return [(f"/{k}.png", png16_bytes(share[k])) for k in range(share.shape[0])]
+
+
 def default_output(run: Path) -> Path:
     """``RUN/predictions``, or ``MODEL-predictions`` next to an exported model file."""
     return run.with_name(run.stem + "-predictions") if run.is_file() else run / "predictions"
@@ -107,17 +160,21 @@ def _write(path: Path, data: bytes) -> None:
         raise SamftError(f"{path}: cannot write the prediction ({e.strerror or e})") from None
 
 
-def _write_prediction(task: Task, target: Path, labels: np.ndarray, image_path: Path, overlays: Optional[Path]) -> None:
-    """Encode and write one mask (and its overlay); runs on a writer thread."""
+def _write_prediction(task: Task, target: Path, labels: np.ndarray, image_path: Path, overlays: Optional[Path],
+                      scores: Optional[np.ndarray] = None, probs: Optional[str] = None) -> None:
+    """Encode and write one mask (its overlay, its probability files); runs on a writer thread."""
     _write(target, mask_png(labels, task.classes))
     if overlays is not None:
         _write(overlays / target.name, overlay_png(read_image(image_path), labels, task.classes))
+    if probs:
+        for suffix, data in probability_files(scores, task, probs):
+            _write(target.parent / PROBS_FOLDER / f"{target.stem}{suffix}", data)
 
 
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
                 with_overlay: bool = False, device: str = "auto", show_progress: bool = True,
                 overwrite: bool = False, tile: Optional[int] = None, overlap: Optional[int] = None,
-                workers: Optional[int] = None, write_threads: int = 2) -> list[Path]:
+                workers: Optional[int] = None, write_threads: int = 2, probs: Optional[str] = None) -> list[Path]:
     """Write ``out_dir/<name>.png`` for every input image; overlays go to ``out_dir/overlays/``.
 
     Names are the inputs' stems, made distinct (:func:`samft.data.layouts.distinct_names`); existing files
@@ -125,7 +182,9 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     multi-class runs write palette PNGs whose values are class ids. ``tile``: predict each image by
     overlapping tiles of that many pixels at native resolution (``samft.engine.infer.tiling``). ``workers``:
     image-decoding processes (default the run's ``data.num_workers``); ``write_threads``: threads encoding
-    and writing the PNGs (0: in turn).
+    and writing the PNGs (0: in turn). ``probs`` (``npy`` or ``png16``): also the probability maps, into
+    ``out_dir/probs/`` (:func:`probs_targets`, :func:`probability_files`), refused as the masks are; with
+    ``tile`` for binary runs only.
 
     Under ``torchrun`` every process checks the same plan (nothing is written until all have), then
     predicts and writes its share of the images (each image once, on its own GPU); every process returns
@@ -133,26 +192,28 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     """
     with D.distributed(device) as info, memory_advice(*inference_memory(tile)):
         return _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, pick_device(device)),
-                            show_progress, overwrite, tile, overlap, workers, write_threads, info)
+                            show_progress, overwrite, tile, overlap, workers, write_threads, info, probs)
 
 
-def _prepare_output(out: Path, with_overlay: bool) -> None:
+def _prepare_output(out: Path, with_overlay: bool, probs: Optional[str] = None) -> None:
     try:
         (out / "overlays" if with_overlay else out).mkdir(parents=True, exist_ok=True)
+        if probs:
+            (out / PROBS_FOLDER).mkdir(exist_ok=True)
     except OSError as e:
         raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
 
 
 def _write_all(source, task: Task, out: Path, with_overlay: bool, total: int, show: bool,
-               write_threads: int) -> tuple[int, np.ndarray]:
-    """Decide and write every prediction of ``source`` (in background threads); returns how many were empty and
-    the predicted pixels per class (multi-class; empty for binary)."""
+               write_threads: int, probs: Optional[str] = None) -> tuple[int, np.ndarray]:
+    """Decide and write every prediction of ``source`` (in background threads; ``probs``: its probability files
+    too); returns how many were empty and the predicted pixels per class (multi-class; empty for binary)."""
     empty, counts = 0, np.zeros(task.num_classes if task.classes is not None else 0, dtype=np.int64)
     with progress("predict", total, show) as advance, BackgroundWriter(write_threads) as writer:
         for pair, scores, _ in source:
             labels = task.labels(scores)
             writer.submit(_write_prediction, task, out / f"{pair.name}.png", labels, pair.image,
-                          out / "overlays" if with_overlay else None)
+                          out / "overlays" if with_overlay else None, scores if probs else None, probs)
             empty += int(task.is_empty(labels))
             if len(counts):
                 counts += np.bincount(labels.ravel().astype(np.int64), minlength=len(counts))[:len(counts)]
@@ -176,15 +237,19 @@ def _collapse_warning(counts: np.ndarray, images: int, task: Task) -> None:
 
 def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path], with_overlay: bool,
                  dev, show_progress: bool, overwrite: bool, tile: Optional[int], overlap: Optional[int],
-                 workers: Optional[int], write_threads: int, info: D.DistInfo) -> list[Path]:
+                 workers: Optional[int], write_threads: int, info: D.DistInfo, probs: Optional[str] = None
+                 ) -> list[Path]:
     files = collect_inputs(inputs)
     overlap = check_tiling(tile, overlap)
+    check_probs(probs, tile)
     out = Path(out_dir) if out_dir else default_output(Path(run_dir))
     pairs = plan_outputs(files, out, with_overlay, overwrite)
     run = load_run(run_dir, dev)
     task = make_task(run.cfg)
+    check_probs(probs, tile, task)
+    plan_probs(pairs, out, probs, task, overwrite)
     D.barrier(info)  # every process has checked the plan before any writes
-    _prepare_output(out, with_overlay)
+    _prepare_output(out, with_overlay, probs)
     mine = D.shard(pairs, info)
     precision = resolve_precision(run.cfg.train.precision, dev)
     batch, option = run.cfg.eval.batch_size, "data.num_workers" if workers is None else "--workers"
@@ -193,7 +258,7 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
               else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize,
                                     workers_option=option))
     empty, counts = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main,
-                               write_threads)
+                               write_threads, probs)
     shares = D.gather_objects((len(mine), empty, counts), info)  # also waits until every process has written
     written = [out / f"{p.name}.png" for p in pairs]
     if info.is_main:
