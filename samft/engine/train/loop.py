@@ -319,9 +319,8 @@ class Fit:
                                      s.drop_last)
                         for s in self.streams]
         if self._left() and self._stopped_early():  # a resumed run that had stopped early: nothing to do
-            if self.main:
-                console.print(f"{self.run_dir} {self._stopped_early()}; nothing to do (train.patience=0 or a higher "
-                              f"patience trains on)", markup=False)
+            self._say(f"{self.run_dir} {self._stopped_early()}; nothing to do (train.patience=0 or a higher patience "
+                      f"trains on)")
             return
         if self.main:
             console.print(describe_start(ctx, parts, self.schedule))
@@ -334,9 +333,13 @@ class Fit:
             self._save()
             raise TrainingInterrupted(f"interrupted at step {self.state.step}; the run is saved, continue it with: "
                                       f"samft train --resume {self.run_dir}") from None
-        if self._left() and self.main:
-            console.print(self._stopped_early(), markup=False)
+        if self._left():
+            self._say(self._stopped_early())
         self._finish()
+
+    def _say(self, line: str) -> None:
+        if self.main:
+            console.print(line, markup=False)
 
     def _left(self) -> bool:
         """Whether the run has steps and epochs left (however it stopped)."""
