@@ -65,6 +65,8 @@ def test_an_unknown_section_is_one_line_with_the_nearest_name():
     assert result.exit_code == 2
     assert "unknown config section or key 'trian' (did you mean 'train'?)" in result.output
     assert "Traceback" not in result.output
+    partial = _invoke("config", "keys", "train.val")  # a section is whole names, not the start of one
+    assert partial.exit_code == 2 and "did you mean 'train.val_every'?" in partial.output
 
 
 _TORCH_FREE = r"""
