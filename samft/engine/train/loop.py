@@ -2,7 +2,9 @@
 
 AdamW on the trainable tensors (PEFT layers + mask decoder), linear warm-up then linear decay, gradient
 accumulation and clipping, autocast (bf16 on CUDA by default; fp16 with a GradScaler), validation every
-``val_every`` epochs at the original resolution, the best and the last adapter kept.
+``val_every`` epochs at the original resolution, the best and the last adapter kept; with ``train.patience``
+the run stops early once the selection metric has not improved for that many validations (the count is in
+the resumable state).
 
 Loss = the task's loss (structure loss for binary masks; MaskFormer's matched set loss for multi-class)
 + every named value of every loss term (:class:`samft.tasks.terms.LossTerm`) x its weight: the model's
