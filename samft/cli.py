@@ -448,6 +448,44 @@ def data_check(
         _console().print("[green]data check passed[/]")
 
 
+config_app = typer.Typer(no_args_is_help=True, help="The config's keys and a config as a run would hold it.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("keys")
+@user_errors
+def config_keys(
+    section: Optional[str] = typer.Argument(None, help="a section (train, peft.lora, ...) or one key; default: all"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list"),
+) -> None:
+    """Every config key with its type, default and one line of help."""
+    from samft.config import config_keys as keys
+
+    rows = keys(section)
+    if as_json:
+        print(json.dumps([r._asdict() for r in rows], indent=2))
+        return
+    lines = [("key", "type", "default", "help")] + [
+        (r.key, r.type, r.default, r.help + (" (--resume may change it)" if r.resumable else "")) for r in rows]
+    width = [max(len(line[i]) for line in lines) for i in range(3)]
+    for line in lines:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(line, width)) + f"  {line[3]}")
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
+    every_method: bool = typer.Option(False, "--all", help="every PEFT method's section, not only the active one"),
+) -> None:
+    """The resolved config as YAML (protocol applied, overrides set, defaults filled in, paths made absolute):
+    what a run's config.yaml would hold."""
+    from samft.config import resolved_yaml
+
+    print(resolved_yaml(config, overrides, every_method), end="")
+
+
 @app.command("demo-data")
 @user_errors
 def demo_data(

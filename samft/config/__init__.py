@@ -13,19 +13,20 @@ packages, in any call:
   sections in ``slip``;
 - ``names``: the names the model and PEFT registries register (they check against it);
 - ``field`` (``opt``/``section``), ``coerce`` (values to field types), ``checks`` (choices, minimums,
-  finite floats), ``load`` (YAML, overrides, renamed keys), ``dump`` (``config.yaml``, hash, field table,
-  the keys ``--resume`` may change), ``protocol`` (samft/autogluon), ``metric_names``.
+  finite floats), ``load`` (YAML, overrides, renamed keys, what ``samft config show`` prints), ``dump`` (``config.yaml``, hash, the key table of
+  ``samft config keys``, the keys ``--resume`` may change), ``protocol`` (samft/autogluon), ``metric_names``.
 """
 
 from __future__ import annotations
 
 from samft.config.checks import check_fields
 from samft.config.data import DATA_FORMATS, DataConfig
-from samft.config.dump import RESUMABLE_KEYS, config_hash, describe_fields, dump_yaml, resumable_keys, to_dict
+from samft.config.dump import (RESUMABLE_KEYS, Key, config_hash, config_keys, describe_fields, dump_yaml, resumable_keys,
+                               to_dict, yaml_value)
 from samft.config.eval import EvalConfig, OutputConfig
 from samft.config.field import opt, section
-from samft.config.load import (RENAMED, apply_overrides, config_from_dict, file_beside, load_config, migrate,
-                               parse_override, yaml_error)
+from samft.config.load import (RENAMED, absolute_paths, apply_overrides, config_from_dict, file_beside, load_config,
+                               migrate, parse_override, resolved_yaml, yaml_error)
 from samft.config.loss import AuxLossConfig, ClipLossConfig, LossConfig, SetLossConfig, SSLLossConfig
 from samft.config.metric_names import METRIC_CHOICES, canonical, task_metric_names
 from samft.config.model import BRA_BLOCKS, SLIP_TEMPLATES, BRAConfig, ModelConfig, TextConfig, TinyConfig
@@ -37,7 +38,7 @@ from samft.config.slip import unused_option_warnings
 from samft.config.train import TrainConfig
 
 __all__ = [
-    "ATTENTIONS", "AuxLossConfig", "BRAConfig", "BRA_BLOCKS", "ClipLossConfig", "Config", "DATA_FORMATS",
+    "ATTENTIONS", "AuxLossConfig", "Key", "absolute_paths", "config_keys", "resolved_yaml", "yaml_value", "BRAConfig", "BRA_BLOCKS", "ClipLossConfig", "Config", "DATA_FORMATS",
     "DataConfig", "EvalConfig", "LossConfig", "METRIC_CHOICES", "ModelConfig", "OutputConfig", "PEFT_METHODS",
     "PROTOCOLS", "PeftConfig", "RENAMED", "RESUMABLE_KEYS", "SAM_TYPES", "SLIP_TEMPLATES", "SSLLossConfig",
     "SetLossConfig", "TextConfig", "TinyConfig", "TrainConfig", "apply_overrides", "apply_protocol", "canonical",

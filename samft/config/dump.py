@@ -1,16 +1,21 @@
 """The config written out: a plain mapping, its YAML (a run's ``config.yaml``) and its hash; the field table
-(``samft info``, docs) and the keys ``--resume`` may change, both read from the schema."""
+(``samft config keys``, docs) and the keys ``--resume`` may change, both read from the schema."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import typing
 from dataclasses import fields, is_dataclass
+from typing import Any, NamedTuple, Optional
 
 import yaml
 
+from samft.config.coerce import type_name
 from samft.config.root import Config
+from samft.errors import ConfigError
 
 
 def to_dict(cfg: Config) -> dict:
@@ -20,8 +25,9 @@ def to_dict(cfg: Config) -> dict:
     return out
 
 
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_yaml(cfg: Config, every_method: bool = False) -> str:
+    """The YAML of a run's ``config.yaml``; ``every_method``: every PEFT method's section, not only the active one."""
+    return yaml.safe_dump(dataclasses.asdict(cfg) if every_method else to_dict(cfg), sort_keys=False)
 
 
 def config_hash(cfg: Config) -> str:
@@ -44,6 +50,54 @@ def _leaves(cls: type, prefix: str = ""):
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every leaf field, for docs and ``samft info``."""
     return [(dotted, repr(default), f.metadata.get("help", "")) for dotted, f, default in _leaves(cls, prefix)]
+
+
+class Key(NamedTuple):
+    """One leaf option of the schema, as ``samft config keys`` shows it."""
+
+    key: str
+    type: str
+    default: str
+    help: str
+    resumable: bool
+
+
+def yaml_value(value: Any) -> str:
+    """A value as a YAML config writes it, on one line: null, true, 0.0001, [qkv, proj], auto, 'null'."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def config_keys(section: Optional[str] = None, cls: type = Config) -> list[Key]:
+    """Every leaf option (dotted key, type, default, help, resumable), in the schema's order; ``section``
+    (``train``, ``peft.lora``, or one key) keeps those under it. An unknown section is a ConfigError with the
+    nearest name."""
+    rows = []
+    for dotted, f, default in _leaves(cls):
+        owner = _owner(cls, dotted)
+        rows.append(Key(dotted, type_name(_hints(owner)[f.name]), yaml_value(default), f.metadata.get("help", ""),
+                        bool(f.metadata.get("resumable"))))
+    if not section:
+        return rows
+    section = section.strip(".")
+    chosen = [r for r in rows if r.key == section or r.key.startswith(section + ".")]
+    if not chosen:
+        names = sorted({".".join(r.key.split(".")[:i]) for r in rows for i in range(1, r.key.count(".") + 2)})
+        near = difflib.get_close_matches(section, names, n=1, cutoff=0.5)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"unknown config section or key {section!r}{hint}; sections: "
+                          f"{', '.join(f.name for f in fields(cls))}")
+    return chosen
+
+
+def _owner(cls: type, dotted: str) -> type:
+    """The dataclass that declares the leaf ``dotted`` (``train.lr`` -> TrainConfig)."""
+    for part in dotted.split(".")[:-1]:
+        cls = _hints(cls)[part]
+    return cls
 
 
 def resumable_keys(cls: type = Config) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from samft.config.coerce import from_dict
+from samft.config.dump import dump_yaml
 from samft.config.root import Config, validate
 from samft.errors import ConfigError
 
@@ -129,3 +130,19 @@ def file_beside(folder: Path, value: str | None) -> str | None:
     if not value or Path(value).expanduser().is_absolute() or not (Path(folder) / value).is_file():
         return value
     return str((Path(folder) / value).absolute())
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``data.root`` and ``model.checkpoint`` made absolute (from the working directory), as a new run stores
+    them, so that it can be evaluated from anywhere."""
+    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.model.checkpoint:
+        cfg.model.checkpoint = str(Path(cfg.model.checkpoint).expanduser().resolve())
+    return cfg
+
+
+def resolved_yaml(path: str | Path, overrides: list[str] | None = None, every_method: bool = False) -> str:
+    """The ``config.yaml`` a training of ``path`` with ``overrides`` would write: the protocol applied, the
+    overrides set, the defaults filled in and the paths made absolute (``samft config show``);
+    ``every_method``: every PEFT method's section, not only the active one."""
+    return dump_yaml(absolute_paths(load_config(path, overrides)), every_method)

@@ -41,6 +41,8 @@ class TrainConfig:
     metric: str = opt("auto", "validation metric that picks the best checkpoint (auto = Sm for binary, mIoU for "
                               "multi-class): an eval.json name (Sm, dice@0.5, meanDice, mIoU, ...) or its alias "
                               "(sm, dice, mdice, em, wfm, mae, ber, miou, ...)", ("auto",) + METRIC_CHOICES)
+    patience: int = opt(0, "early stopping: stop when the metric has not improved for this many validations in a "
+                           "row (0 = off; a tie is no improvement)", minimum=0, resumable=True)
     val_every: int = opt(1, "validate every N epochs (the last epoch is always validated)", minimum=1, resumable=True)
     save_every: int = opt(100, "also save the resumable state every N optimizer steps (0 = epoch ends only)",
                           minimum=0, resumable=True)

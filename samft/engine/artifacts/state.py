@@ -208,6 +208,7 @@ def _check_resume_shape(path: Path, state: Any) -> None:
         raise CheckpointError(f"{path}: trainable {bad[0]!r} is not a tensor")
     field(state["progress"], "step", int, path, "progress", default=0, lo=0)
     field(state["progress"], "epoch", int, path, "progress", default=0, lo=0)
+    field(state["progress"], "since_best", int, path, "progress", default=0, lo=0)  # train.patience's count
 
 
 read = load_resume_state

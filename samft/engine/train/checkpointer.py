@@ -41,6 +41,8 @@ class TrainState:
     rng: dict = field(default_factory=dict)  # RNG state right after the last completed step
     streams: dict = field(default_factory=dict)  # extra stream name -> {"epoch", "consumed"}
     log_rows: Optional[int] = None  # metrics.csv data rows written when this state was saved
+    since_best: int = 0  # validations in a row without improvement of the metric (train.patience)
+    stop_best: Optional[float] = None  # the value they did not improve on (the state's own: never reconciled)
 
 
 def better(value: float, best: Optional[float], metric: str) -> bool:
@@ -50,6 +52,15 @@ def better(value: float, best: Optional[float], metric: str) -> bool:
     if best is None or math.isnan(best):
         return True
     return value >= best if higher_is_better(metric) else value <= best
+
+
+def improved(value: float, best: Optional[float], metric: str) -> bool:
+    """Whether ``value`` improves on ``best`` for early stopping: strictly better (a tie is no improvement)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best if higher_is_better(metric) else value < best
 
 
 class Checkpointer:

@@ -2,7 +2,9 @@
 
 AdamW on the trainable tensors (PEFT layers + mask decoder), linear warm-up then linear decay, gradient
 accumulation and clipping, autocast (bf16 on CUDA by default; fp16 with a GradScaler), validation every
-``val_every`` epochs at the original resolution, the best and the last adapter kept.
+``val_every`` epochs at the original resolution, the best and the last adapter kept; with ``train.patience``
+the run stops early once the selection metric has not improved for that many validations (the count is in
+the resumable state).
 
 Loss = the task's loss (structure loss for binary masks; MaskFormer's matched set loss for multi-class)
 + every named value of every loss term (:class:`samft.tasks.terms.LossTerm`) x its weight: the model's
@@ -44,7 +46,7 @@ from samft.engine import distributed as D
 from samft.engine.artifacts import split_file
 from samft.engine.artifacts.adapter import adapter_expectations, trainable_state
 from samft.engine.artifacts.state import rng_state
-from samft.engine.train.checkpointer import Checkpointer, TrainState, resumed_text_embeddings
+from samft.engine.train.checkpointer import Checkpointer, TrainState, improved, resumed_text_embeddings
 from samft.engine.infer.evaluate import evaluate_pairs
 from samft.engine.artifacts.metrics_csv import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
 from samft.engine.artifacts.rundir import ADAPTER_FILE, METRICS_FILE, PLOT_FILE, SPLIT_FILE, RunDir, resume_changes
@@ -320,18 +322,42 @@ class Fit:
                                      self.cfg.data.num_workers, s.collate, self._pin, self.state.streams.get(s.name),
                                      s.drop_last)
                         for s in self.streams]
+        if self._left() and self._stopped_early():  # a resumed run that had stopped early: nothing to do
+            self._say(f"{self.run_dir} {self._stopped_early()}; nothing to do (train.patience=0 or a higher patience "
+                      f"trains on)")
+            return
         if self.main:
             console.print(describe_start(ctx, parts, self.schedule))
         self.last_rng = self.state.rng or rng_state()
         self.positions = {c.name: c.position() for c in self.cursors}
         try:
-            while self.state.step < self.schedule.total_steps and self.state.epoch < self.tc.epochs:
+            while self._left() and not self._stopped_early():
                 self._epoch()
         except KeyboardInterrupt:
             self._save()
             raise TrainingInterrupted(f"interrupted at step {self.state.step}; the run is saved, continue it with: "
                                       f"samft train --resume {self.run_dir}") from None
+        if self._left():
+            self._say(self._stopped_early())
         self._finish()
+
+    def _say(self, line: str) -> None:
+        if self.main:
+            console.print(line, markup=False)
+
+    def _left(self) -> bool:
+        """Whether the run has steps and epochs left (however it stopped)."""
+        return self.state.step < self.schedule.total_steps and self.state.epoch < self.tc.epochs
+
+    def _stopped_early(self) -> Optional[str]:
+        """The line saying that the run stopped early (``train.patience`` validations without improvement of
+        the metric, counted in the resumable state), or None."""
+        st, patience = self.state, self.tc.patience
+        if not patience or st.since_best < patience:
+            return None
+        best = f"best {st.best_value:.4f} at epoch {st.best_epoch}" if st.best_value is not None else "no best yet"
+        return (f"stopped early at epoch {st.epoch}: no improvement of {self.metric} for {st.since_best} "
+                f"validation{'s' if st.since_best > 1 else ''} ({best})")
 
     @property
     def _pin(self) -> bool:
@@ -397,6 +423,7 @@ class Fit:
         if finished or epoch_no % self.tc.val_every == 0:
             results = self._validate(epoch_no)
             row.update({f"val_{k}": v for k, v in results.items()})
+            self._count_patience(results[self.metric])
             self.checkpointer.offer_best(st, epoch_no, results[self.metric])
             if self.main:
                 shown = " ".join(f"{k}={v:.4f}" for k, v in results.items())
@@ -410,6 +437,15 @@ class Fit:
         self._save()
         if self.main:
             plot_curves(self.run_dir, METRICS_FILE, PLOT_FILE, self.metric, self.parts.task.plot_metrics)
+
+    def _count_patience(self, value: float) -> None:
+        """Count the validations without strict improvement (``train.patience``), against the state's own
+        reference: a validation replayed after a kill between the best adapter and the state counts as it did."""
+        st = self.state
+        if improved(value, st.stop_best, self.metric):
+            st.stop_best, st.since_best = value, 0
+        else:
+            st.since_best += 1
 
     def _validate(self, epoch_no: int) -> dict[str, float]:
         # validation must not move the RNG streams, or a resumed run would differ from an uninterrupted one

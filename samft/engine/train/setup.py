@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from samft import peft
-from samft.config import Config
+from samft.config import Config, absolute_paths
 from samft.data.check import check_data, require_clean
 from samft.data.layouts import Pair, train_val_pairs
 from samft.engine import distributed as D
@@ -71,9 +71,7 @@ def prepare_run(cfg: Config, resume: bool, info: D.DistInfo, show_progress: bool
     configure_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
     if not resume:  # relative paths are stored absolute so the run can be evaluated from anywhere
-        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
-        if cfg.model.checkpoint:
-            cfg.model.checkpoint = str(Path(cfg.model.checkpoint).expanduser().resolve())
+        absolute_paths(cfg)
     _check_checkpoint(cfg)  # before the data check: a missing checkpoint is said first, with the way round it
     if cfg.data.check != "off":
         _check_data(cfg, info, device, show_progress)
