@@ -86,7 +86,8 @@ def config_keys(section: Optional[str] = None, cls: type = Config) -> list[Key]:
     chosen = [r for r in rows if r.key == section or r.key.startswith(section + ".")]
     if not chosen:
         names = sorted({".".join(r.key.split(".")[:i]) for r in rows for i in range(1, r.key.count(".") + 2)})
-        near = difflib.get_close_matches(section, names, n=1, cutoff=0.5)
+        started = [n for n in names if n.startswith(section)]  # a name cut short: the names it begins
+        near = started or difflib.get_close_matches(section, names, n=1, cutoff=0.5)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(f"unknown config section or key {section!r}{hint}; sections: "
                           f"{', '.join(f.name for f in fields(cls))}")
