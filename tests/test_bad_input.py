@@ -968,3 +968,29 @@ def test_a_file_that_is_no_pickle_is_not_called_code(tmp_path):
     except Exception as e:  # noqa: BLE001 (whatever torch raises)
         said = load_failure(e)
     assert "another kind of file" in said and "code" not in said and "weights_only" not in said
+
+
+def test_a_bad_mask_in_a_loader_worker_is_one_line(tmp_path):
+    """eval --data with masks of the wrong kind (class ids 0..2 for a binary run) read in worker processes:
+    one error line naming the mask, not the worker's 20-30-line traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from samft.data.datasets import EvalDataset, collate
+    from samft.data.workers import surfaced
+    from samft.errors import DataError
+    from torch.utils.data import DataLoader
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(np.full((8, 8), 2 * i, np.uint8).clip(0, 2)).save(tmp_path / "masks" / f"{i}.png")
+    from samft.data.layouts import folder_pairs
+
+    pairs = folder_pairs(tmp_path / "images", tmp_path / "masks")
+    pairs[1] = pairs[1].__class__(pairs[1].image, tmp_path / "masks" / "missing.png", pairs[1].name)
+    loader = DataLoader(EvalDataset(pairs, 32), batch_size=1, num_workers=1, collate_fn=collate)
+    with pytest.raises(DataError) as err:
+        list(surfaced(loader))
+    assert "\n" not in str(err.value) and "missing.png" in str(err.value) and "Traceback" not in str(err.value)

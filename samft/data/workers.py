@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional
+from typing import Iterable, Iterator, Optional
+
+from samft.errors import SamftError
 
 
 def cap_workers(asked: int, items: int, batch_size: int = 1, option: Optional[str] = "data.num_workers") -> int:
@@ -21,3 +23,29 @@ def cap_workers(asked: int, items: int, batch_size: int = 1, option: Optional[st
         why = f"this process may use {cpus} CPU(s)" if workers == cpus else f"there are {batches} batch(es) to load"
         warnings.warn(f"{option}={asked}: using {workers} data-loading process(es), as {why}", stacklevel=2)
     return workers
+
+
+def one_line(error: SamftError) -> SamftError:
+    """A samft error raised inside a DataLoader worker, as its one line again: torch re-raises it in the main
+    process with the worker's whole traceback in the message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."), which the CLI would print as 20-30 lines."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return error
+    last = text.rstrip().splitlines()[-1]
+    name = type(error).__name__
+    message = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return type(error)(message)
+
+
+def surfaced(batches: Iterable) -> Iterator:
+    """Iterate a DataLoader; a samft error from a worker surfaces as its own one line (:func:`one_line`)."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except SamftError as e:
+            raise one_line(e) from None
+        yield item

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from samft.version import __version__
 from samft.config import Config, config_hash
-from samft.data.workers import cap_workers
+from samft.data.workers import cap_workers, surfaced
 from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
@@ -53,7 +53,7 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
                         num_workers=cap_workers(num_workers, len(pairs), batch_size, workers_option),
                         collate_fn=collate, generator=torch.Generator())
     try:
-        for batch in loader:
+        for batch in surfaced(loader):  # a bad mask in a worker is its one line, not the worker's traceback
             with autocast(device, precision):
                 out = model(batch["image"].to(device, non_blocking=True))
             for j, index in enumerate(batch["index"].tolist()):

@@ -42,6 +42,7 @@ from samft.config import Config, config_hash, dump_yaml
 from samft.data.workers import cap_workers
 from samft.data.datasets import TrainDataset, collate
 from samft.data.transforms import valid_mask
+from samft.data.workers import surfaced
 from samft.engine import distributed as D
 from samft.engine.artifacts import split_file
 from samft.engine.artifacts.adapter import adapter_expectations, trainable_state
@@ -377,7 +378,7 @@ class Fit:
         steps_left = min(math.ceil(remaining / tc.accum_steps), sched.total_steps - st.step)
         show = self.ctx.show_progress and self.main
         with progress(f"epoch {st.epoch + 1}/{tc.epochs}", steps_left, show) as advance:
-            micro_iter = iter(loader)
+            micro_iter = surfaced(loader)  # a bad file in a worker is its one line
             while st.step < sched.total_steps:
                 chunk = [batch for _, batch in zip(range(tc.accum_steps), micro_iter)]
                 if not chunk:
