@@ -203,7 +203,9 @@ def _print_worst(sets: dict, folder: Path) -> None:
 @app.command()
 @user_errors
 def predict(
-    inputs: List[str] = typer.Argument(..., help="images, folders or glob patterns"),
+    inputs: Optional[List[str]] = typer.Argument(None, help="images, folders or glob patterns (or --split)"),
+    split: Optional[str] = typer.Option(None, "--split", help="predict the images of the run's own split (val or "
+                                        "train, from its split.json) instead of INPUTS"),
     run: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="run directory (default: the newest under "
                                        "runs/); --run-dir is the same, for torchrun, which takes --run itself"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN/predictions)"),
@@ -228,10 +230,14 @@ def predict(
     from samft.engine.infer.predict import predict_run
     from samft.engine.artifacts.rundir import newest_run
 
+    from samft.engine.infer.predict import split_inputs
+
     run_dir = run or newest_run()
+    if bool(inputs) == bool(split):
+        raise SamftError("predict needs images (files, folders or globs) or --split val|train, one of the two")
     t0 = time.perf_counter()
-    written = predict_run(run_dir, inputs, out, with_overlay, device, overwrite=overwrite, tile=tile, overlap=overlap,
-                          workers=workers, probs=probs)
+    written = predict_run(run_dir, inputs or split_inputs(run_dir, split), out, with_overlay, device,
+                          overwrite=overwrite, tile=tile, overlap=overlap, workers=workers, probs=probs)
     seconds = max(time.perf_counter() - t0, 1e-9)
     if _rank() != 0:  # under torchrun: rank 0 reports, for all the processes
         return

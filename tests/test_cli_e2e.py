@@ -192,3 +192,27 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"samft {__version__}"
+
+
+def test_predict_the_runs_own_validation_split(tmp_path, synthetic_dir):
+    """samft predict --split val --run RUN: the held-out images the run listed in split.json."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from samft.cli import app
+    from samft.engine.train.loop import train
+
+    from conftest import tiny_config
+
+    cfg = tiny_config("decoder_only", data={"root": str(synthetic_dir), "train": ".", "val_fraction": 0.25},
+                      train={"epochs": 1, "batch_size": 4, "progress": False, "device": "cpu"},
+                      output={"dir": str(tmp_path / "run")})
+    run = train(cfg, show_progress=False)
+    val = json.loads((run / "split.json").read_text())["val"]
+    result = CliRunner().invoke(app, ["predict", "--split", "val", "--run", str(run), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.stem for p in (tmp_path / "o").glob("*.png")) == sorted(
+        __import__("pathlib").Path(img).stem for img, _ in val)
+    both = CliRunner().invoke(app, ["predict", "x.png", "--split", "val", "--run", str(run)])
+    assert both.exit_code == 2 and "one of the two" in both.output

@@ -10,12 +10,13 @@ import numpy as np
 
 from samft.data.layouts import Pair, distinct_names
 from samft.data.io import is_image_name, read_image
+from samft.data import split_file
 from samft.data.paths import expand_glob
 from samft.engine import distributed as D
 from samft.engine.artifacts.fileio import atomic_write_bytes
 from samft.engine.infer.evaluate import iter_predictions
 from samft.engine.runtime import memory_advice, pick_device, resolve_precision
-from samft.engine.artifacts.rundir import is_run_file
+from samft.engine.artifacts.rundir import RunDir, is_run_file
 from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
 from samft.engine.infer.writer import BackgroundWriter
@@ -32,6 +33,18 @@ def _pattern_files(pattern: str) -> list[Path]:
         warnings.warn(f"{pattern}: {len(loops)} link(s) to a folder that leads back to itself not followed "
                       f"(e.g. {loops[0]})", stacklevel=3)
     return files
+
+
+def split_inputs(run_dir: str | Path, split: str) -> list[str]:
+    """The images of one split of a run (``val`` or ``train``, as its ``split.json`` lists them)."""
+    run = RunDir(run_dir)
+    if Path(run_dir).is_file() or not run.split_path.is_file():
+        raise SamftError(f"--split {split}: {run_dir} has no split.json (an exported model or a run of an earlier "
+                         f"version): give the images instead")
+    listed = split_file.read(run.split_path)
+    if split not in listed:
+        raise SamftError(f"--split {split}: {run.split_path} lists {', '.join(sorted(listed))}")
+    return [img for img, _ in listed[split]]
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
