@@ -994,3 +994,49 @@ def test_a_bad_mask_in_a_loader_worker_is_one_line(tmp_path):
     with pytest.raises(DataError) as err:
         list(surfaced(loader))
     assert "\n" not in str(err.value) and "missing.png" in str(err.value) and "Traceback" not in str(err.value)
+
+
+BOMB = "x-anchors:\n  a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+
+
+@pytest.mark.timeout(60)
+def test_a_yaml_alias_bomb_is_one_line_not_a_hang(tmp_path):
+    """Nine levels of ten-fold aliases in under 1 KiB (10^9 nodes): refused where the alias stands, in a user's
+    config, an override and a run's config.yaml."""
+    from samft.config import load_config
+    from samft.engine.artifacts import run_config
+    from samft.errors import ConfigError
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    assert len(BOMB) < 1024
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: not valid YAML: aliases \(\*name\) are not read"):
+        load_config(path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(BOMB)
+    with pytest.raises(ConfigError, match="aliases"):
+        run_config.read(tmp_path / "run" / "config.yaml")
+    assert load_config(_plain(tmp_path), ["train.lr=&a 0.1"]).train.lr == 0.1  # an anchor alone is harmless
+
+
+def _plain(tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text("train: {epochs: 1}\n")
+    return path
+
+
+def test_eval_never_replaces_a_users_model_eval_json(tmp_path):
+    """The attack round's data loss: eval of an exported model replaced a user's MODEL.eval.json. Now refused in
+    one line before any scoring, the file unchanged."""
+    from samft.engine.artifacts import eval_json
+    from samft.errors import SamftError
+
+    mine = tmp_path / "m.eval.json"
+    for content in ('{"mine": "important"}', "[1, 2, 3]", "not json"):
+        mine.write_text(content)
+        with pytest.raises(SamftError, match=r"m\.eval\.json: exists but is not samft's evaluation results"):
+            eval_json.check_ours(mine)
+        with pytest.raises(SamftError, match="never replaces it"):
+            eval_json.update(mine, {"sets": {"x": {"n_images": 1, "metrics": {}}}})
+        assert mine.read_text() == content

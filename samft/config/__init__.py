@@ -26,7 +26,7 @@ from samft.config.dump import (RESUMABLE_KEYS, Key, config_hash, config_keys, de
 from samft.config.eval import EvalConfig, OutputConfig
 from samft.config.field import opt, section
 from samft.config.load import (RENAMED, absolute_paths, apply_overrides, config_from_dict, file_beside, load_config,
-                               migrate, parse_override, resolved_yaml, yaml_error)
+                               migrate, parse_override, resolved_yaml, safe_yaml, yaml_error)
 from samft.config.loss import AuxLossConfig, ClipLossConfig, LossConfig, SetLossConfig, SSLLossConfig
 from samft.config.metric_names import METRIC_CHOICES, canonical, task_metric_names
 from samft.config.model import BRA_BLOCKS, SLIP_TEMPLATES, BRAConfig, ModelConfig, TextConfig, TinyConfig
@@ -38,6 +38,7 @@ from samft.config.slip import unused_option_warnings
 from samft.config.train import TrainConfig
 
 __all__ = [
+    "safe_yaml",
     "ATTENTIONS", "AuxLossConfig", "Key", "absolute_paths", "config_keys", "resolved_yaml", "yaml_value", "BRAConfig", "BRA_BLOCKS", "ClipLossConfig", "Config", "DATA_FORMATS",
     "DataConfig", "EvalConfig", "LossConfig", "METRIC_CHOICES", "ModelConfig", "OutputConfig", "PEFT_METHODS",
     "PROTOCOLS", "PeftConfig", "RENAMED", "RESUMABLE_KEYS", "SAM_TYPES", "SLIP_TEMPLATES", "SSLLossConfig",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 from samft.engine.artifacts.fileio import atomic_write_text, field, read_json_file
@@ -47,17 +46,28 @@ def read(path: str | Path) -> dict:
 MIXED = "mixed: see each set's scoring"
 
 
+def check_ours(path: str | Path) -> dict:
+    """The results already in ``path`` ({} when there is none); a file there that is not samft's evaluation
+    results (unreadable, damaged, or a user's file of that name) is refused in one line, before any evaluation
+    runs and again under the lock: samft never replaces a file it cannot read as its own."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        return read(path)
+    except SamftError as e:
+        reason = str(e).split(": ", 1)[-1]
+        raise SamftError(f"{path}: exists but is not samft's evaluation results ({reason}); samft never replaces it: "
+                         f"move it away, then evaluate again") from None
+
+
 def merge(path: Path, results: dict) -> dict:
     """``results`` merged into the results already in ``path``: a set evaluated again replaces only its own
     entry (each entry keeps the checkpoint, config hash and ``scoring`` it was made with: an entry of an
     earlier version without one takes its file's); other sets stay. The file-level ``scoring`` (for readers of
-    earlier versions) is the sets' common one, or :data:`MIXED`. An unreadable file is replaced, with a warning."""
-    try:
-        old = read(path) if path.is_file() else {}
-    except SamftError as e:
-        reason = str(e).split(": ", 1)[-1]
-        warnings.warn(f"{path}: unreadable ({reason}), replaced by this evaluation's results", stacklevel=3)
-        old = {}
+    earlier versions) is the sets' common one, or :data:`MIXED`. A file that is not samft's evaluation results is
+    never replaced (:func:`check_ours`)."""
+    old = check_ours(path)
     kept = {k: v for k, v in old.get("sets", {}).items() if k not in results["sets"]}
     for entry in kept.values():
         entry.setdefault("scoring", old.get("scoring"))

@@ -41,7 +41,7 @@ import yaml
 from samft import peft
 
 from samft.version import __version__
-from samft.config import config_from_dict, dump_yaml
+from samft.config import config_from_dict, dump_yaml, safe_yaml
 from samft.engine.artifacts import exports
 from samft.engine.artifacts.exports import (HEAD_FORMAT, PRUNED_EXPORT_FORMAT, UNMERGED_FORMAT,  # noqa: F401
                                             head_path)
@@ -260,7 +260,7 @@ def _load_pruned(export: exports.Export, device: torch.device) -> tuple[Semantic
 
 def _config(yaml_text: str, source: str):
     try:
-        return config_from_dict(yaml.safe_load(yaml_text) or {})
+        return config_from_dict(safe_yaml(yaml_text) or {})
     except yaml.YAMLError as e:
         raise CheckpointError(f"{source}: the stored config is not valid YAML ({str(e).splitlines()[0]})") from None
     except SamftError as e:

@@ -37,12 +37,18 @@ def set_file_name(name: str) -> str:
     return f"{safe}.csv"
 
 
-def prepare_folder(folder: str | Path) -> Path:
-    """Create ``folder`` with its marker, or check that an existing one is samft's; returns it."""
+def check_folder(folder: str | Path) -> None:
+    """Refuse a ``folder`` that exists but is not samft's (a link, a file, or a folder without the marker)."""
     folder = Path(folder)
     if folder.is_symlink() or (folder.exists() and not (folder.is_dir() and (folder / MARKER).is_file())):
         raise SamftError(f"{folder}: exists and samft did not create it (no {MARKER} inside); samft eval writes "
                          f"its per-image results there: move it away")
+
+
+def prepare_folder(folder: str | Path) -> Path:
+    """Create ``folder`` with its marker, or check that an existing one is samft's; returns it."""
+    folder = Path(folder)
+    check_folder(folder)
     if not folder.exists():
         try:
             folder.mkdir(parents=True)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import yaml
 
-from samft.config import Config, config_from_dict, file_beside, yaml_error
+from samft.config import Config, config_from_dict, file_beside, safe_yaml, yaml_error
 from samft.engine.artifacts.fileio import MAX_DEPTH, atomic_write_text, depth
 from samft.errors import ConfigError, SamftError
 
@@ -24,7 +24,7 @@ def _load_yaml(path: Path) -> object:
     try:
         if path.stat().st_size > MAX_BYTES:
             raise ConfigError(f"{path}: the run's config is {path.stat().st_size} bytes, expected at most {MAX_BYTES}")
-        return yaml.safe_load(path.read_text())
+        return safe_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: the run's config is not valid YAML ({yaml_error(e)}); tags such as "
                           f"!!python/... are never read") from None

@@ -20,7 +20,7 @@ from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
 from samft.engine import distributed as D
-from samft.engine.artifacts import eval_json, split_file
+from samft.engine.artifacts import eval_json, per_image_csv, split_file
 from samft.engine.runtime import autocast, memory_advice, pick_device, resolve_precision
 from samft.engine.artifacts.rundir import ADAPTER_FILE, RunDir
 from samft.engine.artifacts.loading import load_run
@@ -154,6 +154,9 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
     precision = resolve_precision(cfg.train.precision, dev)
     sets = eval_sets(cfg.data, data)
     _say_overlap(sets, _training_images(run_dir), info)
+    if write:  # what samft would not replace is said before any scoring
+        eval_json.check_ours(RunDir(run_dir).eval_path)
+        per_image_csv.check_folder(RunDir(run_dir).per_image_dir)
     exported = Path(run_dir).is_file()  # an exported model file: results go next to it
     checkpoint = str(run_dir) if exported else str(Path(run_dir) / ADAPTER_FILE)
     chash = config_hash(cfg)
