@@ -223,3 +223,27 @@ def test_an_all_nan_prediction_is_refused_not_scored_as_empty(tmp_path):
     pred, gt = _maps(tmp_path, np.full((16, 16), np.nan, np.float32))
     with pytest.raises(SamftError, match=r"a.npy: every value of the prediction map is NaN"):
         score_folders(pred, gt, show_progress=False)
+
+
+def test_npy_predictions_are_checked_before_they_are_loaded(tmp_path):
+    """The attack round: a header claiming (200000, 200000) float64 was a 298 GiB allocation and a traceback; an
+    object array quoted numpy's allow_pickle hint. Both one line, nothing allocated or unpickled."""
+    import numpy as np
+
+    from samft.engine.infer.score import _read_npy
+    from samft.errors import DataError
+
+    huge = tmp_path / "huge.npy"
+    with open(huge, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (200000, 200000)})
+        f.write(b"\0" * 64)
+    with pytest.raises(DataError, match=r"huge\.npy: the \.npy is damaged or truncated"):
+        _read_npy(huge)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"objects\.npy: the \.npy holds Python objects") as err:
+        _read_npy(objects)
+    assert "allow_pickle" not in str(err.value)
+    good = tmp_path / "good.npy"
+    np.save(good, np.full((3, 4), 0.5, np.float32))
+    assert _read_npy(good).shape == (3, 4)

@@ -21,6 +21,21 @@ from samft.tasks.metrics import BinaryMetrics, at_threshold
 PRED_EXTS = IMAGE_EXTS + (".npy",)
 
 
+def _read_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` array, memory-mapped first: a header claiming more bytes than the file holds (300 GiB, say) is
+    refused without allocating, and an object array (it would need unpickling) is never loaded."""
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e) or "Python objects" in str(e):
+            raise DataError(f"{path}: the .npy holds Python objects, not numbers, and was not loaded") from None
+        raise DataError(f"{path}: the .npy is damaged or truncated (its header asks for more than the file "
+                        f"holds: {str(e).split('.')[0]})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the .npy prediction ({e.strerror or e})") from None
+    return np.array(mapped)
+
+
 def _check_not_all_nan(path: Path, arr: np.ndarray) -> None:
     """A map of NaN only (a failed export) would be scored as an empty prediction: refuse it."""
     if arr.size and np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).all():
@@ -38,11 +53,7 @@ def check_threshold(threshold: float) -> float:
 def read_prediction(path: Path) -> np.ndarray:
     """A prediction map as float32 probabilities in [0, 1]."""
     if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot read the .npy prediction ({e})") from None
-        arr = np.squeeze(arr)
+        arr = np.squeeze(_read_npy(path))
         _check_not_all_nan(path, arr)
         if arr.ndim != 2:
             raise DataError(f"{path}: expected a 2-D probability map, got shape {arr.shape}")
