@@ -58,3 +58,20 @@ def test_predict_on_a_folder_with_a_link_loop_ends_and_says_so(tmp_path):
         files = collect_inputs([str(tmp_path / "IN" / "**" / "*.png")])
     assert [str(f.relative_to(tmp_path)) for f in files] == ["IN/sub/y.png", "IN/x.png"]
     assert any("leads back to itself" in str(w.message) and "up" in str(w.message) for w in caught)
+
+
+def test_linked_inputs_are_named_after_the_links(tmp_path):
+    """The attack round: masks of linked inputs were named after the link's target (hash-named blobs of DVC or
+    git-annex), and two links to one file gave one mask."""
+    from samft.data.layouts import distinct_names
+    from samft.engine.infer.predict import collect_inputs
+
+    blob = tmp_path / "store" / "0007.png"
+    blob.parent.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(blob)
+    (tmp_path / "in").mkdir()
+    os.symlink(blob, tmp_path / "in" / "cat.png")
+    os.symlink(blob, tmp_path / "in" / "dog.png")
+    files = collect_inputs([str(tmp_path / "in")])
+    assert [f.name for f in files] == ["cat.png", "dog.png"]
+    assert distinct_names(files) == ["cat", "dog"]

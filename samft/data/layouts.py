@@ -292,7 +292,7 @@ def distinct_names(paths: list[Path]) -> list[str]:
     """One output name per path: its stem where that is unique (case-insensitively), else the stem with the
     folders that tell the paths apart (``a_x``, ``b_x``) and, for one folder, the extension (``x_png``,
     ``x_jpg``); a counter as the last resort. Names are single components: never absolute, never ``..``."""
-    resolved = [p.resolve() for p in paths]
+    resolved = [Path(os.path.abspath(p)) for p in paths]  # the paths as given (a link keeps its own name)
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(resolved):
         groups.setdefault(_safe_name(p.stem).casefold(), []).append(i)

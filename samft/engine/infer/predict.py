@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -68,7 +69,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
             raise SamftError(f"{item}: no such file, folder or pattern")
     seen, unique = set(), []
     for f in found:
-        key = f.resolve()
+        key = Path(os.path.abspath(f))  # as given: two links to one file are two inputs, named after each link
         if key not in seen:
             seen.add(key)
             unique.append(f)
