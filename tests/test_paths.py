@@ -75,3 +75,24 @@ def test_linked_inputs_are_named_after_the_links(tmp_path):
     files = collect_inputs([str(tmp_path / "in")])
     assert [f.name for f in files] == ["cat.png", "dog.png"]
     assert distinct_names(files) == ["cat", "dog"]
+
+
+def test_non_regular_inputs_are_named_for_what_they_are(tmp_path):
+    """A FIFO given as an image is 'not a regular file' (it said 'no such file'); a FIFO named like an image in a
+    folder is skipped with one warning, not in silence."""
+    from samft.engine.infer.predict import collect_inputs
+    from samft.errors import SamftError
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    os.mkfifo(tmp_path / "in" / "b.png")
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "in" / "c.png")
+    with pytest.raises(SamftError, match=r"b\.png: not a regular file"):
+        collect_inputs([str(tmp_path / "in" / "b.png")])
+    with pytest.raises(SamftError, match=r"c\.png: a link to nothing"):
+        collect_inputs([str(tmp_path / "in" / "c.png")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        files = collect_inputs([str(tmp_path / "in")])
+    assert [f.name for f in files] == ["a.png"]
+    assert any("2 entr(y/ies) named like images skipped" in str(w.message) for w in caught)

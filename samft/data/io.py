@@ -5,6 +5,7 @@ A corrupt or truncated file is an error, never a black image or an empty mask.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -62,7 +63,13 @@ def _open(path: Path, what: str) -> tuple[Image.Image, Optional[Image.Transpose]
             out = ImageOps.exif_transpose(im)  # camera rotation: pixels as a viewer shows them
             out.load()
             return out, method, raw_hw
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels, " if found else ""
+        raise DataError(f"{path}: the {what} is not corrupt but too large to decode ({size}over Pillow's limit of "
+                        f"{Image.MAX_IMAGE_PIXELS or 0:,}, a guard against decompression bombs); shrink or cut it "
+                        f"first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read {what}: the file is corrupt, truncated or not an image ({e})") from None
 
 

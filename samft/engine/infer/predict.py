@@ -48,25 +48,41 @@ def split_inputs(run_dir: str | Path, split: str) -> list[str]:
     return [img for img, _ in listed[split]]
 
 
+def _folder_images(folder: Path) -> list[Path]:
+    """A folder's image files, sorted; entries with an image name that are no regular file (a FIFO, a device, a
+    link to nothing) are skipped and said in one warning."""
+    named = sorted(f for f in folder.iterdir() if is_image_name(f) and not f.name.startswith("."))
+    files = [f for f in named if f.is_file()]
+    if len(files) < len(named):
+        odd = [f for f in named if not f.is_file()]
+        warnings.warn(f"{folder}: {len(odd)} entr(y/ies) named like images skipped: not regular files (a link to "
+                      f"nothing, a FIFO or a device), e.g. {odd[0].name}", stacklevel=3)
+    if not files:
+        raise SamftError(f"{folder}: folder holds no images")
+    return files
+
+
+def _one_input(item: str) -> list[Path]:
+    p = Path(item).expanduser()
+    if p.is_dir():
+        return _folder_images(p)
+    if p.is_file():
+        return [p]
+    if any(ch in item for ch in "*?["):
+        files = _pattern_files(str(p))
+        if not files:
+            raise SamftError(f"{item}: pattern matched no files")
+        return files
+    if p.exists():
+        raise SamftError(f"{item}: not a regular file (a FIFO, a device or a socket); give image files")
+    if p.is_symlink():
+        raise SamftError(f"{item}: a link to nothing ({os.readlink(p)})")
+    raise SamftError(f"{item}: no such file, folder or pattern")
+
+
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Expand files, folders (their images, sorted) and glob patterns; each input must match something."""
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and is_image_name(f) and not f.name.startswith("."))
-            if not files:
-                raise SamftError(f"{p}: folder holds no images")
-            found.extend(files)
-        elif p.is_file():
-            found.append(p)
-        elif any(ch in item for ch in "*?["):
-            files = _pattern_files(str(p))
-            if not files:
-                raise SamftError(f"{item}: pattern matched no files")
-            found.extend(files)
-        else:
-            raise SamftError(f"{item}: no such file, folder or pattern")
+    found: list[Path] = [f for item in inputs for f in _one_input(item)]
     seen, unique = set(), []
     for f in found:
         key = Path(os.path.abspath(f))  # as given: two links to one file are two inputs, named after each link
