@@ -154,3 +154,14 @@ def test_a_choice_in_other_letters_is_suggested():
 
     with pytest.raises(ConfigError, match=r"data\.format: 'VOC' is not one of .*\(did you mean 'voc'\?\)"):
         config_from_dict({"data": {"format": "VOC"}})
+
+
+@pytest.mark.parametrize("override,key", [("output.dir=", "output.dir"), ("data.root=", "data.root"),
+                                          ("output.dir=' '", "output.dir")])
+def test_an_empty_folder_value_is_one_line_not_a_silent_default(override, key):
+    """The attack round: output.dir= trained into runs/run and data.root= read the current folder, in silence."""
+    from samft.config import config_from_dict
+    from samft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"{key}: empty"):
+        config_from_dict({}, [override])

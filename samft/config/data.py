@@ -51,6 +51,8 @@ class DataConfig:
 
     def validate(self, prefix: str) -> None:  # not check(): that is an option of the section
         """The hold-out fraction, the colours, and class ids that must fall inside (or outside) data.classes."""
+        if not self.root.strip():
+            raise ConfigError(f"{prefix}.root: empty; give the dataset folder ('.' for the current one)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"{prefix}.val_fraction: {self.val_fraction} must be in [0, 1)")
         self._check_colours(prefix)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from samft.errors import ConfigError
 from samft.config.field import opt
 
 
@@ -27,3 +28,7 @@ class EvalConfig:
 class OutputConfig:
     dir: Optional[str] = opt(None, "run directory (default runs/<config file name>)")
     overwrite: bool = opt(False, "allow training into a run directory that already holds a run")
+
+    def check(self, prefix: str) -> None:
+        if self.dir is not None and not self.dir.strip():
+            raise ConfigError(f"{prefix}.dir: empty; give a folder, or null for runs/<config file name>")

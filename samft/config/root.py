@@ -45,6 +45,7 @@ class Config:
         self.data.validate("data")
         self.train.check("train", multiclass=bool(self.data.classes))
         self.peft.check("peft")
+        self.output.check("output")
         check_slip(self)
 
 
