@@ -208,3 +208,16 @@ def test_config_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PKG.parent).stdout.strip()
     assert out == "False"
+
+
+def test_nothing_imports_the_package_root():
+    """``samft/__init__.py`` is the library API and imports the engine: ``from samft import peft`` inside the
+    package would make engine/model -> samft -> engine a cycle. Import the module itself (``import samft.peft``)."""
+    found = []
+    for module, path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "samft" and node.level == 0:
+                found.append(f"{path.name}:{node.lineno}")
+            elif isinstance(node, ast.Import) and any(a.name == "samft" for a in node.names):
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from samft import peft
+import samft.peft as peft
 from samft.config import Config
 from samft.model.attention import EncoderAttention, attention_kinds, set_attention
 from samft.model.sam import base_fingerprint, build_sam

@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from samft import peft
+import samft.peft as peft
 
 from samft.version import __version__
 from samft.config import config_from_dict, dump_yaml, safe_yaml

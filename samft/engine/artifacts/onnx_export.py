@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from samft import peft
+import samft.peft as peft
 
 from samft.version import __version__
 from samft.constants import PIXEL_MEAN, PIXEL_STD

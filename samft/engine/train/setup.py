@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from samft import peft
+import samft.peft as peft
 from samft.config import Config, absolute_paths
 from samft.data.check import check_data, require_clean
 from samft.data.layouts import Pair, train_val_pairs
