@@ -35,7 +35,7 @@ def pickle_refused(e: Exception) -> bool:
 
 def load_failure(e: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in a few words that never repeat torch's own text: for a
-    pickle that names Python code or objects, torch advises re-running with ``weights_only=False``, the one
+    pickle that names Python code or objects, torch advises re-running with the unsafe loading flag, the one
     thing never to do with a file one did not make."""
     text = str(e)
     if pickle_refused(e):

@@ -29,7 +29,11 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 def safe_yaml(text: str) -> Any:
     """``yaml.safe_load`` without aliases (:class:`_NoAliasLoader`): the one YAML reader of every config."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    loader = _NoAliasLoader(text)  # a SafeLoader: plain YAML types only, no tags that construct objects
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
