@@ -44,7 +44,7 @@ def _matches(rel: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     return fnmatch.fnmatchcase(rel[0], head) and _matches(rel[1:], rest)
 
 
-def _walk(root: Path, recursive: bool) -> tuple[list[tuple[str, ...]], list[Path]]:
+def _walk(root: Path) -> tuple[list[tuple[str, ...]], list[Path]]:
     """Every file under ``root`` as components relative to it, and the links to folders not entered (loops)."""
     files: list[tuple[str, ...]] = []
     loops: list[Path] = []
@@ -59,8 +59,6 @@ def _walk(root: Path, recursive: bool) -> tuple[list[tuple[str, ...]], list[Path
             if not entry.is_dir():
                 if entry.is_file():
                     files.append((*rel, entry.name))
-                continue
-            if not recursive:
                 continue
             real = os.path.realpath(entry.path)
             if real in ancestors:
@@ -83,7 +81,7 @@ def expand_glob(pattern: str) -> tuple[list[Path], list[Path]]:
     if not depth_free and len(rest) == 1:  # one level: no walk below the root
         names = sorted(e.name for e in os.scandir(root) if e.is_file())
         return [root / n for n in names if _matches((n,), rest)], []
-    rels, loops = _walk(root, recursive=True)
+    rels, loops = _walk(root)
     if not depth_free:
         rels = [r for r in rels if len(r) == len(rest)]
     return sorted(root.joinpath(*r) for r in rels if _matches(r, rest)), loops

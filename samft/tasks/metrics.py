@@ -36,6 +36,12 @@ from samft.config.metric_names import (ALIASES, ALL_METRICS, BINARY_METRICS, MET
 THRESHOLDS = np.linspace(1.0, 0.0, 256)  # PraNet's 1:-1/255:0
 
 
+def for_every_image(kind: str) -> str:
+    """A :meth:`degenerate` kind as warnings say it: ``empty for every image``, ``one class: sky for every
+    image``; a collapse already says what it is."""
+    return f"{kind} for every image" if kind in ("empty", "full") or kind.startswith("one class") else kind
+
+
 def image_ber(tp: float, tn: float, pos: float, neg: float) -> float:
     """One image's BER in percent as AutoGluon's ``Balanced_Error_Rate`` computes it (torchmetrics' sample-wise
     macro accuracy over the classes {background, foreground}): ``100 (1 - mean of the classes' recalls)``, where a

@@ -17,9 +17,10 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save as st_save
 
-from samft.engine.artifacts.fileio import (atomic_torch_save, atomic_write_bytes, depth, fail, field, int_text,
-                                           parse_json, read_safetensors)
+from samft.engine.artifacts.fileio import (atomic_torch_save, atomic_write_bytes, fail, field, int_text, parse_json,
+                                           read_safetensors)
 from samft.errors import CheckpointError, SamftError, load_failure
+from samft.files import json_depth
 
 HEAD_FORMAT = "samft-merged-head-1"
 UNMERGED_FORMAT = "samft-unmerged-model-1"
@@ -78,7 +79,7 @@ def recognise(path: Path, data: Any) -> str:
 
 
 def _check_model_dict(path: Path, data: dict, kind: str) -> None:
-    if depth(data, MAX_DEPTH) > MAX_DEPTH:
+    if json_depth(data, MAX_DEPTH) > MAX_DEPTH:
         fail(path, f"nested more than {MAX_DEPTH} levels deep (damaged or not samft's)")
     for key in ("config_yaml", "peft_method"):
         field(data, key, str, path)

@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 
 from samft.errors import CheckpointError
 from samft.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
-from samft.files import MAX_JSON_DEPTH, json_depth
+from samft.files import MAX_JSON_DEPTH
 from samft.files import parse_json as _parse_json
 
 MAX_DEPTH = MAX_JSON_DEPTH
@@ -31,11 +31,6 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a b
 def fail(path: str | Path, message: str, cls: type = CheckpointError) -> None:
     """Raise the one-line error ``PATH: message``."""
     raise cls(f"{path}: {message}")
-
-
-def depth(node: Any, limit: int = MAX_DEPTH) -> int:
-    """The nesting depth of a parsed JSON value (see :func:`samft.files.json_depth`)."""
-    return json_depth(node, limit)
 
 
 def parse_json(text: str | bytes, path: str | Path, what: str, max_depth: int = MAX_DEPTH) -> Any:

@@ -12,7 +12,8 @@ from typing import Optional
 import yaml
 
 from samft.config import Config, config_from_dict, file_beside, safe_yaml, yaml_error
-from samft.engine.artifacts.fileio import MAX_DEPTH, atomic_write_text, depth
+from samft.engine.artifacts.fileio import MAX_DEPTH, atomic_write_text
+from samft.files import json_depth
 from samft.errors import ConfigError, SamftError
 
 KIND = "run_config"
@@ -41,7 +42,7 @@ def read(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
     data = _load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the run's config is a {type(data).__name__}, expected a mapping of sections")
-    if depth(data) > MAX_DEPTH:
+    if json_depth(data) > MAX_DEPTH:
         raise ConfigError(f"{path}: the run's config is nested more than {MAX_DEPTH} levels deep")
     try:
         cfg = config_from_dict(data, overrides)

@@ -27,7 +27,7 @@ from samft.engine.artifacts.loading import load_run
 from samft.engine.infer.per_image import write_per_image
 from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
 from samft.errors import SamftError
-from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics
+from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics, for_every_image
 from samft.model.semantic import SemanticSAM, image_scores
 from samft.progress import progress
 from samft.tasks.task import Task, make_task
@@ -113,8 +113,7 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
 def _say_degenerate(name: str, kind: Optional[str], info: D.DistInfo) -> None:
     """One warning when a set's predictions are all empty, all foreground, one class, or collapsed to one."""
     if kind and info.is_main:
-        every = f"{kind} for every image" if kind in ("empty", "full") or kind.startswith("one class") else kind
-        warnings.warn(f"eval {name}: the predictions are {every}: the model has not learnt this set's masks",
+        warnings.warn(f"eval {name}: the predictions are {for_every_image(kind)}: the model has not learnt this set's masks",
                       stacklevel=3)
 
 

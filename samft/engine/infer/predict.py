@@ -92,6 +92,11 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return unique
 
 
+def _input_index(files: list[Path]) -> tuple[dict[Path, Path], dict[tuple[int, int], Path]]:
+    """The inputs by resolved path and by (device, inode) (hard links too): what no output may land on."""
+    return {f.resolve(): f for f in files}, {(st.st_dev, st.st_ino): f for f in files for st in [f.stat()]}
+
+
 def _check_target(target: Path, out: Path, inputs: dict[Path, Path], inodes: dict[tuple[int, int], Path]) -> bool:
     """Refuses a target that is an input image (by path or hard link) or a run's own file; True if it exists."""
     st = target.stat() if target.exists() else None
@@ -114,8 +119,7 @@ def plan_outputs(files: list[Path], out: Path, with_overlay: bool, overwrite: bo
     if renamed:
         warnings.warn(f"{len(renamed)} input(s) share a file stem with another; their masks are named after their "
                       f"folders or extensions, e.g. {renamed[0].image} -> {renamed[0].name}.png", stacklevel=2)
-    inputs = {f.resolve(): f for f in files}
-    inodes = {(st.st_dev, st.st_ino): f for f in files for st in [f.stat()]}  # hard links too
+    inputs, inodes = _input_index(files)
     targets = [out / f"{p.name}.png" for p in pairs]
     if with_overlay:
         targets += [out / "overlays" / f"{p.name}.png" for p in pairs]
@@ -158,8 +162,7 @@ def plan_probs(pairs: list[Pair], out: Path, probs: Optional[str], task: Task, o
         return
     num_classes = task.num_classes if task.classes is not None else None
     targets = [t for p in pairs for t in probs_targets(out, p.name, probs, num_classes)]
-    inputs = {p.image.resolve(): p.image for p in pairs}
-    inodes = {(st.st_dev, st.st_ino): p.image for p in pairs for st in [p.image.stat()]}
+    inputs, inodes = _input_index([p.image for p in pairs])
     clashes = [t for t in targets if _check_target(t, out, inputs, inodes)]
     if clashes and not overwrite:
         raise SamftError(f"{clashes[0]}: already exists in {out} ({len(clashes)} of the {len(targets)} probability "

@@ -39,10 +39,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from samft.config import Config, config_hash, dump_yaml
-from samft.data.workers import cap_workers
 from samft.data.datasets import TrainDataset, collate
 from samft.data.transforms import valid_mask
-from samft.data.workers import surfaced
+from samft.data.workers import cap_workers, surfaced
 from samft.engine import distributed as D
 from samft.engine.artifacts import split_file
 from samft.engine.artifacts.adapter import adapter_expectations, trainable_state
@@ -61,6 +60,7 @@ from samft.errors import SamftError
 from samft.model.semantic import upsample_logits
 from samft.progress import console, progress
 from samft.slip.text import clamp_logit_scales
+from samft.tasks.metrics import for_every_image
 from samft.tasks.task import make_task
 from samft.tasks.terms import LABELLED, DataStream, LossTerm
 
@@ -179,11 +179,6 @@ def _diverged(e: TrainingDiverged, run: RunDir, cfg: Config) -> TrainingDiverged
                  f"train.grad_clip={tc.grad_clip / 2:.3g} (half of {tc.grad_clip:g})")
     return TrainingDiverged(f"{e}; {saved}. Start a new run with samft train {config} and {' or '.join(fixes)}, "
                             f"and check the data")
-
-
-def _for_every_image(kind: str) -> str:
-    """A degenerate prediction kind as the warnings say it (binary: empty / full; multi-class: one class)."""
-    return f"{kind} for every image" if kind in ("empty", "full") or kind.startswith("one class") else kind
 
 
 SMALL_VAL = 5  # fewer validation images than this make the best epoch and the curves noise
@@ -458,7 +453,7 @@ class Fit:
         metrics = D.merge_across(metrics, self.info)
         self.last_degenerate = metrics.degenerate()
         if self.last_degenerate and self.main:
-            warnings.warn(f"epoch {epoch_no}: the validation predictions are {_for_every_image(self.last_degenerate)}: "
+            warnings.warn(f"epoch {epoch_no}: the validation predictions are {for_every_image(self.last_degenerate)}: "
                           f"the model has not learnt the masks yet. {self._hints()}", stacklevel=2)
         return metrics.compute()
 
@@ -473,7 +468,7 @@ class Fit:
             warnings.warn(f"validation {self.metric} stayed at {values[0]:.4f} in all {len(values)} validated epochs: "
                           f"the run learnt nothing measurable. {self._hints()}", stacklevel=2)
         elif self.last_degenerate:  # the metric may move on empty predictions (S-measure does): not learning
-            warnings.warn(f"the final validation predictions are {_for_every_image(self.last_degenerate)}, whatever "
+            warnings.warn(f"the final validation predictions are {for_every_image(self.last_degenerate)}, whatever "
                           f"{self.metric} says: the run has not learnt the masks. {self._hints()}", stacklevel=2)
 
     def _finish(self) -> None:
