@@ -14,7 +14,7 @@ import torch
 import samft.peft as peft
 from samft.config import Config
 from samft.model.attention import EncoderAttention, attention_kinds, set_attention
-from samft.model.sam import base_fingerprint, build_sam
+from samft.model.sam import base_fingerprint, build_sam, sam_size
 from samft.model.semantic import SegOutput, SemanticSAM
 from samft.prune.encoder_flops import encoder_flops
 from samft.prune.state import apply_pruned, describe_pruned
@@ -106,13 +106,23 @@ def checkpoint_mismatch(model_type: str, checkpoint: Optional[str]) -> Optional[
     return None
 
 
+def _structure(cfg: Config) -> BuiltModel:
+    """The model's structure for counting: on the meta device for the official sizes (no memory, no weights
+    read); a tiny size is built for real on the CPU with random weights and no checkpoint read, which is faster
+    than the meta device, whose first decomposed op imports ``torch._dynamo`` (0.6 s of ``samft info``)."""
+    if sam_size(cfg.model.type).official or cfg.model.pruned:
+        return build_model(cfg, meta=True)
+    random_weights = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None))
+    return build_model(random_weights)
+
+
 def describe(cfg: Config) -> dict:
     """What ``samft info`` reports: model, attention, PEFT method and options, adapted modules, parameter
     counts and the encoder's forward GMACs per image at ``img_size`` (``samft/prune/encoder_flops.py``).
 
     Builds the structure only (``meta=True``): no weights are read, so this is instant for any size.
     """
-    built = build_model(cfg, meta=True)
+    built = _structure(cfg)
     counts = count_params(built.model)
     options = getattr(cfg.model, cfg.model.attention, None)
     kinds = attention_kinds(built.model.image_encoder)
