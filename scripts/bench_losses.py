@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,33 +35,21 @@ def median_ms(fn, x: torch.Tensor, rounds: int) -> float:
 
 def step_times(rounds: int) -> None:
     """Median CPU seconds of one demo training step with the plain and the separable pool (alternating)."""
-    import warnings
-    from pathlib import Path
-
-    import yaml
+    import sys
 
     import samft.tasks.losses as losses
-    from samft.config import config_from_dict
-    from samft.engine.train.loop import train_step
-    from samft.engine.train.setup import build_training
 
-    warnings.filterwarnings("ignore")
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
-    raw["train"].update({"device": "cpu", "progress": False})
-    cfg = config_from_dict(raw)
-    parts = build_training(cfg, torch.device("cpu"), "fp32", total_steps=2 * rounds + 4)
-    parts.model.train()
-    b, s = cfg.train.batch_size, cfg.model.img_size
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(b, 3, s, s, generator=g), "mask": (torch.rand(b, s, s, generator=g) > 0.7),
-             "valid_hw": torch.tensor([[s, s]] * b)}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _demo_step import demo_step
+
+    run_step, _ = demo_step(total_steps=2 * rounds + 4)
     fast = losses.boundary_weights
     times: dict[str, list[float]] = {"plain": [], "separable": []}
     for i in range(2 * rounds + 4):
         name = ("plain", "separable")[i % 2]
         losses.boundary_weights = plain if name == "plain" else fast
         t0 = time.process_time()
-        train_step(parts, [{"labelled": batch}])
+        run_step()
         if i >= 4:  # warm-up
             times[name].append(time.process_time() - t0)
     losses.boundary_weights = fast
