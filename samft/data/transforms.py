@@ -1,4 +1,4 @@
-"""SAM-style preprocessing with albumentations.
+"""SAM-style preprocessing (albumentations for the random flip; the deterministic path in OpenCV/NumPy).
 
 ``resize="pad"`` (samft, SAM's own): resize the longest side to ``img_size`` (aspect ratio kept), optionally
 flip, normalise with SAM's pixel mean/std, then pad bottom/right with zeros to ``img_size`` x ``img_size``
@@ -9,13 +9,16 @@ predictions can be cropped.
 optionally flip, then resize to ``img_size`` x ``img_size`` whatever the aspect ratio, the image bicubic as
 PIL does it (torchvision's ``Resize`` on a PIL image), the mask nearest as PIL does it; no padding, so the
 valid size is the whole input and a prediction goes back to the original size by resizing it.
+
+Without a flip (evaluation, prediction) the same steps run in OpenCV and NumPy exactly as albumentations computes
+them (its LongestMaxSize sizes and cv2 interpolations, its float32 normalisation table), bit for bit (tested
+against albumentations), so inference never imports albumentations (0.8 s of CPU at start-up).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -43,41 +46,65 @@ def squash_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
+def _normalisation_table() -> np.ndarray:
+    """(256, 3) float32: each uint8 value of each channel normalised with SAM's mean/std, in the order and
+    precision of albumentations' Normalize(mean/255, std/255, max_pixel_value=255) (albucore's LUT)."""
+    mean = np.array([m / 255 for m in PIXEL_MEAN], dtype=np.float32) * 255.0
+    denominator = np.reciprocal(np.array([s / 255 for s in PIXEL_STD], dtype=np.float32) * 255.0)
+    return (np.arange(256, dtype=np.float32)[:, None] - mean) * denominator
+
+
+def longest_side(array: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    """Resize so the longest side is ``size`` (albumentations' LongestMaxSize: each side ``round(side * scale)``)."""
+    h, w = array.shape[:2]
+    scale = size / max(h, w)
+    hw = max(1, round(h * scale)), max(1, round(w * scale))
+    return array if hw == (h, w) else cv2.resize(array, hw[::-1], interpolation=interpolation)
+
+
 class SamTransform:
     """(H, W, 3) uint8 image [+ (H, W) uint8 mask] -> normalised padded tensors and the valid size."""
 
     def __init__(self, img_size: int, hflip: float = 0.0, mask_fill: int = 0, resize: str = "pad") -> None:
         if resize not in RESIZES:
             raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZES)}")
-        self.img_size, self.resize = img_size, resize
-        geometric = [A.LongestMaxSize(max_size=img_size)] if resize == "pad" else []
-        if hflip > 0:
-            geometric.append(A.HorizontalFlip(p=hflip))
-        self.geometric = A.Compose(geometric)
-        self.finish = A.Compose([
-            A.Normalize(mean=[m / 255 for m in PIXEL_MEAN], std=[s / 255 for s in PIXEL_STD], max_pixel_value=255.0),
-            A.PadIfNeeded(min_height=img_size, min_width=img_size, position="top_left",
-                          border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill),
-        ])
+        self.img_size, self.resize, self.mask_fill = img_size, resize, mask_fill
+        self.table = _normalisation_table()
+        self.geometric = _albumentations_flip(img_size, hflip, resize) if hflip > 0 else None
+
+    def _geometry(self, image: np.ndarray, mask: Optional[np.ndarray], seed: Optional[int]) -> dict:
+        if self.geometric is not None:  # random flip (training): albumentations, seeded
+            if seed is not None:
+                self.geometric.set_random_seed(seed)
+            return self.geometric(**({"image": image} if mask is None else {"image": image, "mask": mask}))
+        if self.resize == "squash":
+            return {"image": image, "mask": mask}
+        return {"image": longest_side(image, self.img_size, cv2.INTER_LINEAR),
+                "mask": None if mask is None else longest_side(mask, self.img_size, cv2.INTER_NEAREST)}
 
     def __call__(self, image: np.ndarray, mask: Optional[np.ndarray] = None, seed: Optional[int] = None) -> dict:
-        if seed is not None:
-            self.geometric.set_random_seed(seed)
-        args = {"image": image} if mask is None else {"image": image, "mask": mask}
-        out = self.geometric(**args)
+        out = self._geometry(image, mask, seed)
         if self.resize == "squash":
             out["image"] = squash_image(out["image"], self.img_size)
             if mask is not None:
                 out["mask"] = squash_mask(out["mask"], self.img_size)
-        valid = out["image"].shape[:2]
-        out = self.finish(**out)
-        result = {
-            "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))).float(),
-            "valid_hw": torch.tensor(valid, dtype=torch.long),
-        }
+        h, w = out["image"].shape[:2]
+        padded = np.zeros((3, self.img_size, self.img_size), dtype=np.float32)  # zero = the mean colour
+        padded[:, :h, :w] = self.table[out["image"], np.arange(3)].transpose(2, 0, 1)
+        result = {"image": torch.from_numpy(padded), "valid_hw": torch.tensor((h, w), dtype=torch.long)}
         if mask is not None:
-            result["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"]))
+            full = np.full((self.img_size, self.img_size), self.mask_fill, dtype=out["mask"].dtype)
+            full[:h, :w] = out["mask"]
+            result["mask"] = torch.from_numpy(full)
         return result
+
+
+def _albumentations_flip(img_size: int, hflip: float, resize: str):
+    """The training geometry with a random horizontal flip: albumentations (imported here, on first use)."""
+    import albumentations as A
+
+    geometric = [A.LongestMaxSize(max_size=img_size)] if resize == "pad" else []
+    return A.Compose(geometric + [A.HorizontalFlip(p=hflip)])
 
 
 def valid_mask(valid_hw: torch.Tensor, size: int) -> torch.Tensor:
