@@ -558,6 +558,19 @@ def output_cases() -> dict[str, Callable]:
         return (["export", "--merged", "/sys/samft-test/m.pth", "--run", c.run()],
                 "/sys/samft-test/m.pth: cannot write the export")
 
+    def export_image_name(c):
+        return (["export", "--merged", c.tmp / "model.png", "--run", c.run()],
+                f"{c.tmp / 'model.png'}: --merged writes a PyTorch checkpoint; give a name ending in .pth or .pt")
+
+    def export_onnx_name(c):
+        return (["export", "--onnx", c.tmp / "model.png", "--run", c.run()],
+                f"{c.tmp / 'model.png'}: --onnx writes an ONNX graph; give a name ending in .onnx")
+
+    def export_onnx_onto_run_file(c):
+        run = c.run()
+        return (["export", "--onnx", run / "adapter.safetensors", "--run", run, "--overwrite"],
+                f"{(run / 'adapter.safetensors').resolve()}: is a run's own file")
+
     def demo_exists(c):
         write_dataset(c.tmp / "demo", n=3)
         return ["demo-data", c.tmp / "demo", "--n", "5"], f"{c.tmp / 'demo' / 'images' / '0000.png'}: already exists"
@@ -607,6 +620,8 @@ def output_cases() -> dict[str, Callable]:
                                                                "adapter_last.safetensors", "config.yaml",
                                                                "metrics.csv")},
             "export_folder": export_folder, "export_unwritable": export_unwritable,
+            "export_image_name": export_image_name, "export_onnx_name": export_onnx_name,
+            "export_onnx_onto_run_file": export_onnx_onto_run_file,
             "demo_data_exists": demo_exists, "demo_data_unwritable": demo_unwritable,
             "score_empty_gt": score_empty_gt, "score_missing_pred": score_missing_pred,
             "score_unmatched": score_unmatched, "score_bad_npy": score_bad_npy,

@@ -160,9 +160,17 @@ def merge_encoder(model: SemanticSAM, method: str) -> int:
     return folded
 
 
+def check_export_name(out: Path, option: str, suffixes: tuple[str, ...], what: str) -> None:
+    """An export's name says what it holds: ``--merged model.png`` would leave a checkpoint that the next tool
+    takes for an image (and a folder of images would take it in)."""
+    if out.suffix.lower() not in suffixes:
+        raise SamftError(f"{out}: {option} writes {what}; give a name ending in {' or '.join(suffixes)}, e.g. "
+                         f"model{suffixes[0]}")
+
+
 def check_export_target(out: Path, overwrite: bool) -> None:
     """Refuse to write ``out`` (and its head file) onto a folder, a run's own files (even with
-    ``overwrite``) or an existing file (unless ``overwrite``)."""
+    ``overwrite``) or an existing file (unless ``overwrite``), or under a name that is not a checkpoint's."""
     if out.is_dir():
         raise SamftError(f"{out}: is a folder; --merged needs a file name such as model.pth")
     for target in (out, head_path(out)):
@@ -171,6 +179,7 @@ def check_export_target(out: Path, overwrite: bool) -> None:
                              f"name, e.g. model.pth)")
         if (target.exists() or target.is_symlink()) and not overwrite:
             raise SamftError(f"{target}: already exists; pass --overwrite to replace it, or choose another name")
+    check_export_name(out, "--merged", (".pth", ".pt"), "a PyTorch checkpoint")
 
 
 def _write(path: Path, write) -> None:

@@ -42,10 +42,10 @@ from samft.version import __version__
 from samft.constants import PIXEL_MEAN, PIXEL_STD
 from samft.data.classes import ClassSpec
 from samft.engine.artifacts import onnx_meta
-from samft.engine.artifacts.export import merge_encoder
+from samft.engine.artifacts.export import check_export_name, merge_encoder
 from samft.engine.artifacts.loading import LoadedRun, load_run
 from samft.engine.artifacts.onnx_meta import META_PREFIX  # noqa: F401  (re-exported)
-from samft.engine.artifacts.rundir import ADAPTER_FILE
+from samft.engine.artifacts.rundir import ADAPTER_FILE, is_run_file
 from samft.errors import SamftError
 from samft.model import SemanticSAM
 from samft.model.attention import EncoderAttention
@@ -186,6 +186,10 @@ def _real_input(image: Optional[Path], img_size: int) -> Optional[torch.Tensor]:
 def _check_target(out: Path, overwrite: bool, opset: int) -> None:
     if out.is_dir():
         raise SamftError(f"{out}: is a folder; --onnx needs a file name such as model.onnx")
+    if is_run_file(out):
+        raise SamftError(f"{out}: is a run's own file; samft export never writes over it (choose another name, "
+                         f"e.g. model.onnx)")
+    check_export_name(out, "--onnx", (".onnx",), "an ONNX graph")
     if out.exists() and not overwrite:
         raise SamftError(f"{out}: already exists; pass --overwrite to replace it")
     if not MIN_OPSET <= opset <= MAX_OPSET:
