@@ -103,3 +103,16 @@ def test_refuses_to_overwrite_a_run(tmp_path, synthetic_dir):
     cfg = _cfg(tmp_path, synthetic_dir, "once", epochs=1)
     cfg.output.overwrite = True
     train(cfg, show_progress=False)
+
+
+def test_retraining_over_a_run_says_what_of_the_replaced_run_it_kept(tmp_path, synthetic_dir):
+    """--overwrite replaces samft's training files; the replaced model's predictions/ are the user's and stay,
+    but a warning says they are not the new run's."""
+    train(_cfg(tmp_path, synthetic_dir, "again", epochs=1), show_progress=False)
+    (tmp_path / "again" / "predictions").mkdir()
+    (tmp_path / "again" / "predictions" / "0000.png").write_bytes(b"old mask")
+    cfg = _cfg(tmp_path, synthetic_dir, "again", epochs=1)
+    cfg.output.overwrite = True
+    with pytest.warns(UserWarning, match=r"again: predictions kept from the replaced run: not this run's outputs"):
+        train(cfg, show_progress=False)
+    assert (tmp_path / "again" / "predictions" / "0000.png").read_bytes() == b"old mask"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -167,6 +168,10 @@ class RunDir:
         for name in TRAINING_FILES:
             (self.path / name).unlink(missing_ok=True)
         per_image_csv.remove(self.per_image_dir)  # the earlier run's per-image results, with its eval.json
+        kept = [n for n in self.user_files() if n not in RUN_FILES]
+        if kept:  # e.g. predictions/ of the replaced model: the user's, kept, but said
+            warnings.warn(f"{self.path}: {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''} kept from the replaced "
+                          f"run: not this run's outputs (move or delete them)", stacklevel=3)
         self.mark()
         run_config.write(self.config_path, config_yaml)
 
