@@ -194,3 +194,23 @@ def test_a_multi_frame_image_uses_its_first_frame_and_says_so_once(tmp_path, mon
     assert first.shape == (6, 5, 3) and int(first[0, 0, 0]) == 10
     said = [str(w.message) for w in caught if "frames" in str(w.message)]
     assert len(said) == 1 and "a.tif" in said[0] and "first frame" in said[0]
+
+
+def test_pillows_pixel_guard_is_named_and_samft_max_image_pixels_raises_it(tmp_path, monkeypatch):
+    """An image over Pillow's decompression-bomb guard is 'too large', with the variable that lets a user decode
+    images they trust (for --tile); the variable is the guard then, and Pillow's own is left as it was."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over twice this
+    path = tmp_path / "big.png"
+    Image.fromarray(np.full((100, 120, 3), 7, np.uint8)).save(path)
+    monkeypatch.delenv("SAMFT_MAX_IMAGE_PIXELS", raising=False)
+    with pytest.raises(DataError, match=r"big.png: the image is not corrupt but too large to decode \(12,000 pixels, "
+                                        r".*set SAMFT_MAX_IMAGE_PIXELS=N"):
+        read_image(path)
+    monkeypatch.setenv("SAMFT_MAX_IMAGE_PIXELS", "20_000")
+    assert read_image(path).shape == (100, 120, 3) and Image.MAX_IMAGE_PIXELS == 1000
+    monkeypatch.setenv("SAMFT_MAX_IMAGE_PIXELS", "11999")
+    with pytest.raises(DataError, match=r"big.png: the image has 12,000 pixels, over SAMFT_MAX_IMAGE_PIXELS=11,999"):
+        read_image(path)
+    monkeypatch.setenv("SAMFT_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(DataError, match=r"SAMFT_MAX_IMAGE_PIXELS='lots': expected a positive number of pixels"):
+        read_image(path)

@@ -5,7 +5,9 @@ A corrupt or truncated file is an error, never a black image or an empty mask.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -17,6 +19,31 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from samft.errors import DataError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode as partly black
+
+PIXELS_ENV = "SAMFT_MAX_IMAGE_PIXELS"  # images you trust may be larger than Pillow's guard (e.g. for --tile)
+
+
+def pixel_limit() -> Optional[int]:
+    """``SAMFT_MAX_IMAGE_PIXELS`` (a positive integer) when set: the largest image, in pixels, samft decodes in
+    place of Pillow's decompression-bomb guard (which refuses over twice its ``MAX_IMAGE_PIXELS``, ~179 M).
+    An environment variable, so the DataLoader's worker processes see it too."""
+    text = os.environ.get(PIXELS_ENV)
+    if text is None or text.strip() == "":
+        return None
+    try:
+        limit = int(text.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise DataError(f"{PIXELS_ENV}={text!r}: expected a positive number of pixels, e.g. 1000000000")
+    return limit
+
+
+def _check_pixels(path: Path, what: str, im: Image.Image, limit: int) -> None:
+    if im.width * im.height > limit:
+        raise DataError(f"{path}: the {what} has {im.width * im.height:,} pixels, over {PIXELS_ENV}={limit:,}; "
+                        f"raise it if you trust the file")
+
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -47,14 +74,33 @@ def _warn_multi_frame(path: Path, what: str, frames: int) -> None:
                       f"frame of every such file (said once)", stacklevel=4)
 
 
+_GUARD_LOCK = threading.Lock()
+
+
+def _opened(path: Path, limit: Optional[int]) -> Image.Image:
+    """``Image.open``; with ``limit`` set, without Pillow's own guard (``_check_pixels`` is the guard then)."""
+    if limit is None:
+        return Image.open(path)
+    with _GUARD_LOCK, warnings.catch_warnings():  # writer threads read images too: one swap at a time
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def _open(path: Path, what: str) -> tuple[Image.Image, Optional[Image.Transpose], tuple[int, int]]:
     """Decode a file fully (its first frame); apply its EXIF orientation. Returns (image, transpose applied,
     raw (h, w))."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
+    limit = pixel_limit()
     try:
-        with Image.open(path) as im:
+        with _opened(path, limit) as im:
+            if limit is not None:
+                _check_pixels(path, what, im, limit)
             if getattr(im, "n_frames", 1) > 1:
                 _warn_multi_frame(path, what, im.n_frames)
             im.load()
@@ -68,7 +114,7 @@ def _open(path: Path, what: str) -> tuple[Image.Image, Optional[Image.Transpose]
         size = f"{int(found.group(1)):,} pixels, " if found else ""
         raise DataError(f"{path}: the {what} is not corrupt but too large to decode ({size}over Pillow's limit of "
                         f"{Image.MAX_IMAGE_PIXELS or 0:,}, a guard against decompression bombs); shrink or cut it "
-                        f"first") from None
+                        f"first, or set {PIXELS_ENV}=N (pixels) if you trust it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read {what}: the file is corrupt, truncated or not an image ({e})") from None
 
