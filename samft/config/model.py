@@ -50,21 +50,17 @@ class TinyHieraConfig:
     window_spec: list[int] = opt([4, 2, 4, 2], "window size per stage; the first one is also the windowed "
                                                "position embedding's size")
     window_pos_embed: int = opt(4, "side of the background position embedding (interpolated to the grid)", minimum=1)
-    d_model: int = opt(32, "FPN neck = mask decoder width (divisible by 8)", minimum=8)
-    decoder_depth: int = opt(2, "two-way transformer depth in the mask decoder", minimum=1)
-    decoder_mlp_dim: int = opt(64, "two-way transformer MLP width", minimum=1)
-    decoder_heads: int = opt(2, "two-way transformer heads ((d_model / 2) must be divisible by it)", minimum=1)
+    d_model: int = opt(32, "FPN neck = mask decoder width (divisible by 16; the decoder's other sizes are "
+                           "SAM2Base's own: 2 layers, MLP 2048, 8 heads)", minimum=16)
 
     def check(self, prefix: str) -> None:
         if len(self.stages) != 4 or min(self.stages) < 1:
             raise ConfigError(f"{prefix}.stages: {self.stages}: four stages of at least one block each")
         if len(self.window_spec) != 4 or min(self.window_spec) < 1:
             raise ConfigError(f"{prefix}.window_spec: {self.window_spec}: four window sizes of at least 1")
-        if self.d_model % 8:
-            raise ConfigError(f"{prefix}.d_model: {self.d_model} is not divisible by 8")
-        if (self.d_model // 2) % self.decoder_heads:
-            raise ConfigError(f"{prefix}.decoder_heads: {self.decoder_heads} does not divide d_model/2 = "
-                              f"{self.d_model // 2}")
+        if self.d_model % 16:
+            raise ConfigError(f"{prefix}.d_model: {self.d_model} is not divisible by 16 (8 decoder heads on "
+                              f"d_model/2)")
         bad = [i for i in self.global_att_blocks if not 0 <= i < sum(self.stages)]
         if bad:
             raise ConfigError(f"{prefix}.global_att_blocks: {bad} outside 0..{sum(self.stages) - 1}")
