@@ -190,6 +190,19 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.pruned: SPViT pruning is for SAM 1 only, not {prefix}.family=sam2")
 
 
+# PEFT methods SAM 2.1 cannot take, with the reason (peft.method is checked against model.family)
+SAM1_ONLY_METHODS = {
+    "sam_adapter": "its prompts are added before every block at the ViT's one width and 16-px patch grid, while "
+                   "Hiera's blocks change width and grid at each stage",
+}
+
+
+def check_family_method(model: ModelConfig, method: str) -> None:
+    """One line when ``peft.method`` has no meaning on ``model.family``."""
+    if model.family == "sam2" and method in SAM1_ONLY_METHODS:
+        raise ConfigError(f"peft.method: {method} is not available for model.family=sam2: {SAM1_ONLY_METHODS[method]}")
+
+
 def sam2_size_step(cfg: ModelConfig) -> int:
     """The multiple of which a SAM 2.1 input side must be: 32 (the stride-32 stage and the FPN's 2x steps)
     and 4 x the first window size (the windowed position embedding tiles the stride-4 grid)."""
