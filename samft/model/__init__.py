@@ -135,6 +135,7 @@ def describe(cfg: Config) -> dict:
     options = getattr(cfg.model, cfg.model.attention, None)
     kinds = attention_kinds(built.model.image_encoder)
     result = {
+        "family": cfg.model.family,
         "model": cfg.model.type,
         "img_size": cfg.model.img_size,
         "checkpoint": cfg.model.checkpoint,
