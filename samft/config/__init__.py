@@ -29,8 +29,8 @@ from samft.config.load import (RENAMED, absolute_paths, apply_overrides, config_
                                migrate, parse_override, resolved_yaml, safe_yaml, yaml_error)
 from samft.config.loss import AuxLossConfig, ClipLossConfig, LossConfig, SetLossConfig, SSLLossConfig
 from samft.config.metric_names import METRIC_CHOICES, canonical, task_metric_names
-from samft.config.model import BRA_BLOCKS, SLIP_TEMPLATES, BRAConfig, ModelConfig, TextConfig, TinyConfig
-from samft.config.names import ATTENTIONS, PEFT_METHODS, SAM_TYPES
+from samft.config.model import BRA_BLOCKS, SLIP_TEMPLATES, BRAConfig, ModelConfig, TextConfig, TinyConfig, TinyHieraConfig
+from samft.config.names import ATTENTIONS, FAMILIES, PEFT_METHODS, SAM2_TYPES, SAM_TYPES
 from samft.config.peft import PeftConfig
 from samft.config.protocol import PROTOCOLS, apply_protocol
 from samft.config.root import Config, validate
@@ -41,7 +41,7 @@ __all__ = [
     "safe_yaml",
     "ATTENTIONS", "AuxLossConfig", "Key", "absolute_paths", "config_keys", "resolved_yaml", "yaml_value", "BRAConfig", "BRA_BLOCKS", "ClipLossConfig", "Config", "DATA_FORMATS",
     "DataConfig", "EvalConfig", "LossConfig", "METRIC_CHOICES", "ModelConfig", "OutputConfig", "PEFT_METHODS",
-    "PROTOCOLS", "PeftConfig", "RENAMED", "RESUMABLE_KEYS", "SAM_TYPES", "SLIP_TEMPLATES", "SSLLossConfig",
+    "PROTOCOLS", "PeftConfig", "RENAMED", "RESUMABLE_KEYS", "SAM_TYPES", "SAM2_TYPES", "FAMILIES", "TinyHieraConfig", "SLIP_TEMPLATES", "SSLLossConfig",
     "SetLossConfig", "TextConfig", "TinyConfig", "TrainConfig", "apply_overrides", "apply_protocol", "canonical",
     "check_fields", "config_from_dict", "config_hash", "describe_fields", "dump_yaml", "file_beside", "load_config",
     "migrate",

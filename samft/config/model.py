@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from samft.config.field import opt, section
-from samft.config.names import ATTENTIONS, SAM_TYPES
+from samft.config.names import ATTENTIONS, FAMILIES, FAMILY_TYPES, SAM2_TYPES, SAM_TYPES
 from samft.errors import ConfigError
 
 
@@ -37,6 +37,37 @@ class TinyConfig:
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
         if bad:
             raise ConfigError(f"{prefix}.global_attn_indexes: {bad} outside 0..{self.depth - 1}")
+
+
+@dataclass
+class TinyHieraConfig:
+    """Sizes of the small SAM 2.1 (Hiera trunk, FPN neck, SAM 2 mask decoder) built from the real classes."""
+
+    embed_dim: int = opt(16, "width of the first Hiera stage (doubles at each stage)", minimum=2)
+    num_heads: int = opt(1, "heads of the first stage (doubles at each stage)", minimum=1)
+    stages: list[int] = opt([1, 1, 2, 1], "Hiera blocks per stage (four stages; q-pooling at the first three changes)")
+    global_att_blocks: list[int] = opt([3], "Hiera blocks with global attention (the others are windowed)")
+    window_spec: list[int] = opt([4, 2, 4, 2], "window size per stage; the first one is also the windowed "
+                                               "position embedding's size")
+    window_pos_embed: int = opt(4, "side of the background position embedding (interpolated to the grid)", minimum=1)
+    d_model: int = opt(32, "FPN neck = mask decoder width (divisible by 16; the decoder's other sizes are "
+                           "SAM2Base's own: 2 layers, MLP 2048, 8 heads)", minimum=16)
+
+    def check(self, prefix: str) -> None:
+        if len(self.stages) != 4 or min(self.stages) < 1:
+            raise ConfigError(f"{prefix}.stages: {self.stages}: four stages of at least one block each")
+        if len(self.window_spec) != 4 or min(self.window_spec) < 1:
+            raise ConfigError(f"{prefix}.window_spec: {self.window_spec}: four window sizes of at least 1")
+        if self.d_model % 16:
+            raise ConfigError(f"{prefix}.d_model: {self.d_model} is not divisible by 16 (8 decoder heads on "
+                              f"d_model/2)")
+        bad = [i for i in self.global_att_blocks if not 0 <= i < sum(self.stages)]
+        if bad:
+            raise ConfigError(f"{prefix}.global_att_blocks: {bad} outside 0..{sum(self.stages) - 1}")
+
+
+# the first window size of each official SAM 2.1 size (the windowed position embedding's side)
+SAM2_FIRST_WINDOW = 8
 
 
 # SLIP's zero-shot ImageNet prompt ensemble (its templates.json, "imagenet"), averaged per class name.
@@ -105,11 +136,16 @@ class BRAConfig:
 
 @dataclass
 class ModelConfig:
-    type: str = opt("vit_b", "SAM size: vit_b, vit_l, vit_h (official checkpoints) or tiny (CPU tests)", SAM_TYPES)
+    family: str = opt("sam", "model family: sam (SAM 1, ViT encoder) or sam2 (SAM 2.1, Hiera encoder)", FAMILIES)
+    type: str = opt("vit_b", "size: vit_b, vit_l, vit_h for family sam; hiera_t, hiera_s, hiera_b+, hiera_l for "
+                    "family sam2 (official checkpoints); tiny (CPU tests, either family)",
+                    tuple(dict.fromkeys(SAM_TYPES + SAM2_TYPES)))
     checkpoint: Optional[str] = opt(
-        None, "official SAM checkpoint (e.g. sam_vit_b_01ec64.pth); null = random weights (a warning is shown)"
+        None, "official checkpoint (e.g. sam_vit_b_01ec64.pth, sam2.1_hiera_base_plus.pt); null = random weights "
+              "(a warning is shown)"
     )
-    img_size: int = opt(1024, "square input side (multiple of 16); pos_embed is interpolated when not 1024", minimum=16)
+    img_size: int = opt(1024, "square input side: a multiple of 16 (sam) or of 32 (sam2); position embeddings are "
+                        "interpolated when not 1024", minimum=16)
     seed: int = opt(0, "seed of the random base weights when checkpoint is null")
     pruned: Optional[str] = opt(None, "SPViT-pruned model (pruned.safetensors written by samft prune: the "
                                 "architecture and the whole pruned state) that replaces the base; null = dense SAM")
@@ -120,7 +156,8 @@ class ModelConfig:
                          "(BiFormer's Bi-Level Routing Attention: sparse, for 1536-2048 px; see model.bra)",
                          ATTENTIONS)
     bra: BRAConfig = section(BRAConfig, "options of model.attention=bra (Bi-Level Routing Attention)")
-    tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny")
+    tiny: TinyConfig = section(TinyConfig, "sizes used when type is tiny (family sam)")
+    tiny_hiera: TinyHieraConfig = section(TinyHieraConfig, "sizes used when type is tiny (family sam2)")
     class_head: str = opt("linear", "multi-class: how mask tokens are classified: linear (a Linear to C+1 scores) or "
                           "text (cosine similarity to the class-name embeddings of model.text)", ("linear", "text"))
     text: TextConfig = section(TextConfig, "class-name embeddings (model.class_head=text, loss.clip.weight)")
@@ -128,7 +165,48 @@ class ModelConfig:
     def check(self, prefix: str) -> None:
         """The input size, BRA's options and the tiny sizes (checked whether used or not: their defaults are
         valid). ``text`` is checked with the rest of SLIP (samft/config/slip.py)."""
+        if self.type not in FAMILY_TYPES[self.family]:
+            raise ConfigError(f"{prefix}.type: {self.type!r} is not a size of family {self.family!r} "
+                              f"({prefix}.family); choose from {', '.join(FAMILY_TYPES[self.family])}")
         if self.img_size % 16:
             raise ConfigError(f"{prefix}.img_size: {self.img_size} is not a multiple of 16 (the patch size)")
         self.bra.check(f"{prefix}.bra")
         self.tiny.check(f"{prefix}.tiny")
+        self.tiny_hiera.check(f"{prefix}.tiny_hiera")
+        if self.family == "sam2":
+            self._check_sam2(prefix)
+
+    def _check_sam2(self, prefix: str) -> None:
+        """What SAM 2.1 cannot do: the input side, BRA, SPViT pruning."""
+        step = sam2_size_step(self)
+        if self.img_size % step:
+            raise ConfigError(f"{prefix}.img_size: {self.img_size} is not a multiple of {step}, which SAM 2.1 "
+                              f"{self.type} needs (stride 32 after Hiera's three q-poolings, and the windowed "
+                              f"position embedding tiles the stride-4 grid)")
+        if self.attention == "bra":
+            raise ConfigError(f"{prefix}.attention: bra is not available for {prefix}.family=sam2 (Hiera's "
+                              f"q-pooling attention is not routed); use sdpa or eager")
+        if self.pruned:
+            raise ConfigError(f"{prefix}.pruned: SPViT pruning is for SAM 1 only, not {prefix}.family=sam2")
+
+
+# PEFT methods SAM 2.1 cannot take, with the reason (peft.method is checked against model.family)
+SAM1_ONLY_METHODS = {
+    "sam_adapter": "its prompts are added before every block at the ViT's one width and 16-px patch grid, while "
+                   "Hiera's blocks change width and grid at each stage",
+}
+
+
+def check_family_method(model: ModelConfig, method: str) -> None:
+    """One line when ``peft.method`` has no meaning on ``model.family``."""
+    if model.family == "sam2" and method in SAM1_ONLY_METHODS:
+        raise ConfigError(f"peft.method: {method} is not available for model.family=sam2: {SAM1_ONLY_METHODS[method]}")
+
+
+def sam2_size_step(cfg: ModelConfig) -> int:
+    """The multiple of which a SAM 2.1 input side must be: 32 (the stride-32 stage and the FPN's 2x steps)
+    and 4 x the first window size (the windowed position embedding tiles the stride-4 grid)."""
+    import math
+
+    first = cfg.tiny_hiera.window_spec[0] if cfg.type == "tiny" else SAM2_FIRST_WINDOW
+    return math.lcm(32, 4 * first)

@@ -9,8 +9,17 @@ choices are listed in (error messages, ``samft info``).
 
 from __future__ import annotations
 
+# model families (model.family): SAM 1 (ViT encoder) and SAM 2.1 (Hiera encoder)
+FAMILIES = ("sam", "sam2")
+
 # model/sam.py's size registry (sam_sizes)
 SAM_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
+
+# model/hiera.py's size registry (sam2_sizes): the four official SAM 2.1 sizes and a tiny random Hiera
+SAM2_TYPES = ("tiny", "hiera_t", "hiera_s", "hiera_b+", "hiera_l")
+
+# what model.type accepts, per family
+FAMILY_TYPES = {"sam": SAM_TYPES, "sam2": SAM2_TYPES}
 
 # model/attention's registry (attention_names): the fallback first, then the others sorted
 ATTENTIONS = ("sdpa", "bra", "eager")

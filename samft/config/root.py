@@ -10,7 +10,7 @@ from samft.config.data import DataConfig
 from samft.config.eval import EvalConfig, OutputConfig
 from samft.config.field import opt, section
 from samft.config.loss import LossConfig
-from samft.config.model import ModelConfig
+from samft.config.model import ModelConfig, check_family_method
 from samft.config.peft import PeftConfig
 from samft.config.protocol import PROTOCOLS, apply_protocol
 from samft.config.slip import check_slip
@@ -45,6 +45,7 @@ class Config:
         self.data.validate("data")
         self.train.check("train", multiclass=bool(self.data.classes))
         self.peft.check("peft")
+        check_family_method(self.model, self.peft.method)
         self.output.check("output")
         check_slip(self)
 

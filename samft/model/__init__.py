@@ -29,6 +29,24 @@ class BuiltModel:
     base_sha256: str = ""  # identity of the frozen base weights
 
 
+def build_base(cfg: Config, meta: bool = False):
+    """The base model of ``cfg.model.family``: SAM 1 (``segment_anything``'s ``Sam``) or SAM 2.1's parts."""
+    if cfg.model.family == "sam2":
+        from samft.model.hiera import build_sam2
+
+        return build_sam2(cfg.model, meta=meta)
+    return build_sam(cfg.model, meta=meta)
+
+
+def semantic_model(cfg: Config, base, num_queries: int, num_classes: int) -> SemanticSAM:
+    """The family's semantic model around ``base`` (:class:`SemanticSAM` or :class:`SemanticSAM2`)."""
+    if cfg.model.family == "sam2":
+        from samft.model.semantic2 import SemanticSAM2
+
+        return SemanticSAM2(base, num_queries, num_classes, img_size=cfg.model.img_size)
+    return SemanticSAM(base, num_queries=num_queries, num_classes=num_classes)
+
+
 def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor] = None) -> BuiltModel:
     """Build SAM, wrap it as SemanticSAM, freeze the base and apply ``cfg.peft.method``.
 
@@ -41,12 +59,12 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
     (SLIP) the decoder classifies mask tokens against class-name embeddings: ``text_emb`` (K, D), those a
     saved adapter or export holds, else read from ``model.text`` (:func:`samft.slip.text.attach_text_class_head`).
     """
-    sam = build_sam(cfg.model, meta=meta)
+    sam = build_base(cfg, meta)
     sha = "" if meta or cfg.model.pruned else base_fingerprint(cfg.model, sam)
     spec = peft.get(cfg.peft.method)
     task = make_task(cfg)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        model = SemanticSAM(sam, num_queries=task.num_queries, num_classes=task.num_classes)
+        model = semantic_model(cfg, sam, task.num_queries, task.num_classes)
         attach_text_class_head(cfg, model.decoder, text_emb)
         model.freeze_base()
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
@@ -127,6 +145,7 @@ def describe(cfg: Config) -> dict:
     options = getattr(cfg.model, cfg.model.attention, None)
     kinds = attention_kinds(built.model.image_encoder)
     result = {
+        "family": cfg.model.family,
         "model": cfg.model.type,
         "img_size": cfg.model.img_size,
         "checkpoint": cfg.model.checkpoint,

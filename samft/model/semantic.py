@@ -69,19 +69,31 @@ class SemanticMaskDecoder(nn.Module):
         self.hypernetwork = copy.deepcopy(decoder.output_hypernetworks_mlps[0])
         self.class_head = nn.Linear(dim, num_classes + 1) if num_classes > 1 else None
 
+    first_mask = 1  # index of the first mask token among the decoder's tokens (after SAM's IoU token)
+
+    def tokens(self, batch: int, sparse: Optional[torch.Tensor]) -> torch.Tensor:
+        """The decoder's input tokens (B, T, C): SAM's IoU token, the mask tokens, then ``sparse`` (1, S, C)."""
+        parts = [self.iou_token.weight, self.mask_tokens.weight] + ([sparse[0]] if sparse is not None else [])
+        return torch.cat(parts, dim=0).unsqueeze(0).expand(batch, -1, -1)
+
+    def upscale(self, src: torch.Tensor, high_res: Optional[list[torch.Tensor]]) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C/8, 4h, 4w) by SAM's output upscaling."""
+        return self.output_upscaling(src)
+
     def forward(
-        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_embeddings: torch.Tensor
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_embeddings: torch.Tensor,
+        sparse: Optional[torch.Tensor] = None, high_res: Optional[list[torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """embeddings (B, C, h, w), pe (1, C, h, w), dense (1, C, 1, 1) -> masks (B, Q, 4h, 4w), classes."""
+        """embeddings (B, C, h, w), pe (1, C, h, w), dense (1, C, 1, 1), optional constant sparse prompt
+        tokens (1, S, C) and high-resolution maps -> masks (B, Q, 4h, 4w), classes."""
         b, c, h, w = image_embeddings.shape
-        tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = tokens.unsqueeze(0).expand(b, -1, -1)
+        tokens = self.tokens(b, sparse)
         src = image_embeddings + dense_embeddings
         pos = image_pe.expand(b, -1, -1, -1)
         hs, src = self.transformer(src, pos, tokens)
-        mask_tokens_out = hs[:, 1 : 1 + self.num_queries, :]
+        mask_tokens_out = hs[:, self.first_mask : self.first_mask + self.num_queries, :]
         src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = self.output_upscaling(src)
+        upscaled = self.upscale(src, high_res)
         hyper = self.hypernetwork(mask_tokens_out)  # (B, Q, C/8)
         _, c8, uh, uw = upscaled.shape
         masks = (hyper @ upscaled.reshape(b, c8, uh * uw)).reshape(b, self.num_queries, uh, uw)
@@ -91,6 +103,8 @@ class SemanticMaskDecoder(nn.Module):
 
 class SemanticSAM(nn.Module):
     """SAM turned into a semantic-segmentation model (see the module docstring)."""
+
+    family = "sam"  # model.family (SemanticSAM2: sam2)
 
     def __init__(self, sam: Sam, num_queries: int = 1, num_classes: int = 1) -> None:
         super().__init__()
@@ -139,28 +153,51 @@ class SemanticSAM(nn.Module):
         it computes what the forward computed. The recomputation restores the RNG state, so Conv-LoRA's gate
         noise and expert choices are the same as in the forward pass.
         """
-        enc = self.image_encoder
-        x = embed(enc, images)
+        return self.encode_levels(images)[0]
+
+    taps: frozenset = frozenset()  # blocks whose outputs the neck reads besides the last one's (Hiera's stages)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the tokens the first block takes (B, h, w, C)."""
+        return embed(self.image_encoder, images)
+
+    def levels(self, x: torch.Tensor, tapped: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[list]]:
+        """The last block's output (and the ``taps``' outputs) -> (the decoder's image embeddings, its
+        high-resolution maps or None)."""
+        return neck(self.image_encoder, x), None
+
+    def encode_levels(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[list]]:
+        """:meth:`encode` and the high-resolution maps the decoder also reads (None for SAM 1)."""
+        x = self.embed(images)
         outer = active_aux_sink()
-        if not self._checkpointing():
-            for blk in enc.blocks:
+        checkpointing = self._checkpointing()
+        tapped = []
+        for i, blk in enumerate(self.image_encoder.blocks):
+            if checkpointing:
+                x, aux = checkpoint(self._run_block, blk, outer is not None, x, use_reentrant=False)
+                if outer is not None:
+                    outer.extend(aux)
+            else:
                 x = blk(x)
-            return neck(enc, x)
-        for blk in enc.blocks:
-            x, aux = checkpoint(self._run_block, blk, outer is not None, x, use_reentrant=False)
-            if outer is not None:
-                outer.extend(aux)
-        return neck(enc, x)
+            if i in self.taps:
+                tapped.append(x)
+        return self.levels(x, tapped)
+
+    def prompt(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The constant prompt at ``emb``'s grid: (dense PE (1, C, h, w), dense embedding (1, C, 1, 1), sparse
+        tokens (1, S, C) or None): SAM's no-mask embedding and no points or boxes."""
+        h, w = emb.shape[-2:]
+        pe = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).to(emb.dtype)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(emb.dtype)
+        return pe, dense, None
 
     def forward(self, images: torch.Tensor) -> SegOutput:
         """The masks (and class logits) of ``images``, with the named auxiliary losses of this forward pass
         (every name of :attr:`aux_loss_names`, zero when no layer added it)."""
         with aux_sink() as sink:
-            emb = self.encode(images)
-        h, w = emb.shape[-2:]
-        pe = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).to(emb.dtype)
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(emb.dtype)
-        masks, class_logits = self.decoder(emb, pe, dense)
+            emb, high_res = self.encode_levels(images)
+        pe, dense, sparse = self.prompt(emb)
+        masks, class_logits = self.decoder(emb, pe, dense, sparse, high_res)
         aux = {name: masks.new_zeros((), dtype=torch.float32) for name in self.aux_loss_names}
         for name, value in sink.values.items():
             aux[name] = aux[name] + value if name in aux else value

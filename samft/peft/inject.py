@@ -72,7 +72,9 @@ def unfreeze(encoder: nn.Module, names: list[str], method: str, wanted: str) -> 
 def linear_targets(targets: Iterable[str]) -> Callable[[str, nn.Module], bool]:
     """Match the encoder blocks' ``nn.Linear`` layers whose attribute name is in ``targets``.
 
-    ``qkv``/``proj`` are the attention projections, ``lin1``/``lin2`` the MLP layers of every block.
+    ``qkv``/``proj`` are the attention projections, ``lin1``/``lin2`` the MLP layers of every block
+    (``blocks.i.attn.qkv``, ``blocks.i.mlp.lin1``: never a block's own Linear, such as the width-changing
+    ``blocks.i.proj`` of Hiera's first block of a stage).
     """
     wanted = set(targets)
     unknown = wanted - set(LINEAR_TARGETS)
@@ -83,6 +85,7 @@ def linear_targets(targets: Iterable[str]) -> Callable[[str, nn.Module], bool]:
         return (
             isinstance(module, nn.Linear)
             and name.startswith("blocks.")
+            and len(name.split(".")) >= 4
             and name.rsplit(".", 1)[-1] in wanted
         )
 

@@ -64,14 +64,14 @@ read = read_adapter
 
 
 def check_adapter_meta(path: str | Path, meta: dict[str, str], expected: dict[str, str]) -> None:
-    """Refuse an adapter trained on another SAM type, base checkpoint, PEFT method or attention function
+    """Refuse an adapter trained on another model family (SAM 1 / SAM 2.1), SAM type, base checkpoint, PEFT method or attention function
     (``bra`` vs SAM's dense attention; eager and sdpa are the same function)."""
     from samft.model.attention import attention_function
 
-    labels = {"sam_type": "SAM type", "base_sha256": "base checkpoint sha256", "peft_method": "PEFT method",
+    labels = {"family": "model family (model.family)", "sam_type": "SAM type", "base_sha256": "base checkpoint sha256", "peft_method": "PEFT method",
               "attention": "encoder attention (model.attention)"}
     for key, want in expected.items():
-        got = meta.get(key)
+        got = meta.get(key, "sam" if key == "family" else None)  # adapters before SAM 2.1 are SAM 1's
         differ = (attention_function(got) != attention_function(want)) if key == "attention" and got and want \
             else got != want
         if got is not None and want and differ:
@@ -116,5 +116,5 @@ write = save_adapter
 
 def adapter_expectations(cfg, base_sha256: str) -> dict[str, str]:
     """What an adapter's metadata must match to be loaded on the model of ``cfg``."""
-    return {"sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method,
+    return {"family": cfg.model.family, "sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method,
             "attention": cfg.model.attention}

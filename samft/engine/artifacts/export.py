@@ -199,6 +199,9 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
     args, model = ExportArgs.of(run), run.model.eval()
     if args.pruned:
         return _export_pruned(args, model, out)
+    if run.cfg.model.family == "sam2":  # SAM 2.1's official layout is not written yet: the unmerged model
+        return _export_unmerged(args, model, out, "merging into a SAM 2.1 checkpoint (model.family=sam2) is not "
+                                                  "available yet")
     if not args.mergeable or not args.sam_attention:
         return _export_unmerged(args, model, out)
     return _export_merged(args, model, out)
@@ -208,12 +211,12 @@ def _state_dict(model: SemanticSAM) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _export_unmerged(args: ExportArgs, model: SemanticSAM, out: Path) -> ExportResult:
+def _export_unmerged(args: ExportArgs, model: SemanticSAM, out: Path, reason: str = "") -> ExportResult:
     record = {"samft_version": __version__, "peft_method": args.peft_method, "sam_type": args.sam_type,
               "base_sha256": args.base_sha256, "config_yaml": args.config_yaml, "state_dict": _state_dict(model)}
     _write(out, lambda: exports.write_model(out, exports.UNMERGED, record))
-    reason = "" if args.sam_attention else (f"model.attention={args.attention} is not SAM's attention, so plain "
-                                            f"segment_anything cannot run this encoder")
+    reason = reason or ("" if args.sam_attention else (f"model.attention={args.attention} is not SAM's attention, "
+                                                       f"so plain segment_anything cannot run this encoder"))
     return ExportResult(False, args.peft_method, [out], reason=reason)
 
 

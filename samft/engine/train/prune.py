@@ -244,6 +244,9 @@ def prune_run(args: PruneArgs) -> PruneReport:
     if args.resume:
         _check_resumable(out)
     loaded = load_run(run_dir, device)
+    if loaded.cfg.model.family != "sam":
+        raise PruneError(f"{run_dir}: samft prune is for SAM 1 runs; this run is model.family="
+                         f"{loaded.cfg.model.family} (SPViT's block choices are written for the ViT encoder)")
     if loaded.cfg.model.pruned:
         raise PruneError(f"{run_dir}: is already a pruned run (model.pruned); prune its source run instead")
     if make_task(loaded.cfg).kind != "binary":  # the search's loss is written for one mask token

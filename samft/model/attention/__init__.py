@@ -55,13 +55,15 @@ class EncoderAttention(nn.Module):
     def __init__(self, attn: nn.Module, options: Any = None) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
-        self.scale = attn.scale
-        self.use_rel_pos = attn.use_rel_pos
+        # Hiera's MultiScaleAttention: no rel-pos, SDPA's default scale, query pooling at stage changes
+        self.scale = getattr(attn, "scale", None) or (attn.proj.out_features // attn.num_heads) ** -0.5
+        self.use_rel_pos = getattr(attn, "use_rel_pos", False)
         self.qkv = attn.qkv
         self.proj = attn.proj
-        if attn.use_rel_pos:
+        if self.use_rel_pos:
             self.rel_pos_h = attn.rel_pos_h
             self.rel_pos_w = attn.rel_pos_w
+        self.q_pool = getattr(attn, "q_pool", None)
         self.options = options
 
     @classmethod
@@ -74,6 +76,16 @@ class EncoderAttention(nn.Module):
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
+
+    def pool_q(self, q: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, int, int]:
+        """Hiera's query pooling (``q_pool``, at stage changes): q (B, heads, H*W, hd) -> (B, heads, h'*w', hd)
+        pooled per channel on the grid, and (h', w'); unchanged without ``q_pool``."""
+        if self.q_pool is None:
+            return q, h, w
+        b, n, _, d = q.shape
+        grid = self.q_pool(q.reshape(b * n, h, w, d).permute(0, 3, 1, 2))
+        qh, qw = grid.shape[-2:]
+        return grid.permute(0, 2, 3, 1).reshape(b, n, qh * qw, d), qh, qw
 
     def heads_kv(self, extra_kv: tuple[torch.Tensor, torch.Tensor], batch: int, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +151,12 @@ def get_attention(name: str) -> type[EncoderAttention]:
 
 
 def _sam_attention(module: nn.Module) -> bool:
-    return isinstance(module, (Attention, EncoderAttention))
+    """SAM's Attention, Hiera's MultiScaleAttention (when sam2 is loaded) or a registered implementation."""
+    import sys
+
+    hiera = sys.modules.get("sam2.modeling.backbones.hieradet")  # not imported: no Hiera module exists
+    kinds = (Attention, EncoderAttention) + ((hiera.MultiScaleAttention,) if hiera is not None else ())
+    return isinstance(module, kinds)
 
 
 def convert_attention(attn: nn.Module, name: str, options: Any = None) -> EncoderAttention:

@@ -16,7 +16,8 @@ class EagerAttention(EncoderAttention):
         b, h, w, _ = x.shape
         heads = self.num_heads
         q, k, v = self.split_qkv(x)  # (B, heads, HW, hd)
-        q, k, v = (t.reshape(b * heads, h * w, -1) for t in (q, k, v))
+        q, qh, qw = self.pool_q(q, h, w)  # Hiera's stage changes pool the queries
+        q, k, v = (t.reshape(b * heads, t.shape[2], -1) for t in (q, k, v))
         logits = (q * self.scale) @ k.transpose(-2, -1)
         if self.use_rel_pos:
             logits = add_decomposed_rel_pos(logits, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
@@ -25,5 +26,5 @@ class EagerAttention(EncoderAttention):
             logits = torch.cat([logits, (q * self.scale) @ pk.transpose(-2, -1)], dim=-1)
             v = torch.cat([v, pv], dim=1)
         weights = logits.softmax(dim=-1)
-        out = (weights @ v).view(b, heads, h * w, -1)
-        return self.merge_heads(out, h, w)
+        out = (weights @ v).view(b, heads, qh * qw, -1)
+        return self.merge_heads(out, qh, qw)

@@ -24,6 +24,7 @@ class SDPAAttention(EncoderAttention):
     def forward(self, x: torch.Tensor, extra_kv: ExtraKV = None) -> torch.Tensor:
         b, h, w, _ = x.shape
         q, k, v = self.split_qkv(x)
+        q, h, w = self.pool_q(q, h, w)  # Hiera's stage changes pool the queries (no rel-pos there)
         mask = None
         if self.use_rel_pos:
             mask = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))

@@ -1,0 +1,55 @@
+"""The command line on a tiny SAM 2.1 (model.family=sam2 model.type=tiny): train -> eval -> predict -> info,
+export (unmerged for now; ONNX checked by onnxruntime), and prune refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_cli_e2e import samft
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("cli_sam2")
+    samft("demo-data", "data", "--n", "12", cwd=cwd)
+    config = {
+        "model": {"family": "sam2", "type": "tiny", "img_size": 64},
+        "peft": {"method": "lora"},
+        "data": {"root": "data", "train": ".", "val_fraction": 0.25, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 4, "device": "cpu"},
+        "eval": {"batch_size": 4},
+        "output": {"dir": "runs/sam2"},
+    }
+    (cwd / "tiny2.yaml").write_text(yaml.safe_dump(config))
+    samft("train", "--config", "tiny2.yaml", "--no-progress", cwd=cwd)
+    return cwd
+
+
+def test_train_eval_predict(workdir):
+    saved = yaml.safe_load((workdir / "runs" / "sam2" / "config.yaml").read_text())
+    assert (saved["model"]["family"], saved["model"]["type"]) == ("sam2", "tiny")
+    report = json.loads(samft("eval", "--run", "runs/sam2", "--json", cwd=workdir).stdout)
+    assert report
+    samft("predict", "data/images", "--run", "runs/sam2", "--out", "preds", cwd=workdir)
+    assert len(list((workdir / "preds").glob("*.png"))) == 12
+    samft("predict", "data/images/0000.png", "--run", "runs/sam2", "--out", "tiled", "--tile", "32", cwd=workdir)
+    assert (workdir / "tiled" / "0000.png").is_file()
+
+
+def test_info_json_names_the_family(workdir):
+    info = json.loads(samft("info", "--config", "tiny2.yaml", "--json", cwd=workdir).stdout)
+    assert (info["family"], info["model"]) == ("sam2", "tiny")
+    assert info["adapted_modules"] == [f"blocks.{i}.attn.qkv" for i in range(5)]
+
+
+def test_export_and_prune(workdir):
+    proc = samft("export", "--run", "runs/sam2", "--merged", "m.pth", cwd=workdir)
+    assert "not available yet" in proc.stdout + proc.stderr and (workdir / "m.pth").is_file()
+    samft("export", "--run", "runs/sam2", "--onnx", "m.onnx", cwd=workdir)
+    assert (workdir / "m.onnx").is_file()
+    proc = samft("prune", "runs/sam2", "--target-gmacs", "0.001", "--out", "pruned", cwd=workdir, check=False)
+    assert proc.returncode != 0 and "samft prune is for SAM 1 runs" in proc.stdout + proc.stderr
