@@ -1,23 +1,28 @@
 # Sourced by demo.sh and test.sh: create .venv if missing and install samft with the pinned constraints.
-# Re-installs only when pyproject.toml or constraints.txt changed. Set SAMFT_VENV to use another folder.
+# SAMFT_EXTRAS names the extras to install (test.sh: "test,all", every optional part, as the tests cover them;
+# demo.sh: none, the quick start needs only the core). Re-installs only when pyproject.toml or constraints.txt
+# changed, or when the extras asked for were not installed yet (an install of "test,all" serves every caller).
+# Set SAMFT_VENV to use another folder.
 # editable_mode=compat puts the clone on sys.path (a .pth file): from the clone's parent folder, `import samft`
 # then finds the package, not the clone folder as a namespace package.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SAMFT_VENV:-$ROOT/.venv}"
+EXTRAS="${SAMFT_EXTRAS-test,all}"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "creating $VENV"
   "${PYTHON:-python3}" -m venv "$VENV"
 fi
-STAMP="$VENV/.samft-installed"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1) $ROOT"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "installing samft and its pinned dependencies into $VENV (about a minute the first time)"
+_samft_installed() { [ -f "$VENV/.samft-installed-$1" ] && [ "$(cat "$VENV/.samft-installed-$1")" = "$WANT" ]; }
+if ! _samft_installed "$EXTRAS" && ! _samft_installed "test,all"; then
+  echo "installing samft${EXTRAS:+[$EXTRAS]} and its pinned dependencies into $VENV (about a minute the first time)"
+  # SAM2_BUILD_CUDA=0: the sam2 extra builds without its CUDA extension (a CPU machine has no nvcc)
   if ! SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --disable-pip-version-check -c "$ROOT/constraints.txt" \
-       --config-settings editable_mode=compat -e "$ROOT[test,all]" >"$VENV/pip-install.log" 2>&1; then
+       --config-settings editable_mode=compat -e "$ROOT${EXTRAS:+[$EXTRAS]}" >"$VENV/pip-install.log" 2>&1; then
     grep -v "is ignored: it is neither a file nor a directory" "$VENV/pip-install.log" | tail -40
     echo "install failed; full log: $VENV/pip-install.log" >&2
     exit 1
   fi
-  echo "$WANT" >"$STAMP"
+  echo "$WANT" >"$VENV/.samft-installed-$EXTRAS"
 fi
 export PATH="$VENV/bin:$PATH"

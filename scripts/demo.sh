@@ -3,7 +3,7 @@
 # train Conv-LoRA on a tiny SAM (configs/demo.yaml) -> evaluate -> predict.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/_env.sh
+SAMFT_EXTRAS="${SAMFT_EXTRAS-}" source scripts/_env.sh   # the core only: no test or optional parts
 samft demo-data runs/demo-data --n 512 --overwrite   # the demo's own files: a rerun replaces them
 samft train --config configs/demo.yaml output.overwrite=true "$@"
 samft eval --run runs/demo
