@@ -15,6 +15,7 @@ import samft.peft as peft
 from samft.config import Config
 from samft.model.attention import EncoderAttention, attention_kinds, set_attention
 from samft.model.sam import base_fingerprint, build_sam
+from samft.peft.placement import apply_placed
 from samft.model.semantic import SegOutput, SemanticSAM
 from samft.prune.encoder_flops import encoder_flops
 from samft.prune.state import apply_pruned, describe_pruned
@@ -27,6 +28,7 @@ class BuiltModel:
     model: SemanticSAM
     adapted: list[str] = field(default_factory=list)  # module names the PEFT method adapted
     base_sha256: str = ""  # identity of the frozen base weights
+    placement: str = "all"  # the encoder blocks that carry the method (peft.blocks, resolved: "all", "8-11 of 12")
 
 
 def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor] = None) -> BuiltModel:
@@ -50,7 +52,7 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
         attach_text_class_head(cfg, model.decoder, text_emb)
         model.freeze_base()
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
-        adapted = spec.apply(model.image_encoder, cfg.method_cfg)
+        adapted, placement = apply_placed(spec, model.image_encoder, cfg.method_cfg, cfg.peft.blocks, cfg.model.type)
         if cfg.model.pruned:  # SPViT: the pruned architecture and its whole state replace the base
             sha = apply_pruned(model, cfg.model.pruned, meta=meta)
             kept = {n for n, _ in model.image_encoder.named_modules()}
@@ -58,7 +60,7 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
     if not used:
         warnings.warn(f"model.attention={cfg.model.attention} applies to no encoder block (each uses sdpa)",
                       stacklevel=2)
-    return BuiltModel(model, adapted, sha)
+    return BuiltModel(model, adapted, sha, placement=placement)
 
 
 def count_params(model) -> dict[str, int]:
@@ -129,6 +131,7 @@ def describe(cfg: Config) -> dict:
         round(encoder_flops(built.model.image_encoder, cfg.model.img_size)["total"] / 2e9, 3),
         "peft_method": cfg.peft.method,
         "peft_options": dict(vars(cfg.method_cfg)),
+        "peft_blocks": built.placement,
         "mergeable": peft.get(cfg.peft.method).mergeable,
         "adapted_modules": built.adapted,
         "class_head": _class_head(built.model),

@@ -137,20 +137,41 @@ class SemanticSAM(nn.Module):
         of a run without checkpointing, bit for bit); the recomputation in
         backward opens a fresh sink whose values are dropped, and it runs with the same ``collect`` flag, so
         it computes what the forward computed. The recomputation restores the RNG state, so Conv-LoRA's gate
-        noise and expert choices are the same as in the forward pass.
+        noise and expert choices are the same as in the forward pass. The leading blocks that carry nothing
+        trainable (:meth:`frozen_prefix`) run first, under ``torch.no_grad()`` and without checkpointing.
         """
         enc = self.image_encoder
         x = embed(enc, images)
+        blocks = list(enc.blocks)
+        frozen = self.frozen_prefix(x)
+        if frozen:
+            with torch.no_grad():
+                for blk in blocks[:frozen]:
+                    x = blk(x)
         outer = active_aux_sink()
         if not self._checkpointing():
-            for blk in enc.blocks:
+            for blk in blocks[frozen:]:
                 x = blk(x)
             return neck(enc, x)
-        for blk in enc.blocks:
+        for blk in blocks[frozen:]:
             x, aux = checkpoint(self._run_block, blk, outer is not None, x, use_reentrant=False)
             if outer is not None:
                 outer.extend(aux)
         return neck(enc, x)
+
+    def frozen_prefix(self, x: torch.Tensor) -> int:
+        """How many leading encoder blocks need no autograd graph for the embedded tokens ``x``: those before the
+        first block holding a trainable parameter (``peft.blocks=late:K``; every block for ``decoder_only``),
+        when gradients are on and ``x`` needs none. :meth:`encode` runs them under ``torch.no_grad()`` and
+        outside activation checkpointing: nothing is stored for their backward, and their output is the same."""
+        if not torch.is_grad_enabled() or x.requires_grad:
+            return 0
+        count = 0
+        for blk in self.image_encoder.blocks:
+            if any(p.requires_grad for p in blk.parameters()):
+                break
+            count += 1
+        return count
 
     def forward(self, images: torch.Tensor) -> SegOutput:
         """The masks (and class logits) of ``images``, with the named auxiliary losses of this forward pass
