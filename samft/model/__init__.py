@@ -15,6 +15,7 @@ import samft.peft as peft
 from samft.config import Config
 from samft.model.attention import EncoderAttention, attention_kinds, set_attention
 from samft.model.sam import base_fingerprint, build_sam
+from samft.peft.decoder import place_decoder
 from samft.peft.placement import apply_placed
 from samft.model.semantic import SegOutput, SemanticSAM
 from samft.prune.encoder_flops import encoder_flops
@@ -53,6 +54,7 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
         model.freeze_base()
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
         adapted, placement = apply_placed(spec, model.image_encoder, cfg.method_cfg, cfg.peft.blocks, cfg.model.type)
+        place_decoder(model.decoder, cfg.model.decoder, cfg.model.decoder_rank, cfg.model.decoder_alpha)
         if cfg.model.pruned:  # SPViT: the pruned architecture and its whole state replace the base
             sha = apply_pruned(model, cfg.model.pruned, meta=meta)
             kept = {n for n, _ in model.image_encoder.named_modules()}
@@ -132,6 +134,7 @@ def describe(cfg: Config) -> dict:
         "peft_method": cfg.peft.method,
         "peft_options": dict(vars(cfg.method_cfg)),
         "peft_blocks": built.placement,
+        "decoder": cfg.model.decoder,
         "mergeable": peft.get(cfg.peft.method).mergeable,
         "adapted_modules": built.adapted,
         "class_head": _class_head(built.model),

@@ -117,7 +117,10 @@ write = save_adapter
 
 def adapter_expectations(cfg, base_sha256: str, model: Optional[nn.Module] = None) -> dict[str, str]:
     """What an adapter's metadata must match to be loaded on the model of ``cfg`` (``model``: the built model,
-    whose encoder records the resolved ``peft.blocks``; without it, every block)."""
-    encoder = getattr(model, "image_encoder", None)
-    return {"sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method,
-            "attention": cfg.model.attention, "peft_blocks": getattr(encoder, "peft_blocks", "all")}
+    whose encoder records the resolved ``peft.blocks``; without it the placement is neither recorded nor checked)."""
+    expected = {"sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method,
+                "attention": cfg.model.attention}
+    placement = getattr(getattr(model, "image_encoder", None), "peft_blocks", None)
+    if placement is not None:
+        expected["peft_blocks"] = placement
+    return expected
