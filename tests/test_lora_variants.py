@@ -120,3 +120,18 @@ def test_conv_lora_refuses_what_has_no_meaning_for_it(options, message):
 def test_conv_lora_rslora_scale():
     model = build_model(tiny_config("conv_lora", peft={"method": "conv_lora", "conv_lora": {"variant": "rslora"}})).model
     assert model.image_encoder.blocks[0].attn.qkv.scaling == pytest.approx(32.0 / math.sqrt(3))
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_learning_rate():
+    from samft.engine.train.setup import make_optimizer
+
+    model = build_model(tiny_config("lora")).model
+    plain = make_optimizer(model, 1e-3, 0.1)
+    assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]  # as before: no extra group at ratio 1
+    opt = make_optimizer(model, 1e-3, 0.1, lr_ratio_b=16.0)
+    b = {id(p) for n, p in model.named_parameters() if n.endswith("lora_B")}
+    (fast,) = [g for g in opt.param_groups if g["lr"] == pytest.approx(16e-3)]
+    assert {id(p) for p in fast["params"]} == b and len(b) == 2 and fast["weight_decay"] == 0.1
+    assert not b & {id(p) for g in opt.param_groups if g is not fast for p in g["params"]}
+    with pytest.warns(UserWarning, match="train.lr_ratio_b=16.0 has no effect"):
+        make_optimizer(build_model(tiny_config("ssf")).model, 1e-3, 0.1, lr_ratio_b=16.0)
