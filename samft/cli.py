@@ -373,6 +373,7 @@ def info(
         say(f"attn params    {sum(result['attention_params'].values()):,} new, trainable ({new})")
     say(f"encoder        {result['encoder_gmacs']:,} GMACs forward per image at {cfg.model.img_size}px")
     say(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
+    say(f"peft blocks    {result['peft_blocks']} (peft.blocks={cfg.peft.blocks}); mask decoder: {result['decoder']}")
     say(f"adapted        {len(adapted)}" + (f": {adapted[0]} ... {adapted[-1]}" if adapted else " (nothing wrapped)"))
     say(f"class head     {result['class_head']}")
     say(f"trainable      {result['trainable_params']:,} ({result['trainable_percent']}%) = "

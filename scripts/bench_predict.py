@@ -39,7 +39,7 @@ def make_run(run_dir: Path, data_dir: Path):
     built = build_model(cfg)
     run_dir.mkdir(parents=True)
     (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
-    save_adapter(built.model, run_dir / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256))
+    save_adapter(built.model, run_dir / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256, built.model))
     return cfg
 
 

@@ -30,12 +30,12 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.3f}M"
 
 
-def method_rows() -> list[dict]:
+def method_rows(blocks: str = "all") -> list[dict]:
     rows = []
     for name, spec in sorted(peft.all_methods().items()):
         row = {"method": name, "help": spec.help, "mergeable": spec.mergeable}
         for size in SIZES:
-            info = describe(config_from_dict({"model": {"type": size}, "peft": {"method": name}}))
+            info = describe(config_from_dict({"model": {"type": size}, "peft": {"method": name, "blocks": blocks}}))
             row[size] = info
         rows.append(row)
     return rows
@@ -58,7 +58,28 @@ def options_table() -> str:
 
 
 def table() -> str:
-    return options_table() + "\n" + params_table()
+    return options_table() + "\n" + params_table() + "\n" + placement_table()
+
+
+PLACED = "late:4"
+
+
+def placement_table() -> str:
+    """Trainable parameters of every method on the last four blocks only (``peft.blocks=late:4``)."""
+    rows = method_rows(PLACED)
+    lines = [f"| `peft.method` with `peft.blocks={PLACED}` | vit_b blocks | vit_b adapters | vit_b trainable "
+             "| vit_h blocks | vit_h adapters | vit_h trainable |", "|---|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        cells = [f"`{r['method']}`"]
+        for size in SIZES:
+            info = r[size]
+            cells += [info["peft_blocks"], f"{info['adapter_params']:,}",
+                      f"{info['trainable_params']:,} ({_millions(info['trainable_params'])})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("The other blocks stay frozen SAM blocks and run without an autograd graph; the stem (patch and "
+                 "position embedding) trains only with block 0, the neck as the method says.")
+    return "\n".join(lines) + "\n"
 
 
 def params_table() -> str:

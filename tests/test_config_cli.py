@@ -112,6 +112,6 @@ def test_config_show_is_the_config_yaml_the_run_writes(tmp_path, synthetic_dir, 
 def test_config_show_all_has_every_method_and_errors_are_one_line(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": TINY}))
     every = yaml.safe_load(_invoke("config", "show", "--config", str(tmp_path / "c.yaml"), "--all").stdout)
-    assert list(every["peft"]) == ["method", *PEFT_METHODS]
+    assert list(every["peft"]) == ["method", "blocks", *PEFT_METHODS]
     bad = _invoke("config", "show", "--config", str(tmp_path / "c.yaml"), "train.lrr=1")
     assert bad.exit_code == 2 and "did you mean 'train.lr'" in bad.output and "Traceback" not in bad.output

@@ -31,7 +31,7 @@ def make_run(run_dir: Path, method: str, **sections):
     perturb_trainable(built.model)
     run_dir.mkdir(parents=True)
     (run_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
-    save_adapter(built.model, run_dir / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256))
+    save_adapter(built.model, run_dir / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256, built.model))
     return run_dir, built.model
 
 
@@ -170,3 +170,18 @@ def test_cli_eval_of_an_exported_model_prints_the_file_it_wrote(tmp_path, synthe
     printed = Path(result.output.split("written: ", 1)[1].split()[0])
     assert printed == tmp_path / "model.eval.json" and printed.is_file()
     assert not (tmp_path / "model.pth" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("method, placement", [("lora", {"decoder": "peft"}), ("conv_lora", {"decoder": "peft"})])
+def test_export_of_a_decoder_with_lora_and_a_placement(method, placement, tmp_path):
+    """model.decoder=peft: the merged export folds the decoder's LoRA into SAM's decoder (a plain SAM checkpoint),
+    the unmerged one keeps it; with peft.blocks=late:1 too; both give the run's outputs."""
+    run, model = make_run(tmp_path / "run", method, model=placement, peft={"method": method, "blocks": "late:1"})
+    out = tmp_path / "model.pth"
+    result = export_run(run, out)
+    assert result.merged == peft.get(method).mergeable
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(_outputs(load_exported(out), images), _outputs(model, images), **TOLERANCE)
+    if result.merged:
+        sam = build_tiny(tiny_config(method).model)
+        sam.load_state_dict(torch.load(out, weights_only=True), strict=True)

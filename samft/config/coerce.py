@@ -164,5 +164,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in by_name:
             raise unknown_key(dotted, key, prefix, list(by_name))
+        normalise = by_name[key].metadata.get("normalise")
+        if normalise is not None:
+            value = normalise(value)
         kwargs[key] = coerce(yaml_bool_word(value, by_name[key]), hints[key], dotted)
     return cls(**kwargs)

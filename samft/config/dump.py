@@ -14,15 +14,31 @@ from typing import Any, NamedTuple, Optional
 import yaml
 
 from samft.config.coerce import type_name
+from samft.config.peft import PEFT_COMMON
 from samft.config.root import Config
 from samft.errors import ConfigError
 
 
-def to_dict(cfg: Config) -> dict:
-    """Plain mapping of the config; ``peft`` keeps only the active method's section."""
-    out = dataclasses.asdict(cfg)
-    out["peft"] = {"method": cfg.peft.method, cfg.peft.method: out["peft"][cfg.peft.method]}
+def _drop_new_defaults(obj: Any, out: dict) -> dict:
+    """``out`` (the mapping of dataclass ``obj``) without the options declared ``hash_default=False`` that hold
+    their default, in every section: options added later leave the hash of older configs as it was."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value) and isinstance(out.get(f.name), dict):
+            _drop_new_defaults(value, out[f.name])
+        elif f.metadata.get("hash_default") is False and f.name in out:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value == default:
+                del out[f.name]
     return out
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain mapping of the config; ``peft`` keeps its common fields and only the active method's section;
+    options added later (``hash_default=False``) are left out at their default."""
+    out = dataclasses.asdict(cfg)
+    out["peft"] = {k: v for k, v in out["peft"].items() if k in PEFT_COMMON or k == cfg.peft.method}
+    return _drop_new_defaults(cfg, out)
 
 
 def dump_yaml(cfg: Config, every_method: bool = False) -> str:

@@ -111,6 +111,7 @@ class TextConfig:
 
 
 BRA_BLOCKS = ("global", "all")
+DECODER_MODES = ("full", "frozen", "peft")
 
 
 @dataclass
@@ -161,6 +162,12 @@ class ModelConfig:
     class_head: str = opt("linear", "multi-class: how mask tokens are classified: linear (a Linear to C+1 scores) or "
                           "text (cosine similarity to the class-name embeddings of model.text)", ("linear", "text"))
     text: TextConfig = section(TextConfig, "class-name embeddings (model.class_head=text, loss.clip.weight)")
+    decoder: str = opt("full", "how the mask decoder trains: full (every weight), frozen (SAM's weights stay; the "
+                       "class head and, with several queries, the mask tokens train) or peft (frozen + LoRA on the "
+                       "q_proj/v_proj of its attention layers, as finetune-SAM)", DECODER_MODES, hash_default=False)
+    decoder_rank: int = opt(4, "model.decoder=peft: rank of the decoder's LoRA", minimum=1, hash_default=False)
+    decoder_alpha: float = opt(4.0, "model.decoder=peft: the decoder's LoRA is scaled by alpha / rank", minimum=0.0,
+                               hash_default=False)
 
     def check(self, prefix: str) -> None:
         """The input size, BRA's options and the tiny sizes (checked whether used or not: their defaults are

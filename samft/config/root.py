@@ -11,7 +11,8 @@ from samft.config.eval import EvalConfig, OutputConfig
 from samft.config.field import opt, section
 from samft.config.loss import LossConfig
 from samft.config.model import ModelConfig, check_family_method
-from samft.config.peft import PeftConfig
+from samft.config.peft import PeftConfig, trains_encoder
+from samft.errors import ConfigError
 from samft.config.protocol import PROTOCOLS, apply_protocol
 from samft.config.slip import check_slip
 from samft.config.train import TrainConfig
@@ -46,6 +47,9 @@ class Config:
         self.train.check("train", multiclass=bool(self.data.classes))
         self.peft.check("peft")
         check_family_method(self.model, self.peft.method)
+        if self.model.decoder == "frozen" and not trains_encoder(self.peft.method) and not self.data.classes:
+            raise ConfigError(f"model.decoder: frozen with peft.method={self.peft.method} trains nothing (a binary "
+                              f"model has no class head); use model.decoder=peft or full, or another peft.method")
         self.output.check("output")
         check_slip(self)
 

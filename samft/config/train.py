@@ -20,6 +20,8 @@ class TrainConfig:
                                            "(samft 1, autogluon 4)", minimum=1)
     lr: float = opt(1e-4, "peak AdamW learning rate", minimum=0.0)
     weight_decay: float = opt(1e-4, "AdamW weight decay", minimum=0.0)
+    lr_ratio_b: float = opt(1.0, "LoRA+ (Hayou et al. 2024): the learning rate of the LoRA/Conv-LoRA B matrices "
+                            "(lora_B) is lr times this (LoRA+ suggests 16)", minimum=0.0, hash_default=False)
     adam_eps: Optional[float] = opt(None, "AdamW eps; null = the protocol's (samft 1e-8, PyTorch's default; "
                                           "autogluon 1e-6)", minimum=0.0)
     schedule: Optional[str] = opt(None, "learning-rate decay after the warm-up: linear (to min_lr_ratio) or poly "

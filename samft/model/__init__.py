@@ -14,7 +14,9 @@ import torch
 import samft.peft as peft
 from samft.config import Config
 from samft.model.attention import EncoderAttention, attention_kinds, set_attention
-from samft.model.sam import base_fingerprint, build_sam, sam_size
+from samft.model.sam import base_fingerprint, build_sam
+from samft.peft.decoder import place_decoder
+from samft.peft.placement import apply_placed
 from samft.model.semantic import SegOutput, SemanticSAM
 from samft.prune.encoder_flops import encoder_flops
 from samft.prune.state import apply_pruned, describe_pruned
@@ -27,6 +29,7 @@ class BuiltModel:
     model: SemanticSAM
     adapted: list[str] = field(default_factory=list)  # module names the PEFT method adapted
     base_sha256: str = ""  # identity of the frozen base weights
+    placement: str = "all"  # the encoder blocks that carry the method (peft.blocks, resolved: "all", "8-11 of 12")
 
 
 def build_base(cfg: Config, meta: bool = False):
@@ -68,7 +71,8 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
         attach_text_class_head(cfg, model.decoder, text_emb)
         model.freeze_base()
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
-        adapted = spec.apply(model.image_encoder, cfg.method_cfg)
+        adapted, placement = apply_placed(spec, model.image_encoder, cfg.method_cfg, cfg.peft.blocks, cfg.model.type)
+        place_decoder(model.decoder, cfg.model.decoder, cfg.model.decoder_rank, cfg.model.decoder_alpha)
         if cfg.model.pruned:  # SPViT: the pruned architecture and its whole state replace the base
             sha = apply_pruned(model, cfg.model.pruned, meta=meta)
             kept = {n for n, _ in model.image_encoder.named_modules()}
@@ -76,7 +80,7 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
     if not used:
         warnings.warn(f"model.attention={cfg.model.attention} applies to no encoder block (each uses sdpa)",
                       stacklevel=2)
-    return BuiltModel(model, adapted, sha)
+    return BuiltModel(model, adapted, sha, placement=placement)
 
 
 def count_params(model) -> dict[str, int]:
@@ -128,7 +132,7 @@ def _structure(cfg: Config) -> BuiltModel:
     """The model's structure for counting: on the meta device for the official sizes (no memory, no weights
     read); a tiny size is built for real on the CPU with random weights and no checkpoint read, which is faster
     than the meta device, whose first decomposed op imports ``torch._dynamo`` (0.6 s of ``samft info``)."""
-    if sam_size(cfg.model.type).official or cfg.model.pruned:
+    if cfg.model.type != "tiny" or cfg.model.pruned:  # tiny is the one random-weight size of each family
         return build_model(cfg, meta=True)
     random_weights = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None))
     return build_model(random_weights)
@@ -158,6 +162,8 @@ def describe(cfg: Config) -> dict:
         round(encoder_flops(built.model.image_encoder, cfg.model.img_size)["total"] / 2e9, 3),
         "peft_method": cfg.peft.method,
         "peft_options": dict(vars(cfg.method_cfg)),
+        "peft_blocks": built.placement,
+        "decoder": cfg.model.decoder,
         "mergeable": peft.get(cfg.peft.method).mergeable,
         "adapted_modules": built.adapted,
         "class_head": _class_head(built.model),

@@ -151,7 +151,8 @@ class SemanticSAM(nn.Module):
         of a run without checkpointing, bit for bit); the recomputation in
         backward opens a fresh sink whose values are dropped, and it runs with the same ``collect`` flag, so
         it computes what the forward computed. The recomputation restores the RNG state, so Conv-LoRA's gate
-        noise and expert choices are the same as in the forward pass.
+        noise and expert choices are the same as in the forward pass. The leading blocks that carry nothing
+        trainable (:meth:`frozen_prefix`) run first, under ``torch.no_grad()`` and without checkpointing.
         """
         return self.encode_levels(images)[0]
 
@@ -169,10 +170,18 @@ class SemanticSAM(nn.Module):
     def encode_levels(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[list]]:
         """:meth:`encode` and the high-resolution maps the decoder also reads (None for SAM 1)."""
         x = self.embed(images)
+        blocks = list(self.image_encoder.blocks)
+        frozen = self.frozen_prefix(x)
+        tapped = []
+        if frozen:
+            with torch.no_grad():
+                for i, blk in enumerate(blocks[:frozen]):
+                    x = blk(x)
+                    if i in self.taps:
+                        tapped.append(x)
         outer = active_aux_sink()
         checkpointing = self._checkpointing()
-        tapped = []
-        for i, blk in enumerate(self.image_encoder.blocks):
+        for i, blk in enumerate(blocks[frozen:], start=frozen):
             if checkpointing:
                 x, aux = checkpoint(self._run_block, blk, outer is not None, x, use_reentrant=False)
                 if outer is not None:
@@ -190,6 +199,20 @@ class SemanticSAM(nn.Module):
         pe = self.prompt_encoder.pe_layer((h, w)).unsqueeze(0).to(emb.dtype)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(emb.dtype)
         return pe, dense, None
+
+    def frozen_prefix(self, x: torch.Tensor) -> int:
+        """How many leading encoder blocks need no autograd graph for the embedded tokens ``x``: those before the
+        first block holding a trainable parameter (``peft.blocks=late:K``; every block for ``decoder_only``),
+        when gradients are on and ``x`` needs none. :meth:`encode` runs them under ``torch.no_grad()`` and
+        outside activation checkpointing: nothing is stored for their backward, and their output is the same."""
+        if not torch.is_grad_enabled() or x.requires_grad:
+            return 0
+        count = 0
+        for blk in self.image_encoder.blocks:
+            if any(p.requires_grad for p in blk.parameters()):
+                break
+            count += 1
+        return count
 
     def forward(self, images: torch.Tensor) -> SegOutput:
         """The masks (and class logits) of ``images``, with the named auxiliary losses of this forward pass

@@ -38,7 +38,7 @@ from torch import nn
 
 from samft.config.peft.conv_lora import ConvLoRAConfig
 from samft.peft.inject import AdapterLayer, linear_targets, replace_modules
-from samft.peft.lora import init_low_rank
+from samft.peft.lora import init_low_rank, lora_scaling
 from samft.peft.registry import register
 from samft.tasks.terms import active_aux_sink
 
@@ -119,7 +119,7 @@ class ConvLoRALinear(AdapterLayer):
         self.base_layer = base_layer
         r = cfg.rank
         self.rank = r
-        self.scaling = cfg.alpha / r
+        self.scaling = lora_scaling(cfg.alpha, r, cfg.variant)  # rslora: alpha / sqrt(r)
         self.scales = cfg.expert_scales()
         self.gate_scales_output = cfg.gate_scales_output
         self.lora_A, self.lora_B = init_low_rank(base_layer.in_features, base_layer.out_features, r,

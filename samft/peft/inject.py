@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from contextvars import ContextVar
+from typing import Callable, Iterable, Optional
 
 from torch import nn
 
 from samft.config.peft.targets import LINEAR_TARGETS, check_choices, check_targets  # noqa: F401
 from samft.errors import ConfigError
+
+
+# the encoder blocks the method being applied may adapt (peft.blocks); None: every block. Set by
+# samft.peft.placement.apply_placed around a method's apply, read by replace_modules and unfreeze.
+_PLACED: ContextVar[Optional[frozenset]] = ContextVar("samft_peft_blocks", default=None)
+
+STEM = ("patch_embed", "pos_embed")  # what runs before the blocks: its base parameters train only with block 0
+
+
+def block_index(name: str) -> Optional[int]:
+    """The block of an encoder-relative name (``blocks.3.attn.qkv`` -> 3), None outside the blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def placed(name: str, base: bool = False) -> bool:
+    """Whether the open placement lets a method adapt module ``name`` (``base``: unfreeze base parameter
+    ``name``). Blocks: those of ``peft.blocks``. The stem's base parameters (patch embedding, position embedding)
+    train only when block 0 does, else the frozen first blocks could not run without a graph; a new module there
+    (SAM-Adapter's prompt generator) and everything after the blocks (the neck) follow the method's own rule."""
+    blocks = _PLACED.get()
+    if blocks is None:
+        return True
+    index = block_index(name)
+    if index is not None:
+        return index in blocks
+    return not (base and name.split(".")[0] in STEM) or 0 in blocks
+
+
+def _where() -> str:
+    blocks = _PLACED.get()
+    return "" if blocks is None else f" in the blocks of peft.blocks ({', '.join(map(str, sorted(blocks)))})"
 
 
 class AdapterLayer(nn.Module):
@@ -40,9 +73,9 @@ def replace_modules(
 
     Returns the replaced names; raises a ConfigError naming ``wanted`` when nothing matched.
     """
-    names = [name for name, module in root.named_modules() if name and match(name, module)]
+    names = [name for name, module in root.named_modules() if name and match(name, module) and placed(name)]
     if not names:
-        raise ConfigError(f"PEFT method {method}: no module of the image encoder matched {wanted}")
+        raise ConfigError(f"PEFT method {method}: no module of the image encoder matched {wanted}{_where()}")
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
@@ -61,9 +94,11 @@ def merge_layers(root: nn.Module, cls: type) -> int:
 
 
 def unfreeze(encoder: nn.Module, names: list[str], method: str, wanted: str) -> list[str]:
-    """Let the named base parameters train (chosen by the method's structural rule); raises if none."""
+    """Let the named base parameters train (chosen by the method's structural rule, kept to the open placement);
+    raises if none."""
+    names = [name for name in names if placed(name, base=True)]
     if not names:
-        raise ConfigError(f"PEFT method {method}: the image encoder has no {wanted}")
+        raise ConfigError(f"PEFT method {method}: the image encoder has no {wanted}{_where()}")
     for name in names:
         encoder.get_parameter(name).requires_grad_(True)
     return names

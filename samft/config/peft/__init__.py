@@ -15,12 +15,14 @@ from typing import Any
 
 from samft.config.field import opt, section
 from samft.config.names import PEFT_METHODS
+from samft.errors import ConfigError
 from samft.config.peft.adapter import AdapterConfig
 from samft.config.peft.bitfit import BitFitConfig
 from samft.config.peft.conv_lora import ConvLoRAConfig
 from samft.config.peft.decoder_only import DecoderOnlyConfig
 from samft.config.peft.full import FullConfig
 from samft.config.peft.lora import LoRAConfig
+from samft.config.peft.placement import ALL, canonical_blocks, normalise_blocks
 from samft.config.peft.sam_adapter import SAMAdapterConfig
 from samft.config.peft.ssf import SSFConfig
 from samft.config.peft.vpt import VPTConfig
@@ -32,9 +34,13 @@ def _options(cls: type, name: str) -> Any:
 
 @dataclass
 class PeftConfig:
-    """The PEFT method and the options of every method (one field per name of ``PEFT_METHODS``, in its order)."""
+    """The PEFT method, its placement (``blocks``, :mod:`samft.config.peft.placement`) and the options of every
+    method (one field per name of ``PEFT_METHODS``, in its order)."""
 
     method: str = opt("conv_lora", "PEFT method: " + ", ".join(PEFT_METHODS), PEFT_METHODS)
+    blocks: str = opt(ALL, "encoder blocks that carry the method: all, late:K (the last K) or a list of block "
+                      "indices ([8, 9, 10, 11]); the others stay frozen SAM blocks", normalise=normalise_blocks,
+                      hash_default=False)
     adapter: AdapterConfig = _options(AdapterConfig, "adapter")
     bitfit: BitFitConfig = _options(BitFitConfig, "bitfit")
     lora: LoRAConfig = _options(LoRAConfig, "lora")
@@ -45,13 +51,21 @@ class PeftConfig:
     ssf: SSFConfig = _options(SSFConfig, "ssf")
     vpt: VPTConfig = _options(VPTConfig, "vpt")
 
+    def __post_init__(self) -> None:
+        try:
+            self.blocks = canonical_blocks(self.blocks)
+        except ConfigError:
+            pass  # check() names the key and what is accepted
+
     @property
     def options(self) -> Any:
         """The options section of the active method."""
         return getattr(self, self.method)
 
     def check(self, prefix: str) -> None:
-        """Every method's own rules (each section is checked, active or not: their defaults are valid)."""
+        """The placement's spelling, then every method's own rules (each section is checked, active or not: their
+        defaults are valid)."""
+        canonical_blocks(self.blocks, f"{prefix}.blocks")
         for name in PEFT_METHODS:
             check = getattr(getattr(self, name), "check", None)
             if check is not None:
@@ -69,8 +83,12 @@ def options_class(method: str) -> type:
     return typing.get_type_hints(PeftConfig)[method]
 
 
-if tuple(f.name for f in fields(PeftConfig))[1:] != PEFT_METHODS:
-    raise RuntimeError("samft.config.peft.PeftConfig: one field per name of PEFT_METHODS, in its order")
+# the fields that are not a method's options section
+PEFT_COMMON = ("method", "blocks")
 
-__all__ = ["AdapterConfig", "BitFitConfig", "ConvLoRAConfig", "DecoderOnlyConfig", "FullConfig", "LoRAConfig",
+if tuple(f.name for f in fields(PeftConfig))[len(PEFT_COMMON):] != PEFT_METHODS:
+    raise RuntimeError("samft.config.peft.PeftConfig: the common fields, then one field per name of PEFT_METHODS, "
+                       "in its order")
+
+__all__ = ["PEFT_COMMON", "AdapterConfig", "BitFitConfig", "ConvLoRAConfig", "DecoderOnlyConfig", "FullConfig", "LoRAConfig",
            "PeftConfig", "SAMAdapterConfig", "SSFConfig", "VPTConfig", "options_class", "trains_encoder"]

@@ -25,6 +25,13 @@ class ConvLoRAConfig(LoRAConfig):
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
+        if self.variant == "dora":
+            raise ConfigError(f"{prefix}.variant: dora needs the adapted weight W + scale B A, but Conv-LoRA's branch "
+                              f"(experts between A and B) is not a weight; use lora or rslora")
+        if self.init != "default":
+            raise ConfigError(f"{prefix}.init: {self.init} starts B non-zero, and Conv-LoRA's experts (non-linear, "
+                              f"between A and B) would then change the output at the start: no residual makes it "
+                              f"the frozen layer; use init=default")
         if self.scales and len(self.scales) != self.experts:
             raise ConfigError(f"{prefix}.scales: {len(self.scales)} scales for {self.experts} experts")
         if any(s <= 0 for s in self.scales):

@@ -1,6 +1,7 @@
 """``adapter.safetensors`` (and ``adapter_last.safetensors``): the trainable tensors only (PEFT layers +
 decoder + the modules' ``adapter_buffers``), with metadata naming the samft version, SAM type, the base
-checkpoint's sha256, the PEFT method and the attention function. Written atomically.
+checkpoint's sha256, the PEFT method, its placement (``peft_blocks``: ``all`` or the resolved blocks, ``8-11 of
+12``) and the attention function. Written atomically.
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def check_adapter_meta(path: str | Path, meta: dict[str, str], expected: dict[st
     (``bra`` vs SAM's dense attention; eager and sdpa are the same function)."""
     from samft.model.attention import attention_function
 
-    labels = {"family": "model family (model.family)", "sam_type": "SAM type", "base_sha256": "base checkpoint sha256", "peft_method": "PEFT method",
-              "attention": "encoder attention (model.attention)"}
+    labels = {"family": "model family (model.family)", "sam_type": "SAM type", "base_sha256": "base checkpoint sha256",
+              "peft_method": "PEFT method", "attention": "encoder attention (model.attention)",
+              "peft_blocks": "PEFT placement (peft.blocks)"}
+    defaults = {"family": "sam", "peft_blocks": "all"}  # adapters before SAM 2.1 are SAM 1's; before placement, all
     for key, want in expected.items():
-        got = meta.get(key, "sam" if key == "family" else None)  # adapters before SAM 2.1 are SAM 1's
+        got = meta.get(key, defaults.get(key))
         differ = (attention_function(got) != attention_function(want)) if key == "attention" and got and want \
             else got != want
         if got is not None and want and differ:
@@ -114,7 +117,12 @@ def load_adapter(model: nn.Module, path: str | Path, expected: Optional[dict[str
 write = save_adapter
 
 
-def adapter_expectations(cfg, base_sha256: str) -> dict[str, str]:
-    """What an adapter's metadata must match to be loaded on the model of ``cfg``."""
-    return {"family": cfg.model.family, "sam_type": cfg.model.type, "base_sha256": base_sha256, "peft_method": cfg.peft.method,
-            "attention": cfg.model.attention}
+def adapter_expectations(cfg, base_sha256: str, model: Optional[nn.Module] = None) -> dict[str, str]:
+    """What an adapter's metadata must match to be loaded on the model of ``cfg`` (``model``: the built model,
+    whose encoder records the resolved ``peft.blocks``; without it the placement is neither recorded nor checked)."""
+    expected = {"family": cfg.model.family, "sam_type": cfg.model.type, "base_sha256": base_sha256,
+                "peft_method": cfg.peft.method, "attention": cfg.model.attention}
+    placement = getattr(getattr(model, "image_encoder", None), "peft_blocks", None)
+    if placement is not None:
+        expected["peft_blocks"] = placement
+    return expected

@@ -51,6 +51,7 @@ from samft.errors import CheckpointError, SamftError
 from samft.model import SemanticSAM, build_model
 from samft.model.attention import attention_function
 from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
+from samft.peft.decoder import merge_decoder
 from samft.peft.inject import AdapterLayer
 from samft.slip.text import attach_text_class_head, stored_text_embeddings
 
@@ -225,6 +226,7 @@ def _export_merged(args: ExportArgs, model: SemanticSAM, out: Path) -> ExportRes
         pos_embed = model.image_encoder.pos_embed.detach().clone() if model.image_encoder.pos_embed is not None \
             else None
         folded = merge_encoder(model, args.peft_method)
+        merge_decoder(model.decoder)  # model.decoder=peft: its LoRA folded into SAM's decoder linears
         base = build_sam(_native_model_cfg(args.model_cfg))  # the base's full SAM (IoU head, other mask tokens)
         state = _sam_state(model, base.state_dict())
     head = {f"decoder.{k}": v.detach().cpu().contiguous().clone() for k, v in model.decoder.state_dict().items()}

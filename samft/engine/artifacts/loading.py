@@ -65,6 +65,6 @@ def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_F
         raise SamftError(f"{run_dir}: no {adapter} yet (has the run finished an epoch?)")
     saved = read_adapter(adapter_path)
     built = build_model(cfg, text_emb=stored_text_embeddings(cfg, saved[0], str(adapter_path)))
-    meta = load_adapter(built.model, adapter_path, adapter_expectations(cfg, built.base_sha256), saved)
+    meta = load_adapter(built.model, adapter_path, adapter_expectations(cfg, built.base_sha256, built.model), saved)
     model = built.model.to(device).eval()
     return LoadedRun(run_dir, cfg, model, meta)

@@ -263,7 +263,7 @@ def prune_run(args: PruneArgs) -> PruneReport:
     if args.finetune_epochs:
         _finetune(cfg, out, resume=False, show_progress=args.show_progress)
     else:
-        save_adapter(loaded.model, out / ADAPTER_FILE, adapter_expectations(cfg, sha))
+        save_adapter(loaded.model, out / ADAPTER_FILE, adapter_expectations(cfg, sha, loaded.model))
     return _finish(out, arch, record, report, device)
 
 

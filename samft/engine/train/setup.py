@@ -99,17 +99,27 @@ def _check_data(cfg: Config, info: D.DistInfo, device: torch.device, show_progre
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float = 1e-8,
-                   extra: Iterable[torch.nn.Module] = ()) -> torch.optim.AdamW:
+                   extra: Iterable[torch.nn.Module] = (), lr_ratio_b: float = 1.0) -> torch.optim.AdamW:
     """AdamW (``train.adam_eps``); matrices and convolution kernels decay, biases/norms/embeddings-of-one-row do not.
 
     ``extra``: training-only modules (an extra stream's heads) whose parameters train too, after the model's.
+    ``lr_ratio_b`` (LoRA+, ``train.lr_ratio_b``): the ``lora_B`` matrices get their own group at ``lr * lr_ratio_b``
+    (only when it is not 1, so the groups of earlier runs are unchanged).
     """
-    decay, no_decay = [], []
+    decay, no_decay, lora_b = [], [], []
     for module in (model, *extra):
-        for p in module.parameters():
-            if p.requires_grad:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if lr_ratio_b != 1.0 and name.rsplit(".", 1)[-1] == "lora_B":
+                lora_b.append(p)
+            else:
                 (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lr_ratio_b != 1.0 and not lora_b:
+        warnings.warn(f"train.lr_ratio_b={lr_ratio_b} has no effect: the model has no trainable lora_B matrix "
+                      f"(LoRA+ applies to peft.method=lora, conv_lora and model.decoder=peft)", stacklevel=2)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": lora_b, "weight_decay": weight_decay, "lr": lr * lr_ratio_b}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps)
 
 
@@ -189,7 +199,7 @@ def build_training(cfg: Config, device: torch.device, precision: str, total_step
     wanted = [model_aux_term(aux_weights(cfg, task, model)), *slip_terms(cfg), *(terms or [])]
     terms = _bind_modules(wanted, model, device, info)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, tc.adam_eps,
-                               [t.modules for t in terms if t.modules is not None])
+                               [t.modules for t in terms if t.modules is not None], tc.lr_ratio_b)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, tc.warmup_steps, total_steps, tc.min_lr_ratio, tc.schedule, tc.poly_power))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
