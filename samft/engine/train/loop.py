@@ -332,6 +332,17 @@ class Fit:
             self.t_log = time.perf_counter()  # the first row's throughput leaves the trackers' start out
         self.last_rng = self.state.rng or rng_state()
         self.positions = {c.name: c.position() for c in self.cursors}
+        self._epochs()
+        if self._left():
+            self._say(self._stopped_early())
+        self._finish()
+        if (self.run_dir / ADAPTER_FILE).is_file():
+            self.trackers.best(self.run_dir / ADAPTER_FILE)
+        self.trackers.close("FINISHED", [self.run_dir / n for n in (CONFIG_FILE, METRICS_FILE, PLOT_FILE)])
+
+    def _epochs(self) -> None:
+        """The epochs left; Ctrl-C / SIGTERM saves the last completed step. The trackers are closed on the way
+        out (MLflow: KILLED or FAILED)."""
         try:
             while self._left() and not self._stopped_early():
                 self._epoch()
@@ -343,12 +354,6 @@ class Fit:
         except BaseException:
             self.trackers.close("FAILED", [])
             raise
-        if self._left():
-            self._say(self._stopped_early())
-        self._finish()
-        if (self.run_dir / ADAPTER_FILE).is_file():
-            self.trackers.best(self.run_dir / ADAPTER_FILE)
-        self.trackers.close("FINISHED", [self.run_dir / n for n in (CONFIG_FILE, METRICS_FILE, PLOT_FILE)])
 
     def _open_trackers(self) -> Trackers:
         """The trackers of ``train.loggers`` besides metrics.csv (:mod:`samft.engine.train.loggers`), continued

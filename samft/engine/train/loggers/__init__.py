@@ -310,7 +310,8 @@ def open_trackers(cfg: Any, run_dir: Path, resume_step: Optional[int], kept: lis
         except SamftError:
             raise
         except Exception as e:  # noqa: BLE001 (an unreachable store never stops the training)
-            warn_failed(name, e)
+            where = (cfg.train.mlflow_uri or "the default store") if name == "mlflow" else "RUN/tensorboard"
+            warn_failed(f"{name} ({where})", e)
             continue
         hub.active.append(tracker)
         if tracker.starts_empty:
