@@ -201,3 +201,41 @@ def test_a_failing_tracker_is_one_warning_and_the_training_goes_on(tmp_path, mon
     assert said[1].startswith("train.loggers: tensorboard failed (OSError: [Errno 28] No space left on device)")
     assert [r["kind"] for r in read_metrics(run / "metrics.csv")] == ["step", "step", "epoch"]
     assert (run / "adapter.safetensors").is_file()
+
+
+def test_validation_image_panels_binary_and_multiclass():
+    """image | truth | prediction at PANEL pixels on the longer side; a multi-class truth's ignored pixels are
+    drawn as background, not an error."""
+    import numpy as np
+
+    from samft.config import config_from_dict
+    from samft.data.classes import ClassSpec
+    from samft.engine.train.loggers.images import GAP, PANEL, _panel, side_by_side
+
+    image = np.full((50, 100, 3), 128, np.uint8)
+    mask = np.zeros((50, 100), np.uint8)
+    mask[10:20, 10:30] = 1
+    binary = side_by_side([_panel(image, None, None), _panel(image, mask, None), _panel(image, mask, None)])
+    assert binary.shape == (PANEL // 2, 3 * PANEL + 2 * GAP, 3) and binary.dtype == np.uint8
+    assert not np.array_equal(binary[:, :PANEL], binary[:, PANEL + GAP:2 * PANEL + GAP])  # the mask is drawn
+    classes = ClassSpec.of(config_from_dict({"data": {"classes": ["background", "a", "b"]}}).data)
+    labels = mask.copy()
+    labels[0, :5] = classes.ignore_index
+    panel = _panel(image, labels, classes)
+    assert panel.shape[1] == PANEL and panel.shape[2] == 3  # with the legend, scaled
+
+
+def test_overwrite_removes_only_tensorboard_event_files(tmp_path):
+    from samft.engine.artifacts.rundir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    tb = run.path / "tensorboard"
+    tb.mkdir(parents=True)
+    (tb / "events.out.tfevents.1.host.1.0").write_bytes(b"x")
+    run.init("a: 1\n")
+    assert not tb.exists()
+    tb.mkdir()
+    (tb / "events.out.tfevents.2.host.1.0").write_bytes(b"x")
+    (tb / "notes.txt").write_text("mine")
+    run.init("a: 1\n")
+    assert [p.name for p in tb.iterdir()] == ["notes.txt"]
