@@ -95,7 +95,8 @@ def test_peft_section_is_a_written_out_dataclass_with_only_the_active_method_sav
 def test_resumable_keys_come_from_the_schema():
     assert set(RESUMABLE_KEYS) == {"train.epochs", "train.max_steps", "train.log_every", "train.save_every",
                                    "train.val_every", "train.patience", "train.progress", "train.num_threads",
-                                   "train.device", "data.num_workers", "data.check", "eval.batch_size"}
+                                   "train.device", "train.loggers", "train.log_images_every", "train.mlflow_uri",
+                                   "train.mlflow_experiment", "data.num_workers", "data.check", "eval.batch_size"}
 
 
 # Function size and complexity of samft/config: tests/test_architecture.py::test_functions_are_small

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from samft.config.checks import check_choice
 from samft.config.field import opt
 from samft.config.metric_names import METRIC_CHOICES, canonical, task_metric_names
 from samft.errors import ConfigError
+
+LOGGERS = ("csv", "tensorboard", "mlflow")  # csv (metrics.csv) is always written: the run's own record
 
 
 @dataclass
@@ -53,9 +56,30 @@ class TrainConfig:
     num_threads: int = opt(0, "CPU threads for torch (0 = torch's default: all cores; 1 = the safest on a machine "
                               "others share, see docs/performance.md)", minimum=0, resumable=True)
     progress: bool = opt(True, "show a progress bar", resumable=True)
+    loggers: list[str] = opt(["csv"], "where the metrics go besides metrics.csv (always written, listed or not): "
+                                      "tensorboard (RUN/tensorboard/) and/or mlflow (train.mlflow_uri), each "
+                                      "with the same names and steps as metrics.csv", resumable=True)
+    log_images_every: int = opt(1, "every N validations, send a few validation images with their true and "
+                                   "predicted masks to the tensorboard/mlflow loggers (0 = never)", minimum=0,
+                                resumable=True)
+    mlflow_uri: Optional[str] = opt(None, "MLflow tracking URI; null = a local SQLite store beside the runs "
+                                          "(sqlite:///<output.dir's parent>/mlflow.db, artifacts in mlartifacts/ "
+                                          "there); nothing reaches a network unless a server URI is given here",
+                                    resumable=True)
+    mlflow_experiment: str = opt("samft", "MLflow experiment the run is logged under (created when absent)",
+                                 resumable=True)
 
     def check(self, prefix: str, multiclass: bool) -> None:
-        """``metric`` must be a metric of the task (binary or multi-class, from data.classes)."""
+        """``metric`` must be a metric of the task (binary or multi-class, from data.classes); each of
+        ``loggers`` a known logger, once."""
+        for i, name in enumerate(self.loggers):
+            check_choice(name, LOGGERS, f"{prefix}.loggers[{i}]")
+            if name in self.loggers[:i]:
+                raise ConfigError(f"{prefix}.loggers: {name!r} is listed twice")
+        if self.mlflow_uri is not None and not self.mlflow_uri.strip():
+            raise ConfigError(f"{prefix}.mlflow_uri: empty; give a tracking URI, or null for the local store")
+        if not self.mlflow_experiment.strip():
+            raise ConfigError(f"{prefix}.mlflow_experiment: empty; give an experiment name")
         if self.metric != "auto" and canonical(self.metric) not in task_metric_names(multiclass):
             kind = "multi-class" if multiclass else "binary"
             raise ConfigError(f"{prefix}.metric: {self.metric!r} is not a {kind} metric; choose from "

@@ -41,13 +41,17 @@ ARCH_FILE = "architecture.json"  # a pruned run (samft prune): the architecture 
 PRUNED_FILE = "pruned.safetensors"  # a pruned run: the pruned model's whole state (config key model.pruned)
 LOCK_FILE = ".lock"
 EVAL_LOCK_FILE = ".eval.json.lock"  # eval.json's read-merge-write (eval_json.update), separate from the training lock
+TRACKERS_FILE = "trackers.json"  # the MLflow run this training logs to (train.loggers), for --resume
+TENSORBOARD_DIR = "tensorboard"  # train.loggers=[tensorboard]: the event files (tensorboard --logdir RUN/..)
 
 RUN_FILES = (CONFIG_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, STATE_FILE, LEGACY_STATE_FILE, METRICS_FILE, EVAL_FILE,
-             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ARCH_FILE, PRUNED_FILE, LOCK_FILE, EVAL_LOCK_FILE)
+             PLOT_FILE, SPLIT_FILE, RESUMES_FILE, MARKER_FILE, ARCH_FILE, PRUNED_FILE, LOCK_FILE, EVAL_LOCK_FILE,
+             TRACKERS_FILE)
 # what a training writes, deleted when a run is started again (a pruned run's pruned.safetensors and
 # architecture.json are its base, written by samft prune before its training starts: they stay)
 TRAINING_FILES = (STATE_FILE, LEGACY_STATE_FILE, ADAPTER_FILE, LAST_ADAPTER_FILE, METRICS_FILE, PLOT_FILE, EVAL_FILE,
-                  SPLIT_FILE, RESUMES_FILE)
+                  SPLIT_FILE, RESUMES_FILE, TRACKERS_FILE)
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the only files of RUN/tensorboard/ samft removes
 
 
 class RunDir:
@@ -168,6 +172,7 @@ class RunDir:
         for name in TRAINING_FILES:
             (self.path / name).unlink(missing_ok=True)
         per_image_csv.remove(self.per_image_dir)  # the earlier run's per-image results, with its eval.json
+        self.remove_tensorboard()
         kept = [n for n in self.user_files() if n not in RUN_FILES]
         if kept:  # e.g. predictions/ of the replaced model: the user's, kept, but said
             warnings.warn(f"{self.path}: {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''} kept from the replaced "
@@ -179,11 +184,25 @@ class RunDir:
         """Undo :meth:`init` after a start that failed before saving anything."""
         if self.has_progress():
             return
-        for name in (CONFIG_FILE, MARKER_FILE, METRICS_FILE, SPLIT_FILE):
+        for name in (CONFIG_FILE, MARKER_FILE, METRICS_FILE, SPLIT_FILE, TRACKERS_FILE):
             (self.path / name).unlink(missing_ok=True)
+        self.remove_tensorboard()
         if not existed:
             try:
                 self.path.rmdir()
+            except OSError:
+                pass  # something else is in it: leave it
+
+    def remove_tensorboard(self) -> None:
+        """Remove an earlier training's TensorBoard event files (``tensorboard/events.out.tfevents.*``, nothing
+        else) and the folder when that empties it."""
+        folder = self.path / TENSORBOARD_DIR
+        if folder.is_dir() and not folder.is_symlink():
+            for events in folder.glob(TENSORBOARD_EVENTS):
+                if events.is_file() or events.is_symlink():
+                    events.unlink()
+            try:
+                folder.rmdir()
             except OSError:
                 pass  # something else is in it: leave it
 

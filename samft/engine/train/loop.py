@@ -47,9 +47,11 @@ from samft.engine.artifacts import split_file
 from samft.engine.artifacts.adapter import adapter_expectations, trainable_state
 from samft.engine.artifacts.state import rng_state
 from samft.engine.train.checkpointer import Checkpointer, TrainState, improved, resumed_text_embeddings
+from samft.engine.train.loggers import Trackers, open_trackers, require
 from samft.engine.infer.evaluate import evaluate_pairs
 from samft.engine.artifacts.metrics_csv import MetricsLog, metrics_columns, plot_curves, read_metrics  # noqa: F401
-from samft.engine.artifacts.rundir import ADAPTER_FILE, METRICS_FILE, PLOT_FILE, SPLIT_FILE, RunDir, resume_changes
+from samft.engine.artifacts.rundir import (ADAPTER_FILE, CONFIG_FILE, METRICS_FILE, PLOT_FILE, SPLIT_FILE, RunDir,
+                                           resume_changes)
 from samft.engine.runtime import autocast, memory_advice
 from samft.engine.train.schedule import lr_factor  # noqa: F401  (re-exported)
 from samft.engine.train.slip import config_streams
@@ -277,6 +279,8 @@ class Fit:
                           f"validation curves will be noise; hold out more (data.val_fraction) or give a val split",
                           stacklevel=3)
         self.run_dir = ctx.run_dir
+        require(cfg.train.loggers)  # a tracker's package missing: one line before anything is written
+        self.trackers = Trackers([])
         task = make_task(cfg)
         self.dataset = TrainDataset(ctx.train_pairs, cfg.model.img_size, cfg.train.hflip, cfg.train.seed,
                                     task.classes, resize=cfg.data.resize)
@@ -324,18 +328,46 @@ class Fit:
             return
         if self.main:
             console.print(describe_start(ctx, parts, self.schedule))
+            self.trackers = self._open_trackers()
+            self.t_log = time.perf_counter()  # the first row's throughput leaves the trackers' start out
         self.last_rng = self.state.rng or rng_state()
         self.positions = {c.name: c.position() for c in self.cursors}
+        self._epochs()
+        if self._left():
+            self._say(self._stopped_early())
+        self._finish()
+        if (self.run_dir / ADAPTER_FILE).is_file():
+            self.trackers.best(self.run_dir / ADAPTER_FILE)
+        self.trackers.close("FINISHED", [self.run_dir / n for n in (CONFIG_FILE, METRICS_FILE, PLOT_FILE)])
+
+    def _epochs(self) -> None:
+        """The epochs left; Ctrl-C / SIGTERM saves the last completed step. The trackers are closed on the way
+        out (MLflow: KILLED or FAILED)."""
         try:
             while self._left() and not self._stopped_early():
                 self._epoch()
         except KeyboardInterrupt:
             self._save()
+            self.trackers.close("KILLED", [])
             raise TrainingInterrupted(f"interrupted at step {self.state.step}; the run is saved, continue it with: "
                                       f"samft train --resume {self.run_dir}") from None
-        if self._left():
-            self._say(self._stopped_early())
-        self._finish()
+        except BaseException:
+            self.trackers.close("FAILED", [])
+            raise
+
+    def _open_trackers(self) -> Trackers:
+        """The trackers of ``train.loggers`` besides metrics.csv (:mod:`samft.engine.train.loggers`), continued
+        from the saved state's step on resume."""
+        resume = self.ctx.resume
+        kept = read_metrics(self.run_dir / METRICS_FILE) if resume else []
+        return open_trackers(self.cfg, self.run_dir, self.state.step if resume else None, kept,
+                             self._validation_images, self.metric)
+
+    def _validation_images(self):
+        from samft.engine.train.loggers.images import validation_images
+
+        return validation_images(self.parts.model, self.ctx.val_pairs, self.cfg, self.parts.task, self.ctx.device,
+                                 self.ctx.precision)
 
     def _say(self, line: str) -> None:
         if self.main:
@@ -361,6 +393,7 @@ class Fit:
 
     def _save(self) -> None:
         self.checkpointer.save(self.state, self.last_rng, self.log.rows, self.positions)
+        self.trackers.commit()  # the rows so far are in the saved state: final
 
     def _epoch(self) -> None:
         st, tc, sched = self.state, self.tc, self.schedule
@@ -403,10 +436,10 @@ class Fit:
         if st.step % tc.log_every == 0 or st.step == self.schedule.total_steps:
             now = time.perf_counter()
             means = {k: sum(v) / len(v) for k, v in self.window.items()}
-            self.log.write({"kind": "step", "epoch": st.epoch + 1, "step": st.step,
-                            "lr": self.parts.scheduler.get_last_lr()[0], **means, "grad_norm": stats["grad_norm"],
-                            "images_per_s": self.images_since * self.info.world_size / max(now - self.t_log, 1e-9),
-                            "seconds": now - self.t_log})
+            self._write_row({"kind": "step", "epoch": st.epoch + 1, "step": st.step,
+                             "lr": self.parts.scheduler.get_last_lr()[0], **means, "grad_norm": stats["grad_norm"],
+                             "images_per_s": self.images_since * self.info.world_size / max(now - self.t_log, 1e-9),
+                             "seconds": now - self.t_log})
             self.window, self.t_log, self.images_since = {}, now, 0
         if tc.save_every and st.step % tc.save_every == 0:
             self._save()
@@ -420,7 +453,8 @@ class Fit:
             results = self._validate(epoch_no)
             row.update({f"val_{k}": v for k, v in results.items()})
             self._count_patience(results[self.metric])
-            self.checkpointer.offer_best(st, epoch_no, results[self.metric])
+            if self.checkpointer.offer_best(st, epoch_no, results[self.metric]) and self.main:
+                self.trackers.best(self.run_dir / ADAPTER_FILE)
             if self.main:
                 shown = " ".join(f"{k}={v:.4f}" for k, v in results.items())
                 best = f"{st.best_value:.4f} (epoch {st.best_epoch})" if st.best_value is not None else "none yet"
@@ -429,10 +463,15 @@ class Fit:
             st.epoch += 1
             st.micro_in_epoch = 0
             st.epoch_loss_sum, st.epoch_loss_count = 0.0, 0
-        self.log.write(row)
+        self._write_row(row)
         self._save()
         if self.main:
             plot_curves(self.run_dir, METRICS_FILE, PLOT_FILE, self.metric, self.parts.task.plot_metrics)
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        """A row of metrics.csv, and the same to the trackers (rank 0)."""
+        self.log.write(row)
+        self.trackers.row(row)
 
     def _count_patience(self, value: float) -> None:
         """Count the validations without strict improvement (``train.patience``), against the state's own
