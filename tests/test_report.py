@@ -198,3 +198,32 @@ def test_cli_writes_the_page_and_says_where(binary_run, tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nothing"), "--out", str(out)])
     assert result.exit_code == 2 and "config.yaml not found" in result.output
 
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
+
+
+def test_the_page_renders_in_a_real_browser(binary_run, tmp_path):
+    """Headless Chromium opens the page from disk: no console message (a script error, a blocked load: the
+    page's CSP reports any fetch), every image decoded (the page's own marker), the numbers of eval.json in the
+    rendered DOM. Mutants: an <img> pointing at a URL (blocked: a console line, 1 image short); a script error."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package (apt-get install -y chromium)")
+    import subprocess
+
+    page = write_report([binary_run], tmp_path / "page.html", k=2, show_progress=False)
+    done = subprocess.run([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                           page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []
+    dom = done.stdout
+    loaded = re.search(r'<html[^>]* data-images="(\d+)/(\d+)"', dom)
+    assert loaded and loaded.group(1) == loaded.group(2) and int(loaded.group(2)) >= 1 + 2 + 3 * 4, dom[:300]
+    assert "data-errors" not in dom
+    entry = json.loads((binary_run / "eval.json").read_text())["sets"]["val"]
+    cells = {c["data-metric"]: c for c in Page(dom).cells}
+    assert {m: c["text"] for m, c in cells.items()} == {m: f"{v:.4f}" for m, v in entry["metrics"].items()}
