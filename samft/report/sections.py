@@ -55,9 +55,16 @@ def _trained(info: RunInfo) -> str:
         parts.append(_na(info.metrics))
     if info.adapter_meta.ok:
         m = info.adapter_meta.value
-        parts.append(f"best {m.get('metric', '?')} {m.get('best_value', '?')} at epoch {m.get('epoch', '?')} "
+        parts.append(f"best {m.get('metric', '?')} {_g(m.get('best_value', '?'))} at epoch {m.get('epoch', '?')} "
                      f"(step {m.get('step', '?')})")
     return "; ".join(parts)
+
+
+def _g(text: str) -> str:
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
 
 
 def _speed(info: RunInfo) -> str:
