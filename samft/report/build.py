@@ -63,7 +63,11 @@ def build_report(runs: list[str | Path], *, k: int = DEFAULT_K, predict: bool = 
         raise SamftError("samft report needs at least one run directory")
     paths = [Path(r) for r in runs]
     infos = [read_run(p, label) for p, label in zip(paths, labels_for(paths))]
-    sections = [_set_section(name, infos, k, predict, device, data or {}, show_progress) for name in _set_names(infos)]
+    try:
+        sections = [_set_section(name, infos, k, predict, device, data or {}, show_progress)
+                    for name in _set_names(infos)]
+    finally:
+        _LOADED.clear()  # the model is not kept once the page is made
     return render(infos, sections, title)
 
 
