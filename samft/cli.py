@@ -493,6 +493,30 @@ def config_show(
     print(resolved_yaml(config, overrides, every_method), end="")
 
 
+@app.command()
+@user_errors
+def report(
+    runs: List[Path] = typer.Argument(..., help="run directories (several: side by side)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the HTML file (default: RUN/report.html for one "
+                                       "run, report.html here for several)"),
+    k: int = typer.Option(4, "--k", help="the worst and best K images of each set"),
+    no_predict: bool = typer.Option(False, "--no-predict", help="do not run the models: only what the run's files "
+                                    "hold (no precision-recall, confusion matrix or example images)"),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH of a set evaluated with samft eval "
+                                             "--data; repeatable"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file samft did not write"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
+) -> None:
+    """One self-contained HTML page per run, or several runs side by side: config, curves, metrics, errors."""
+    from samft.report import write_report
+
+    named = {k_: str(Path(v).expanduser().resolve()) for k_, v in _parse_named(data, "--data").items()}
+    path = write_report(runs, out, overwrite=overwrite, k=k, predict=not no_predict, device=device, data=named,
+                        show_progress=not no_progress)
+    _console().print(f"written: {path}", markup=False)
+
+
 @app.command("demo-data")
 @user_errors
 def demo_data(
@@ -526,7 +550,7 @@ def quiet_openmp() -> None:
     cores = os.cpu_count() or 1
     if load >= 0.5 * cores:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        long_command = set(sys.argv[1:2]) & {"train", "eval", "predict", "prune"}  # the commands that compute long
+        long_command = set(sys.argv[1:2]) & {"train", "eval", "predict", "prune", "report"}  # the commands that compute long
         if long_command and not {"--help", "-h"} & set(sys.argv[2:]):
             print(f"note: the machine is busy (load {load:.1f} on {cores} cores): idle OpenMP threads will sleep "
                   f"(OMP_WAIT_POLICY=PASSIVE; set it yourself to choose)", file=sys.stderr)

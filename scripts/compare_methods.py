@@ -14,7 +14,9 @@ split). The script writes
   plus the command;
 - ``OUT`` with ``.png``: a chart of the first metric (mean ± standard error) and of the metric against
   the trainable parameters;
-- ``OUT`` with ``.json``: every run's raw numbers.
+- ``OUT`` with ``.json``: every run's raw numbers;
+- ``OUT`` with ``.html``: ``samft report`` of every run side by side (curves on shared axes, each set's
+  metrics, precision-recall or confusion, the worst and best images); ``--no-report`` skips it.
 
 ``--ssl-weight W`` compares each method with and without SLIP's self-supervised loss: every method also
 runs as ``<method>+ssl`` with ``loss.ssl.weight=W`` (the config's ``data.unlabelled`` and ``loss.ssl``
@@ -223,6 +225,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "cumulative, not per run)")
     p.add_argument("--ssl-weight", type=float, default=0.0,
                    help="also run every method with loss.ssl.weight=W (rows <method>+ssl; needs data.unlabelled)")
+    p.add_argument("--no-report", action="store_true", help="do not write OUT with .html (samft report of the runs)")
     p.add_argument("--run-one", nargs=2, metavar=("LABEL", "SEED"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -336,7 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     chart(summary, metrics[0], out.with_suffix(".png"))
     print(out.read_text())
-    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}")
+    written = [out, out.with_suffix(".png"), out.with_suffix(".json")]
+    if not args.no_report:
+        from samft.report import write_report
+
+        runs = [workdir / method / f"seed{seed}" for method in methods for seed in seeds]
+        try:
+            written.append(write_report(runs, out.with_suffix(".html"), k=2, device=args.device,
+                                        title=f"compare_methods: {', '.join(methods)}"))
+        except SamftError as e:
+            print(f"error: the report: {e}", file=sys.stderr)
+            return 2
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 

@@ -60,6 +60,9 @@ def test_compare_methods_end_to_end(synthetic_dir, tmp_path, monkeypatch, capsys
     assert raw[1]["request"]["overrides"] == ["train.lr=1e-3", "peft.method=lora", "train.seed=3"]
     assert raw[0]["adapter_params"] == 0 and raw[1]["adapter_params"] > 0 and raw[1]["steps"] == 3
     assert all(r["cpu_seconds_per_step"] > 0 and r["step_seconds_median"] > 0 for r in raw)
+    page = (tmp_path / "docs" / "cmp.html").read_text()  # samft report of the runs, side by side
+    for label in ("decoder_only/seed3", "lora/seed3"):
+        assert f'data-run="{label}"' in page
 
     with open(tmp_path / "docs" / "cmp.md", "a") as f:
         f.write(f"{cm.NOTES_MARKER}\nmy notes\n")

@@ -219,12 +219,29 @@ def make_run_config(path: Path, damage: str | None) -> str:
     return field
 
 
+def make_resumes(path: Path, damage: str | None) -> str:
+    entry: dict = {"time": 1.7e9, "at": "step 12", "changed": {"train.epochs": {"from": 1, "to": 2}}}
+    field = ""
+    if damage == "missing_key":
+        field = entry.pop("at") and "'line 2.at'"
+    elif damage == "wrong_type":
+        entry["time"], field = "yesterday", "'line 2.time'"
+    elif damage == "absurd_value":
+        entry["time"], field = -5, "'line 2.time'"
+    elif damage == "deep_nesting":
+        entry["changed"] = {"k": nested(100)}
+    good = json.dumps({"time": 1.6e9, "at": "step 6", "changed": {}})
+    path.write_text(good + "\n" + json.dumps(entry) + "\n")
+    return field
+
+
 MAKERS = {
     **{k: (lambda kind: lambda p, d: make_json_kind(kind, p, d))(k) for k in JSON_KINDS},
     "metrics_csv": make_metrics_csv, "per_image_csv": make_per_image_csv, "state": make_state, "adapter": make_adapter, "merged_head": make_head,
     "unmerged_model": lambda p, d: make_model_export(exports.UNMERGED, p, d),
     "pruned_model": lambda p, d: make_model_export(exports.PRUNED, p, d),
     "merged_checkpoint": make_merged, "onnx_model": make_onnx, "run_config": make_run_config,
+    "resumes": make_resumes,
 }
 NOT_APPLICABLE = {  # damage a kind cannot carry (no such field in it)
     ("split_file", "absurd_value"), ("prune_json", "absurd_value"), ("metrics_csv", "deep_nesting"),

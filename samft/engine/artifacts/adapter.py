@@ -64,6 +64,27 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 read = read_adapter
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an adapter file alone (its header; no tensor is read), checked as :func:`read_adapter`
+    checks it: a CheckpointError naming the file and the field otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        fail(path, "adapter file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        fail(path, f"not a valid safetensors file ({e})")
+    if metadata.get("format") != ADAPTER_FORMAT:
+        fail(path, f"not a samft adapter (metadata format {metadata.get('format')!r})")
+    for key, value in metadata.items():
+        if len(value) > _META_LIMIT:
+            fail(path, f"field {key!r} holds {len(value)} characters, expected at most {_META_LIMIT}")
+    return metadata
+
+
 def check_adapter_meta(path: str | Path, meta: dict[str, str], expected: dict[str, str]) -> None:
     """Refuse an adapter trained on another model family (SAM 1 / SAM 2.1), SAM type, base checkpoint, PEFT method or attention function
     (``bra`` vs SAM's dense attention; eager and sdpa are the same function)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from samft.engine.artifacts import (adapter, eval_json, exports, metrics_csv, onnx_meta, per_image_csv, prune_files,
-                                    run_config, split_file, state, trackers)
+                                    resumes, run_config, split_file, state, trackers)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ KINDS: dict[str, FileKind] = {k.name: k for k in (
     _kind("metrics_csv", metrics_csv),
     _kind("per_image_csv", per_image_csv),
     _kind("trackers_json", trackers),
+    _kind("resumes", resumes),
     FileKind(exports.MERGED, exports.read, exports.write, exports.FORMATS[exports.MERGED]),
     FileKind(exports.HEAD, exports.read_head, exports.write, exports.HEAD_FORMAT),
     FileKind(exports.UNMERGED, exports.read, exports.write, exports.UNMERGED_FORMAT),

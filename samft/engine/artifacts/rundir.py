@@ -21,10 +21,10 @@ from typing import Optional
 
 from samft.version import __version__
 from samft.config import RESUMABLE_KEYS  # what --resume may change: opt(..., resumable=True) in the schema
-from samft.engine.artifacts import per_image_csv, run_config
+from samft.engine.artifacts import per_image_csv, resumes, run_config
 from samft.engine.artifacts.fileio import atomic_write_text
 from samft.errors import SamftError
-from samft.files import append_text, is_own_tmp
+from samft.files import is_own_tmp
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_FILE = "adapter.safetensors"  # best checkpoint (by train.metric)
@@ -230,7 +230,7 @@ class RunDir:
         """
         entry = {"time": time.time(), "at": step_hint,
                  "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
-        append_text(self.path / RESUMES_FILE, json.dumps(entry) + "\n")
+        resumes.write(self.path / RESUMES_FILE, entry)
         run_config.write(self.config_path, config_yaml)
 
 

@@ -135,7 +135,7 @@ def _say_overlap(sets: dict[str, list[Pair]], train: set[Path], info: D.DistInfo
                           f"(split.json): those scores measure memory, not generalisation", stacklevel=3)
 
 
-def _selection(cfg: Config) -> str:
+def selection_metric(cfg: Config) -> str:
     """The metric the per-image results are sorted by: the run's ``train.metric`` (the task's default when it
     is not one of the task's)."""
     task = make_task(cfg)
@@ -184,7 +184,7 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
         }
         if write and info.is_main:
             results["sets"][name].update(write_per_image(target.per_image_dir, target.eval_path, name, metrics,
-                                                         pairs, _selection(cfg)))
+                                                         pairs, selection_metric(cfg)))
     if write and info.is_main:
         results = eval_json.update(target.eval_path, results)  # read-merge-write under the file's lock
     D.barrier(info)
