@@ -3,6 +3,7 @@ matches samft's own prediction; export-friendly paths equal the normal ones."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -166,6 +167,69 @@ def test_conv_lora_dense_mixture_equals_grouped_dispatch(top_k, gate_scales):
         got = layer(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(got, layer.base_layer(x))
+
+
+def _routed_layer(top_k: int, gate_scales: bool, dtype: torch.dtype = torch.float32) -> ConvLoRALinear:
+    """A Conv-LoRA layer (8 experts, scales 1..8) whose samples choose different experts."""
+    torch.manual_seed(0)
+    layer = ConvLoRALinear(torch.nn.Linear(16, 48), ConvLoRAConfig(rank=4, experts=8, top_k=top_k,
+                                                                   gate_scales_output=gate_scales))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.gate.w_gate.normal_()
+        for conv in layer.experts:
+            conv.bias.normal_(0, 0.1)
+    return layer.to(dtype).eval().requires_grad_(False)
+
+
+GATHERED_FP32 = 1e-5  # gathered vs dense dispatch in fp32 (the same expert per sample; measured ~1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, GATHERED_FP32)])
+@pytest.mark.parametrize("top_k,gate_scales", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("n", [1, 3, 16])
+def test_conv_lora_gathered_dispatch_equals_every_expert(n, top_k, gate_scales, dtype, tol):
+    layer = _routed_layer(top_k, gate_scales, dtype)
+    z = torch.randn(n, 4, 7, 7, dtype=dtype, generator=torch.Generator().manual_seed(n))
+    if n == 16:
+        assert len(layer.gate(z, False)[0].unique()) > 2  # several experts, some with no sample
+    with torch.no_grad():
+        got, want = layer.mixture_gathered(z, False)[0], layer.mixture_dense(z, False)[0]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    assert got.abs().max() > 0.1
+
+
+class _Mixture(torch.nn.Module):
+    def __init__(self, layer: ConvLoRALinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layer.mix(z)
+
+
+@needs_onnx
+@pytest.mark.parametrize("top_k,gate_scales", [(1, False), (2, True)])
+def test_conv_lora_export_runs_only_the_chosen_experts(top_k, gate_scales):
+    """The exported mixture dispatches (NonZero per expert) and gives the dense path's output in onnxruntime
+    for any batch size, one sample (most experts given no sample) included."""
+    layer = _routed_layer(top_k, gate_scales)
+    graph = _Mixture(layer).eval()
+    buf = io.BytesIO()
+    layer.export_friendly = True
+    with torch.no_grad():
+        torch.onnx.export(graph, (torch.randn(2, 4, 7, 7),), buf, opset_version=17, input_names=["z"],
+                          dynamic_axes={"z": {0: "n"}}, dynamo=False)
+    layer.export_friendly = False
+    ops = [node.op_type for node in onnx.load_from_string(buf.getvalue()).graph.node]
+    assert ops.count("NonZero") == 8, ops  # one dispatch per expert, no dense mixture
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    for n in (1, 3, 16):
+        z = torch.randn(n, 4, 7, 7, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            want = layer.mixture_dense(z, False)[0]
+        np.testing.assert_allclose(session.run(None, {"z": z.numpy()})[0], want.numpy(), atol=EXACT, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 48, 80), (1, 3, 33, 17)])

@@ -11,7 +11,8 @@ from samft.config.field import opt
 
 @dataclass
 class EvalConfig:
-    threshold: float = opt(0.5, "probability threshold for dice@0.5/iou@0.5/BER and predicted masks", minimum=0.0)
+    threshold: float = opt(0.5, "probability threshold for dice/iou/BER (named after it: dice@0.3 at 0.3) and "
+                                 "predicted masks", minimum=0.0)
     batch_size: int = opt(4, "images per forward pass during evaluation and prediction", minimum=1, resumable=True)
     resize_gt_to_input: Optional[bool] = opt(None, "score at img_size x img_size with the ground truth resized "
                                                    "(nearest) instead of at each image's original resolution; null = "

@@ -45,7 +45,8 @@ class TrainConfig:
     seed: int = opt(42, "seed of weights init, data order, augmentation and gate noise")
     metric: str = opt("auto", "validation metric that picks the best checkpoint (auto = Sm for binary, mIoU for "
                               "multi-class): an eval.json name (Sm, dice@0.5, meanDice, mIoU, ...) or its alias "
-                              "(sm, dice, mdice, em, wfm, mae, ber, miou, ...)", ("auto",) + METRIC_CHOICES)
+                              "(sm, dice, mdice, em, wfm, mae, ber, miou, ...); dice, iou and BER are taken at "
+                              "eval.threshold (named dice@0.3 at 0.3)", ("auto",) + METRIC_CHOICES)
     patience: int = opt(0, "early stopping: stop when the metric has not improved for this many validations in a "
                            "row (0 = off; a tie is no improvement)", minimum=0, resumable=True)
     val_every: int = opt(1, "validate every N epochs (the last epoch is always validated)", minimum=1, resumable=True)

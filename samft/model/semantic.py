@@ -38,6 +38,8 @@ class SegOutput(NamedTuple):
     class_logits: Optional[torch.Tensor]  # (B, Q, K+1) or None for binary models
     aux_losses: dict[str, torch.Tensor]  # named scalar auxiliary losses (Conv-LoRA's "balance", ...)
     features: Optional[torch.Tensor] = None  # (B, C, H/16, W/16) the neck features (SLIP's region-text loss)
+    class_scores: Optional[torch.Tensor] = None  # (B, C, H, W) class scores already formed at the input size (an
+    # exported graph's output, samft.engine.artifacts.onnx_model): used instead of masks + class_logits
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -236,6 +238,9 @@ def logits_to_original(logits: torch.Tensor, input_size: int, valid_hw: tuple[in
 
 
 def image_scores(task: Any, out: SegOutput, j: int, img_size: int, valid_hw: list[int], size: list[int]) -> torch.Tensor:
-    """Image ``j`` of a batch's outputs -> the task's per-pixel scores at ``size`` (padding cropped)."""
+    """Image ``j`` of a batch's outputs -> the task's per-pixel scores at ``size`` (padding cropped). Class scores
+    formed already (``out.class_scores``) are cropped and resized as they are."""
+    if out.class_scores is not None:
+        return logits_to_original(out.class_scores[j], img_size, valid_hw, size)
     logits = logits_to_original(out.masks[j], img_size, valid_hw, size)
     return task.scores(logits, None if out.class_logits is None else out.class_logits[j])

@@ -17,8 +17,12 @@ reference, the chosen experts' outputs are summed without multiplying by the gat
 balance loss trains the router. Unlike the reference, experts are combined with a plain sum (no
 ``exp``/``log`` round trip, which overflows in fp16) and samples are dispatched to experts in groups.
 Conv-LoRA cannot be merged into ``W0``: its branch is non-linear. For ONNX export (``export_friendly``
-in eval mode) :meth:`ConvLoRALinear.mixture_dense` runs every expert on every sample and weights each
-output by the sample's choice: no data-dependent shapes, the same function.
+in eval mode) :meth:`ConvLoRALinear.mixture_gathered` dispatches without a host sync: for each expert the
+samples that chose it are found with ``nonzero`` (ONNX ``NonZero``, a data-dependent length), gathered,
+run through that expert (an empty batch when none chose it) and added back with ``index_add``: the traced
+graph computes only the chosen experts, as the eager path does. :meth:`ConvLoRALinear.mixture_dense`
+(every expert on every sample, each output weighted by the sample's choice: ``experts`` times the expert
+compute) is the plain path it is tested equal to.
 
 ``impl=reference`` restates the reference's own path (AutoGluon's ``SparseDispatcher``: ``nonzero`` /
 ``split`` dispatch, expert outputs combined as ``log(index_add(exp(y)))`` in float32). For top-1 it is the
@@ -112,7 +116,7 @@ class ConvLoRALinear(AdapterLayer):
 
     # data-dependent group sizes (and the aux-loss sink, a context variable): torch.compile (train.compile)
     # leaves these to eager, the rest compiles
-    eager_methods = ("mix", "mixture", "mixture_reference")
+    eager_methods = ("mix", "mixture", "mixture_reference", "mixture_gathered")
 
     def __init__(self, base_layer: nn.Linear, cfg: ConvLoRAConfig) -> None:
         super().__init__()
@@ -182,6 +186,21 @@ class ConvLoRALinear(AdapterLayer):
             out = out + self.expert(i, z) * weights[:, i].view(-1, 1, 1, 1)
         return out, loss
 
+    def mixture_gathered(self, z: torch.Tensor, balance: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``E_g(z)`` for export: per expert, the rows that chose it (``nonzero``: no host sync, so it traces to
+        ONNX ``NonZero``/``Gather``/``ScatterElements``), that expert on them, added back. Only the chosen
+        experts' work, as :meth:`mixture`; the same function as :meth:`mixture_dense` (tested equal)."""
+        idx, gates, loss = self.gate(z, balance)
+        out = torch.zeros_like(z)
+        for i in range(len(self.scales)):
+            hit = idx == i  # (N, k): a sample chooses an expert at most once
+            rows = hit.any(1).nonzero().squeeze(1)
+            y = self.expert(i, z.index_select(0, rows))
+            if self.gate_scales_output:
+                y = y * (gates * hit).sum(1).index_select(0, rows).to(y.dtype).view(-1, 1, 1, 1)
+            out = out.index_add(0, rows, y.to(out.dtype))
+        return out, loss
+
     def mixture_reference(self, z: torch.Tensor, balance: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``E_g(z)`` the way the reference computes it (baseline only; top-1; see the module docstring)."""
         idx, gate_k, loss = self.gate(z, balance)
@@ -206,7 +225,7 @@ class ConvLoRALinear(AdapterLayer):
     def mix(self, z_map: torch.Tensor) -> torch.Tensor:
         """``E_g(z)`` by the path in use; the balance loss goes to the open aux-loss sink (none: not computed)."""
         if self.export_friendly and not self.training:
-            mixture = self.mixture_dense
+            mixture = self.mixture_gathered
         else:
             mixture = self.mixture_reference if self.impl == "reference" else self.mixture
         sink = active_aux_sink()

@@ -4,7 +4,7 @@ Names in ``eval.json`` (and the alias accepted by ``train.metric``):
 
 | name | alias | definition |
 |---|---|---|
-| dice@0.5, iou@0.5 | dice, iou | per image at ``prob >= 0.5``, averaged over images (both empty = 1) |
+| dice@0.5, iou@0.5 | dice, iou | per image at ``prob >= 0.5``, averaged over images (both empty = 1); at another ``eval.threshold`` t named ``dice@t``, ``iou@t`` (and ``BER@t``) |
 | meanDice, meanIoU, maxDice | mdice, meaniou, maxdice | PraNet's protocol: the map is min-max normalised, Dice/IoU at 256 thresholds 1..0 (0 when nothing overlaps), averaged over images; mean (or max) over thresholds |
 | Sm | sm | S-measure (pysodmetrics) |
 | wFm | wfm | weighted F-measure (pysodmetrics) |
@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from samft.config.metric_names import (ALIASES, ALL_METRICS, BINARY_METRICS, METRIC_CHOICES,  # noqa: F401
+                                       THRESHOLD_METRICS, at_threshold_name, base_name,
                                        MULTICLASS_METRICS, canonical, higher_is_better,
                                        task_metric_names)
 
@@ -97,16 +98,10 @@ def threshold_curves(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.n
     return dice, iou
 
 
-THRESHOLD_METRICS = {"dice@0.5": "dice@{t}", "iou@0.5": "iou@{t}", "BER": "BER@{t}"}  # names at another threshold
-
-
 def at_threshold(metrics: dict[str, float], threshold: float) -> dict[str, float]:
-    """``metrics`` of :meth:`BinaryMetrics.compute` named for the threshold they were computed at:
+    """``metrics`` named at 0.5 (the table's names) renamed for the threshold they were computed at:
     ``dice@0.3``, ``iou@0.3``, ``BER@0.3`` at 0.3 (the names of 0.5, the default, are kept)."""
-    if threshold == 0.5:
-        return dict(metrics)
-    return {THRESHOLD_METRICS[k].format(t=f"{threshold:g}") if k in THRESHOLD_METRICS else k: v
-            for k, v in metrics.items()}
+    return {at_threshold_name(k, threshold): v for k, v in metrics.items()}
 
 
 class BinaryMetrics:
@@ -184,6 +179,11 @@ class BinaryMetrics:
                 for k in range(len(self))]
 
     def compute(self) -> dict[str, float]:
+        """The set's metrics, named for the threshold they were computed at (:func:`at_threshold`: ``dice@0.3``
+        at ``eval.threshold`` 0.3), as eval.json and metrics.csv name them."""
+        return at_threshold(self._compute(), self.threshold)
+
+    def _compute(self) -> dict[str, float]:
         r = self.records
         if not r["name"]:
             return {name: float("nan") for name in BINARY_METRICS}

@@ -25,7 +25,9 @@ import torch
 
 from samft.data.classes import ClassSpec
 from samft.tasks.losses import PointSampling, SetLossWeights, set_loss, structure_loss
-from samft.tasks.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, canonical)
+from samft.tasks.metrics import (BINARY_METRICS, MULTICLASS_METRICS, BinaryMetrics, ConfusionMetrics, at_threshold_name,
+                                 canonical)
+
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (B, Q, h, w) logits to ``size``."""
@@ -131,6 +133,13 @@ class BinaryTask(Task):
 
     def __init__(self, threshold: float = 0.5, bce: str = "mean", iou: bool = True, ber: str = "pooled") -> None:
         self.threshold, self.bce, self.iou, self.ber = threshold, bce, iou, ber
+        # named at eval.threshold as BinaryMetrics.compute names them: dice@0.3 in eval.json and metrics.csv
+        self.metric_names = tuple(at_threshold_name(n, threshold) for n in BinaryTask.metric_names)
+        self.plot_metrics = tuple(at_threshold_name(n, threshold) for n in BinaryTask.plot_metrics)
+
+    def selection_metric(self, metric: str) -> str:
+        """``train.metric``'s name at eval.threshold (``dice`` at 0.3: ``dice@0.3``)."""
+        return at_threshold_name(super().selection_metric(metric), self.threshold)
 
     def loss(self, logits, class_logits, target, valid):
         return structure_loss(logits, target.float().unsqueeze(1), valid, self.bce, self.iou)

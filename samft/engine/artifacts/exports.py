@@ -55,7 +55,8 @@ def _torch_read(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable export"
-        fail(path, f"not a readable PyTorch file ({load_failure(e)})")
+        fail(path, f"not a readable PyTorch file ({load_failure(e)}); samft reads a run directory, a model file "
+                   f"of samft export --merged (.pth) or an ONNX file of samft export --onnx (.onnx)")
 
 
 def recognise(path: Path, data: Any) -> str:

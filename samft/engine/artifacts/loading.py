@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from samft.config import Config
+from samft.engine.artifacts.onnx_model import is_onnx_file, onnx_device
 from samft.engine.artifacts.adapter import adapter_expectations, load_adapter, read_adapter
 from samft.engine.artifacts.rundir import ADAPTER_FILE, ARCH_FILE, CONFIG_FILE, PRUNED_FILE, RunDir
 from samft.errors import SamftError
@@ -48,11 +49,17 @@ def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_F
     """Rebuild a run's model from its config and load its adapter (checked against the base).
 
     ``run_dir`` may also be an exported model file (``samft export --merged``: merged SAM checkpoint + its
-    head file, or the unmerged model): its own config comes with it.
+    head file, or the unmerged model): its own config comes with it; or an ONNX export (``samft export
+    --onnx``): an onnxruntime session in place of the model (:mod:`samft.engine.artifacts.onnx_model`).
     A pruned run (``samft prune``; config key ``model.pruned``) is rebuilt the same way: ``build_model``
     builds the pruned architecture with the pruned state as its base, then the adapter is loaded on it.
     """
     run_dir = Path(run_dir)
+    if is_onnx_file(run_dir):
+        from samft.engine.artifacts.onnx_model import load_onnx
+
+        model, cfg = load_onnx(run_dir, device)
+        return LoadedRun(run_dir, cfg, model, {"exported": str(run_dir), "onnx": "true"})
     if run_dir.is_file():
         from samft.engine.artifacts.export import load_exported_with_config
 
@@ -68,3 +75,11 @@ def load_run(run_dir: str | Path, device: torch.device, adapter: str = ADAPTER_F
     meta = load_adapter(built.model, adapter_path, adapter_expectations(cfg, built.base_sha256, built.model), saved)
     model = built.model.to(device).eval()
     return LoadedRun(run_dir, cfg, model, meta)
+
+
+def run_device(run_dir: str | Path, device: str) -> torch.device:
+    """The device ``--device`` names for the model at ``run_dir``: PyTorch's (:func:`pick_device`), or for an ONNX
+    export the one its onnxruntime session runs on (:func:`samft.engine.artifacts.onnx_model.onnx_device`)."""
+    from samft.engine.runtime import pick_device
+
+    return onnx_device(device) if is_onnx_file(run_dir) else pick_device(device)

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any, Optional
 
+from samft.config.metric_names import base_name
 from samft.engine.artifacts.fileio import MAX_NUMBER, atomic_write_bytes, atomic_write_text, fail
 from samft.files import append_text
 
@@ -95,8 +96,16 @@ class MetricsLog:
                 if keep_rows is not None and len(rows) >= keep_rows:
                     break
                 if keep_rows is not None or step <= keep_until_step:
-                    rows.append(row)
+                    rows.append(self._renamed(row))
         return rows
+
+    def _renamed(self, row: dict) -> dict:
+        """A row of an earlier version, which named metrics at 0.5 whatever eval.threshold was (``val_dice@0.5``),
+        under this header's names (``val_dice@0.3``): the values carry over."""
+        for column in self.columns:
+            if column.startswith("val_") and column not in row and f"val_{base_name(column[4:])}" in row:
+                row[column] = row[f"val_{base_name(column[4:])}"]
+        return row
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (the header was written when the log was opened)."""

@@ -40,6 +40,7 @@ import samft.peft as peft
 
 from samft.version import __version__
 from samft.constants import PIXEL_MEAN, PIXEL_STD
+from samft.config import dump_yaml
 from samft.data.classes import ClassSpec
 from samft.engine.artifacts import onnx_meta
 from samft.engine.artifacts.export import check_export_name, merge_encoder
@@ -67,6 +68,7 @@ class OnnxArgs:
     sam_type: str
     threshold: float
     classes: list[str]  # class names of a multi-class run, [] for a binary one
+    config_yaml: str  # the run's resolved config (test sets, input geometry ... for samft eval/predict --run)
 
     @property
     def mergeable(self) -> bool:
@@ -77,7 +79,7 @@ class OnnxArgs:
         cfg = run.cfg
         spec = ClassSpec.of(cfg.data)
         return cls(cfg.model.img_size, cfg.peft.method, cfg.model.attention, cfg.model.type, cfg.eval.threshold,
-                   list(spec.names) if spec else [])
+                   list(spec.names) if spec else [], dump_yaml(cfg))
 
     def metadata(self, output: str, opset: int) -> dict[str, object]:
         """The graph's ``samft.*`` metadata (read back by :mod:`samft.deploy_onnx`)."""
@@ -85,7 +87,7 @@ class OnnxArgs:
                 "task": "multiclass" if self.classes else "binary", "output": output,
                 "threshold": str(self.threshold), "classes": self.classes, "peft_method": self.peft_method,
                 "attention": self.attention, "sam_type": self.sam_type, "pixel_mean": list(PIXEL_MEAN),
-                "pixel_std": list(PIXEL_STD), "opset": str(opset)}
+                "pixel_std": list(PIXEL_STD), "opset": str(opset), "config_yaml": self.config_yaml}
 
 
 class OnnxGraph(nn.Module):

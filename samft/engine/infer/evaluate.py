@@ -21,9 +21,9 @@ from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
 from samft.engine import distributed as D
 from samft.engine.artifacts import eval_json, per_image_csv, split_file
-from samft.engine.runtime import autocast, memory_advice, pick_device, resolve_precision
+from samft.engine.runtime import autocast, memory_advice, resolve_precision
 from samft.engine.artifacts.rundir import ADAPTER_FILE, RunDir
-from samft.engine.artifacts.loading import load_run
+from samft.engine.artifacts.loading import load_run, run_device
 from samft.engine.infer.per_image import write_per_image
 from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
 from samft.errors import SamftError
@@ -106,7 +106,7 @@ def evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]] = None, dev
     with D.distributed(device) as info, memory_advice(*inference_memory(tile)):
         overlap = check_tiling(tile, overlap)
         tiling = (tile, overlap) if tile is not None else None
-        return _evaluate_run(run_dir, data, D.device_for(info, pick_device(device)), show_progress, write, info,
+        return _evaluate_run(run_dir, data, D.device_for(info, run_device(run_dir, device)), show_progress, write, info,
                              tiling)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from samft.data.layouts import Pair
 from samft.engine.artifacts import per_image_csv
-from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics, at_threshold, higher_is_better
+from samft.tasks.metrics import BinaryMetrics, ConfusionMetrics, at_threshold, base_name, higher_is_better
 
 BINARY_COLUMNS = ("dice@0.5", "iou@0.5", "Sm", "MAE")
 MULTICLASS_COLUMNS = ("mIoU", "pixel_acc")
@@ -24,6 +24,7 @@ def per_image_rows(metrics: BinaryMetrics | ConfusionMetrics, pairs: list[Pair],
     pixel accuracy; the selection metric first (added when not among them). NaN sorts last."""
     binary = isinstance(metrics, BinaryMetrics)
     core = BINARY_COLUMNS if binary else MULTICLASS_COLUMNS
+    selection = base_name(selection) if binary else selection  # the records' names are those at 0.5
     names = [selection, *(c for c in core if c != selection)]
     paths = {p.name: p.image for p in pairs}
     rows = []

@@ -16,9 +16,9 @@ from samft.data.paths import expand_glob
 from samft.engine import distributed as D
 from samft.engine.artifacts.fileio import atomic_write_bytes
 from samft.engine.infer.evaluate import iter_predictions
-from samft.engine.runtime import memory_advice, pick_device, resolve_precision
+from samft.engine.runtime import memory_advice, resolve_precision
 from samft.engine.artifacts.rundir import RunDir, is_run_file
-from samft.engine.artifacts.loading import load_run
+from samft.engine.artifacts.loading import load_run, run_device
 from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
 from samft.engine.infer.writer import BackgroundWriter
 from samft.errors import SamftError
@@ -224,7 +224,7 @@ def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | 
     the paths of all the masks written.
     """
     with D.distributed(device) as info, memory_advice(*inference_memory(tile)):
-        return _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, pick_device(device)),
+        return _predict_run(run_dir, inputs, out_dir, with_overlay, D.device_for(info, run_device(run_dir, device)),
                             show_progress, overwrite, tile, overlap, workers, write_threads, info, probs)
 
 

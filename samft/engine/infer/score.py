@@ -16,7 +16,7 @@ from samft.data.io import IMAGE_EXTS, read_binary_mask, read_mask_values
 from samft.data.layouts import list_images
 from samft.progress import progress
 from samft.errors import DataError
-from samft.tasks.metrics import BinaryMetrics, at_threshold
+from samft.tasks.metrics import BinaryMetrics
 
 PRED_EXTS = IMAGE_EXTS + (".npy",)
 
@@ -98,4 +98,4 @@ def score_folders(pred_dir: str | Path, gt_dir: str | Path, threshold: float = 0
             advance()
     return {"pred": str(pred_dir), "gt": str(gt_dir), "threshold": threshold, "n_images": len(metrics),
             "resized": resized, "unmatched_predictions": len(set(preds) - set(gts)),
-            "metrics": at_threshold(metrics.compute(), threshold)}
+            "metrics": metrics.compute()}

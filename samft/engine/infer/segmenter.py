@@ -21,8 +21,8 @@ from samft.config import Config
 from samft.data.io import read_image
 from samft.data.transforms import SamTransform
 from samft.engine.artifacts.rundir import ADAPTER_FILE
-from samft.engine.artifacts.loading import load_run
-from samft.engine.runtime import autocast, pick_device, resolve_precision
+from samft.engine.artifacts.loading import load_run, run_device
+from samft.engine.runtime import autocast, resolve_precision
 from samft.errors import DataError
 from samft.model.semantic import SemanticSAM, image_scores
 from samft.tasks.task import Task, make_task
@@ -72,7 +72,7 @@ class Segmenter:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", adapter: str = ADAPTER_FILE) -> "Segmenter":
         """The run's best adapter (``adapter_last.safetensors`` with ``adapter=``) on ``device``."""
-        dev = pick_device(device)
+        dev = run_device(run_dir, device)
         run = load_run(run_dir, dev, adapter)
         return cls(run.model, run.cfg, dev, resolve_precision(run.cfg.train.precision, dev))
 
