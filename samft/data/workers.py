@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import warnings
 from typing import Iterable, Iterator, Optional
 
@@ -49,3 +51,48 @@ def surfaced(batches: Iterable) -> Iterator:
         except SamftError as e:
             raise one_line(e) from None
         yield item
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """``items`` produced ``depth`` ahead on a background thread, in order: with no loader processes the next
+    batch is decoded and resized (PIL, OpenCV and NumPy let go of the GIL) while the model runs on this one.
+    An error of the producer is raised here, as it was raised there; closing the iterator early stops the
+    producer at its next item."""
+    buffer: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            buffer.put((_DONE, e))
+
+    worker = threading.Thread(target=produce, name="samft-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full buffer
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from samft.version import __version__
 from samft.config import Config, config_hash
-from samft.data.workers import cap_workers, surfaced
+from samft.data.workers import cap_workers, prefetched, surfaced
 from samft.data.datasets import EvalDataset, collate
 from samft.data.layouts import Pair, eval_sets
 from samft.data.transforms import squash_mask
@@ -49,11 +49,12 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
     """
     was_training = model.training
     model.eval()
+    workers = cap_workers(num_workers, len(pairs), batch_size, workers_option)
     loader = DataLoader(EvalDataset(pairs, model.img_size, task.classes, resize), batch_size=batch_size, shuffle=False,
-                        num_workers=cap_workers(num_workers, len(pairs), batch_size, workers_option),
-                        collate_fn=collate, generator=torch.Generator())
+                        num_workers=workers, collate_fn=collate, generator=torch.Generator())
+    batches = surfaced(loader) if workers else prefetched(loader)  # no loader process: a thread reads ahead
     try:
-        for batch in surfaced(loader):  # a bad mask in a worker is its one line, not the worker's traceback
+        for batch in batches:  # a bad mask in a worker is its one line, not the worker's traceback
             with autocast(device, precision):
                 out = model(batch["image"].to(device, non_blocking=True))
             for j, index in enumerate(batch["index"].tolist()):
@@ -64,6 +65,7 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
                     gt = squash_mask(gt, model.img_size)
                 yield pairs[index], scores.cpu().numpy().astype(np.float32), gt
     finally:
+        batches.close()  # a consumer that stopped early stops the read-ahead thread too
         model.train(was_training)
 
 
