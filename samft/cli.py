@@ -241,8 +241,10 @@ def predict(
     seconds = max(time.perf_counter() - t0, 1e-9)
     if _rank() != 0:  # under torchrun: rank 0 reports, for all the processes
         return
+    rate = len(written) / max(getattr(written, "predict_seconds", 0.0), 1e-9)
     _console().print(f"[green]wrote {len(written)} mask(s)[/] to {_e(written[0].parent if written else out)} in "
-                     f"{seconds:.1f} s ({len(written) / seconds:.1f} images/s, model loading included)")
+                     f"{seconds:.1f} s ({len(written) / seconds:.1f} images/s with model loading, "
+                     f"{rate:.1f} images/s predicting)")
     if probs and written:
         _console().print(f"probability maps ({probs}) in {_e(written[0].parent / 'probs')}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,8 @@ def test_predict_the_runs_own_validation_split(tmp_path, synthetic_dir):
     val = json.loads((run / "split.json").read_text())["val"]
     result = CliRunner().invoke(app, ["predict", "--split", "val", "--run", str(run), "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
+    found = re.search(r"images/s with model loading, ([0-9.]+) images/s predicting", " ".join(result.output.split()))
+    assert found and float(found.group(1)) > 0, result.output
     assert sorted(p.stem for p in (tmp_path / "o").glob("*.png")) == sorted(
         __import__("pathlib").Path(img).stem for img, _ in val)
     both = CliRunner().invoke(app, ["predict", "x.png", "--split", "val", "--run", str(run)])

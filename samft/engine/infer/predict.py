@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,13 @@ from samft.progress import console, progress
 from samft.data.draw import class_overlay, label_image, mask_png, overlay, overlay_png  # noqa: F401  (re-exported)
 from samft.data.draw import npy_bytes, png16_bytes
 from samft.tasks.task import Task, make_task
+
+
+class Written(list):
+    """The paths of the masks :func:`predict_run` wrote, with ``predict_seconds``: the time from the first batch to
+    the last file written (this process's share), start-up and model loading left out."""
+
+    predict_seconds: float = 0.0
 
 
 def _pattern_files(pattern: str) -> list[Path]:
@@ -290,10 +298,12 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
     source = (iter_tiled_predictions(run.model, mine, tile, overlap, batch, dev, task, precision) if tile
               else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize,
                                     workers_option=option))
+    started = time.perf_counter()
     empty, counts = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main,
                                write_threads, probs)
     shares = D.gather_objects((len(mine), empty, counts), info)  # also waits until every process has written
-    written = [out / f"{p.name}.png" for p in pairs]
+    written = Written(out / f"{p.name}.png" for p in pairs)
+    written.predict_seconds = time.perf_counter() - started
     if info.is_main:
         _report(shares, written, task, info, run.cfg.eval.threshold)
     return written
