@@ -268,6 +268,8 @@ def test_preprocess_equals_samft_transform(hw):
 @needs_onnx
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
 def test_deploy_predict_equals_samft_prediction(task, tmp_path):
+    torch.manual_seed(0)  # the perturbed adapter, whatever ran before (Conv-LoRA's gate is discontinuous: one grey
+    # level of resize rounding can flip an expert; some random adapters exceed the 3e-3 of a resized image then)
     run, _ = make_run(tmp_path / "run", "conv_lora", **(MULTICLASS if task == "multiclass" else {}))
     export_onnx(run, tmp_path / "m.onnx", dynamic_batch=True, image=real_image())
     seg = OnnxSegmenter(str(tmp_path / "m.onnx"))
