@@ -14,7 +14,7 @@ import torch
 import samft.peft as peft
 from samft.config import Config
 from samft.model.attention import EncoderAttention, attention_kinds, set_attention
-from samft.model.sam import base_fingerprint, build_sam, sam_size
+from samft.model.sam import base_fingerprint, build_sam
 from samft.model.semantic import SegOutput, SemanticSAM
 from samft.prune.encoder_flops import encoder_flops
 from samft.prune.state import apply_pruned, describe_pruned
@@ -128,10 +128,20 @@ def _structure(cfg: Config) -> BuiltModel:
     """The model's structure for counting: on the meta device for the official sizes (no memory, no weights
     read); a tiny size is built for real on the CPU with random weights and no checkpoint read, which is faster
     than the meta device, whose first decomposed op imports ``torch._dynamo`` (0.6 s of ``samft info``)."""
-    if sam_size(cfg.model.type).official or cfg.model.pruned:
+    if cfg.model.type != "tiny" or cfg.model.pruned:  # an official size of either family
         return build_model(cfg, meta=True)
     random_weights = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None))
     return build_model(random_weights)
+
+
+def encoder_gmacs(cfg: Config, encoder) -> float:
+    """The encoder's forward GMACs per image at ``img_size``, counted for its family: SAM 1's ViT
+    (``samft/prune/encoder_flops.py``) or SAM 2.1's Hiera + FPN neck (``samft/model/hiera_flops.py``)."""
+    if cfg.model.family == "sam2":
+        from samft.model.hiera_flops import hiera_flops
+
+        return round(hiera_flops(encoder, cfg.model.img_size)["total"] / 2e9, 3)
+    return round(encoder_flops(encoder, cfg.model.img_size)["total"] / 2e9, 3)
 
 
 def describe(cfg: Config) -> dict:
@@ -154,8 +164,7 @@ def describe(cfg: Config) -> dict:
         "attention_options": dict(vars(options)) if options is not None else {},
         "attention_blocks": {k: kinds.count(k) for k in dict.fromkeys(kinds)},
         "attention_params": attention_params(built.model.image_encoder),
-        "encoder_gmacs": None if cfg.model.pruned else  # a pruned encoder's: from describe_pruned below
-        round(encoder_flops(built.model.image_encoder, cfg.model.img_size)["total"] / 2e9, 3),
+        "encoder_gmacs": None if cfg.model.pruned else encoder_gmacs(cfg, built.model.image_encoder),
         "peft_method": cfg.peft.method,
         "peft_options": dict(vars(cfg.method_cfg)),
         "mergeable": peft.get(cfg.peft.method).mergeable,
