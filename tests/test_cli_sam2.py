@@ -51,6 +51,11 @@ def _numbers(report, prefix: str = "") -> dict[str, float]:
         not timing else {}
 
 
+def test_data_check_on_a_sam2_config(workdir):
+    report = json.loads(samft("data", "check", "--config", "tiny2.yaml", "--json", cwd=workdir).stdout)
+    assert sum(s["pairs"] for s in report["splits"].values()) == 12 and report["ok"]
+
+
 def test_info_json_names_the_family(workdir):
     info = json.loads(samft("info", "--config", "tiny2.yaml", "--json", cwd=workdir).stdout)
     assert (info["family"], info["model"]) == ("sam2", "tiny")
