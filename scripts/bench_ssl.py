@@ -80,7 +80,7 @@ def main() -> None:
     cfg = config_from_dict({"model": model_cfg, "peft": {"method": args.method}})
     torch.manual_seed(0)
     model = build_model(cfg).model.to(device).train()
-    head = SSLHead(model.image_encoder.neck[0].out_channels, args.mlp_dim, args.emb_dim).to(device)
+    head = SSLHead(model.feature_channels, args.mlp_dim, args.emb_dim).to(device)
     plain = step_times(model, head, args, device, dtype, ssl=False)
     with_ssl = step_times(model, head, args, device, dtype, ssl=True)
     a, b = statistics.median(plain), statistics.median(with_ssl)

@@ -16,6 +16,9 @@ Examples::
     python scripts/bench_train.py
     # GPU: vit_b/l/h at 1024 px, batch 1, MFU against the H100 SXM dense bf16 peak
     python scripts/bench_train.py --models vit_b,vit_l,vit_h --img-size 1024 --batch-size 1 --peak-tflops 989
+    # the model families side by side (SAM 2.1's Hiera vs SAM's ViT): one row per model, ratios against
+    # the first model, encoder GMACs
+    python scripts/bench_train.py --preset family --models vit_b,hiera_t,hiera_b+ --img-size 1024 --steps 3
     # a full grid: every combination of the listed values
     python scripts/bench_train.py --preset grid --models vit_b --precisions fp32,bf16 --checkpointing off,on \\
         --attention eager,sdpa --impl reference,grouped
@@ -56,6 +59,11 @@ LADDER = [
 # ---------------------------------------------------------------------------------------------
 
 
+def family(model: str) -> str:
+    """SAM 2.1's sizes are Hiera's (``hiera_t`` ...); the others SAM 1's."""
+    return "sam2" if model.startswith("hiera") else "sam"
+
+
 def _peak_rss_gb() -> float:
     import resource
 
@@ -70,7 +78,7 @@ def run_one(spec: dict) -> dict:
     from samft.engine.runtime import pick_device, resolve_precision
     from samft.engine.train.setup import build_training
     from samft.engine.train.loop import train_step
-    from samft.prune.encoder_flops import encoder_flops
+    from samft.model import encoder_gmacs
 
     warnings.filterwarnings("ignore", message=".*random weights.*")
     if spec["threads"]:
@@ -78,7 +86,8 @@ def run_one(spec: dict) -> dict:
     device = pick_device(spec["device"])
     rss_before = _peak_rss_gb()
     cfg = config_from_dict({
-        "model": {"type": spec["model"], "img_size": spec["img_size"], "attention": spec["attention"]},
+        "model": {"family": family(spec["model"]), "type": spec["model"], "img_size": spec["img_size"],
+                  "attention": spec["attention"]},
         "peft": {"method": spec["method"], **({"conv_lora": {"impl": spec["impl"]}}
                                                if spec["method"] == "conv_lora" else {})},
         "train": {"batch_size": spec["batch_size"], "precision": spec["precision"], "device": spec["device"],
@@ -111,7 +120,8 @@ def run_one(spec: dict) -> dict:
     result = {**spec, "precision": precision, "device": str(device), "step_s": median,
               "step_s_min": min(times), "step_s_max": max(times), "warmup_s": warm,
               "images_per_s": b / median,
-              "encoder_fwd_flops": encoder_flops(model.image_encoder, s)["total"],
+              "encoder_gmacs": encoder_gmacs(cfg, model.image_encoder),
+              "encoder_fwd_flops": 2e9 * encoder_gmacs(cfg, model.image_encoder),
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if cuda:
         result["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
@@ -155,7 +165,10 @@ def grid(args) -> list[dict]:
             "steps": args.steps, "device": args.device, "threads": args.threads}
     rows = []
     for model, method in itertools.product(_list(args.models), _list(args.methods)):
-        if args.preset == "ladder":
+        if args.preset == "family":  # the default training path, the same for every model
+            variants = [{"attention": "sdpa", "precision": _list(args.precisions)[0], "checkpointing": False,
+                         "impl": "grouped", "compile": False}]
+        elif args.preset == "ladder":
             variants = [dict(v, compile=False) for v in LADDER]
             if args.with_compile:
                 variants.append({"attention": "sdpa", "precision": "bf16", "checkpointing": True,
@@ -216,6 +229,24 @@ def table(results: list[dict], peak_tflops: float | None) -> str:
     return "\n".join(lines)
 
 
+def family_table(results: list[dict]) -> str:
+    """One row per model: step time, memory and encoder GMACs, each as a ratio against the first model."""
+    first = next((r for r in results if "error" not in r), None)
+    head = ["model", "method", "img", "batch", "configuration", "step ms (median)", "peak GB", "encoder GMACs",
+            f"step time x {first['model'] if first else '?'}", "peak memory x", "encoder GMACs x"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["model"], r["method"], str(r["img_size"]), str(r["batch_size"]), describe(r)]
+        if "error" in r or first is None:
+            cells += [r.get("error", "?")] + [""] * 5
+        else:
+            cells += [f"{1000 * r['step_s']:.0f}", f"{r['peak_gb']:.2f}", f"{r['encoder_gmacs']:.1f}",
+                      f"{r['step_s'] / first['step_s']:.2f}", f"{r['peak_gb'] / first['peak_gb']:.2f}",
+                      f"{r['encoder_gmacs'] / first['encoder_gmacs']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_worker(spec: dict, env: dict, timeout: int) -> dict:
     try:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
@@ -247,13 +278,15 @@ def combine_rounds(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", default=None, help="comma list: tiny, vit_b, vit_l, vit_h "
+    parser.add_argument("--models", default=None, help="comma list: tiny, vit_b, vit_l, vit_h, hiera_t, hiera_s, "
+                        "hiera_b+, hiera_l "
                         "(default: tiny on CPU, vit_b,vit_l,vit_h on CUDA)")
     parser.add_argument("--methods", default="conv_lora", help="comma list of PEFT methods")
     parser.add_argument("--img-size", type=int, default=None, help="input side (default 1024 on CUDA, 256 on CPU)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--preset", choices=("ladder", "grid"), default="ladder",
-                        help="ladder: the plain path then one optimisation at a time; grid: every combination")
+    parser.add_argument("--preset", choices=("ladder", "grid", "family"), default="ladder",
+                        help="ladder: the plain path then one optimisation at a time; grid: every combination; "
+                             "family: one row per model (SAM's vit_* and SAM 2.1's hiera_*), ratios against the first")
     parser.add_argument("--precisions", default="fp32,bf16", help="grid: comma list of fp32, bf16, fp16")
     parser.add_argument("--checkpointing", default="off,on", help="grid: comma list of off, on")
     parser.add_argument("--attention", default="eager,sdpa", help="grid: comma list of eager, sdpa")
@@ -300,7 +333,7 @@ def main() -> None:
     print(f"\ndevice: {device}; torch {first.get('torch', '?')}; median of {args.steps} steps after "
           f"{args.warmup} warm-up" + (f", median over {args.rounds} interleaved rounds" if args.rounds > 1 else "")
           + f"; peak GB = {'max allocated' if cuda else 'peak RSS above the import baseline'}")
-    print(table(results, args.peak_tflops))
+    print(family_table(results) if args.preset == "family" else table(results, args.peak_tflops))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -57,3 +57,30 @@ def test_formula_equals_flop_counter_bra(blocks, hw, regions, topk, lepe):
     flops = encoder_flops(model.image_encoder, *hw)
     assert flops["total"] == counted
     assert flops["routing"] > 0 and (flops["lepe"] > 0) == bool(lepe)
+
+
+# SAM 2.1: the Hiera trunk + FPN neck (samft/model/hiera_flops.py), eager attention (counted as bmm); 160 px
+# pads the tiny's third stage (10 x 10 tokens) to windows of 4; hiera_t at 1024 px pads 64 -> 70 (windows of 14)
+@pytest.mark.parametrize("model_type,img_size", [("tiny", 64), ("tiny", 160), ("hiera_t", 1024)])
+def test_hiera_formula_equals_flop_counter(model_type, img_size):
+    from samft.model.hiera_flops import hiera_flops
+
+    official = model_type != "tiny"
+    cfg = tiny_config("decoder_only", model={"family": "sam2", "type": model_type, "img_size": img_size,
+                                             "attention": "eager", "checkpoint": None})
+    model = build_model(cfg, meta=official).model.eval()
+    images = torch.empty(1, 3, img_size, img_size, device="meta") if official else torch.randn(1, 3, img_size, img_size)
+    flops = hiera_flops(model.image_encoder, img_size)
+    assert flops["total"] == _counted(model, images)  # exact: the same products, counted the same way
+    assert all(v > 0 for v in flops.values())
+
+
+def test_info_counts_an_official_hiera_on_the_meta_device():
+    """``samft info`` on hiera_b+ (no checkpoint read): its GMACs are Hiera's count, not the ViT formula's."""
+    from samft.model import describe
+    from samft.model.hiera_flops import hiera_flops
+
+    cfg = tiny_config("lora", model={"family": "sam2", "type": "hiera_b+", "img_size": 1024, "checkpoint": None})
+    info = describe(cfg)
+    encoder = build_model(cfg, meta=True).model.image_encoder
+    assert info["encoder_gmacs"] == round(hiera_flops(encoder, 1024)["total"] / 2e9, 3) == pytest.approx(322.6, abs=0.1)

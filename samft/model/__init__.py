@@ -138,6 +138,16 @@ def _structure(cfg: Config) -> BuiltModel:
     return build_model(random_weights)
 
 
+def encoder_gmacs(cfg: Config, encoder) -> float:
+    """The encoder's forward GMACs per image at ``img_size``, counted for its family: SAM 1's ViT
+    (``samft/prune/encoder_flops.py``) or SAM 2.1's Hiera + FPN neck (``samft/model/hiera_flops.py``)."""
+    if cfg.model.family == "sam2":
+        from samft.model.hiera_flops import hiera_flops
+
+        return round(hiera_flops(encoder, cfg.model.img_size)["total"] / 2e9, 3)
+    return round(encoder_flops(encoder, cfg.model.img_size)["total"] / 2e9, 3)
+
+
 def describe(cfg: Config) -> dict:
     """What ``samft info`` reports: model, attention, PEFT method and options, adapted modules, parameter
     counts and the encoder's forward GMACs per image at ``img_size`` (``samft/prune/encoder_flops.py``).
@@ -158,8 +168,7 @@ def describe(cfg: Config) -> dict:
         "attention_options": dict(vars(options)) if options is not None else {},
         "attention_blocks": {k: kinds.count(k) for k in dict.fromkeys(kinds)},
         "attention_params": attention_params(built.model.image_encoder),
-        "encoder_gmacs": None if cfg.model.pruned else  # a pruned encoder's: from describe_pruned below
-        round(encoder_flops(built.model.image_encoder, cfg.model.img_size)["total"] / 2e9, 3),
+        "encoder_gmacs": None if cfg.model.pruned else encoder_gmacs(cfg, built.model.image_encoder),
         "peft_method": cfg.peft.method,
         "peft_options": dict(vars(cfg.method_cfg)),
         "peft_blocks": built.placement,

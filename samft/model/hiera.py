@@ -131,10 +131,11 @@ def build_parts(cfg: ModelConfig) -> Sam2Parts:
     return Sam2Parts(build_image_encoder(size, width), prompt, build_mask_decoder(width), width)
 
 
-def _read_model_state(path: Path) -> dict[str, torch.Tensor]:
+def read_sam2_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The ``model`` state dict of a SAM 2.1 checkpoint, read with ``weights_only=True``."""
     from samft.errors import load_failure
 
+    path = Path(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
@@ -162,22 +163,28 @@ def load_sam2_checkpoint(parts: Sam2Parts, path: str | Path, model_type: str) ->
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
-    state = _read_model_state(path)
+    load_sam2_state(parts, read_sam2_state(path), path, model_type)
+
+
+def load_sam2_state(parts: Sam2Parts, state: dict[str, torch.Tensor], source: str | Path, model_type: str,
+                    assign: bool = False) -> None:
+    """Load ``state`` (a ``SAM2Base`` state dict) strictly into ``parts`` (see :func:`load_sam2_checkpoint`);
+    ``assign`` for parts built on the meta device."""
     own = parts.state_dict()
     found = _found_size(state)
     if model_type != "tiny" and found != model_type:
-        raise CheckpointError(f"{path}: this is a SAM 2.1 {found} checkpoint but model.type is {model_type}")
+        raise CheckpointError(f"{source}: this is a SAM 2.1 {found} checkpoint but model.type is {model_type}")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(VIDEO_ONLY))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match SAM 2.1 {model_type}: {len(missing)} missing keys "
+        raise CheckpointError(f"{source}: does not match SAM 2.1 {model_type}: {len(missing)} missing keys "
                               f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape]
     if wrong:
         k, got, want = wrong[0]
-        raise CheckpointError(f"{path}: tensor {k} has shape {got}, SAM 2.1 {model_type} expects {want} "
+        raise CheckpointError(f"{source}: tensor {k} has shape {got}, SAM 2.1 {model_type} expects {want} "
                               f"(the file holds SAM 2.1 {found})")
-    parts.load_state_dict({k: state[k] for k in own}, strict=True)
+    parts.load_state_dict({k: state[k] for k in own}, strict=True, assign=assign)
 
 
 @contextlib.contextmanager

@@ -120,6 +120,11 @@ class SemanticSAM(nn.Module):
     def img_size(self) -> int:
         return self.image_encoder.img_size
 
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the embeddings the decoder reads (``SegOutput.features``, ``encode``): the neck's output."""
+        return self.image_encoder.neck[0].out_channels
+
     def freeze_base(self) -> None:
         """Freeze the image and prompt encoders; the decoder stays trainable."""
         self.image_encoder.requires_grad_(False)

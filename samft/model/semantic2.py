@@ -67,6 +67,11 @@ class SemanticSAM2(SemanticSAM):
 
     family = "sam2"
 
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the stride-16 embeddings the decoder reads: the FPN neck's width (``d_model``)."""
+        return self.image_encoder.neck.d_model
+
     def freeze_base(self) -> None:
         super().freeze_base()
         self.no_mem_embed.requires_grad_(False)

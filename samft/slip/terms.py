@@ -58,7 +58,7 @@ class SSLTerm:
 
     def build_head(self, model: nn.Module) -> nn.Module:
         """The projection head for ``model``'s neck width (its own seed; the global RNG is not touched)."""
-        self.head = build_ssl_head(self.cfg, model.image_encoder.neck[0].out_channels)
+        self.head = build_ssl_head(self.cfg, model.feature_channels)
         return self.head
 
     def __call__(self, model: nn.Module, out: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

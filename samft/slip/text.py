@@ -370,5 +370,5 @@ def build_text_heads(cfg, model: nn.Module, device: str | torch.device = "cpu"
     emb = head.text_emb if head is not None else class_embeddings(cfg.model.text, cfg.data.classes, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + HEAD_SEED_SALT + 1)
-        region = RegionTextHead(model.image_encoder.neck[0].out_channels, emb.detach().cpu())
-    return head, region.to(model.image_encoder.neck[0].weight.device)
+        region = RegionTextHead(model.feature_channels, emb.detach().cpu())
+    return head, region.to(next(model.decoder.parameters()).device)

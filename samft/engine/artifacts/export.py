@@ -17,6 +17,10 @@
     embedding the run used at its ``img_size``, and metadata (SAM type, image size, queries, classes,
     PEFT method, base sha256, the run's config). SAM's own prompt-driven decoder path attends over
     different tokens, so the semantic output needs this head: :func:`load_exported` rebuilds it.
+  A SAM 2.1 run (``model.family: sam2``) writes SAM 2.1's official layout instead (``{"model": SAM2Base
+  state dict}``, which ``sam2.build_sam.build_sam2`` loads strictly; video-only parts from the base
+  checkpoint or random): see :mod:`samft.engine.artifacts.export_sam2`. Its head holds no position embedding
+  (Hiera's is the checkpoint's, interpolated at every forward).
 - **other methods** (``conv_lora``, ``adapter``, ``vpt``, ``sam_adapter``), and every method with an
   attention that is not SAM's (``model.attention=bra``): their layers cannot be folded into SAM's
   weights (or SAM's classes cannot run the encoder); ``OUT`` is then the unmerged samft model: a
@@ -46,6 +50,7 @@ from samft.engine.artifacts import exports
 from samft.engine.artifacts.exports import (HEAD_FORMAT, PRUNED_EXPORT_FORMAT, UNMERGED_FORMAT,  # noqa: F401
                                             head_path)
 from samft.engine.artifacts.loading import LoadedRun, load_run
+from samft.engine.artifacts.merged_decoder import decoder_into
 from samft.engine.artifacts.rundir import ADAPTER_FILE, is_run_file
 from samft.errors import CheckpointError, SamftError
 from samft.model import SemanticSAM, build_model
@@ -97,6 +102,7 @@ class ExportResult:
     merged_layers: int = 0  # adapter layers folded into the encoder (0 when nothing was wrapped)
     reason: str = ""  # why an export is unmerged, when not the PEFT method (another attention function)
     pruned: bool = False  # a pruned run: one file, architecture + state dict
+    video: str = ""  # a merged SAM 2.1 run: where its checkpoint's video-only parts come from
 
     def message(self) -> str:
         if self.pruned:
@@ -107,6 +113,10 @@ class ExportResult:
         if self.merged:
             what = f"merged {self.merged_layers} {self.method} layer(s) into the encoder" if self.merged_layers \
                 else f"{self.method}: the encoder is plain SAM, nothing to fold"
+            if self.video:
+                what = what.replace("plain SAM", "plain SAM 2.1")
+                return (f"{what}; wrote {self.files[0]} (a SAM 2.1 checkpoint, key 'model', that sam2's build_sam2 "
+                        f"loads strictly; its video-only parts {self.video}) and {self.files[1]} (samft decoder head)")
             return (f"{what}; wrote {self.files[0]} (plain segment_anything checkpoint) and {self.files[1]} "
                     f"(samft decoder head)")
         if self.reason:
@@ -138,16 +148,7 @@ def _sam_state(model: SemanticSAM, base_state: dict[str, torch.Tensor]) -> dict[
         state[key] = v.detach().clone()
     for k, v in model.prompt_encoder.state_dict().items():
         state[f"prompt_encoder.{k}"] = v.detach().clone()
-    for k, v in model.decoder.state_dict().items():
-        if k == "mask_tokens.weight":
-            target = state["mask_decoder.mask_tokens.weight"]
-            if v.shape[1:] == target.shape[1:]:
-                target[0] = v[0]
-            continue
-        key = f"mask_decoder.output_hypernetworks_mlps.0.{k[len('hypernetwork.'):]}" if k.startswith(
-            "hypernetwork.") else f"mask_decoder.{k}"
-        if key in state and state[key].shape == v.shape:
-            state[key] = v.detach().clone()
+    decoder_into(state, model.decoder.state_dict(), "mask_decoder.")
     return state
 
 
@@ -200,9 +201,6 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
     args, model = ExportArgs.of(run), run.model.eval()
     if args.pruned:
         return _export_pruned(args, model, out)
-    if run.cfg.model.family == "sam2":  # SAM 2.1's official layout is not written yet: the unmerged model
-        return _export_unmerged(args, model, out, "merging into a SAM 2.1 checkpoint (model.family=sam2) is not "
-                                                  "available yet")
     if not args.mergeable or not args.sam_attention:
         return _export_unmerged(args, model, out)
     return _export_merged(args, model, out)
@@ -221,22 +219,35 @@ def _export_unmerged(args: ExportArgs, model: SemanticSAM, out: Path, reason: st
     return ExportResult(False, args.peft_method, [out], reason=reason)
 
 
+def _merged_checkpoint(args: ExportArgs, model: SemanticSAM) -> tuple[dict, str]:
+    """The base family's own checkpoint of a model whose adapters are folded: SAM's state dict, or SAM 2.1's
+    ``{"model": SAM2Base state dict}``; and, for SAM 2.1, where its video-only parts come from."""
+    if args.model_cfg.family == "sam2":
+        from samft.engine.artifacts.export_sam2 import sam2_merged_state
+
+        state, video = sam2_merged_state(model, args.model_cfg)
+        return {"model": state}, video
+    base = build_sam(_native_model_cfg(args.model_cfg))  # the base's full SAM (IoU head, other mask tokens)
+    return _sam_state(model, base.state_dict()), ""
+
+
 def _export_merged(args: ExportArgs, model: SemanticSAM, out: Path) -> ExportResult:
+    sam1 = args.model_cfg.family == "sam"
     with torch.no_grad():
-        pos_embed = model.image_encoder.pos_embed.detach().clone() if model.image_encoder.pos_embed is not None \
-            else None
+        pos_embed = model.image_encoder.pos_embed.detach().clone() if sam1 and model.image_encoder.pos_embed \
+            is not None else None  # SAM 2.1's is the checkpoint's (Hiera interpolates it at every forward)
         folded = merge_encoder(model, args.peft_method)
         merge_decoder(model.decoder)  # model.decoder=peft: its LoRA folded into SAM's decoder linears
-        base = build_sam(_native_model_cfg(args.model_cfg))  # the base's full SAM (IoU head, other mask tokens)
-        state = _sam_state(model, base.state_dict())
+        state, video = _merged_checkpoint(args, model)
     head = {f"decoder.{k}": v.detach().cpu().contiguous().clone() for k, v in model.decoder.state_dict().items()}
     if pos_embed is not None:
         head[POS_EMBED] = pos_embed.cpu().contiguous()
-    meta = {"samft_version": __version__, "sam_type": args.sam_type, "img_size": str(args.img_size),
-            "num_queries": str(model.decoder.num_queries), "num_classes": str(model.num_classes),
-            "peft_method": args.peft_method, "base_sha256": args.base_sha256, "config_yaml": args.config_yaml}
+    meta = {"samft_version": __version__, "family": args.model_cfg.family, "sam_type": args.sam_type,
+            "img_size": str(args.img_size), "num_queries": str(model.decoder.num_queries),
+            "num_classes": str(model.num_classes), "peft_method": args.peft_method, "base_sha256": args.base_sha256,
+            "config_yaml": args.config_yaml}
     _write(out, lambda: exports.write_merged(out, state, head, meta))
-    return ExportResult(True, args.peft_method, [out, head_path(out)], folded)
+    return ExportResult(True, args.peft_method, [out, head_path(out)], folded, video=video)
 
 
 def _export_pruned(args: ExportArgs, model: SemanticSAM, out: Path) -> ExportResult:
@@ -322,7 +333,13 @@ def _merged_sam(export: exports.Export, cfg) -> Any:
 def _load_merged(export: exports.Export, device: torch.device) -> tuple[SemanticSAM, Any]:
     head, meta, head_file = export.head, export.head_meta, export.head_file
     cfg = _config(meta["config_yaml"], str(head_file))
-    model = SemanticSAM(_merged_sam(export, cfg), int(meta["num_queries"]), int(meta["num_classes"]))
+    queries, classes = int(meta["num_queries"]), int(meta["num_classes"])
+    if cfg.model.family == "sam2":
+        from samft.engine.artifacts.export_sam2 import merged_sam2_model
+
+        model = merged_sam2_model(export, cfg, queries, classes)
+    else:
+        model = SemanticSAM(_merged_sam(export, cfg), queries, classes)
     emb = stored_text_embeddings(cfg, head, str(head_file))
     if emb is not None:
         attach_text_class_head(cfg, model.decoder, emb)

@@ -3,7 +3,8 @@ unmerged samft model, a pruned model (see :mod:`samft.engine.artifacts.export` f
 
 Every file samft writes names itself: the head file's metadata and the unmerged / pruned dicts carry
 ``kind`` and ``format``. A merged checkpoint is plain SAM (exactly SAM's keys, which segment_anything
-loads strictly), so it is recognised through its head file. Files of earlier versions, without
+loads strictly) or plain SAM 2.1 (``{"model": SAM2Base's state dict}``, which sam2 loads strictly), so it
+is recognised through its head file. Files of earlier versions, without
 ``kind``, are recognised by their ``format`` or (a merged checkpoint) by holding tensors only.
 """
 
@@ -74,9 +75,13 @@ def recognise(path: Path, data: Any) -> str:
     legacy = {UNMERGED_FORMAT: UNMERGED, PRUNED_EXPORT_FORMAT: PRUNED}
     if isinstance(data.get("format"), str) and data["format"] in legacy:
         return legacy[data["format"]]
-    if data and all(isinstance(v, torch.Tensor) for v in data.values()):
-        return MERGED
+    if _tensors_only(data) or (set(data) == {"model"} and _tensors_only(data["model"])):
+        return MERGED  # SAM's state dict, or SAM 2.1's layout: {"model": SAM2Base's state dict}
     fail(path, "neither a merged SAM checkpoint nor an unmerged samft export")
+
+
+def _tensors_only(data: Any) -> bool:
+    return isinstance(data, dict) and bool(data) and all(isinstance(v, torch.Tensor) for v in data.values())
 
 
 def _check_model_dict(path: Path, data: dict, kind: str) -> None:
@@ -127,12 +132,13 @@ def read(path: str | Path, head_file: Optional[str | Path] = None) -> Export:
         raise CheckpointError(f"{path}: a merged SAM checkpoint needs its decoder head {head_file} (written by "
                               f"samft export next to it)")
     head, meta = read_head(head_file)
-    return Export(MERGED, path, data, head_file, head, meta)
+    state = data["model"] if set(data) == {"model"} else data  # SAM 2.1's layout holds it under "model"
+    return Export(MERGED, path, state, head_file, head, meta)
 
 
 def write_merged(out: Path, state: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
                  meta: dict[str, str]) -> list[Path]:
-    """A plain SAM checkpoint ``out`` and its head file (tensors + metadata naming kind and format)."""
+    """A plain SAM (or SAM 2.1) checkpoint ``out`` and its head file (tensors + metadata naming kind and format)."""
     head_file = head_path(out)
     meta = {"kind": HEAD, "format": HEAD_FORMAT, **meta}
     _guarded(out, lambda: atomic_torch_save(state, out))
