@@ -194,6 +194,7 @@ def render(infos: list[RunInfo], sections: list[SetSection], title: str = "") ->
     env = jinja2.Environment(loader=jinja2.PackageLoader("samft.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
+    env.filters["sig"] = _sig
     metrics = [(i.label, i.metrics.value if i.metrics.ok else [], _metric_of(i)) for i in infos]
     curves = plots.curves(metrics)
     missing_curves = [(i.label, i.metrics.missing) for i in infos if not i.metrics.ok]
@@ -209,6 +210,11 @@ def _metric_of(info: RunInfo) -> str:
     from samft.engine.infer.evaluate import selection_metric
 
     return selection_metric(info.cfg)
+
+
+def _sig(value: Any) -> str:
+    """4 significant digits (GMACs: 0.0004883 for a tiny encoder's block, 7.398 for ViT-B's)."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) else _num(value)
 
 
 def _num(value: Any, digits: int = 4) -> str:
