@@ -123,7 +123,7 @@ def _analyse(info: RunInfo, name: str, k: int, device: str, data: dict[str, str]
              ) -> SetAnalysis:
     from samft.data.layouts import eval_sets
     from samft.engine.artifacts.loading import load_run
-    from samft.engine.infer.evaluate import selection_metric
+    from samft.engine.infer.evaluate import selection_metric, tiling_of
     from samft.engine.runtime import pick_device
 
     if info.cfg.data.test and name not in info.cfg.data.test and name not in data:
@@ -138,7 +138,8 @@ def _analyse(info: RunInfo, name: str, k: int, device: str, data: dict[str, str]
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = load_run(info.path, dev)
-    return analyse_set(_LOADED[key], name, sets[name], selection_metric(info.cfg), k, dev, show_progress)
+    tiling = tiling_of(info.evaluation.value["sets"][name].get("scoring"))  # predicted as eval did: by tiles
+    return analyse_set(_LOADED[key], name, sets[name], selection_metric(info.cfg), k, dev, show_progress, tiling)
 
 
 def _from_stored(view: RunSet, rows: list[dict], entry: dict, k: int) -> None:
@@ -207,7 +208,7 @@ def render(infos: list[RunInfo], sections: list[SetSection], title: str = "") ->
 
 
 def _metric_of(info: RunInfo) -> str:
-    from samft.engine.infer.evaluate import selection_metric
+    from samft.engine.infer.evaluate import selection_metric, tiling_of
 
     return selection_metric(info.cfg)
 
