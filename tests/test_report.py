@@ -99,13 +99,26 @@ def test_the_numbers_shown_are_eval_json(binary_run, binary_page):
     assert "now score" not in binary_page  # the report's own pass over the set reproduces eval.json exactly
 
 
-def test_every_image_is_embedded_png_and_nothing_is_fetched(binary_page):
-    """Mutants: an example drawn as a file path; an external stylesheet link."""
+def test_every_image_is_embedded_and_nothing_is_fetched(binary_page):
+    """Figures are PNG, the examples JPEG thumbnails (each data URI's type is its bytes'). Mutants: an example
+    drawn as a file path; an external stylesheet link; the examples as PNG (~6x the bytes)."""
+    from PIL import Image
+
+    from samft.report.analysis import THUMB
+
     page = Page(binary_page)
     assert len(page.images) >= 1 + 2 + 3 * 4  # curves, PR + distribution, 2 worst + 2 best x (image, truth, pred)
+    kinds = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
+    examples = re.findall(r'<img src="([^"]+)" alt="(?:image|truth|prediction) ', binary_page)
+    assert len(examples) == 3 * 4
     for src in page.images:
-        assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        kind = re.match(r"data:image/(png|jpeg);base64,", src).group(1)
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data.startswith(kinds[kind]) and kind == ("jpeg" if src in examples else "png")
+        if kind == "jpeg":
+            import io
+
+            assert max(Image.open(io.BytesIO(data)).size) <= THUMB
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", binary_page)
     assert "default-src 'none'" in binary_page  # the page may load nothing from anywhere
 

@@ -1,6 +1,6 @@
 """``samft report``: one self-contained HTML page about one run or several side by side.
 
-The page holds everything itself: figures and example images as base64 PNG ``data:`` URIs, its style inline,
+The page holds everything itself: figures (PNG) and example images (JPEG) as base64 ``data:`` URIs, its style inline,
 and a Content-Security-Policy that lets it load nothing from anywhere (it opens from disk, offline). Every value
 that comes from a run (config values, class names, set names, paths) goes through the template's autoescaping.
 """
@@ -24,8 +24,10 @@ DEFAULT_K = 4
 METRIC_TOLERANCE = 1e-6  # the predictions' metrics against eval.json's (same code, same data: equal)
 
 
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def data_uri(image: bytes) -> str:
+    """A ``data:`` URI of a PNG (the figures) or JPEG (the examples) file's bytes."""
+    mime = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(image).decode("ascii")
 
 
 @dataclass
