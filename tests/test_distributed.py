@@ -5,6 +5,7 @@ failure on one rank ending both with the error shown."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,16 +55,21 @@ def workdir(tmp_path_factory) -> Path:
     return cwd
 
 
+# TensorBoard as well where it is installed (its test says whether only the main process logged)
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+LOGGERS = "train.loggers=[csv,tensorboard]" if TENSORBOARD else "train.loggers=[csv]"
+
+
 @pytest.fixture(scope="module")
 def trained(workdir) -> tuple[Path, str]:
-    out = _ok(torchrun("train", "--config", "tiny.yaml", "--no-progress", cwd=workdir))
+    out = _ok(torchrun("train", "--config", "tiny.yaml", "--no-progress", LOGGERS, cwd=workdir))
     return workdir / "runs" / "ddp", out
 
 
 def test_one_run_directory_and_identical_weights_on_both_ranks(trained, workdir):
     run, out = trained
     assert [p.name for p in (workdir / "runs").iterdir()] == ["ddp"]
-    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert {p.name for p in run.iterdir()} == RUN_FILES | ({"tensorboard"} if TENSORBOARD else set())
     assert "cpu x 2 processes" in out
     assert out.count("done: runs/ddp") == 1, "only rank 0 reports"
     # each rank hashed its final trainable tensors; training checks they are equal and rank 0 prints the digest
@@ -73,6 +79,23 @@ def test_one_run_directory_and_identical_weights_on_both_ranks(trained, workdir)
     tensors, meta = read_adapter(run / "adapter_last.safetensors")
     assert tensors_sha256(tensors) == digest, "rank 0's saved adapter is the weights both ranks hold"
     assert meta["step"] == "3"
+
+
+def test_only_the_main_process_logs_to_tensorboard(trained):
+    """One event stream (one writer: rank 0), holding metrics.csv's scalars once each and the validation
+    images once (drawn by rank 0 alone while rank 1 waits). Mutant: every rank opening the trackers."""
+    if not TENSORBOARD:
+        pytest.skip("tensorboard is not installed (pip install 'samft[tensorboard]')")
+    from test_loggers import assert_same, expected, tensorboard_scalars
+
+    run, _ = trained
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    csv_rows = expected(run)
+    logged, acc = tensorboard_scalars(run)
+    assert_same(logged, csv_rows, "tensorboard")
+    validated = [s for s, _ in csv_rows["val_Sm"]]
+    tags = [t for t in acc.Tags()["images"] if t.startswith("val_images/")]
+    assert tags and all([e.step for e in acc.Images(t)] == validated for t in tags)
 
 
 def test_validation_covers_the_whole_set_once(trained):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import warnings
@@ -122,30 +123,61 @@ def test_mlflow_holds_what_metrics_csv_holds(logged_run):
     assert local.read_bytes() == (logged_run / "adapter.safetensors").read_bytes()
 
 
-def test_sigkill_then_resume_logs_every_step_once(tmp_path):
-    """A real process killed between two saves (its trackers hold steps the state does not), then resumed."""
-    from test_kill import _start, _wait_for_step, _workdir
+def _images_by_step(acc) -> dict[str, dict[int, bytes]]:
+    """{tag: {step: encoded image}} of the validation images, asserting each step is there once."""
+    out = {}
+    for tag in acc.Tags()["images"]:
+        events = acc.Images(tag)
+        out[tag] = {e.step: e.encoded_image_string for e in events}
+        assert len(out[tag]) == len(events), f"{tag}: a step twice: {[e.step for e in events]}"
+    return out
+
+
+def test_sigkill_then_resume_logs_every_step_and_image_once(tmp_path):
+    """A real process killed between two saves (its trackers hold steps the state does not), then resumed:
+    every scalar step once in TensorBoard and MLflow, and the validation images (train.log_images_every=1) at
+    each validated step once, those of the saved state's validation drawn again by the restored weights equal
+    to the ones drawn before the kill. 10 images: 4 steps an epoch, the state saved at each epoch's end.
+    Mutant: the replayed rows not redrawing their validation's images (the saved step's images missing)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from samft.data.synthetic import write_dataset
+    from samft.engine.artifacts.state import load_resume_state
     from test_cli_e2e import samft
+    from test_kill import _start, _wait_for_step, _workdir
 
     cwd = _workdir(tmp_path)
+    shutil.rmtree(cwd / "data")
+    write_dataset(cwd / "data", n=10, seed=2)
     run = cwd / "runs" / "k"
-    proc = _start(cwd, "--config", "k.yaml", "train.save_every=5", "train.loggers=[tensorboard,mlflow]",
-                  "train.log_images_every=0")
-    _wait_for_step(run, 7, proc)
+    proc = _start(cwd, "--config", "k.yaml", "train.save_every=0", "train.loggers=[tensorboard,mlflow]",
+                  "train.log_images_every=1")
+    _wait_for_step(run, 6, proc)  # past the first epoch's validation (step 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    from samft.engine.artifacts.state import load_resume_state
-
     saved = load_resume_state(run / "state.safetensors")["progress"]["step"]
-    before, _ = tensorboard_scalars(run)
+    assert saved and saved % 4 == 0, saved  # an epoch's end, validated
+    before, acc = tensorboard_scalars(run)
     assert max(s for s, _ in before["loss"]) > saved, "the kill left steps after the saved state in TensorBoard"
-    samft("train", "--resume", "runs/k", f"train.max_steps={saved + 3}", "--no-progress", cwd=cwd)
+    drawn = {tag: images[saved] for tag, images in _images_by_step(acc).items()}
+    assert len(drawn) == 2  # the 2 validation images
+    samft("train", "--resume", "runs/k", f"train.max_steps={saved + 4}", "--no-progress", cwd=cwd)
     csv = expected(run)
-    assert [s for s, _ in csv["loss"]] == list(range(1, saved + 4))
-    assert_same(tensorboard_scalars(run)[0], csv, "tensorboard")
+    assert [s for s, _ in csv["loss"]] == list(range(1, saved + 5))
+    logged, acc = tensorboard_scalars(run)
+    assert_same(logged, csv, "tensorboard")
+    validated = [s for s, _ in csv["val_Sm"]]
+    assert validated == list(range(4, saved + 5, 4))
+    images = _images_by_step(acc)
+    assert images.keys() == drawn.keys()
+    for tag, by_step in images.items():
+        assert sorted(by_step) == validated, tag
+        assert by_step[saved] == drawn[tag], f"{tag}: redrawn after the resume otherwise than before the kill"
     client, run_id = mlflow_run(run)
     assert_same(mlflow_scalars(client, run_id, csv), csv, "mlflow")
     assert client.get_run(run_id).info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(run_id, "val_images")} == {
+        f"val_images/step_{s:07d}" for s in validated}
 
 
 def test_a_missing_package_is_one_line(tmp_path, monkeypatch, synthetic_dir):

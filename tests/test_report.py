@@ -99,13 +99,26 @@ def test_the_numbers_shown_are_eval_json(binary_run, binary_page):
     assert "now score" not in binary_page  # the report's own pass over the set reproduces eval.json exactly
 
 
-def test_every_image_is_embedded_png_and_nothing_is_fetched(binary_page):
-    """Mutants: an example drawn as a file path; an external stylesheet link."""
+def test_every_image_is_embedded_and_nothing_is_fetched(binary_page):
+    """Figures are PNG, the examples JPEG thumbnails (each data URI's type is its bytes'). Mutants: an example
+    drawn as a file path; an external stylesheet link; the examples as PNG (~6x the bytes)."""
+    from PIL import Image
+
+    from samft.report.analysis import THUMB
+
     page = Page(binary_page)
     assert len(page.images) >= 1 + 2 + 3 * 4  # curves, PR + distribution, 2 worst + 2 best x (image, truth, pred)
+    kinds = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
+    examples = re.findall(r'<img src="([^"]+)" alt="(?:image|truth|prediction) ', binary_page)
+    assert len(examples) == 3 * 4
     for src in page.images:
-        assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        kind = re.match(r"data:image/(png|jpeg);base64,", src).group(1)
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data.startswith(kinds[kind]) and kind == ("jpeg" if src in examples else "png")
+        if kind == "jpeg":
+            import io
+
+            assert max(Image.open(io.BytesIO(data)).size) <= THUMB
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", binary_page)
     assert "default-src 'none'" in binary_page  # the page may load nothing from anywhere
 
@@ -227,3 +240,23 @@ def test_the_page_renders_in_a_real_browser(binary_run, tmp_path):
     entry = json.loads((binary_run / "eval.json").read_text())["sets"]["val"]
     cells = {c["data-metric"]: c for c in Page(dom).cells}
     assert {m: c["text"] for m, c in cells.items()} == {m: f"{v:.4f}" for m, v in entry["metrics"].items()}
+
+
+@pytest.mark.parametrize("which", ["binary_run", "multiclass_run"])
+def test_a_set_evaluated_by_tiles_is_predicted_by_the_same_tiles(which, request, tmp_path):
+    """eval --tile 48 (the images are larger than a tile: tiles score otherwise than whole images): the report
+    predicts the set with the tiles its eval.json entry records, so its metrics are eval.json's and the page
+    says nothing differs. Mutant: the report predicting whole images (the 'now score' note appears)."""
+    from samft.engine.infer.evaluate import evaluate_run, tiling_of
+
+    run = tmp_path / "run"
+    shutil.copytree(request.getfixturevalue(which), run)
+    tiled = evaluate_run(run, device="cpu", show_progress=False, tile=48)["sets"]["val"]
+    assert tiling_of(tiled["scoring"]) == (48, 6)
+    whole = evaluate_run(run, device="cpu", show_progress=False, write=False)["sets"]["val"]
+    if which == "binary_run":  # (the tiny multi-class run predicts one class everywhere: its tiles change nothing,
+        # and it checks the report takes the class ids that tiled multi-class prediction hands over)
+        assert whole["metrics"] != tiled["metrics"]  # else this test would not tell tiles from whole images
+    html = build_report([run], k=1, device="cpu", show_progress=False)
+    assert "now score" not in html and "tiles 48 px overlapping 6 px" in html
+    assert len(Page(html).images) >= 1 + 2 + 3 * 2  # the examples drawn from the tiled predictions

@@ -1,7 +1,8 @@
 """What a report needs from a set that ``eval.json`` does not store: the run's predictions on it.
 
-One pass over the set with the evaluation's own code (:func:`samft.engine.infer.evaluate.iter_predictions` and the
-task's metrics accumulator, the same that wrote ``eval.json``), with a progress bar, collects
+One pass over the set with the evaluation's own code (:func:`samft.engine.infer.evaluate.predictions`, by the same
+tiles when ``samft eval --tile`` scored the set, and the task's metrics accumulator: what wrote ``eval.json``),
+with a progress bar, collects
 
 - binary: the pooled pixel counts of foreground and background per probability bin (the precision-recall and
   threshold curves);
@@ -22,11 +23,13 @@ from samft.data.layouts import Pair
 
 BINS = 1000  # probability bins of the pixel histograms: thresholds 0, 0.001, ..., 0.999
 THUMB = 192  # the longest side of a drawn example, in pixels
+THUMB_QUALITY = 85  # its JPEG quality: a photo's 192 px thumbnail is ~1/6 of its PNG (~8 KB, not ~47 KB)
 
 
 @dataclass
 class Example:
-    """One drawn image: its name, its score by the ranking metric, and three PNG files."""
+    """One drawn example: its name, its score by the ranking metric, and three JPEG files (image, truth and
+    prediction overlays)."""
 
     name: str
     score: float
@@ -58,10 +61,11 @@ def pixel_histograms(prob: np.ndarray, gt: np.ndarray, bins: int = BINS) -> tupl
     return (np.bincount(index[gt], minlength=bins), np.bincount(index[~gt], minlength=bins))
 
 
-def analyse_set(loaded, name: str, pairs: list[Pair], selection: str, k: int, device, show_progress: bool = True
-                ) -> SetAnalysis:
-    """Predict ``pairs`` with the loaded run (:class:`samft.engine.artifacts.loading.LoadedRun`) and summarise."""
-    from samft.engine.infer.evaluate import iter_predictions
+def analyse_set(loaded, name: str, pairs: list[Pair], selection: str, k: int, device, show_progress: bool = True,
+                tiling: Optional[tuple[int, int]] = None) -> SetAnalysis:
+    """Predict ``pairs`` with the loaded run (:class:`samft.engine.artifacts.loading.LoadedRun`) and summarise;
+    ``tiling``: (tile, overlap) as the set's evaluation predicted it (``samft eval --tile``), else whole images."""
+    from samft.engine.infer.evaluate import predictions
     from samft.engine.infer.per_image import per_image_rows
     from samft.engine.runtime import resolve_precision
     from samft.progress import progress
@@ -73,8 +77,7 @@ def analyse_set(loaded, name: str, pairs: list[Pair], selection: str, k: int, de
     metrics = task.new_metrics()
     binary = task.kind == "binary"
     fg, bg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
-    source = iter_predictions(loaded.model, pairs, cfg.eval.batch_size, device, task, precision, cfg.data.num_workers,
-                              cfg.eval.resize_gt_to_input, cfg.data.resize)
+    source = predictions(loaded.model, pairs, cfg, device, task, precision, tiling)
     with progress(f"report {name}", len(pairs), show_progress) as advance:
         for pair, scores, gt in source:
             task.update(metrics, scores, gt, pair.name)
@@ -89,7 +92,7 @@ def analyse_set(loaded, name: str, pairs: list[Pair], selection: str, k: int, de
         result.fg_hist, result.bg_hist = fg, bg
     else:
         result.confusion, result.class_names = metrics.matrix.copy(), tuple(metrics.class_names)
-    result.worst, result.best = draw_examples(loaded, task, pairs, rows, key, k, device, precision)
+    result.worst, result.best = draw_examples(loaded, task, pairs, rows, key, k, device, precision, tiling)
     return result
 
 
@@ -102,10 +105,11 @@ def pick(rows: list[dict], key: str, k: int) -> tuple[list[dict], list[dict]]:
     return worst, best
 
 
-def draw_examples(loaded, task, pairs: list[Pair], rows: list[dict], key: str, k: int, device, precision: str
-                  ) -> tuple[list[Example], list[Example]]:
-    """Predict the worst and best ``k`` images again and draw each as image, truth and prediction overlays."""
-    from samft.engine.infer.evaluate import iter_predictions
+def draw_examples(loaded, task, pairs: list[Pair], rows: list[dict], key: str, k: int, device, precision: str,
+                  tiling: Optional[tuple[int, int]] = None) -> tuple[list[Example], list[Example]]:
+    """Predict the worst and best ``k`` images again (as the set was predicted: ``tiling``) and draw each as
+    image, truth and prediction overlays."""
+    from samft.engine.infer.evaluate import predictions
 
     worst, best = pick(rows, key, k)
     by_path = {str(p.image): p for p in pairs}
@@ -114,9 +118,9 @@ def draw_examples(loaded, task, pairs: list[Pair], rows: list[dict], key: str, k
         return [], []
     cfg = loaded.cfg
     drawn = {}
-    for pair, scores, gt in iter_predictions(loaded.model, chosen, cfg.eval.batch_size, device, task, precision, 0,
-                                             cfg.eval.resize_gt_to_input, cfg.data.resize):
-        drawn[str(pair.image)] = _draw(pair, task, scores, gt, cfg.eval.resize_gt_to_input, loaded.model.img_size)
+    at_input_size = cfg.eval.resize_gt_to_input and not tiling  # tiles score at native resolution
+    for pair, scores, gt in predictions(loaded.model, chosen, cfg, device, task, precision, tiling, num_workers=0):
+        drawn[str(pair.image)] = _draw(pair, task, scores, gt, at_input_size, loaded.model.img_size)
     as_example = lambda r: Example(r["image"], float(r[key]), *drawn[r["path"]])  # noqa: E731
     return ([as_example(r) for r in worst if r["path"] in drawn], [as_example(r) for r in best if r["path"] in drawn])
 
@@ -125,7 +129,7 @@ def _draw(pair: Pair, task, scores: np.ndarray, gt: np.ndarray, at_input_size: b
           ) -> tuple[bytes, bytes, bytes]:
     from PIL import Image
 
-    from samft.data.draw import class_overlay, overlay, png_bytes
+    from samft.data.draw import class_overlay, jpeg_bytes, overlay
     from samft.data.io import read_image
 
     image = read_image(pair.image)
@@ -137,7 +141,7 @@ def _draw(pair: Pair, task, scores: np.ndarray, gt: np.ndarray, at_input_size: b
     else:
         truth = np.where(gt == task.classes.ignore_index, pred, gt).astype(np.int64)  # ignored pixels: as predicted
         views = [image, class_overlay(image, truth, task.classes), class_overlay(image, pred, task.classes)]
-    return tuple(png_bytes(_thumb(v)) for v in views)
+    return tuple(jpeg_bytes(_thumb(v), THUMB_QUALITY) for v in views)
 
 
 def _thumb(view) -> "Image.Image":  # noqa: F821

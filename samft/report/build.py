@@ -1,6 +1,6 @@
 """``samft report``: one self-contained HTML page about one run or several side by side.
 
-The page holds everything itself: figures and example images as base64 PNG ``data:`` URIs, its style inline,
+The page holds everything itself: figures (PNG) and example images (JPEG) as base64 ``data:`` URIs, its style inline,
 and a Content-Security-Policy that lets it load nothing from anywhere (it opens from disk, offline). Every value
 that comes from a run (config values, class names, set names, paths) goes through the template's autoescaping.
 """
@@ -24,8 +24,10 @@ DEFAULT_K = 4
 METRIC_TOLERANCE = 1e-6  # the predictions' metrics against eval.json's (same code, same data: equal)
 
 
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def data_uri(image: bytes) -> str:
+    """A ``data:`` URI of a PNG (the figures) or JPEG (the examples) file's bytes."""
+    mime = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(image).decode("ascii")
 
 
 @dataclass
@@ -123,7 +125,7 @@ def _analyse(info: RunInfo, name: str, k: int, device: str, data: dict[str, str]
              ) -> SetAnalysis:
     from samft.data.layouts import eval_sets
     from samft.engine.artifacts.loading import load_run
-    from samft.engine.infer.evaluate import selection_metric
+    from samft.engine.infer.evaluate import selection_metric, tiling_of
     from samft.engine.runtime import pick_device
 
     if info.cfg.data.test and name not in info.cfg.data.test and name not in data:
@@ -138,7 +140,8 @@ def _analyse(info: RunInfo, name: str, k: int, device: str, data: dict[str, str]
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = load_run(info.path, dev)
-    return analyse_set(_LOADED[key], name, sets[name], selection_metric(info.cfg), k, dev, show_progress)
+    tiling = tiling_of(info.evaluation.value["sets"][name].get("scoring"))  # predicted as eval did: by tiles
+    return analyse_set(_LOADED[key], name, sets[name], selection_metric(info.cfg), k, dev, show_progress, tiling)
 
 
 def _from_stored(view: RunSet, rows: list[dict], entry: dict, k: int) -> None:
@@ -194,6 +197,7 @@ def render(infos: list[RunInfo], sections: list[SetSection], title: str = "") ->
     env = jinja2.Environment(loader=jinja2.PackageLoader("samft.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
+    env.filters["sig"] = _sig
     metrics = [(i.label, i.metrics.value if i.metrics.ok else [], _metric_of(i)) for i in infos]
     curves = plots.curves(metrics)
     missing_curves = [(i.label, i.metrics.missing) for i in infos if not i.metrics.ok]
@@ -206,9 +210,14 @@ def render(infos: list[RunInfo], sections: list[SetSection], title: str = "") ->
 
 
 def _metric_of(info: RunInfo) -> str:
-    from samft.engine.infer.evaluate import selection_metric
+    from samft.engine.infer.evaluate import selection_metric, tiling_of
 
     return selection_metric(info.cfg)
+
+
+def _sig(value: Any) -> str:
+    """4 significant digits (GMACs: 0.0004883 for a tiny encoder's block, 7.398 for ViT-B's)."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) else _num(value)
 
 
 def _num(value: Any, digits: int = 4) -> str:

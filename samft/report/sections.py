@@ -53,10 +53,12 @@ def _trained(info: RunInfo) -> str:
         parts.append(f"{done['epochs'] or 0} of {info.cfg.train.epochs} epochs, {done['steps'] or 0} steps")
     else:
         parts.append(_na(info.metrics))
-    if info.adapter_meta.ok:
+    if info.adapter_meta.ok and "metric" in info.adapter_meta.value:  # a validated training's adapter
         m = info.adapter_meta.value
-        parts.append(f"best {m.get('metric', '?')} {_g(m.get('best_value', '?'))} at epoch {m.get('epoch', '?')} "
+        parts.append(f"best {m['metric']} {_g(m.get('best_value', '?'))} at epoch {m.get('epoch', '?')} "
                      f"(step {m.get('step', '?')})")
+    elif info.adapter_meta.ok:  # e.g. samft prune without fine-tuning: the adapter as the search left it
+        parts.append("the adapter records no validation (not chosen by a training's best metric)")
     return "; ".join(parts)
 
 

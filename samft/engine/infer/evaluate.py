@@ -69,6 +69,39 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
         model.train(was_training)
 
 
+def predictions(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, task: Task,
+                precision: str, tiling: Optional[tuple[int, Optional[int]]] = None, num_workers: Optional[int] = None,
+                workers_option: Optional[str] = "data.num_workers"
+                ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
+    """The predictions evaluation scores: :func:`iter_predictions` with the run's settings, or by tiles at native
+    resolution with ``tiling`` = (tile, overlap or None) (:func:`samft.engine.infer.tiling.iter_tiled_predictions`).
+    ``num_workers`` None: ``data.num_workers``."""
+    if tiling:
+        return iter_tiled_predictions(model, pairs, tiling[0], tiling[1], cfg.eval.batch_size, device, task, precision)
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    return iter_predictions(model, pairs, cfg.eval.batch_size, device, task, precision, workers,
+                            cfg.eval.resize_gt_to_input, cfg.data.resize, workers_option)
+
+
+TILED_SCORING = "original_resolution, tiles {} px overlapping {} px"  # eval.json's scoring of a tiled evaluation
+
+
+def scoring_name(at_input_size: bool, tiling: Optional[tuple[int, int]] = None) -> str:
+    """eval.json's ``scoring``: how the predictions were scored (tiles named with their size and overlap)."""
+    if tiling:
+        return TILED_SCORING.format(*tiling)
+    return "input_size" if at_input_size else "original_resolution"
+
+
+def tiling_of(scoring: object) -> Optional[tuple[int, int]]:
+    """The (tile, overlap) an eval.json ``scoring`` records (:func:`scoring_name`); None for whole images."""
+    import re
+
+    pattern = re.escape(TILED_SCORING).replace(re.escape("{}"), "([0-9]+)")
+    found = re.fullmatch(pattern, scoring) if isinstance(scoring, str) else None
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, precision: str,
                    description: str = "eval", show_progress: bool = True, tile: Optional[int] = None,
                    overlap: Optional[int] = None, workers_option: Optional[str] = "data.num_workers"
@@ -77,11 +110,8 @@ def evaluate_pairs(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: t
     (``samft.engine.infer.tiling``; ``overlap`` None = default)."""
     task = make_task(cfg)
     metrics = task.new_metrics()
-    if tile:
-        source = iter_tiled_predictions(model, pairs, tile, overlap, cfg.eval.batch_size, device, task, precision)
-    else:
-        source = iter_predictions(model, pairs, cfg.eval.batch_size, device, task, precision, cfg.data.num_workers,
-                                  cfg.eval.resize_gt_to_input, cfg.data.resize, workers_option)
+    source = predictions(model, pairs, cfg, device, task, precision, (tile, overlap) if tile else None,
+                         workers_option=workers_option)
     with progress(description, len(pairs), show_progress) as advance:
         for pair, scores, gt in source:
             task.update(metrics, scores, gt, pair.name)
@@ -161,9 +191,7 @@ def _evaluate_run(run_dir: str | Path, data: Optional[dict[str, str]], dev: torc
     exported = Path(run_dir).is_file()  # an exported model file: results go next to it
     checkpoint = str(run_dir) if exported else str(Path(run_dir) / ADAPTER_FILE)
     chash = config_hash(cfg)
-    scoring = "input_size" if cfg.eval.resize_gt_to_input else "original_resolution"
-    if tiling:
-        scoring = f"original_resolution, tiles {tiling[0]} px overlapping {tiling[1]} px"
+    scoring = scoring_name(cfg.eval.resize_gt_to_input, tiling)
     results: dict = {"samft_version": __version__, "run": str(run_dir), "checkpoint": checkpoint,
                      "config_hash": chash, "protocol": cfg.protocol, "scoring": scoring, "resize": cfg.data.resize,
                      "miou": cfg.eval.miou, "ber": cfg.eval.ber, "evaluated": round(time.time(), 3), "sets": {}}

@@ -157,7 +157,7 @@ class Trackers:
         if not (due and trackers and self.make_images):
             return
         images = self.make_images()
-        for tracker in list(trackers):
+        for tracker in list(trackers):  # a failing one leaves self.active
             self._guarded(tracker, "images", step, images)
 
     def resume(self, kept: list[dict[str, Any]]) -> None:
@@ -175,86 +175,6 @@ class Trackers:
             if validated(row) and replaying:
                 self._images(step, replaying, count)
         self.validations = count
-
-    def commit(self) -> None:
-        """The resumable state was saved: the rows so far are final."""
-
-    def images(self, step: int, images: Images) -> None:
-        """Validation images (image | truth | prediction) at ``step``."""
-
-    def best(self, adapter: Path) -> None:
-        """A new best adapter was written."""
-
-    def close(self, status: str, files: list[Path]) -> None:
-        """The training ended (``FINISHED``, ``KILLED`` or ``FAILED``); ``files``: the run's files to keep."""
-
-
-class Trackers:
-    """The trackers of one training, each call guarded: a tracker that raises is said once and dropped."""
-
-    def __init__(self, trackers: list[Tracker], images_every: int = 0,
-                 make_images: Optional[Callable[[], Images]] = None, validations: int = 0) -> None:
-        self.active = list(trackers)
-        self.images_every, self.make_images = images_every, make_images
-        self.validations = validations  # validated epoch rows so far (images go every images_every of them)
-
-    def _each(self, method: str, *args: Any) -> None:
-        for tracker in list(self.active):
-            self._guarded(tracker, method, *args)
-
-    def _guarded(self, tracker: Tracker, method: str, *args: Any) -> None:
-        try:
-            getattr(tracker, method)(*args)
-        except Exception as e:  # noqa: BLE001 (a tracker never stops the training)
-            self.drop(tracker, e)
-
-    def drop(self, tracker: Tracker, error: BaseException) -> None:
-        """Say in one line that ``tracker`` failed, and log nothing more to it."""
-        warn_failed(tracker.name, error)
-        self.active.remove(tracker)
-
-    def hparams(self, params: dict[str, Any], config_yaml: str, metric: str) -> None:
-        self._each("hparams", params, config_yaml, metric)
-
-    def row(self, row: dict[str, Any]) -> None:
-        """One row just written to ``metrics.csv``; after a validated epoch row, the images when due."""
-        self._each("scalars", int(row["step"]), scalars(row), time.time())
-        if validated(row):
-            self.validations += 1
-            self._images(int(row["step"]), self.active)
-
-    def _images(self, step: int, trackers: list[Tracker]) -> None:
-        due = self.images_every and self.validations % self.images_every == 0
-        if not (due and trackers and self.make_images):
-            return
-        images = self.make_images()
-        for tracker in trackers:
-            try:
-                tracker.images(step, images)
-            except Exception as e:  # noqa: BLE001
-                self.drop(tracker, e)
-
-    def resume(self, kept: list[dict[str, Any]]) -> None:
-        """Continue the trackers after ``--resume`` (see the module docstring): each gets the kept rows; one that
-        hid steps from ``replay_from`` on has those rows sent again (and the images of a validation among them)."""
-        self._each("resume", kept)
-        self.validations = sum(validated(r) for r in kept)
-        count = 0
-        for row in kept:
-            count += validated(row)
-            replaying = [t for t in self.active if t.replay_from is not None and int(row["step"]) >= t.replay_from]
-            for tracker in replaying:
-                self._guarded(tracker, "scalars", int(row["step"]), scalars(row), time.time())
-            if validated(row) and replaying:
-                self.validations, saved = count, self.validations
-                self._images(int(row["step"]), replaying)
-                self.validations = saved
-
-    def _guarded(self, tracker: Tracker, method: str, *args: Any) -> None:
-        try:
-            getattr(tracker, method)(*args)
-        except Exception as e:  # noqa: BLE001
-            self.drop(tracker, e)
 
     def commit(self) -> None:
         self._each("commit")
@@ -277,8 +197,6 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
-
-
 
 
 def _make(name: str, cfg: Any, run_dir: Path, resume_step: Optional[int]) -> Tracker:
