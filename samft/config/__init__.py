@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from samft.config.checks import check_fields
 from samft.config.data import DATA_FORMATS, DataConfig
-from samft.config.dump import (RESUMABLE_KEYS, Key, config_hash, config_keys, describe_fields, dump_yaml, resumable_keys,
-                               to_dict, yaml_value)
+from samft.config.dump import (RESUMABLE_KEYS, Key, config_hash, config_keys, describe_fields, dump_yaml, flat_dict,
+                               resumable_keys, to_dict, yaml_value)
 from samft.config.eval import EvalConfig, OutputConfig
 from samft.config.field import opt, section
 from samft.config.load import (RENAMED, absolute_paths, apply_overrides, config_from_dict, file_beside, load_config,
@@ -38,6 +38,7 @@ from samft.config.slip import unused_option_warnings
 from samft.config.train import TrainConfig
 
 __all__ = [
+    "flat_dict",
     "safe_yaml",
     "ATTENTIONS", "AuxLossConfig", "Key", "absolute_paths", "config_keys", "resolved_yaml", "yaml_value", "BRAConfig", "BRA_BLOCKS", "ClipLossConfig", "Config", "DATA_FORMATS",
     "DataConfig", "EvalConfig", "LossConfig", "METRIC_CHOICES", "ModelConfig", "OutputConfig", "PEFT_METHODS",

@@ -41,6 +41,18 @@ def to_dict(cfg: Config) -> dict:
     return _drop_new_defaults(cfg, out)
 
 
+def flat_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (:func:`to_dict`'s) as {dotted key: value}; lists, nulls and empty mappings kept as values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flat_dict(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
 def dump_yaml(cfg: Config, every_method: bool = False) -> str:
     """The YAML of a run's ``config.yaml``; ``every_method``: every PEFT method's section, not only the active one."""
     return yaml.safe_dump(dataclasses.asdict(cfg) if every_method else to_dict(cfg), sort_keys=False)

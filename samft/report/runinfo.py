@@ -140,23 +140,12 @@ def split_sizes(split: dict) -> dict[str, int]:
 
 def config_differences(runs: list[RunInfo]) -> list[tuple[str, list[str]]]:
     """The config keys whose values differ between the runs (``output.*`` aside): [(key, [value per run])]."""
-    from samft.config import to_dict
+    from samft.config import flat_dict, to_dict
 
-    flats = [_flatten(to_dict(r.cfg)) for r in runs]
+    flats = [flat_dict(to_dict(r.cfg)) for r in runs]
     keys = sorted(set().union(*flats))
     return [(k, [_short(f.get(k, "—")) for f in flats]) for k in keys
             if not k.startswith("output.") and len({repr(f.get(k)) for f in flats}) > 1]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, dotted))
-        else:
-            out[dotted] = value
-    return out
 
 
 def _short(value: Any, limit: int = 120) -> str:

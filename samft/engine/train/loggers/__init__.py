@@ -187,18 +187,6 @@ class Trackers:
         self.active = []
 
 
-def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config mapping as {dotted key: value} (lists and nulls kept as they are)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flat_params(value, dotted))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def _make(name: str, cfg: Any, run_dir: Path, resume_step: Optional[int]) -> Tracker:
     from samft.engine.artifacts.rundir import TENSORBOARD_DIR
 
@@ -217,7 +205,7 @@ def open_trackers(cfg: Any, run_dir: Path, resume_step: Optional[int], kept: lis
     """The trackers of ``cfg.train.loggers`` for the run at ``run_dir`` (``csv`` is ``metrics.csv``, written by
     the loop): each sent the config when it starts empty, and on resume (``resume_step``: the saved state's
     step) the rows ``metrics.csv`` kept (``kept``). One that cannot start is said in one line and left out."""
-    from samft.config import dump_yaml, to_dict
+    from samft.config import dump_yaml, flat_dict, to_dict
 
     hub = Trackers([], cfg.train.log_images_every, make_images)
     for name in cfg.train.loggers:
@@ -233,11 +221,11 @@ def open_trackers(cfg: Any, run_dir: Path, resume_step: Optional[int], kept: lis
             continue
         hub.active.append(tracker)
         if tracker.starts_empty:
-            hub._guarded(tracker, "hparams", flat_params(to_dict(cfg)), dump_yaml(cfg), metric)
+            hub._guarded(tracker, "hparams", flat_dict(to_dict(cfg)), dump_yaml(cfg), metric)
     if resume_step is not None:
         hub.resume(kept)
     return hub
 
 
-__all__ = ["Images", "PACKAGES", "Tracker", "Trackers", "flat_params", "import_package", "open_trackers", "require",
+__all__ = ["Images", "PACKAGES", "Tracker", "Trackers", "import_package", "open_trackers", "require",
            "scalars", "validated", "warn_failed"]
