@@ -1,6 +1,6 @@
 """Two processes on CPU (gloo) under torchrun, through the real command line: one run directory,
 validation/evaluation over the whole set (each image once), identical weights on both ranks, and a
-failure on one rank ending both with the error shown."""
+failure on one rank ending both with the error shown; a tiny SAM 2.1 training holds the same invariants."""
 
 from __future__ import annotations
 
@@ -66,19 +66,48 @@ def trained(workdir) -> tuple[Path, str]:
     return workdir / "runs" / "ddp", out
 
 
-def test_one_run_directory_and_identical_weights_on_both_ranks(trained, workdir):
-    run, out = trained
-    assert [p.name for p in (workdir / "runs").iterdir()] == ["ddp"]
+@pytest.fixture(scope="module")
+def trained_sam2(workdir) -> tuple[Path, str]:
+    """The same training on a tiny SAM 2.1 (Hiera) instead of the tiny SAM: one override, its own folder."""
+    out = _ok(torchrun("train", "--config", "tiny.yaml", "--no-progress", LOGGERS, "model.family=sam2",
+                       "output.dir=runs_sam2/ddp", cwd=workdir))
+    return workdir / "runs_sam2" / "ddp", out
+
+
+def assert_one_run_with_identical_weights(run: Path, out: str, family: str) -> None:
+    """One run directory, written and reported by rank 0 alone, holding the weights both ranks ended with."""
+    assert [p.name for p in run.parent.iterdir()] == ["ddp"]
     assert {p.name for p in run.iterdir()} == RUN_FILES | ({"tensorboard"} if TENSORBOARD else set())
     assert "cpu x 2 processes" in out
-    assert out.count("done: runs/ddp") == 1, "only rank 0 reports"
+    assert out.count(f"done: {run.parent.name}/ddp") == 1, "only rank 0 reports"
     # each rank hashed its final trainable tensors; training checks they are equal and rank 0 prints the digest
     line = " ".join(out.split())  # the console may wrap long lines
     assert "all 2 processes hold identical trainable weights (sha256 " in line
     digest = line.split("identical trainable weights (sha256 ", 1)[1][:64]
     tensors, meta = read_adapter(run / "adapter_last.safetensors")
     assert tensors_sha256(tensors) == digest, "rank 0's saved adapter is the weights both ranks hold"
-    assert meta["step"] == "3"
+    assert meta["step"] == "3" and meta["family"] == family
+
+
+def assert_validation_covers_the_set_once(run: Path) -> None:
+    """Sharded validation (3 + 2 images), merged, equals a single-process evaluation of the same weights."""
+    with open(run / "metrics.csv", newline="") as f:
+        epoch = [r for r in csv.DictReader(f) if r["kind"] == "epoch"][-1]
+    single = evaluate_run(run, device="cpu", show_progress=False, write=False)["sets"]["val"]
+    assert single["n_images"] == 5
+    for name, value in single["metrics"].items():
+        assert float(epoch[f"val_{name}"]) == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_one_run_directory_and_identical_weights_on_both_ranks(trained):
+    assert_one_run_with_identical_weights(*trained, family="sam")
+
+
+def test_sam2_trains_under_torchrun(trained_sam2):
+    """SAM 2.1 (tiny Hiera, conv_lora with unused experts on a step) under DDP: the SAM 1 run's invariants."""
+    run, out = trained_sam2
+    assert_one_run_with_identical_weights(run, out, family="sam2")
+    assert_validation_covers_the_set_once(run)
 
 
 def test_only_the_main_process_logs_to_tensorboard(trained):
@@ -99,14 +128,7 @@ def test_only_the_main_process_logs_to_tensorboard(trained):
 
 
 def test_validation_covers_the_whole_set_once(trained):
-    """Sharded validation (3 + 2 images), merged, equals a single-process evaluation of the same weights."""
-    run, _ = trained
-    with open(run / "metrics.csv", newline="") as f:
-        epoch = [r for r in csv.DictReader(f) if r["kind"] == "epoch"][-1]
-    single = evaluate_run(run, device="cpu", show_progress=False, write=False)["sets"]["val"]
-    assert single["n_images"] == 5
-    for name, value in single["metrics"].items():
-        assert float(epoch[f"val_{name}"]) == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert_validation_covers_the_set_once(trained[0])
 
 
 def test_eval_under_torchrun(trained, workdir):
