@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextvars import ContextVar
 from typing import Callable, Iterable, Optional
 
@@ -62,6 +63,15 @@ class AdapterLayer(nn.Module):
     export_friendly: bool = False
 
 
+def is_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT layer around a frozen ``base_layer``: samft's :class:`AdapterLayer` or one of HF
+    peft's tuner layers (``peft.method=hf``; recognised without importing peft, which a model of hers imported)."""
+    if isinstance(module, AdapterLayer):
+        return True
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners is not None and isinstance(module, tuners.BaseTunerLayer)
+
+
 def replace_modules(
     root: nn.Module,
     match: Callable[[str, nn.Module], bool],
@@ -73,13 +83,20 @@ def replace_modules(
 
     Returns the replaced names; raises a ConfigError naming ``wanted`` when nothing matched.
     """
-    names = [name for name, module in root.named_modules() if name and match(name, module) and placed(name)]
-    if not names:
-        raise ConfigError(f"PEFT method {method}: no module of the image encoder matched {wanted}{_where()}")
+    names = placed_modules(root, match, method, wanted)
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, attr, build(getattr(parent, attr)))
+    return names
+
+
+def placed_modules(root: nn.Module, match: Callable[[str, nn.Module], bool], method: str, wanted: str) -> list[str]:
+    """The names of ``root``'s sub-modules for which ``match(name, module)`` holds, kept to the open placement;
+    a ConfigError naming ``wanted`` when there is none."""
+    names = [name for name, module in root.named_modules() if name and match(name, module) and placed(name)]
+    if not names:
+        raise ConfigError(f"PEFT method {method}: no module of the image encoder matched {wanted}{_where()}")
     return names
 
 

@@ -52,7 +52,7 @@ from samft.model import SemanticSAM, build_model
 from samft.model.attention import attention_function
 from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
 from samft.peft.decoder import merge_decoder
-from samft.peft.inject import AdapterLayer
+from samft.peft.inject import is_wrapper
 from samft.slip.text import attach_text_class_head, stored_text_embeddings
 
 POS_EMBED = "image_encoder.pos_embed"
@@ -155,7 +155,7 @@ def merge_encoder(model: SemanticSAM, method: str) -> int:
     """Fold a mergeable method's adapter layers into the encoder's weights in place; returns how many.
     Raises when a layer is left (the encoder must then be plain SAM)."""
     folded = peft.get(method).merge(model.image_encoder)
-    left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
+    left = [n for n, m in model.image_encoder.named_modules() if is_wrapper(m)]
     if left:
         raise SamftError(f"PEFT method {method}: merging left adapter layers {left[:3]}")
     return folded
