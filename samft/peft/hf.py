@@ -28,7 +28,7 @@ from torch import nn
 
 from samft.config.peft.hf import HFConfig
 from samft.errors import ConfigError
-from samft.peft.inject import linear_targets, placed_modules
+from samft.peft.inject import flatten_input, linear_targets, placed_modules
 from samft.peft.registry import register
 
 INSTALL = "pip install 'samft[peft]'"
@@ -131,22 +131,6 @@ def _inject_on_meta(config: Any, encoder: nn.Module, names: list[str], hf_type: 
         _set(encoder, name, layer)
 
 
-def _flatten_hooks(layer: nn.Module) -> None:
-    """Run ``layer`` on (B, N, C) for an input of more dimensions and give the output the input's shape back."""
-
-    def before(module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        module._samft_lead = x.shape[:-1] if x.dim() > 3 else None
-        return (x.reshape(x.shape[0], -1, x.shape[-1]),) + args[1:] if x.dim() > 3 else args
-
-    def after(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        lead = module._samft_lead
-        return out if lead is None else out.reshape(*lead, out.shape[-1])
-
-    layer.register_forward_pre_hook(before)
-    layer.register_forward_hook(after)
-
-
 def merge(encoder: nn.Module) -> int:
     """peft's own ``merge()`` of every tuner layer, which then gives way to its (merged) base layer; returns how
     many were merged."""
@@ -176,5 +160,5 @@ def apply(encoder: nn.Module, cfg: HFConfig) -> list[str]:
         raise RuntimeError(f"peft.hf ({cfg.type}): peft adapted {adapted[:3]}, samft asked for {names[:3]}")
     if cfg.type in _FLATTEN:
         for name in names:
-            _flatten_hooks(encoder.get_submodule(name))
+            flatten_input(encoder.get_submodule(name), 3)
     return names

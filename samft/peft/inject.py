@@ -6,6 +6,7 @@ import sys
 from contextvars import ContextVar
 from typing import Callable, Iterable, Optional
 
+import torch
 from torch import nn
 
 from samft.config.peft.targets import LINEAR_TARGETS, check_choices, check_targets  # noqa: F401
@@ -98,6 +99,24 @@ def placed_modules(root: nn.Module, match: Callable[[str, nn.Module], bool], met
     if not names:
         raise ConfigError(f"PEFT method {method}: no module of the image encoder matched {wanted}{_where()}")
     return names
+
+
+def flatten_input(layer: nn.Module, dims: int) -> None:
+    """Make ``layer`` (a linear that takes at most ``dims``-D input) run on SAM's (B, H, W, C) tokens: its input
+    is flattened to ``dims`` dimensions (the last one kept) and the output given the input's leading shape back,
+    by two forward hooks (the state dict is unchanged)."""
+
+    def before(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        module._samft_lead = x.shape[:-1] if x.dim() > dims else None
+        return args if x.dim() <= dims else (x.reshape(*x.shape[:dims - 2], -1, x.shape[-1]),) + args[1:]
+
+    def after(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        lead = module._samft_lead
+        return out if lead is None else out.reshape(*lead, out.shape[-1])
+
+    layer.register_forward_pre_hook(before)
+    layer.register_forward_hook(after)
 
 
 def merge_layers(root: nn.Module, cls: type) -> int:
