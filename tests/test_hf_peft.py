@@ -205,3 +205,15 @@ def test_info_names_the_type_and_counts_it(tmp_path):
     assert "peft.hf.type lokr (of lora, dora, loha" in text and "adapted 2: blocks.0.mlp.lin1 ... blocks.1.mlp.lin1" in text
     built = build_model(_hf("lokr", targets=("lin1",)))
     assert f"adapters {count_params(built.model)['adapter_params']:,}" in text
+
+
+def test_options_from_command_line_overrides_keep_their_yaml_types():
+    from samft.config import config_from_dict
+    from conftest import TINY
+
+    cfg = config_from_dict({"model": TINY, "peft": {"method": "hf"}},
+                           ["peft.hf.type=lokr", "peft.hf.options.r=4", "peft.hf.options.alpha=2.5",
+                            "peft.hf.options.decompose_both=true", "peft.hf.options.rank_pattern={blocks.1.attn.qkv: 2}"])
+    assert cfg.peft.hf.options == {"r": 4, "alpha": 2.5, "decompose_both": True, "rank_pattern": {"blocks.1.attn.qkv": 2}}
+    with pytest.raises(ConfigError, match=r"peft.hf.options: expected mapping of value"):
+        config_from_dict({"model": TINY, "peft": {"method": "hf", "hf": {"options": [1, 2]}}})
