@@ -111,7 +111,8 @@ def test_dequantize_gives_plain_linears_of_the_same_function():
 @pytest.mark.parametrize("sections, message", [
     ({"peft": {"method": "full"}}, "model.quantize=nf4: peft.method=full is not available on quantised linear weights"),
     ({"peft": {"method": "lora", "lora": {"init": "pissa"}}}, "peft.lora.init=pissa rewrites the frozen weight"),
-    ({"peft": {"method": "hf"}}, "peft.method=hf is not available on quantised"),
+    ({"peft": {"method": "hf", "hf": {"type": "loha"}}}, "peft.hf.type=loha reads its base layer's weight"),
+    ({"peft": {"method": "vpt"}}, "peft.method=vpt is not available on quantised linear weights"),
 ])
 def test_what_cannot_be_quantised_is_one_line(sections, message):
     with pytest.raises(ConfigError, match=message):
@@ -152,3 +153,29 @@ def test_cuda_qlora_step_and_de_quantised_weights(kind):
     out = model(torch.randn(2, 3, 64, 64, device="cuda"))
     out.masks.square().mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("hf_type", ["lora", "dora", "ia3", "fourierft", "randlora"])
+def test_hf_types_on_a_quantised_base_compute_with_the_de_quantised_weight(hf_type, kind):
+    pytest.importorskip("peft")
+    import copy
+
+    from samft import peft
+
+    options = {"n_frequency": 16} if hf_type == "fourierft" else {}
+    cfg = tiny_config("hf", model={"quantize": kind}, peft={"method": "hf", "hf": {"type": hf_type, "options": options,
+                                                                                  "targets": ["qkv", "lin1"]}})
+    model = perturb_trainable(build_model(cfg).model.eval())
+    assert is_quantized(model.image_encoder.blocks[0].attn.qkv.get_base_layer())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model.encode(images)
+        plain = copy.deepcopy(model)
+        dequantize_encoder(plain.image_encoder)
+        torch.testing.assert_close(plain.encode(images), want, rtol=0, atol=1e-5)
+        assert peft.get("hf").merge(plain.image_encoder) == 4
+        torch.testing.assert_close(plain.encode(images), want, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(images).masks.square().mean().backward()
+    assert all(p.grad is not None for p in model.image_encoder.parameters() if p.requires_grad)

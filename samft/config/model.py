@@ -214,11 +214,14 @@ def check_family_method(model: ModelConfig, method: str) -> None:
 
 
 # PEFT methods that keep the encoder's linear weights frozen and wrap them, so that these can be quantised
-QUANTIZABLE_METHODS = ("lora", "conv_lora", "decoder_only")
+QUANTIZABLE_METHODS = ("lora", "conv_lora", "decoder_only", "hf")
+# HF peft's types that only call their base layer (the others read its weight, which is packed when quantised)
+HF_QUANTIZABLE_TYPES = ("lora", "dora", "ia3", "fourierft", "randlora")
 
 
-def check_quantize(model: ModelConfig, method: str, init: str) -> None:
-    """One line when ``model.quantize`` cannot go with the family, a pruned model, the method or its ``init``."""
+def check_quantize(model: ModelConfig, method: str, init: str, hf_type: str = "lora") -> None:
+    """One line when ``model.quantize`` cannot go with the family, a pruned model, the method, its ``init`` or (HF
+    peft) its type."""
     if model.quantize == "none":
         return
     key = f"model.quantize={model.quantize}"
@@ -228,8 +231,11 @@ def check_quantize(model: ModelConfig, method: str, init: str) -> None:
         raise ConfigError(f"{key}: a pruned encoder (model.pruned) is not quantised; use model.quantize=none")
     if method not in QUANTIZABLE_METHODS:
         raise ConfigError(f"{key}: peft.method={method} is not available on quantised linear weights (full, bitfit "
-                          f"and ssf train or fold into them; the others are not built for it yet); use one of "
+                          f"and ssf train or fold into them; adapter, vpt and sam_adapter are not built for it yet); use one of "
                           f"{', '.join(QUANTIZABLE_METHODS)}")
+    if method == "hf" and hf_type not in HF_QUANTIZABLE_TYPES:
+        raise ConfigError(f"{key}: peft.hf.type={hf_type} reads its base layer's weight, which is packed when "
+                          f"quantised; use one of {', '.join(HF_QUANTIZABLE_TYPES)}")
     if init != "default":
         raise ConfigError(f"{key}: peft.{method}.init={init} rewrites the frozen weight to its residual, which a "
                           f"quantised weight cannot hold; use init=default")

@@ -14,6 +14,10 @@ training loop (``update_and_allocate``); prompt and prefix tuning, X-LoRA, Poly 
 ``nn.Linear``. OFT's layer reshapes its input as at most 3-D: SAM's encoder linears see (B, H, W, C), so samft
 flattens the middle dimensions around it (two forward hooks). FourierFT starts from a random spectrum
 (``init_weights: false``, peft's default), so it does not start as the frozen model; the other types do.
+
+On a quantised encoder (``model.quantize``) peft wraps bitsandbytes' layers as it wraps ``nn.Linear``; the types
+that only call their base layer (``samft.config.model.HF_QUANTIZABLE_TYPES``) then compute with the de-quantised
+weight, and merging runs after the exports have de-quantised the base (tested equal).
 """
 
 from __future__ import annotations
