@@ -179,3 +179,12 @@ def test_hf_types_on_a_quantised_base_compute_with_the_de_quantised_weight(hf_ty
     model.train()
     model(images).masks.square().mean().backward()
     assert all(p.grad is not None for p in model.image_encoder.parameters() if p.requires_grad)
+
+
+def test_onnx_export_of_a_quantised_run_holds_the_de_quantised_weights(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from samft.engine.artifacts.onnx_export import export_onnx
+
+    run, _ = make_run(tmp_path / "run", "lora", model={"quantize": "nf4"})
+    result = export_onnx(run, tmp_path / "model.onnx", dynamic_batch=True)  # checked against the quantised run
+    assert all(d <= 1e-4 for d in result.checks.values()), result.checks
