@@ -373,6 +373,9 @@ def info(
         say(f"attn params    {sum(result['attention_params'].values()):,} new, trainable ({new})")
     say(f"encoder        {result['encoder_gmacs']:,} GMACs forward per image at {cfg.model.img_size}px")
     say(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
+    if cfg.model.quantize != "none":
+        say(f"quantize       {cfg.model.quantize}: the encoder blocks' linear weights (bitsandbytes; weight memory: "
+            f"python scripts/quant_memory.py)")
     if cfg.peft.method == "hf":
         from samft.config.names import HF_PEFT_TYPES
 

@@ -188,3 +188,19 @@ def test_onnx_export_of_a_quantised_run_holds_the_de_quantised_weights(tmp_path)
     run, _ = make_run(tmp_path / "run", "lora", model={"quantize": "nf4"})
     result = export_onnx(run, tmp_path / "model.onnx", dynamic_batch=True)  # checked against the quantised run
     assert all(d <= 1e-4 for d in result.checks.values()), result.checks
+
+
+def test_info_counts_the_float_structure_and_names_the_quantisation(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from samft.cli import app
+    from samft.model import describe
+    from conftest import TINY
+
+    assert describe(tiny_config("lora", model={"quantize": "nf4"}))["total_params"] == \
+        describe(tiny_config("lora"))["total_params"]
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump({"model": {**TINY, "quantize": "int8"}, "peft": {"method": "lora"}}))
+    result = CliRunner().invoke(app, ["info", "--config", str(config)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "quantize int8: the encoder blocks' linear weights" in " ".join(result.output.split())

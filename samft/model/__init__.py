@@ -138,7 +138,8 @@ def _structure(cfg: Config) -> BuiltModel:
     than the meta device, whose first decomposed op imports ``torch._dynamo`` (0.6 s of ``samft info``)."""
     if cfg.model.type != "tiny" or cfg.model.pruned:  # tiny is the one random-weight size of each family
         return build_model(cfg, meta=True)
-    random_weights = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None))
+    random_weights = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None,
+                                                                        quantize="none"))  # counts of the float structure
     return build_model(random_weights)
 
 
