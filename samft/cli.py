@@ -375,6 +375,14 @@ def info(
         say(f"attn params    {sum(result['attention_params'].values()):,} new, trainable ({new})")
     say(f"encoder        {result['encoder_gmacs']:,} GMACs forward per image at {cfg.model.img_size}px")
     say(f"peft           {cfg.peft.method} {result['peft_options']} (mergeable: {result['mergeable']})")
+    if cfg.model.quantize != "none":
+        say(f"quantize       {cfg.model.quantize}: the encoder blocks' linear weights (bitsandbytes; weight memory: "
+            f"python scripts/quant_memory.py)")
+    if cfg.peft.method == "hf":
+        from samft.config.names import HF_PEFT_TYPES
+
+        say(f"peft.hf.type   {cfg.peft.hf.type} (of {', '.join(HF_PEFT_TYPES)}; trainable counts of each: "
+            f"python scripts/method_table.py)")
     say(f"peft blocks    {result['peft_blocks']} (peft.blocks={cfg.peft.blocks}); mask decoder: {result['decoder']}")
     say(f"adapted        {len(adapted)}" + (f": {adapted[0]} ... {adapted[-1]}" if adapted else " (nothing wrapped)"))
     say(f"class head     {result['class_head']}")

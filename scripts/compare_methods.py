@@ -4,7 +4,7 @@
         --methods decoder_only,lora,conv_lora --seeds 0,1,2 --out docs/compare.md [key=value ...]
 
 Every (method, seed) run trains ``FILE`` (+ the overrides) with ``peft.method=<method>`` and
-``train.seed=<seed>`` into ``--workdir/<method>/seed<seed>``, in its own process (so peak memory is per
+``train.seed=<seed>`` into ``--workdir/<method>/seed<seed>`` (``:`` written ``-`` in the folder name), in its own process (so peak memory is per
 run), then is evaluated with ``samft eval``'s evaluation on the config's test sets (or its validation
 split). The script writes
 
@@ -17,6 +17,12 @@ split). The script writes
 - ``OUT`` with ``.json``: every run's raw numbers;
 - ``OUT`` with ``.html``: ``samft report`` of every run side by side (curves on shared axes, each set's
   metrics, precision-recall or confusion, the worst and best images); ``--no-report`` skips it.
+
+A ``--methods`` entry is a ``peft.method`` name, a named choice of :data:`CHOICES` (``dora``, ``rslora``, ``pissa``,
+``olora``: samft's ``lora`` with that variant or init; ``qlora``, ``qlora8``: ``lora`` on an nf4 / int8 encoder) or
+``hf:<type>`` (HF peft's method, ``peft.method=hf peft.hf.type=<type>``), each optionally followed by
+``@<blocks>`` for its placement (``lora@late:1``: ``peft.blocks=late:1``; a list of indices, whose commas would
+split the entry, goes in the config or an override instead); the entry is the row's name.
 
 ``--ssl-weight W`` compares each method with and without SLIP's self-supervised loss: every method also
 runs as ``<method>+ssl`` with ``loss.ssl.weight=W`` (the config's ``data.unlabelled`` and ``loss.ssl``
@@ -48,6 +54,38 @@ RESULT_FILE = "result.json"
 NOTES_MARKER = "<!-- notes: everything from this line on is kept when the file is regenerated -->"
 DEFAULT_METRICS = "dice@0.5,iou@0.5,Sm,meanEm,MAE"
 SSL_SUFFIX = "+ssl"  # the label of a method's run with loss.ssl.weight (--ssl-weight)
+
+
+# named --methods entries beyond the registry's names: their overrides
+CHOICES = {
+    "dora": ["peft.method=lora", "peft.lora.variant=dora"],
+    "rslora": ["peft.method=lora", "peft.lora.variant=rslora"],
+    "pissa": ["peft.method=lora", "peft.lora.init=pissa"],
+    "olora": ["peft.method=lora", "peft.lora.init=olora"],
+    "qlora": ["peft.method=lora", "model.quantize=nf4"],
+    "qlora8": ["peft.method=lora", "model.quantize=int8"],
+}
+
+
+def choice_overrides(label: str) -> list[str]:
+    """The overrides of one ``--methods`` entry (see the module docstring); an unknown method is a SamftError
+    naming the nearest one."""
+    from samft import peft
+
+    base, _, blocks = label.partition("@")
+    if base.startswith("hf:"):
+        out = ["peft.method=hf", f"peft.hf.type={base[len('hf:'):]}"]
+    elif base in CHOICES:
+        out = list(CHOICES[base])
+    else:
+        peft.get(base)
+        out = [f"peft.method={base}"]
+    return out + ([f"peft.blocks={blocks}"] if blocks else [])
+
+
+def run_name(label: str) -> str:
+    """The folder of an entry's runs (``hf:loha`` -> ``hf-loha``)."""
+    return label.replace(":", "-")
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -213,7 +251,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train and evaluate several PEFT methods with the same budget and seeds.")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every run")
     p.add_argument("--config", required=True, help="YAML config (data, model, train budget)")
-    p.add_argument("--methods", required=True, help="comma-separated peft.method names")
+    p.add_argument("--methods", required=True, help="comma-separated peft.method names, named choices (dora, "
+                   "pissa, qlora, ...), hf:<type>, each optionally @<blocks> (lora@late:1)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default 0,1,2)")
     p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"eval.json metrics to tabulate (default {DEFAULT_METRICS})")
     p.add_argument("--out", default="compare.md", help="Markdown output (the chart is OUT with .png, raw runs .json)")
@@ -254,7 +293,6 @@ def run_child(cmd: list[str], env: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    from samft import peft
     from samft.config import load_config
     from samft.errors import SamftError
 
@@ -269,23 +307,24 @@ def main(argv: list[str] | None = None) -> int:
 
     def overrides_for(label: str, seed: int) -> list[str]:
         method, ssl = label.removesuffix(SSL_SUFFIX), label.endswith(SSL_SUFFIX)
-        return [*args.overrides, f"peft.method={method}", f"train.seed={seed}",
+        return [*args.overrides, *choice_overrides(method), f"train.seed={seed}",
                 *([f"loss.ssl.weight={args.ssl_weight}"] if ssl else [])]
 
     try:
         if not methods or not seeds:
             raise SamftError("--methods and --seeds must each name at least one value")
         for m in methods:
-            peft.get(m)
+            choice_overrides(m)
         if args.ssl_weight < 0:
             raise SamftError(f"--ssl-weight {args.ssl_weight}: expected a positive weight (0 = no SSL rows)")
         if args.ssl_weight > 0:
             methods = [v for m in methods for v in (m, m + SSL_SUFFIX)]
-        for label in methods[:2]:
-            load_config(args.config, overrides_for(label, seeds[0]))  # fail early on a bad config
+        for label in methods:
+            load_config(args.config, overrides_for(label, seeds[0]))  # fail early on a bad config or entry
         if args.run_one:
             label, seed = args.run_one[0], int(args.run_one[1])
-            run_one(args.config, overrides_for(label, seed), workdir / label / f"seed{seed}", args.device, label=label)
+            run_one(args.config, overrides_for(label, seed), workdir / run_name(label) / f"seed{seed}", args.device,
+                    label=label)
             return 0
     except SamftError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -295,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     for method in methods:
         for seed in seeds:
-            run_dir = workdir / method / f"seed{seed}"
+            run_dir = workdir / run_name(method) / f"seed{seed}"
             done = run_dir / RESULT_FILE
             stored = json.loads(done.read_text()) if done.is_file() else None
             if args.fresh or stored is None or stored.get("request") != request_key(args.config,
@@ -343,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         from samft.report import write_report
 
-        runs = [workdir / method / f"seed{seed}" for method in methods for seed in seeds]
+        runs = [workdir / run_name(method) / f"seed{seed}" for method in methods for seed in seeds]
         try:
             written.append(write_report(runs, out.with_suffix(".html"), k=2, device=args.device,
                                         title=f"compare_methods: {', '.join(methods)}"))

@@ -2,7 +2,8 @@
 
 Every registered method is built for SAM vit_b and vit_h, and for SAM 2.1's four Hiera sizes
 (``model.family=sam2``), at 1024 px with its default options, through the function behind ``samft info``
-(``samft.model.describe``: structure only, no weights, instant).
+(``samft.model.describe``: structure only, no weights, instant), and every type of ``peft.method=hf`` (HF peft's
+methods; needs the ``peft`` extra) with peft's default options.
 
     python scripts/method_table.py                   # print the Markdown table
     python scripts/method_table.py --update README.md  # replace the table between the markers in README.md
@@ -60,7 +61,29 @@ def options_table() -> str:
 
 
 def table() -> str:
-    return options_table() + "\n" + params_table() + "\n" + placement_table() + "\n" + sam2_params_table()
+    return (options_table() + "\n" + params_table() + "\n" + placement_table() + "\n" + hf_table() + "\n"
+            + sam2_params_table())
+
+
+def hf_table() -> str:
+    """Trainable parameters of each ``peft.hf.type`` on qkv with peft's defaults, counted on the meta device (the
+    types whose initialisation reads the weight are built once per layer shape on the CPU, then moved there)."""
+    from samft.config.names import HF_PEFT_TYPES
+    from samft.peft.hf import TYPES, config_class
+
+    lines = ["| `peft.hf.type` | peft config | vit_b adapters | vit_b trainable | vit_h adapters | vit_h trainable |",
+             "|---|---|---:|---:|---:|---:|"]
+    for hf_type in HF_PEFT_TYPES:
+        cells = [f"`{hf_type}`", f"`{config_class(hf_type).__name__}`" + "".join(
+            f" `{k}={_default(v)}`" for k, v in TYPES[hf_type][2].items())]
+        for size in SIZES:
+            info = describe(config_from_dict({"model": {"type": size}, "peft": {"method": "hf", "hf": {"type": hf_type}}}))
+            cells += [f"{info['adapter_params']:,}", f"{info['trainable_params']:,} ({_millions(info['trainable_params'])})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("`peft.hf.targets=[qkv]` in every block, peft's default options (`peft.hf.options` empty); every type "
+                 "merges through peft's own `merge()`.")
+    return "\n".join(lines) + "\n"
 
 
 PLACED = "late:4"

@@ -113,3 +113,25 @@ def test_sigterm_stops_the_child_training(tmp_path):
     except (ProcessLookupError, FileNotFoundError):
         alive = False
     assert not alive, "the child training was left running"
+
+
+def test_method_entries_name_choices_hf_types_and_placements():
+    cm = _script()
+    assert cm.choice_overrides("lora") == ["peft.method=lora"]
+    assert cm.choice_overrides("lora@late:1") == ["peft.method=lora", "peft.blocks=late:1"]
+    assert cm.choice_overrides("dora") == ["peft.method=lora", "peft.lora.variant=dora"]
+    assert cm.choice_overrides("hf:loha@late:2") == ["peft.method=hf", "peft.hf.type=loha", "peft.blocks=late:2"]
+    assert cm.run_name("hf:loha") == "hf-loha"
+    from samft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'conv_lora'"):
+        cm.choice_overrides("conv-lora")
+
+
+def test_a_bad_entry_fails_before_any_run(tmp_path, capsys):
+    config = {"model": TINY, "peft": {"method": "lora"}, "train": {"device": "cpu"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    cm = _script()
+    assert cm.main(["--config", str(tmp_path / "c.yaml"), "--methods", "lora,hf:vera", "--seeds", "0",
+                    "--workdir", str(tmp_path / "runs")]) == 2
+    assert "peft.hf.type" in capsys.readouterr().err and not (tmp_path / "runs").exists()

@@ -228,3 +228,25 @@ def test_the_context_tears_down_only_a_group_it_created(tmp_path, monkeypatch):
             raise RuntimeError("boom")
     assert D.is_initialized()  # after a failure: left to the process exit
     dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("peft_section, model_extra", [
+    ({"method": "hf", "hf": {"type": "loha"}}, {}),  # HF peft's layers under DDP
+    ({"method": "lora", "lora": {"variant": "dora"}}, {"quantize": "nf4"}),  # QLoRA (DoRA on an NF4 base)
+])
+def test_hf_peft_and_a_quantised_base_train_under_ddp(tmp_path, peft_section, model_extra):
+    pytest.importorskip("peft" if peft_section["method"] == "hf" else "bitsandbytes")
+    from samft.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "data", n=12, seed=2)
+    config = {"model": {**TINY, **model_extra}, "peft": peft_section,
+              "data": {"root": "data", "train": ".", "val_fraction": 0.25, "num_workers": 0},
+              "train": {"epochs": 1, "max_steps": 2, "batch_size": 2, "lr": 1e-3, "save_every": 0, "device": "cpu",
+                        "grad_checkpointing": True},
+              "output": {"dir": "runs/ddp"}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    line = " ".join(_ok(torchrun("train", "--config", "tiny.yaml", "--no-progress", cwd=tmp_path)).split())
+    assert "all 2 processes hold identical trainable weights (sha256 " in line
+    digest = line.split("identical trainable weights (sha256 ", 1)[1][:64]
+    tensors, _ = read_adapter(tmp_path / "runs" / "ddp" / "adapter_last.safetensors")
+    assert tensors_sha256(tensors) == digest

@@ -7,7 +7,7 @@ from samft import peft
 from samft.engine.artifacts.adapter import load_adapter, save_adapter
 from samft.errors import CheckpointError, ConfigError
 from samft.model import build_model
-from samft.peft.inject import AdapterLayer
+from samft.peft.inject import AdapterLayer, is_wrapper
 
 from conftest import METHODS, perturb_trainable, tiny_config
 
@@ -19,7 +19,7 @@ def _build(method, **sections):
 def _adapter_param_names(model):
     names = set()
     for mod_name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
+        if is_wrapper(module):
             for p_name, _ in module.named_parameters():
                 if not p_name.startswith("base_layer."):
                     names.add(f"{mod_name}.{p_name}")
@@ -160,7 +160,7 @@ def test_targets_choose_the_wrapped_linears(targets):
     assert len(built.adapted) == 2 * len(targets)  # two blocks in the tiny model
 
 
-MERGED = {"lora": 2, "ssf": 12, "bitfit": 0, "full": 0, "decoder_only": 0}  # wrappers folded in the tiny model
+MERGED = {"lora": 2, "hf": 2, "ssf": 12, "bitfit": 0, "full": 0, "decoder_only": 0}  # wrappers folded in the tiny model
 
 
 def test_the_mergeable_methods():
@@ -178,7 +178,7 @@ def test_merge_equals_unmerged(method):
         assert peft.get(method).merge(model.image_encoder) == MERGED[method]
         after = model(images).masks
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    assert not any(is_wrapper(m) for m in model.modules())
     plain = build_model(tiny_config("decoder_only")).model.image_encoder  # SAM's own encoder
     merged_state = model.image_encoder.state_dict()
     assert {k: v.shape for k, v in merged_state.items()} == {k: v.shape for k, v in plain.state_dict().items()}

@@ -2,7 +2,8 @@
 
 :func:`from_dict` builds a dataclass from a mapping, rejecting unknown keys with the nearest valid name;
 :func:`coerce` turns one value into a type (``int``, ``float``, ``bool``, ``str``, ``Optional``, ``list``,
-``dict`` or a nested dataclass). A value that cannot be coerced is a ConfigError naming the dotted key,
+``dict``, ``Any`` (a YAML value kept as read: scalars, lists and mappings of them, for options passed on to
+another library, which checks them) or a nested dataclass). A value that cannot be coerced is a ConfigError naming the dotted key,
 the value and the expected type.
 """
 
@@ -34,6 +35,8 @@ def type_name(tp: Any) -> str:
         return f"mapping of {type_name(typing.get_args(tp)[1])}"
     if is_dataclass(tp):
         return "mapping"
+    if tp is Any:
+        return "value"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -112,9 +115,20 @@ def _str(value: Any, tp: Any, key: str) -> str:
     raise _Bad
 
 
+def _any(value: Any, tp: Any, key: str) -> Any:
+    """A YAML value as read (``None``, bool, number, string, lists and mappings of them); nothing else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_any(v, tp, key) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _any(v, tp, key) for k, v in value.items()}
+    raise _Bad
+
+
 Coercer = Callable[[Any, Any, str], Any]
 _BY_ORIGIN: dict[Any, Coercer] = {Union: _optional, types.UnionType: _optional, list: _list, dict: _dict}
-_BY_TYPE: dict[Any, Coercer] = {bool: _bool, int: _int, float: _float, str: _str}
+_BY_TYPE: dict[Any, Coercer] = {bool: _bool, int: _int, float: _float, str: _str, Any: _any}
 
 
 def _coercer(tp: Any) -> Coercer | None:

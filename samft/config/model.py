@@ -112,6 +112,7 @@ class TextConfig:
 
 BRA_BLOCKS = ("global", "all")
 DECODER_MODES = ("full", "frozen", "peft")
+QUANTIZE = ("none", "nf4", "int8")
 
 
 @dataclass
@@ -168,6 +169,8 @@ class ModelConfig:
     decoder_rank: int = opt(4, "model.decoder=peft: rank of the decoder's LoRA", minimum=1, hash_default=False)
     decoder_alpha: float = opt(4.0, "model.decoder=peft: the decoder's LoRA is scaled by alpha / rank", minimum=0.0,
                                hash_default=False)
+    quantize: str = opt("none", "the frozen image encoder's linear weights stored as nf4 (4-bit NormalFloat, QLoRA) or "
+                        "int8 through bitsandbytes; none keeps float32", QUANTIZE, hash_default=False)
 
     def check(self, prefix: str) -> None:
         """The input size, BRA's options and the tiny sizes (checked whether used or not: their defaults are
@@ -208,6 +211,34 @@ def check_family_method(model: ModelConfig, method: str) -> None:
     """One line when ``peft.method`` has no meaning on ``model.family``."""
     if model.family == "sam2" and method in SAM1_ONLY_METHODS:
         raise ConfigError(f"peft.method: {method} is not available for model.family=sam2: {SAM1_ONLY_METHODS[method]}")
+
+
+# PEFT methods that keep the encoder's linear weights frozen and wrap them, so that these can be quantised
+QUANTIZABLE_METHODS = ("lora", "conv_lora", "decoder_only", "hf")
+# HF peft's types that only call their base layer (the others read its weight, which is packed when quantised)
+HF_QUANTIZABLE_TYPES = ("lora", "dora", "ia3", "fourierft", "randlora")
+
+
+def check_quantize(model: ModelConfig, method: str, init: str, hf_type: str = "lora") -> None:
+    """One line when ``model.quantize`` cannot go with the family, a pruned model, the method, its ``init`` or (HF
+    peft) its type."""
+    if model.quantize == "none":
+        return
+    key = f"model.quantize={model.quantize}"
+    if model.family != "sam":
+        raise ConfigError(f"{key}: quantising is for SAM 1's encoder (model.family=sam) only")
+    if model.pruned:
+        raise ConfigError(f"{key}: a pruned encoder (model.pruned) is not quantised; use model.quantize=none")
+    if method not in QUANTIZABLE_METHODS:
+        raise ConfigError(f"{key}: peft.method={method} is not available on quantised linear weights (full, bitfit "
+                          f"and ssf train or fold into them; adapter, vpt and sam_adapter are not built for it yet); use one of "
+                          f"{', '.join(QUANTIZABLE_METHODS)}")
+    if method == "hf" and hf_type not in HF_QUANTIZABLE_TYPES:
+        raise ConfigError(f"{key}: peft.hf.type={hf_type} reads its base layer's weight, which is packed when "
+                          f"quantised; use one of {', '.join(HF_QUANTIZABLE_TYPES)}")
+    if init != "default":
+        raise ConfigError(f"{key}: peft.{method}.init={init} rewrites the frozen weight to its residual, which a "
+                          f"quantised weight cannot hold; use init=default")
 
 
 def sam2_size_step(cfg: ModelConfig) -> int:

@@ -25,7 +25,11 @@ FAMILY_TYPES = {"sam": SAM_TYPES, "sam2": SAM2_TYPES}
 ATTENTIONS = ("sdpa", "bra", "eager")
 
 # peft/registry.py, in registration order (also the fields of samft.config.peft.PeftConfig)
-PEFT_METHODS = ("adapter", "bitfit", "lora", "conv_lora", "decoder_only", "full", "sam_adapter", "ssf", "vpt")
+PEFT_METHODS = ("adapter", "bitfit", "lora", "conv_lora", "decoder_only", "full", "hf", "sam_adapter", "ssf", "vpt")
+
+# peft.hf.type: HF peft's methods that samft applies to the encoder's nn.Linear layers (samft/peft/hf.py says why
+# the others are not offered)
+HF_PEFT_TYPES = ("lora", "dora", "loha", "lokr", "oft", "boft", "ia3", "fourierft", "hra", "randlora")
 
 
 def check_registered(kind: str, name: str, names: tuple[str, ...]) -> None:

@@ -10,7 +10,7 @@ from samft.config.data import DataConfig
 from samft.config.eval import EvalConfig, OutputConfig
 from samft.config.field import opt, section
 from samft.config.loss import LossConfig
-from samft.config.model import ModelConfig, check_family_method
+from samft.config.model import ModelConfig, check_family_method, check_quantize
 from samft.config.peft import PeftConfig, trains_encoder
 from samft.errors import ConfigError
 from samft.config.protocol import PROTOCOLS, apply_protocol
@@ -47,6 +47,7 @@ class Config:
         self.train.check("train", multiclass=bool(self.data.classes))
         self.peft.check("peft")
         check_family_method(self.model, self.peft.method)
+        check_quantize(self.model, self.peft.method, getattr(self.method_cfg, "init", "default"), self.peft.hf.type)
         if self.model.decoder == "frozen" and not trains_encoder(self.peft.method) and not self.data.classes:
             raise ConfigError(f"model.decoder: frozen with peft.method={self.peft.method} trains nothing (a binary "
                               f"model has no class head); use model.decoder=peft or full, or another peft.method")

@@ -17,6 +17,7 @@ from samft.model.attention import EncoderAttention, attention_kinds, set_attenti
 from samft.model.sam import base_fingerprint, build_sam
 from samft.peft.decoder import place_decoder
 from samft.peft.placement import apply_placed
+from samft.peft.quantize import quantize_encoder
 from samft.model.semantic import SegOutput, SemanticSAM
 from samft.prune.encoder_flops import encoder_flops
 from samft.prune.state import apply_pruned, describe_pruned
@@ -61,6 +62,7 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
     loaded (:mod:`samft.prune.state`); ``base_sha256`` is then that file's. With ``model.class_head=text``
     (SLIP) the decoder classifies mask tokens against class-name embeddings: ``text_emb`` (K, D), those a
     saved adapter or export holds, else read from ``model.text`` (:func:`samft.slip.text.attach_text_class_head`).
+    With ``model.quantize`` the encoder blocks' linears are quantised (bitsandbytes) before the method wraps them.
     """
     sam = build_base(cfg, meta)
     sha = "" if meta or cfg.model.pruned else base_fingerprint(cfg.model, sam)
@@ -71,6 +73,8 @@ def build_model(cfg: Config, meta: bool = False, text_emb: Optional[torch.Tensor
         attach_text_class_head(cfg, model.decoder, text_emb)
         model.freeze_base()
         used = set_attention(model.image_encoder, cfg.model.attention, getattr(cfg.model, cfg.model.attention, None))
+        if cfg.model.quantize != "none" and not meta:  # the meta structure (counting) keeps float32 linears
+            quantize_encoder(model.image_encoder, cfg.model.quantize)
         adapted, placement = apply_placed(spec, model.image_encoder, cfg.method_cfg, cfg.peft.blocks, cfg.model.type)
         place_decoder(model.decoder, cfg.model.decoder, cfg.model.decoder_rank, cfg.model.decoder_alpha)
         if cfg.model.pruned:  # SPViT: the pruned architecture and its whole state replace the base
@@ -134,7 +138,8 @@ def _structure(cfg: Config) -> BuiltModel:
     than the meta device, whose first decomposed op imports ``torch._dynamo`` (0.6 s of ``samft info``)."""
     if cfg.model.type != "tiny" or cfg.model.pruned:  # tiny is the one random-weight size of each family
         return build_model(cfg, meta=True)
-    random_weights = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None))
+    random_weights = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=None,
+                                                                        quantize="none"))  # counts of the float structure
     return build_model(random_weights)
 
 

@@ -12,7 +12,7 @@ import pkgutil
 from samft.peft import registry
 from samft.peft.registry import MethodSpec, all_methods, get, register
 
-_INFRASTRUCTURE = {"registry", "inject", "placement", "decoder"}
+_INFRASTRUCTURE = {"registry", "inject", "placement", "decoder", "quantize"}
 
 
 def _discover() -> None:

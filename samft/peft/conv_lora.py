@@ -43,6 +43,7 @@ from torch import nn
 from samft.config.peft.conv_lora import ConvLoRAConfig
 from samft.peft.inject import AdapterLayer, linear_targets, replace_modules
 from samft.peft.lora import init_low_rank, lora_scaling
+from samft.peft.quantize import float_like
 from samft.peft.registry import register
 from samft.tasks.terms import active_aux_sink
 
@@ -126,17 +127,17 @@ class ConvLoRALinear(AdapterLayer):
         self.scaling = lora_scaling(cfg.alpha, r, cfg.variant)  # rslora: alpha / sqrt(r)
         self.scales = cfg.expert_scales()
         self.gate_scales_output = cfg.gate_scales_output
-        self.lora_A, self.lora_B = init_low_rank(base_layer.in_features, base_layer.out_features, r,
-                                                 base_layer.weight)
+        like = float_like(base_layer)  # a quantised base (model.quantize): its compute dtype
+        self.lora_A, self.lora_B = init_low_rank(base_layer.in_features, base_layer.out_features, r, like)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.experts = nn.ModuleList()
         for _ in self.scales:
             conv = nn.Conv2d(r, r, kernel_size=3, padding=1, bias=True,
-                             device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+                             device=like.device, dtype=like.dtype)
             nn.init.zeros_(conv.bias)
             self.experts.append(conv)
         self.gate = NoisyTopKGate(r, len(self.scales), cfg.top_k, cfg.noisy_gating, cfg.noise_eps, cfg.balance_coef)
-        self.gate.to(device=base_layer.weight.device)
+        self.gate.to(device=like.device)
         self.impl = cfg.impl
 
     def expert(self, i: int, z: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from contextvars import ContextVar
 from typing import Callable, Iterable, Optional
 
+import torch
 from torch import nn
 
 from samft.config.peft.targets import LINEAR_TARGETS, check_choices, check_targets  # noqa: F401
@@ -62,6 +64,15 @@ class AdapterLayer(nn.Module):
     export_friendly: bool = False
 
 
+def is_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT layer around a frozen ``base_layer``: samft's :class:`AdapterLayer` or one of HF
+    peft's tuner layers (``peft.method=hf``; recognised without importing peft, which a model of hers imported)."""
+    if isinstance(module, AdapterLayer):
+        return True
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners is not None and isinstance(module, tuners.BaseTunerLayer)
+
+
 def replace_modules(
     root: nn.Module,
     match: Callable[[str, nn.Module], bool],
@@ -73,14 +84,39 @@ def replace_modules(
 
     Returns the replaced names; raises a ConfigError naming ``wanted`` when nothing matched.
     """
-    names = [name for name, module in root.named_modules() if name and match(name, module) and placed(name)]
-    if not names:
-        raise ConfigError(f"PEFT method {method}: no module of the image encoder matched {wanted}{_where()}")
+    names = placed_modules(root, match, method, wanted)
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, attr, build(getattr(parent, attr)))
     return names
+
+
+def placed_modules(root: nn.Module, match: Callable[[str, nn.Module], bool], method: str, wanted: str) -> list[str]:
+    """The names of ``root``'s sub-modules for which ``match(name, module)`` holds, kept to the open placement;
+    a ConfigError naming ``wanted`` when there is none."""
+    names = [name for name, module in root.named_modules() if name and match(name, module) and placed(name)]
+    if not names:
+        raise ConfigError(f"PEFT method {method}: no module of the image encoder matched {wanted}{_where()}")
+    return names
+
+
+def flatten_input(layer: nn.Module, dims: int) -> None:
+    """Make ``layer`` (a linear that takes at most ``dims``-D input) run on SAM's (B, H, W, C) tokens: its input
+    is flattened to ``dims`` dimensions (the last one kept) and the output given the input's leading shape back,
+    by two forward hooks (the state dict is unchanged)."""
+
+    def before(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        module._samft_lead = x.shape[:-1] if x.dim() > dims else None
+        return args if x.dim() <= dims else (x.reshape(*x.shape[:dims - 2], -1, x.shape[-1]),) + args[1:]
+
+    def after(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        lead = module._samft_lead
+        return out if lead is None else out.reshape(*lead, out.shape[-1])
+
+    layer.register_forward_pre_hook(before)
+    layer.register_forward_hook(after)
 
 
 def merge_layers(root: nn.Module, cls: type) -> int:

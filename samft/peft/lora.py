@@ -23,6 +23,7 @@ from torch import nn
 
 from samft.config.peft.lora import LoRAConfig
 from samft.peft.inject import AdapterLayer, linear_targets, merge_layers, replace_modules
+from samft.peft.quantize import dense_weight, float_like
 from samft.peft.registry import register
 
 
@@ -64,7 +65,7 @@ class LoRALinear(AdapterLayer):
         self.rank = rank
         self.scaling = lora_scaling(alpha, rank, variant)
         self.lora_A, self.lora_B = init_low_rank(base_layer.in_features, base_layer.out_features, rank,
-                                                 base_layer.weight)
+                                                 float_like(base_layer))
         if init != "default":
             a, b, residual = principal_init(base_layer.weight, rank, self.scaling, init)
             with torch.no_grad():
@@ -75,8 +76,8 @@ class LoRALinear(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def adapted_weight(self) -> torch.Tensor:
-        """``W0 + s B A`` (out, in)."""
-        return self.base_layer.weight + (self.lora_B @ self.lora_A) * self.scaling
+        """``W0 + s B A`` (out, in); a quantised ``W0`` (model.quantize) de-quantised."""
+        return dense_weight(self.base_layer) + (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropped = self.dropout(x)
@@ -92,7 +93,7 @@ class LoRALinear(AdapterLayer):
         dropped input, as peft computes it."""
         factor = self.magnitude / self.adapted_weight().detach().norm(dim=1)
         if self.training and isinstance(self.dropout, nn.Dropout):
-            plain = F.linear(dropped, self.base_layer.weight)
+            plain = F.linear(dropped, dense_weight(self.base_layer))
         else:
             bias = self.base_layer.bias
             plain = base - bias if bias is not None else base
@@ -100,10 +101,11 @@ class LoRALinear(AdapterLayer):
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` with ``W0 + s B A`` (DoRA: scaled to the magnitude per output row; equal output in
-        eval mode)."""
+        eval mode; a quantised ``W0`` de-quantised)."""
         base = self.base_layer
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                        device=base.weight.device, dtype=base.weight.dtype)
+        like = float_like(base)
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=like.device,
+                        dtype=like.dtype)
         with torch.no_grad():
             weight = self.adapted_weight()
             if self.magnitude is not None:

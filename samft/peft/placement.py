@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from samft.config.peft.placement import describe_blocks, resolve_blocks
-from samft.peft.inject import _PLACED, STEM, AdapterLayer
+from samft.peft.inject import _PLACED, STEM, is_wrapper
 from samft.peft.registry import MethodSpec
 
 
@@ -43,9 +43,9 @@ def check_outside(encoder: nn.Module, indices: set, method: str) -> None:
     for i, blk in enumerate(encoder.blocks):
         if i in indices:
             continue
-        wrapped = [n for n, m in blk.named_modules() if isinstance(m, AdapterLayer)]
+        wrapped = [n for n, m in blk.named_modules() if is_wrapper(m)]
         trains = [n for n, p in blk.named_parameters() if p.requires_grad]
-        if wrapped or trains or isinstance(blk, AdapterLayer):
+        if wrapped or trains or is_wrapper(blk):
             raise RuntimeError(f"PEFT method {method} adapted block {i} outside peft.blocks ({wrapped or trains}): "
                                f"it must wrap through replace_modules and unfreeze through unfreeze")
     if 0 not in indices:
@@ -61,6 +61,6 @@ def _new(encoder: nn.Module, name: str) -> bool:
     parts = module_name.split(".")
     for k in range(len(parts), 0, -1):
         module = encoder.get_submodule(".".join(parts[:k]))
-        if isinstance(module, AdapterLayer):
+        if is_wrapper(module):
             return not name.startswith(".".join(parts[:k]) + ".base_layer.")
     return False

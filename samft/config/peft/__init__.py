@@ -21,6 +21,7 @@ from samft.config.peft.bitfit import BitFitConfig
 from samft.config.peft.conv_lora import ConvLoRAConfig
 from samft.config.peft.decoder_only import DecoderOnlyConfig
 from samft.config.peft.full import FullConfig
+from samft.config.peft.hf import HFConfig
 from samft.config.peft.lora import LoRAConfig
 from samft.config.peft.placement import ALL, canonical_blocks, normalise_blocks
 from samft.config.peft.sam_adapter import SAMAdapterConfig
@@ -47,6 +48,7 @@ class PeftConfig:
     conv_lora: ConvLoRAConfig = _options(ConvLoRAConfig, "conv_lora")
     decoder_only: DecoderOnlyConfig = _options(DecoderOnlyConfig, "decoder_only")
     full: FullConfig = _options(FullConfig, "full")
+    hf: HFConfig = _options(HFConfig, "hf")
     sam_adapter: SAMAdapterConfig = _options(SAMAdapterConfig, "sam_adapter")
     ssf: SSFConfig = _options(SSFConfig, "ssf")
     vpt: VPTConfig = _options(VPTConfig, "vpt")
@@ -90,5 +92,5 @@ if tuple(f.name for f in fields(PeftConfig))[len(PEFT_COMMON):] != PEFT_METHODS:
     raise RuntimeError("samft.config.peft.PeftConfig: the common fields, then one field per name of PEFT_METHODS, "
                        "in its order")
 
-__all__ = ["PEFT_COMMON", "AdapterConfig", "BitFitConfig", "ConvLoRAConfig", "DecoderOnlyConfig", "FullConfig", "LoRAConfig",
+__all__ = ["PEFT_COMMON", "AdapterConfig", "BitFitConfig", "ConvLoRAConfig", "DecoderOnlyConfig", "FullConfig", "HFConfig", "LoRAConfig",
            "PeftConfig", "SAMAdapterConfig", "SSFConfig", "VPTConfig", "options_class", "trains_encoder"]

@@ -26,6 +26,9 @@
   weights (or SAM's classes cannot run the encoder); ``OUT`` is then the unmerged samft model: a
   ``torch.save`` dict with the run's config and the full state dict (base weights included, so no base
   checkpoint is needed to load it) that :func:`load_exported` rebuilds.
+- **quantised runs** (``model.quantize``: nf4, int8): the encoder's quantised linears are de-quantised first, so
+  every export holds float32 weights (the de-quantised base, plus the folded adapters when merged) and its stored
+  config says ``model.quantize: none``.
 - **pruned runs** (``samft prune``, config key ``model.pruned``): SAM's checkpoint format cannot hold a
   pruned encoder, so ``OUT`` is a ``torch.save`` dict (format ``samft-pruned-model-1``) with the run's
   config (``model.pruned`` cleared), the architecture description and the whole state dict, the
@@ -57,7 +60,8 @@ from samft.model import SemanticSAM, build_model
 from samft.model.attention import attention_function
 from samft.model.sam import SAM_NATIVE_SIZE, build_sam, interpolate_pos_embed, sam_size, set_image_size  # noqa: F401
 from samft.peft.decoder import merge_decoder
-from samft.peft.inject import AdapterLayer
+from samft.peft.inject import is_wrapper
+from samft.peft.quantize import dequantize_encoder
 from samft.slip.text import attach_text_class_head, stored_text_embeddings
 
 POS_EMBED = "image_encoder.pos_embed"
@@ -88,8 +92,8 @@ class ExportArgs:
     @classmethod
     def of(cls, run: LoadedRun) -> "ExportArgs":
         cfg = run.cfg
-        stored = cfg if not cfg.model.pruned else dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, pruned=None))  # an export carries its own weights
+        stored = cfg if not (cfg.model.pruned or cfg.model.quantize != "none") else dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, pruned=None, quantize="none"))  # it carries its own (float) weights
         return cls(cfg.model.type, cfg.model.img_size, cfg.peft.method, cfg.model.attention, cfg.model.pruned,
                    run.meta.get("base_sha256", ""), dump_yaml(stored), cfg.model)
 
@@ -156,7 +160,7 @@ def merge_encoder(model: SemanticSAM, method: str) -> int:
     """Fold a mergeable method's adapter layers into the encoder's weights in place; returns how many.
     Raises when a layer is left (the encoder must then be plain SAM)."""
     folded = peft.get(method).merge(model.image_encoder)
-    left = [n for n, m in model.image_encoder.named_modules() if isinstance(m, AdapterLayer)]
+    left = [n for n, m in model.image_encoder.named_modules() if is_wrapper(m)]
     if left:
         raise SamftError(f"PEFT method {method}: merging left adapter layers {left[:3]}")
     return folded
@@ -199,6 +203,7 @@ def export_run(run_dir: str | Path, out: str | Path, adapter: str = ADAPTER_FILE
     check_export_target(out, overwrite)
     run = load_run(run_dir, torch.device("cpu"), adapter)
     args, model = ExportArgs.of(run), run.model.eval()
+    dequantize_encoder(model.image_encoder)  # model.quantize: every export holds the de-quantised float weights
     if args.pruned:
         return _export_pruned(args, model, out)
     if not args.mergeable or not args.sam_attention:

@@ -52,6 +52,7 @@ from samft.model import SemanticSAM
 from samft.model.attention import EncoderAttention
 from samft.model.semantic import semantic_probs, upsample_logits
 from samft.peft.inject import AdapterLayer
+from samft.peft.quantize import dequantize_encoder
 
 TOLERANCE = 1e-3  # largest |onnxruntime - PyTorch| allowed on the output (logits or class scores), fp32
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from opset 17
@@ -253,6 +254,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET
     inputs = _inputs(args.img_size, dynamic_batch, image)
     with torch.no_grad():
         want = {name: graph(x).numpy() for name, x in inputs.items()}  # the run's own (unmerged) model
+        dequantize_encoder(model.image_encoder)  # model.quantize: the graph holds the de-quantised float weights
         merged = merge_encoder(model, args.peft_method) if args.mergeable else 0
     output = "scores" if model.num_classes > 1 else "logits"
     data = _traced(graph, args, inputs["random image"][:1], opset, dynamic_batch, output)
