@@ -138,3 +138,25 @@ def synthetic_dir(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMFT_CACHE", str(tmp_path / "cache"))
     warnings.filterwarnings("ignore", message=".*random weights.*")
+
+
+def check_checkpointing_and_bf16(model, images) -> None:
+    """``model`` (training mode) gives the same gradients with and without gradient checkpointing (1e-5), and a
+    bf16-autocast step gives finite outputs and gradients."""
+    import torch
+
+    grads = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        model(images).masks.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images).masks
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -21,7 +21,7 @@ from samft.model import build_model  # noqa: E402
 from samft.model.sam import build_tiny  # noqa: E402
 from samft.peft.quantize import dense_weight, dequantize_encoder, is_quantized, quantized_linear  # noqa: E402
 
-from conftest import perturb_trainable, tiny_config  # noqa: E402
+from conftest import check_checkpointing_and_bf16, perturb_trainable, tiny_config  # noqa: E402
 from test_export import make_run  # noqa: E402
 
 KINDS = ["nf4", "int8"]
@@ -128,19 +128,7 @@ def test_without_bitsandbytes_one_line_says_what_to_install(monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpointing_and_bf16_on_the_quantised_base(kind):
     model = perturb_trainable(build_model(tiny_config("lora", model={"quantize": kind})).model.train())
-    images = torch.randn(2, 3, 64, 48)
-    grads = []
-    for checkpointing in (False, True):
-        model.grad_checkpointing = checkpointing
-        model.zero_grad(set_to_none=True)
-        model(images).masks.square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(images).masks
-    out.float().square().mean().backward()
-    assert torch.isfinite(out.float()).all()
+    check_checkpointing_and_bf16(model, torch.randn(2, 3, 64, 48))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bitsandbytes' CUDA kernels)")
