@@ -32,7 +32,7 @@ from torch import nn
 
 from samft.config.peft.hf import HFConfig
 from samft.errors import ConfigError
-from samft.peft.inject import flatten_input, linear_targets, placed_modules
+from samft.peft.inject import flatten_input, linear_targets, placed_modules, set_module
 from samft.peft.registry import register
 
 INSTALL = "pip install 'samft[peft]'"
@@ -102,11 +102,6 @@ def tuner_layers(root: nn.Module) -> list[str]:
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
-
-
 def _inject(config: Any, root: nn.Module, hf_type: str) -> None:
     peft = require_peft()
     try:
@@ -132,7 +127,7 @@ def _inject_on_meta(config: Any, encoder: nn.Module, names: list[str], hf_type: 
             built[key] = holder.layer.to("meta")
         layer = copy.deepcopy(built[key])
         layer.base_layer = base
-        _set(encoder, name, layer)
+        set_module(encoder, name, layer)
 
 
 def merge(encoder: nn.Module) -> int:
@@ -142,7 +137,7 @@ def merge(encoder: nn.Module) -> int:
     for name in names:
         layer = encoder.get_submodule(name)
         layer.merge()
-        _set(encoder, name, layer.get_base_layer())
+        set_module(encoder, name, layer.get_base_layer())
     return len(names)
 
 

@@ -86,10 +86,14 @@ def replace_modules(
     """
     names = placed_modules(root, match, method, wanted)
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, attr, build(getattr(parent, attr)))
+        set_module(root, name, build(root.get_submodule(name)))
     return names
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` under ``root`` (``blocks.3.attn.qkv``), in place of what is there."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
 
 
 def placed_modules(root: nn.Module, match: Callable[[str, nn.Module], bool], method: str, wanted: str) -> list[str]:
@@ -123,9 +127,7 @@ def merge_layers(root: nn.Module, cls: type) -> int:
     """Replace every ``cls`` wrapper under ``root`` by its ``merged()`` plain module; returns how many."""
     names = [n for n, m in root.named_modules() if isinstance(m, cls)]
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, attr, getattr(parent, attr).merged())
+        set_module(root, name, root.get_submodule(name).merged())
     return len(names)
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samft.errors import ConfigError
+from samft.peft.inject import set_module
 
 INSTALL = "pip install 'samft[quant]'"
 KINDS = ("nf4", "int8")
@@ -112,9 +113,7 @@ def float_like(linear: nn.Module) -> torch.Tensor:
 
 def _replace(root: nn.Module, names: list[str], build) -> int:
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, attr, build(getattr(parent, attr)))
+        set_module(root, name, build(root.get_submodule(name)))
     return len(names)
 
 
