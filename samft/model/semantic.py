@@ -71,11 +71,13 @@ class SemanticMaskDecoder(nn.Module):
         self.hypernetwork = copy.deepcopy(decoder.output_hypernetworks_mlps[0])
         self.class_head = nn.Linear(dim, num_classes + 1) if num_classes > 1 else None
 
-    first_mask = 1  # index of the first mask token among the decoder's tokens (after SAM's IoU token)
+    def leading_tokens(self) -> list[torch.Tensor]:
+        """The tokens before the mask tokens: SAM's IoU token."""
+        return [self.iou_token.weight]
 
     def tokens(self, batch: int, sparse: Optional[torch.Tensor]) -> torch.Tensor:
-        """The decoder's input tokens (B, T, C): SAM's IoU token, the mask tokens, then ``sparse`` (1, S, C)."""
-        parts = [self.iou_token.weight, self.mask_tokens.weight] + ([sparse[0]] if sparse is not None else [])
+        """The decoder's input tokens (B, T, C): :meth:`leading_tokens`, the mask tokens, then ``sparse`` (1, S, C)."""
+        parts = self.leading_tokens() + [self.mask_tokens.weight] + ([sparse[0]] if sparse is not None else [])
         return torch.cat(parts, dim=0).unsqueeze(0).expand(batch, -1, -1)
 
     def upscale(self, src: torch.Tensor, high_res: Optional[list[torch.Tensor]]) -> torch.Tensor:
@@ -93,7 +95,8 @@ class SemanticMaskDecoder(nn.Module):
         src = image_embeddings + dense_embeddings
         pos = image_pe.expand(b, -1, -1, -1)
         hs, src = self.transformer(src, pos, tokens)
-        mask_tokens_out = hs[:, self.first_mask : self.first_mask + self.num_queries, :]
+        first = sum(t.shape[0] for t in self.leading_tokens())
+        mask_tokens_out = hs[:, first : first + self.num_queries, :]
         src = src.transpose(1, 2).reshape(b, c, h, w)
         upscaled = self.upscale(src, high_res)
         hyper = self.hypernetwork(mask_tokens_out)  # (B, Q, C/8)
@@ -177,19 +180,15 @@ class SemanticSAM(nn.Module):
     def encode_levels(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[list]]:
         """:meth:`encode` and the high-resolution maps the decoder also reads (None for SAM 1)."""
         x = self.embed(images)
-        blocks = list(self.image_encoder.blocks)
         frozen = self.frozen_prefix(x)
-        tapped = []
-        if frozen:
-            with torch.no_grad():
-                for i, blk in enumerate(blocks[:frozen]):
-                    x = blk(x)
-                    if i in self.taps:
-                        tapped.append(x)
         outer = active_aux_sink()
         checkpointing = self._checkpointing()
-        for i, blk in enumerate(blocks[frozen:], start=frozen):
-            if checkpointing:
+        tapped = []
+        for i, blk in enumerate(self.image_encoder.blocks):
+            if i < frozen:
+                with torch.no_grad():
+                    x = blk(x)
+            elif checkpointing:
                 x, aux = checkpoint(self._run_block, blk, outer is not None, x, use_reentrant=False)
                 if outer is not None:
                     outer.extend(aux)

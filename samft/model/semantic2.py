@@ -30,18 +30,15 @@ from samft.model.semantic import SemanticMaskDecoder, SemanticSAM
 class SemanticMaskDecoder2(SemanticMaskDecoder):
     """SAM 2's mask decoder decoding a batch with ``num_queries`` mask tokens and high-resolution maps."""
 
-    first_mask = 2  # after SAM 2's object-score and IoU tokens
-
     def __init__(self, decoder, num_queries: int = 1, num_classes: int = 1) -> None:
         super().__init__(decoder, num_queries, num_classes)
         self.obj_score_token = decoder.obj_score_token
         self.conv_s0 = decoder.conv_s0
         self.conv_s1 = decoder.conv_s1
 
-    def tokens(self, batch: int, sparse: Optional[torch.Tensor]) -> torch.Tensor:
-        parts = [self.obj_score_token.weight, self.iou_token.weight, self.mask_tokens.weight]
-        parts += [sparse[0]] if sparse is not None else []
-        return torch.cat(parts, dim=0).unsqueeze(0).expand(batch, -1, -1)
+    def leading_tokens(self) -> list[torch.Tensor]:
+        """SAM 2's object-score and IoU tokens."""
+        return [self.obj_score_token.weight, self.iou_token.weight]
 
     def upscale(self, src: torch.Tensor, high_res: Optional[list[torch.Tensor]]) -> torch.Tensor:
         """SAM 2's upscaling: the stride-8 map (conv_s1) added after the first transposed conv, the stride-4
