@@ -27,6 +27,7 @@ from torch import nn
 from samft.config import ModelConfig
 from samft.config.names import SAM2_TYPES, check_registered
 from samft.errors import CheckpointError, ConfigError
+from samft.model.sam import check_state
 
 SAM2_NATIVE_SIZE = 1024
 SAM2_WIDTH = 256  # FPN neck = prompt encoder = mask decoder width of the official sizes
@@ -174,16 +175,8 @@ def load_sam2_state(parts: Sam2Parts, state: dict[str, torch.Tensor], source: st
     found = _found_size(state)
     if model_type != "tiny" and found != model_type:
         raise CheckpointError(f"{source}: this is a SAM 2.1 {found} checkpoint but model.type is {model_type}")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(VIDEO_ONLY))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: does not match SAM 2.1 {model_type}: {len(missing)} missing keys "
-                              f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape]
-    if wrong:
-        k, got, want = wrong[0]
-        raise CheckpointError(f"{source}: tensor {k} has shape {got}, SAM 2.1 {model_type} expects {want} "
-                              f"(the file holds SAM 2.1 {found})")
+    check_state(own, state, source, f"SAM 2.1 {model_type}", ignored=VIDEO_ONLY,
+                holds=f" (the file holds SAM 2.1 {found})")
     parts.load_state_dict({k: state[k] for k in own}, strict=True, assign=assign)
 
 

@@ -100,20 +100,24 @@ def load_checkpoint(sam: Sam, path: str | Path, model_type: str) -> None:
                 f"{path}: this is a {found} checkpoint (encoder width {width}, {depth} blocks) but model.type is "
                 f"{model_type} (width {expected_width}, {len(sam.image_encoder.blocks)} blocks)"
             )
-    model_keys = set(sam.state_dict())
-    missing = sorted(model_keys - set(state))
-    unexpected = sorted(set(state) - model_keys)
+    check_state(sam.state_dict(), state, path, f"SAM {model_type}")
+    sam.load_state_dict(state, strict=True)
+
+
+def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str | Path, model: str,
+                ignored: tuple[str, ...] = (), holds: str = "") -> None:
+    """``state`` (a checkpoint's) holds every key of ``own`` (the built model's) with its shape and no other key
+    but those starting with ``ignored``; else a CheckpointError naming ``source``, ``model`` and the first keys
+    (``holds``: what the file was recognised as, added to a shape mismatch)."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(ignored))
     if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: does not match SAM {model_type}: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
-        )
-    own = sam.state_dict()
-    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
+        raise CheckpointError(f"{source}: does not match {model}: {len(missing)} missing keys {missing[:3]}, "
+                              f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
     if wrong:
         k, got, want = wrong[0]
-        raise CheckpointError(f"{path}: tensor {k} has shape {got}, SAM {model_type} expects {want}")
-    sam.load_state_dict(state, strict=True)
+        raise CheckpointError(f"{source}: tensor {k} has shape {got}, {model} expects {want}{holds}")
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
