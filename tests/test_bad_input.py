@@ -726,7 +726,6 @@ def test_eroFS_is_one_line(tmp_path, trained, monkeypatch):
 def test_ctrl_c_during_eval_or_predict(tmp_path, trained, monkeypatch, command):
     """Ctrl-C: one word, exit 130 (the shell's code for SIGINT), no traceback, no half-written mask."""
     import samft.engine.infer.evaluate as evaluate
-    import samft.engine.infer.predict as predict
 
     ctx = Ctx(tmp_path, trained)
     real = evaluate.iter_predictions
@@ -737,8 +736,7 @@ def test_ctrl_c_during_eval_or_predict(tmp_path, trained, monkeypatch, command):
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(evaluate, "iter_predictions", interrupted)
-    monkeypatch.setattr(predict, "iter_predictions", interrupted)
+    monkeypatch.setattr(evaluate, "iter_predictions", interrupted)  # eval's and predict's (evaluate.predictions)
     args = ["eval", "--run", ctx.run()] if command == "eval" else [
         "predict", ctx.data / "images", "--run", ctx.run(), "--out", tmp_path / "o"]
     result, out = cli(*args, cwd=tmp_path)

@@ -71,16 +71,18 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
 
 def predictions(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, task: Task,
                 precision: str, tiling: Optional[tuple[int, Optional[int]]] = None, num_workers: Optional[int] = None,
-                workers_option: Optional[str] = "data.num_workers"
+                workers_option: Optional[str] = "data.num_workers", at_input_size: Optional[bool] = None
                 ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
     """The predictions evaluation scores: :func:`iter_predictions` with the run's settings, or by tiles at native
     resolution with ``tiling`` = (tile, overlap or None) (:func:`samft.engine.infer.tiling.iter_tiled_predictions`).
-    ``num_workers`` None: ``data.num_workers``."""
+    ``num_workers`` None: ``data.num_workers``; ``at_input_size`` None: ``eval.resize_gt_to_input`` (prediction
+    passes False: masks at each image's own size)."""
     if tiling:
         return iter_tiled_predictions(model, pairs, tiling[0], tiling[1], cfg.eval.batch_size, device, task, precision)
     workers = cfg.data.num_workers if num_workers is None else num_workers
-    return iter_predictions(model, pairs, cfg.eval.batch_size, device, task, precision, workers,
-                            cfg.eval.resize_gt_to_input, cfg.data.resize, workers_option)
+    at_input_size = cfg.eval.resize_gt_to_input if at_input_size is None else at_input_size
+    return iter_predictions(model, pairs, cfg.eval.batch_size, device, task, precision, workers, at_input_size,
+                            cfg.data.resize, workers_option)
 
 
 TILED_SCORING = "original_resolution, tiles {} px overlapping {} px"  # eval.json's scoring of a tiled evaluation

@@ -16,11 +16,11 @@ from samft.data import split_file
 from samft.data.paths import expand_glob
 from samft.engine import distributed as D
 from samft.engine.artifacts.fileio import atomic_write_bytes
-from samft.engine.infer.evaluate import iter_predictions
+from samft.engine.infer.evaluate import predictions
 from samft.engine.runtime import memory_advice, resolve_precision
 from samft.engine.artifacts.rundir import RunDir, is_run_file
 from samft.engine.artifacts.loading import load_run, run_device
-from samft.engine.infer.tiling import check_tiling, inference_memory, iter_tiled_predictions
+from samft.engine.infer.tiling import check_tiling, inference_memory
 from samft.engine.infer.writer import BackgroundWriter
 from samft.errors import SamftError
 from samft.progress import console, progress
@@ -293,11 +293,8 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
     _prepare_output(out, with_overlay, probs)
     mine = D.shard(pairs, info)
     precision = resolve_precision(run.cfg.train.precision, dev)
-    batch, option = run.cfg.eval.batch_size, "data.num_workers" if workers is None else "--workers"
-    workers = run.cfg.data.num_workers if workers is None else workers
-    source = (iter_tiled_predictions(run.model, mine, tile, overlap, batch, dev, task, precision) if tile
-              else iter_predictions(run.model, mine, batch, dev, task, precision, workers, resize=run.cfg.data.resize,
-                                    workers_option=option))
+    source = predictions(run.model, mine, run.cfg, dev, task, precision, (tile, overlap) if tile else None, workers,
+                         "data.num_workers" if workers is None else "--workers", at_input_size=False)
     started = time.perf_counter()
     empty, counts = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main,
                                write_threads, probs)
