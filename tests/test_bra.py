@@ -354,29 +354,29 @@ def test_save_load_and_the_attention_is_recorded(tmp_path):
     built = build_model(cfg)
     model = perturb_trainable(built.model).eval()
     path = tmp_path / "adapter.safetensors"
-    save_adapter(model, path, adapter_expectations(cfg, built.base_sha256))
+    save_adapter(model, path, adapter_expectations(cfg, built.base_sha256, built.model))
     tensors, meta = read_adapter(path)
     assert meta["attention"] == "bra" and "image_encoder.blocks.1.attn.lepe.weight" in tensors
     fresh = build_model(cfg)
-    load_adapter(fresh.model, path, adapter_expectations(cfg, fresh.base_sha256))
+    load_adapter(fresh.model, path, adapter_expectations(cfg, fresh.base_sha256, fresh.model))
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         torch.testing.assert_close(fresh.model.eval()(images).masks, model(images).masks, rtol=0, atol=0)
     # a BRA adapter onto a dense model (even with LEPE off, where the tensors would fit) and the reverse
     no_lepe = tiny_config("lora", model={**BRA, "bra": {**BRA["bra"], "lepe_kernel": 0}})
     built = build_model(no_lepe)
-    save_adapter(built.model, path, adapter_expectations(no_lepe, built.base_sha256))
+    save_adapter(built.model, path, adapter_expectations(no_lepe, built.base_sha256, built.model))
     dense_cfg = tiny_config("lora")
     dense = build_model(dense_cfg)
     with pytest.raises(CheckpointError, match="encoder attention \\(model.attention\\) 'bra', but this model has "
                                               "'sdpa'"):
-        load_adapter(dense.model, path, adapter_expectations(dense_cfg, dense.base_sha256))
-    save_adapter(dense.model, path, adapter_expectations(dense_cfg, dense.base_sha256))
+        load_adapter(dense.model, path, adapter_expectations(dense_cfg, dense.base_sha256, dense.model))
+    save_adapter(dense.model, path, adapter_expectations(dense_cfg, dense.base_sha256, dense.model))
     with pytest.raises(CheckpointError, match="'sdpa', but this model has 'bra'"):
-        load_adapter(built.model, path, adapter_expectations(no_lepe, built.base_sha256))
+        load_adapter(built.model, path, adapter_expectations(no_lepe, built.base_sha256, built.model))
     eager_cfg = tiny_config("lora", model={"attention": "eager"})  # the same function as sdpa: loads
     eager = build_model(eager_cfg)
-    load_adapter(eager.model, path, adapter_expectations(eager_cfg, eager.base_sha256))
+    load_adapter(eager.model, path, adapter_expectations(eager_cfg, eager.base_sha256, eager.model))
 
 
 @pytest.mark.parametrize("method", ["lora", "conv_lora"])  # mergeable and not: both export unmerged with BRA
@@ -392,7 +392,7 @@ def test_export_is_unmerged_and_gives_the_runs_outputs(method, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / CONFIG_FILE).write_text(dump_yaml(cfg))
-    save_adapter(model, run / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256))
+    save_adapter(model, run / ADAPTER_FILE, adapter_expectations(cfg, built.base_sha256, built.model))
     result = export_run(run, tmp_path / "model.pth")
     assert not result.merged
     if method == "lora":

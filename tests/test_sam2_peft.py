@@ -45,9 +45,9 @@ def test_every_method_trains_saves_and_reloads(method, tmp_path):
         after = model(images).masks
     assert not torch.equal(before, after)
     path = tmp_path / "adapter.safetensors"
-    save_adapter(model, path, adapter_expectations(cfg, built.base_sha256))
+    save_adapter(model, path, adapter_expectations(cfg, built.base_sha256, built.model))
     fresh = build_model(cfg)
-    load_adapter(fresh.model, path, adapter_expectations(cfg, fresh.base_sha256))
+    load_adapter(fresh.model, path, adapter_expectations(cfg, fresh.base_sha256, fresh.model))
     with torch.no_grad():
         torch.testing.assert_close(fresh.model.eval()(images).masks, after, rtol=0, atol=0)
 
@@ -83,12 +83,12 @@ def test_an_adapter_of_one_family_is_refused_on_the_other(tmp_path):
     sam2 = sam2_config("lora")
     built = build_model(sam2)
     path = tmp_path / "sam2.safetensors"
-    save_adapter(built.model, path, adapter_expectations(sam2, built.base_sha256))
+    save_adapter(built.model, path, adapter_expectations(sam2, built.base_sha256, built.model))
     sam1 = tiny_config("lora")
     other = build_model(sam1)
     with pytest.raises(CheckpointError, match="model family .model.family. 'sam2', but this model has 'sam'"):
-        load_adapter(other.model, path, adapter_expectations(sam1, other.base_sha256))
+        load_adapter(other.model, path, adapter_expectations(sam1, other.base_sha256, other.model))
     path1 = tmp_path / "sam1.safetensors"
-    save_adapter(other.model, path1, adapter_expectations(sam1, other.base_sha256))
+    save_adapter(other.model, path1, adapter_expectations(sam1, other.base_sha256, other.model))
     with pytest.raises(CheckpointError, match="model family .model.family. 'sam', but this model has 'sam2'"):
-        load_adapter(built.model, path1, adapter_expectations(sam2, built.base_sha256))
+        load_adapter(built.model, path1, adapter_expectations(sam2, built.base_sha256, built.model))

@@ -138,12 +138,12 @@ def load_adapter(model: nn.Module, path: str | Path, expected: Optional[dict[str
 write = save_adapter
 
 
-def adapter_expectations(cfg, base_sha256: str, model: Optional[nn.Module] = None) -> dict[str, str]:
+def adapter_expectations(cfg, base_sha256: str, model: nn.Module) -> dict[str, str]:
     """What an adapter's metadata must match to be loaded on the model of ``cfg`` (``model``: the built model,
-    whose encoder records the resolved ``peft.blocks``; without it the placement is neither recorded nor checked)."""
+    whose encoder records the resolved ``peft.blocks``, when the method was placed on it)."""
     expected = {"family": cfg.model.family, "sam_type": cfg.model.type, "base_sha256": base_sha256,
                 "peft_method": cfg.peft.method, "attention": cfg.model.attention}
-    placement = getattr(getattr(model, "image_encoder", None), "peft_blocks", None)
+    placement = getattr(model.image_encoder, "peft_blocks", None)
     if placement is not None:
         expected["peft_blocks"] = placement
     return expected

@@ -292,8 +292,8 @@ class Fit:
                                     task, resumed_text_embeddings(self.run_dir, cfg) if ctx.resume else None)
         self.streams = _check_streams(streams, self.parts.terms)
         self.metric = self.parts.task.selection_metric(cfg.train.metric)
-        meta = {**adapter_expectations(cfg, self.parts.base_sha256, self.parts.model), "img_size": str(self.parts.model.img_size),
-                "config_hash": config_hash(cfg), "config_yaml": dump_yaml(cfg)}
+        meta = {**adapter_expectations(cfg, self.parts.base_sha256, self.parts.model),
+                "img_size": str(self.parts.model.img_size), "config_hash": config_hash(cfg), "config_yaml": dump_yaml(cfg)}
         self.checkpointer = Checkpointer(self.run_dir, self.parts, meta, self.metric, self.main)
         self.state = TrainState()
         self.window: dict[str, list[float]] = {}
