@@ -108,6 +108,19 @@ def postprocess(output: np.ndarray, valid_hw: tuple[int, int], orig_hw: tuple[in
     return resized, labels.astype(np.uint8 if resized.shape[0] <= 256 else np.int32)
 
 
+def static_batch(session) -> Optional[int]:
+    """The batch size a graph's input is fixed to (an export without ``--dynamic-batch``: 1), None for any."""
+    batch = session.get_inputs()[0].shape[0]
+    return batch if isinstance(batch, int) else None
+
+
+def run_session(session, batch: np.ndarray) -> np.ndarray:
+    """(B, 3, S, S) normalised float32 -> the graph's output (B, 1 or C, S, S), in chunks the graph accepts."""
+    name = session.get_inputs()[0].name
+    step = static_batch(session) or len(batch)
+    return np.concatenate([session.run(None, {name: batch[i: i + step]})[0] for i in range(0, len(batch), step)])
+
+
 class OnnxSegmenter:
     """An exported samft model in an onnxruntime session, with samft's pre- and post-processing.
 
@@ -127,15 +140,11 @@ class OnnxSegmenter:
         self.task = meta["task"]
         self.threshold = float(meta.get("threshold", 0.5))
         self.class_names = json.loads(meta.get("classes", "[]"))
-        self.input_name = self.session.get_inputs()[0].name
-        batch = self.session.get_inputs()[0].shape[0]
-        self.max_batch = batch if isinstance(batch, int) else None  # None: any batch size
+        self.max_batch = static_batch(self.session)  # None: any batch size
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) normalised float32 -> the graph's output (B, 1 or C, S, S), in chunks the graph accepts."""
-        step = self.max_batch or len(batch)
-        return np.concatenate([self.session.run(None, {self.input_name: batch[i: i + step]})[0]
-                               for i in range(0, len(batch), step)])
+        return run_session(self.session, batch)
 
     def scores(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 RGB -> (probability (H, W) or class scores (C, H, W), mask or labels (H, W))."""

@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 
 from samft.config import Config, config_from_dict, safe_yaml
+from samft.deploy_onnx import run_session
 from samft.engine.artifacts import onnx_meta
 from samft.engine.artifacts.fileio import fail
 from samft.errors import CheckpointError, SamftError
@@ -91,18 +92,10 @@ class OnnxModel(nn.Module):
     def __init__(self, session: Any, path: Path, img_size: int, num_classes: int) -> None:
         super().__init__()
         self.session, self.path, self.img_size, self.num_classes = session, path, img_size, num_classes
-        first = session.get_inputs()[0]
-        self.input_name = first.name
-        self.max_batch = first.shape[0] if isinstance(first.shape[0], int) else None  # None: any batch size
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32 -> the graph's output, in chunks the graph accepts (a static graph takes one)."""
-        step = self.max_batch or len(batch)
-        return np.concatenate([self.session.run(None, {self.input_name: batch[i: i + step]})[0]
-                               for i in range(0, len(batch), step)])
 
     def forward(self, images: torch.Tensor) -> SegOutput:
-        out = torch.from_numpy(self.run(np.ascontiguousarray(images.detach().float().cpu().numpy())))
+        batch = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        out = torch.from_numpy(run_session(self.session, batch))  # in chunks a static-batch graph accepts
         out = out.to(images.device)
         if self.num_classes > 1:
             return SegOutput(out, None, {}, class_scores=out)
