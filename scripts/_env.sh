@@ -17,7 +17,7 @@ _samft_installed() { [ -f "$VENV/.samft-installed-$1" ] && [ "$(cat "$VENV/.samf
 if ! _samft_installed "$EXTRAS" && ! _samft_installed "test,all"; then
   echo "installing samft${EXTRAS:+[$EXTRAS]} and its pinned dependencies into $VENV (about a minute the first time)"
   # SAM2_BUILD_CUDA=0: the sam2 extra builds without its CUDA extension (a CPU machine has no nvcc)
-  if ! SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --disable-pip-version-check -c "$ROOT/constraints.txt" \
+  if ! SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --no-compile --disable-pip-version-check -c "$ROOT/constraints.txt" \
        --config-settings editable_mode=compat -e "$ROOT${EXTRAS:+[$EXTRAS]}" >"$VENV/pip-install.log" 2>&1; then
     grep -v "is ignored: it is neither a file nor a directory" "$VENV/pip-install.log" | tail -40
     echo "install failed; full log: $VENV/pip-install.log" >&2

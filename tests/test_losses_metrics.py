@@ -184,20 +184,41 @@ def _plain_boundary_weights(target):
     return 1 + 5 * torch.abs(F.avg_pool2d(target, kernel_size=31, stride=1, padding=15) - target)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 40, 40), (3, 1, 64, 96), (2, 1, 17, 130)])
-def test_separable_boundary_weights_equal_the_plain_pool(shape):
-    """Within 2e-6 (float rounding of two sums instead of one; the weights lie in [1, 6]), borders included."""
+@pytest.mark.parametrize("shape", [(1, 1, 40, 40), (3, 1, 64, 96), (2, 1, 17, 130), (1, 1, 9, 12)])
+def test_running_sum_boundary_weights_equal_the_plain_pool(shape):
+    """Binary masks: within 1e-6 (the sums are exact; only the division may round differently), borders
+    included, and images smaller than the 31 x 31 window."""
     from samft.tasks.losses import boundary_weights
 
     torch.manual_seed(0)
     target = (torch.rand(shape) > 0.6).float()
     target[..., :5, :] = 1  # a border of foreground: the zero padding matters there
-    assert torch.allclose(boundary_weights(target), _plain_boundary_weights(target), atol=2e-6, rtol=0)
+    assert torch.allclose(boundary_weights(target), _plain_boundary_weights(target), atol=1e-6, rtol=0)
+
+
+def test_running_sum_box_mean_equals_the_pool_for_soft_values():
+    """Soft (non-binary) values and other kernels: within float32 rounding (1e-7) of avg_pool2d computed in
+    float64 (the float32 pool itself is 1e-6 off at 31 x 31); float64 input stays float64."""
+    import torch.nn.functional as F
+
+    from samft.tasks.losses import box_mean
+
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 57, 200)
+    for kernel in (1, 3, 31):
+        exact = F.avg_pool2d(x.double(), kernel, stride=1, padding=kernel // 2)
+        got = box_mean(x, kernel)
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), exact, atol=1e-7, rtol=0)
+    x64 = x.double()
+    got = box_mean(x64)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, F.avg_pool2d(x64, 31, stride=1, padding=15), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("bce", ["mean", "weighted", "balanced"])
 @pytest.mark.parametrize("iou", [True, False])
-def test_structure_loss_with_separable_weights_equals_the_plain_pool(bce, iou, monkeypatch):
+def test_structure_loss_with_running_sum_weights_equals_the_plain_pool(bce, iou, monkeypatch):
     """Every place the weights are used (weighted IoU, weighted BCE, balanced BCE; padded batch): the same loss
     as with the plain 2-D pool, within 1e-6 relative."""
     import samft.tasks.losses as losses

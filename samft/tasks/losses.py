@@ -23,12 +23,18 @@ BOUNDARY_KERNEL = 31
 
 
 def box_mean(x: torch.Tensor, kernel: int = BOUNDARY_KERNEL) -> torch.Tensor:
-    """``F.avg_pool2d(x, kernel, stride=1, padding=kernel // 2)`` (zero padding counted in the divisor) as two
-    1-D pools, a column then a row: the box filter is separable, so the result is the same up to float
-    rounding (tested within 2e-6) at about a tenth of the cost for 31 x 31 (``scripts/bench_losses.py``)."""
+    """``F.avg_pool2d(x, kernel, stride=1, padding=kernel // 2)`` (zero padding counted in the divisor) of a
+    (..., H, W) tensor, from running sums: one cumulative sum down the columns and one along the rows, each
+    window a difference of two sums, so the cost does not grow with the kernel (about 4x faster than two 1-D
+    pools and 10x faster than the 2-D pool for 31 x 31 at 192 px, ``scripts/bench_losses.py``). The sums run in
+    float64: exact for masks of 0/1 (equal to the pool, tested) and within 1e-6 of it for soft values."""
     pad = kernel // 2
-    x = F.avg_pool2d(x, (kernel, 1), stride=1, padding=(pad, 0))
-    return F.avg_pool2d(x, (1, kernel), stride=1, padding=(0, pad))
+    h, w = x.shape[-2:]
+    sums = F.pad(x.double(), (0, 0, pad + 1, pad)).cumsum(-2)  # sums[i] = sum of the padded column up to i - 1
+    cols = sums[..., kernel:, :] - sums[..., :h, :]
+    sums = F.pad(cols, (pad + 1, pad)).cumsum(-1)
+    window = sums[..., kernel:] - sums[..., :w]
+    return (window / (kernel * kernel)).to(x.dtype)
 
 
 def boundary_weights(target: torch.Tensor) -> torch.Tensor:
