@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from samft.imports import defer_segment_anything_init
+from samft.imports import defer_heavy_inits
 from samft.version import __version__
 
-defer_segment_anything_init()  # samft uses segment_anything.modeling only: its predictor's torchvision import waits
+defer_heavy_inits()  # segment_anything's predictor (torchvision) and py_sod_metrics' scikit-learn wait until asked for
 
 
 def _config(config: Any, overrides: Optional[list[str]]) -> Any:

@@ -49,3 +49,20 @@ def test_info_on_a_tiny_config_leaves_torch_dynamo_unimported_and_counts_as_the_
                "m = count_params(build_model(cfg, meta=True).model)\n"
                "print(d['trainable_params'] == m['trainable_params'], d['total_params'] == m['total_params'])")
     assert out.splitlines() == ["False", "True True"]
+
+
+def test_binary_metrics_leave_scikit_learn_unimported_and_py_sod_metrics_still_works():
+    """The metrics use py_sod_metrics.sod_metrics only (the package's __init__ imports scikit-learn, 2.3 s);
+    the package asked for a name afterwards runs its real __init__ and gives the same S-measure."""
+    out = _run("import sys, numpy as np\n"
+               "from samft.tasks.metrics import BinaryMetrics\n"
+               "rng = np.random.default_rng(0)\n"
+               "prob, gt = rng.random((40, 50)), rng.random((40, 50)) > 0.6\n"
+               "m = BinaryMetrics()\n"
+               "m.update(prob, gt, 'a')\n"
+               "print('sklearn' in sys.modules, 'py_sod_metrics.context_measure' in sys.modules)\n"
+               "import py_sod_metrics\n"
+               "sm = py_sod_metrics.Smeasure()\n"
+               "sm.step(np.round(prob * 255).astype(np.uint8), gt.astype(np.uint8) * 255)\n"
+               "print(float(sm.sms[-1]) == m.records['sm'][0], py_sod_metrics.ContextMeasure.__name__)")
+    assert out.splitlines() == ["False False", "True ContextMeasure"]

@@ -120,7 +120,7 @@ class BinaryMetrics:
 
     def update(self, prob: np.ndarray, gt: np.ndarray, name: str = "") -> None:
         """prob: (H, W) float in [0, 1]; gt: (H, W) bool of the same size."""
-        import py_sod_metrics as sod
+        import py_sod_metrics.sod_metrics as sod  # not the package: its __init__ imports scikit-learn (samft.imports)
 
         if prob.shape != gt.shape:
             raise ValueError(f"{name}: prediction {prob.shape} and ground truth {gt.shape} differ in size")
