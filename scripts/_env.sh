@@ -16,12 +16,20 @@ WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -d'
 _samft_installed() { [ -f "$VENV/.samft-installed-$1" ] && [ "$(cat "$VENV/.samft-installed-$1")" = "$WANT" ]; }
 if ! _samft_installed "$EXTRAS" && ! _samft_installed "test,all"; then
   echo "installing samft${EXTRAS:+[$EXTRAS]} and its pinned dependencies into $VENV (about a minute the first time)"
+  # The core install (the quick start) skips pip's byte-compilation of every installed module (39 of 111 s,
+  # torch's thousands of modules mostly) and byte-compiles what samft imports instead (scripts/_precompile.py,
+  # ~10 s). The full install for the tests keeps pip's: they import far more (the optional parts, torch's).
+  COMPILE=""
+  [ -z "$EXTRAS" ] && COMPILE="--no-compile"
   # SAM2_BUILD_CUDA=0: the sam2 extra builds without its CUDA extension (a CPU machine has no nvcc)
-  if ! SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --no-compile --disable-pip-version-check -c "$ROOT/constraints.txt" \
+  if ! SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install $COMPILE --disable-pip-version-check -c "$ROOT/constraints.txt" \
        --config-settings editable_mode=compat -e "$ROOT${EXTRAS:+[$EXTRAS]}" >"$VENV/pip-install.log" 2>&1; then
     grep -v "is ignored: it is neither a file nor a directory" "$VENV/pip-install.log" | tail -40
     echo "install failed; full log: $VENV/pip-install.log" >&2
     exit 1
+  fi
+  if [ -n "$COMPILE" ] && ! env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" "$ROOT/scripts/_precompile.py"; then
+    echo "byte-compiling samft's imports failed (see above); the install itself is complete" >&2
   fi
   echo "$WANT" >"$VENV/.samft-installed-$EXTRAS"
 fi
