@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -542,28 +543,64 @@ def demo_data(
     _console().print(f"wrote {n} pairs to {out_dir}/images and {out_dir}/masks", markup=False)
 
 
+LONG_COMMANDS = {"train", "eval", "predict", "prune", "report"}  # the commands that compute long
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle) CPU time of the machine so far, in clock ticks, from /proc/stat's first line (Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(fields), fields[3] + fields[4]
+
+
+def cores_in_use(window: float = 0.2) -> tuple[float, str]:
+    """How many cores other processes use now, and how it was measured.
+
+    /proc/stat sampled over ``window`` seconds while this process sleeps: what runs now. The 1-minute load
+    average (elsewhere, or when /proc/stat cannot be read) lags: right after an install or another command
+    it still counts that finished work, and the quick start's training, started after its own install,
+    ran 1.9x slower with sleeping OpenMP threads on an idle machine."""
+    cores = os.cpu_count() or 1
+    try:
+        all0, idle0 = _cpu_times()
+        time.sleep(window)
+        all1, idle1 = _cpu_times()
+        if all1 > all0:
+            return cores * (1 - (idle1 - idle0) / (all1 - all0)), "now"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0], "1-minute load"
+    except OSError:
+        return 0.0, "unknown"
+
+
 def quiet_openmp() -> None:
     """Keep OpenMP's waiting threads from stealing cores on a busy machine (unless the user chose a policy).
 
     Waiting OpenMP threads spin by default; beside one other training on 2 cores that made a short run
-    48x slower (``scripts/bench_threads.py``, docs/performance.md). On a machine already busy at start
-    (1-minute load >= half the cores) they sleep (``OMP_WAIT_POLICY=PASSIVE``: 0.04x the time beside a
-    competitor, but 1.36x on an idle machine); otherwise they spin briefly (``GOMP_SPINCOUNT=10000``: as
+    48x slower (``scripts/bench_threads.py``, docs/performance.md). When other processes use at least half
+    the cores as a long command starts (:func:`cores_in_use`, sampled for 0.2 s; the other commands read the
+    1-minute load, which costs nothing) they sleep (``OMP_WAIT_POLICY=PASSIVE``: 0.04x the time beside a
+    competitor, but 1.4-1.9x on an idle machine); otherwise they spin briefly (``GOMP_SPINCOUNT=10000``: as
     fast as the default when idle, 10x better than it if load arrives later). Set before torch loads.
     """
     if "torch" in sys.modules or any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
         return
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
     cores = os.cpu_count() or 1
-    if load >= 0.5 * cores:
+    long_command = bool(set(sys.argv[1:2]) & LONG_COMMANDS) and not {"--help", "-h"} & set(sys.argv[2:])
+    if long_command:
+        used, how = cores_in_use()
+    else:
+        try:
+            used, how = os.getloadavg()[0], "1-minute load"
+        except OSError:
+            used, how = 0.0, "unknown"
+    if used >= 0.5 * cores:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        long_command = set(sys.argv[1:2]) & {"train", "eval", "predict", "prune", "report"}  # the commands that compute long
-        if long_command and not {"--help", "-h"} & set(sys.argv[2:]):
-            print(f"note: the machine is busy (load {load:.1f} on {cores} cores): idle OpenMP threads will sleep "
-                  f"(OMP_WAIT_POLICY=PASSIVE; set it yourself to choose)", file=sys.stderr)
+        if long_command:
+            print(f"note: the machine is busy ({used:.1f} of {cores} cores in use, {how}): idle OpenMP threads "
+                  f"will sleep (OMP_WAIT_POLICY=PASSIVE; set it yourself to choose)", file=sys.stderr)
     else:
         os.environ["GOMP_SPINCOUNT"] = "10000"
 

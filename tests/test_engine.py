@@ -609,15 +609,23 @@ def test_predict_and_eval_take_an_exported_model(tmp_path, synthetic_dir):
         assert np.array_equal(samft.Segmenter.from_run(model_file, device="cpu").predict(image), b > 0)
 
 
-@pytest.mark.parametrize("load,expected", [(0.1, {"GOMP_SPINCOUNT": "10000"}), (64.0, {"OMP_WAIT_POLICY": "PASSIVE"})])
-def test_openmp_threads_wait_quietly_on_a_busy_machine(monkeypatch, load, expected):
+@pytest.mark.parametrize("argv", [["samft", "train"], ["samft", "info"]])
+@pytest.mark.parametrize("used,expected", [(0.1, {"GOMP_SPINCOUNT": "10000"}), (64.0, {"OMP_WAIT_POLICY": "PASSIVE"})])
+def test_openmp_threads_wait_quietly_on_a_busy_machine(monkeypatch, argv, used, expected):
+    """Long commands measure the cores in use now (cores_in_use), the others read the 1-minute load."""
     import sys
 
     from samft import cli
 
     for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    if argv[1] == "train":
+        monkeypatch.setattr(cli, "cores_in_use", lambda: (used, "now"))
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (64.0 - used, 0, 0))  # not read
+    else:
+        monkeypatch.setattr(cli, "cores_in_use", lambda: (64.0 - used, "now"))  # not called
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (used, used, used))
+    monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delitem(sys.modules, "torch")  # as at the CLI's start, before torch loads
     cli.quiet_openmp()
     assert {k: cli.os.environ.get(k) for k in expected} == expected
@@ -625,6 +633,33 @@ def test_openmp_threads_wait_quietly_on_a_busy_machine(monkeypatch, load, expect
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     cli.quiet_openmp()
     assert cli.os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in cli.os.environ
+
+
+def test_cores_in_use_reads_what_runs_now_not_the_lagging_load(monkeypatch):
+    """/proc/stat sampled twice: 150 of 200 ticks idle on 2 cores -> 0.5 cores in use, whatever the 1-minute
+    load says; the load average only when /proc/stat cannot be read."""
+    from samft import cli
+
+    samples = iter([(1000, 800), (1200, 950)])
+    monkeypatch.setattr(cli, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.9, 1.9, 1.9))
+    assert cli.cores_in_use(window=0) == (pytest.approx(0.5), "now")
+
+    def unreadable():
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(cli, "_cpu_times", unreadable)
+    assert cli.cores_in_use(window=0) == (1.9, "1-minute load")
+
+
+def test_cpu_times_parse_proc_stat_on_linux():
+    from samft import cli
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat (not Linux)")
+    total, idle = cli._cpu_times()
+    assert 0 <= idle <= total and total > 0
 
 
 def test_device_errors_name_the_option_the_value_came_from():
@@ -702,6 +737,7 @@ def test_the_busy_machine_note_only_for_long_commands(monkeypatch, capsys, argv,
     for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(cli, "cores_in_use", lambda: (64.0, "now"))
     monkeypatch.delitem(sys.modules, "torch")
     monkeypatch.setattr(sys, "argv", argv)
     cli.quiet_openmp()
