@@ -28,8 +28,15 @@ if ! _samft_installed "$EXTRAS" && ! _samft_installed "test,all"; then
     echo "install failed; full log: $VENV/pip-install.log" >&2
     exit 1
   fi
-  if [ -n "$COMPILE" ] && ! env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" "$ROOT/scripts/_precompile.py"; then
-    echo "byte-compiling samft's imports failed (see above); the install itself is complete" >&2
+  if [ -n "$COMPILE" ]; then
+    # SAMFT_PRECOMPILE=background (demo.sh): run it beside the caller's next step; the caller waits for
+    # $SAMFT_PRECOMPILE_PID before the commands that import torch
+    if [ "${SAMFT_PRECOMPILE-}" = background ]; then
+      env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" "$ROOT/scripts/_precompile.py" &
+      SAMFT_PRECOMPILE_PID=$!
+    elif ! env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" "$ROOT/scripts/_precompile.py"; then
+      echo "byte-compiling samft's imports failed (see above); the install itself is complete" >&2
+    fi
   fi
   echo "$WANT" >"$VENV/.samft-installed-$EXTRAS"
 fi
