@@ -196,20 +196,23 @@ def test_running_sum_boundary_weights_equal_the_plain_pool(shape):
     assert torch.allclose(boundary_weights(target), _plain_boundary_weights(target), atol=1e-6, rtol=0)
 
 
-def test_running_sum_box_mean_equals_the_pool_for_soft_values():
-    """Soft (non-binary) values and other kernels: within float32 rounding (1e-7) of avg_pool2d computed in
-    float64 (the float32 pool itself is 1e-6 off at 31 x 31); float64 input stays float64."""
+def test_running_sum_box_mean_equals_the_pool_for_soft_values_and_other_kernels():
+    """31 x 31 on soft values: within 1e-6 of avg_pool2d computed in float64 (as the float32 pool itself);
+    0/1 masks with any kernel: within 1e-7 (exact sums); float64 input is summed in float64 (1e-12)."""
     import torch.nn.functional as F
 
     from samft.tasks.losses import box_mean
 
     torch.manual_seed(2)
     x = torch.rand(2, 3, 57, 200)
+    exact = F.avg_pool2d(x.double(), 31, stride=1, padding=15)
+    got = box_mean(x)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), exact, atol=1e-6, rtol=0)
+    binary = (x > 0.5).float()
     for kernel in (1, 3, 31):
-        exact = F.avg_pool2d(x.double(), kernel, stride=1, padding=kernel // 2)
-        got = box_mean(x, kernel)
-        assert got.dtype == torch.float32
-        assert torch.allclose(got.double(), exact, atol=1e-7, rtol=0)
+        plain = F.avg_pool2d(binary.double(), kernel, stride=1, padding=kernel // 2)
+        assert torch.allclose(box_mean(binary, kernel).double(), plain, atol=1e-7, rtol=0)
     x64 = x.double()
     got = box_mean(x64)
     assert got.dtype == torch.float64
@@ -233,3 +236,43 @@ def test_structure_loss_with_running_sum_weights_equals_the_plain_pool(bce, iou,
     monkeypatch.setattr(losses, "boundary_weights", _plain_boundary_weights)
     plain = structure_loss(logits, target, valid, bce=bce, iou=iou)
     assert float(fast) == pytest.approx(float(plain), rel=1e-6)
+
+
+def _plain_structure_loss(logits, target, valid, bce, iou):
+    """The structure loss as PraNet writes it: 2-D pool weights, wiou from prob*target*w and (prob+target)*w."""
+    import torch.nn.functional as F
+
+    from samft.tasks.losses import balanced_bce
+
+    weights = _plain_boundary_weights(target) * valid
+    if bce == "balanced":
+        term = balanced_bce(logits, target, valid)
+    else:
+        bce_map = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        w = valid if bce == "mean" else weights
+        term = (bce_map * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3))
+    if not iou:
+        return term.mean()
+    prob = torch.sigmoid(logits)
+    inter = (prob * target * weights).sum(dim=(2, 3))
+    union = ((prob + target) * weights).sum(dim=(2, 3))
+    return (term + 1 - (inter + 1) / (union - inter + 1)).mean()
+
+
+@pytest.mark.parametrize("bce", ["mean", "weighted", "balanced"])
+@pytest.mark.parametrize("iou", [True, False])
+def test_structure_loss_and_its_gradient_equal_the_plain_formulation(bce, iou):
+    """Value and gradient against PraNet's formulation (2-D pool, four products of the prediction), on a
+    padded batch at 96 x 128: within 1e-5 relative (float32 sums in another order)."""
+    torch.manual_seed(3)
+    logits = (torch.randn(3, 1, 96, 128) * 3).requires_grad_(True)
+    target = (torch.rand(3, 1, 96, 128) > 0.7).float()
+    valid = torch.ones_like(target)
+    valid[1, :, 80:, :] = 0
+    valid[2, :, :, 100:] = 0
+    ours = structure_loss(logits, target, valid, bce=bce, iou=iou)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    plain = _plain_structure_loss(logits, target, valid, bce, iou)
+    (g_plain,) = torch.autograd.grad(plain, logits)
+    assert float(ours.detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
+    torch.testing.assert_close(g_ours, g_plain, rtol=1e-4, atol=1e-9)
