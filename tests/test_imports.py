@@ -66,3 +66,20 @@ def test_binary_metrics_leave_scikit_learn_unimported_and_py_sod_metrics_still_w
                "sm.step(np.round(prob * 255).astype(np.uint8), gt.astype(np.uint8) * 255)\n"
                "print(float(sm.sms[-1]) == m.records['sm'][0], py_sod_metrics.ContextMeasure.__name__)")
     assert out.splitlines() == ["False False", "True ContextMeasure"]
+
+
+def test_precompile_writes_bytecode_for_what_samft_imports_even_with_bytecode_writing_off(tmp_path):
+    """scripts/_precompile.py (the quick start's install skips pip's compilation): .pyc files for samft's
+    modules, torch and the lazily imported ones (torch._dynamo, py_sod_metrics.sod_metrics), with
+    PYTHONDONTWRITEBYTECODE=1 as on machines that set it; written under a PYTHONPYCACHEPREFIX here."""
+    import os
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(tmp_path)}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "_precompile.py")], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "byte-compiled what samft imports" in out.stdout and "0 skipped" in out.stdout
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.pyc")}
+    for module in ("samft/cli", "samft/engine/train/loop", "torch/__init__", "torch/_dynamo/__init__",
+                   "py_sod_metrics/sod_metrics"):
+        assert any(module in w for w in written), module
