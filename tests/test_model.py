@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -183,3 +184,49 @@ def test_a_checkpoint_named_for_another_size_is_flagged_and_a_missing_one_says_h
                             "data": {"root": str(tmp_path / "no_data")}, "output": {"dir": str(tmp_path / "run")}})
     with pytest.raises(ConfigError, match=r"model\.checkpoint: file not found: .*model\.type=tiny model\.checkpoint=null"):
         train(cfg, show_progress=False)
+
+
+def test_a_build_from_a_checkpoint_skips_the_random_init_and_equals_the_initialised_build(tmp_path, monkeypatch):
+    """With model.checkpoint set, the structure is built without filling its weights (weights_left_unfilled):
+    every parameter and buffer (the unsaved pixel_mean/std included) and the forward equal those of a build that
+    initialised first; random weights (no checkpoint) are filled; torch.nn.init's functions are back afterwards,
+    after an error inside too."""
+    import samft.model.sam as sam_module
+
+    cfg = tiny_config("decoder_only").model
+    saved = build_tiny(ModelConfig(**{**cfg.__dict__, "seed": 7}))
+    path = tmp_path / "base.pth"
+    torch.save(saved.state_dict(), path)
+    with_ckpt = ModelConfig(**{**cfg.__dict__, "checkpoint": str(path)})
+    real_kaiming = torch.nn.init.kaiming_uniform_
+    calls = []
+
+    def counted(t, *a, **k):
+        calls.append(t)
+        return real_kaiming(t, *a, **k)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counted)
+    originals = {name: getattr(torch.nn.init, name) for name in sam_module.INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    build_sam(cfg)
+    assert calls  # random weights (no checkpoint) are filled
+    calls.clear()
+    fast = build_sam(with_ckpt)
+    assert calls == []  # no Linear/Conv filled its weight
+    assert all(getattr(torch.nn.init, n) is fn for n, fn in originals.items())
+    monkeypatch.setattr(sam_module, "weights_left_unfilled", contextlib.nullcontext)
+    plain = build_sam(with_ckpt)
+    assert calls  # the initialised build filled them
+    for (name, a), (_, b) in zip([*fast.named_parameters(), *fast.named_buffers()],
+                                 [*plain.named_parameters(), *plain.named_buffers()]):
+        assert torch.equal(a, b), name
+    x = torch.randn(1, 3, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        assert torch.equal(fast.image_encoder(x), plain.image_encoder(x))
+    monkeypatch.undo()
+    before = {name: getattr(torch.nn.init, name) for name in sam_module.INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    with pytest.raises(RuntimeError, match="inside"):
+        with sam_module.weights_left_unfilled():
+            assert torch.nn.init.normal_(torch.zeros(3)).eq(0).all()  # left as it is
+            raise RuntimeError("an error inside")
+    assert all(getattr(torch.nn.init, n) is fn for n, fn in before.items())
+    assert torch.nn.init.kaiming_uniform_ is real_kaiming

@@ -27,7 +27,7 @@ from torch import nn
 from samft.config import ModelConfig
 from samft.config.names import SAM2_TYPES, check_registered
 from samft.errors import CheckpointError, ConfigError
-from samft.model.sam import check_state
+from samft.model.sam import check_state, weights_left_unfilled
 
 SAM2_NATIVE_SIZE = 1024
 SAM2_WIDTH = 256  # FPN neck = prompt encoder = mask decoder width of the official sizes
@@ -203,8 +203,10 @@ def meta_parameters() -> Iterator[None]:
 def build_sam2(cfg: ModelConfig, meta: bool = False) -> Sam2Parts:
     """SAM 2.1 of ``cfg.type``: weights from ``cfg.checkpoint``, else random (seeded by ``cfg.seed``).
 
-    ``meta=True`` builds the structure with meta parameters (no weights, no memory)."""
-    with torch.random.fork_rng(devices=[]), (meta_parameters() if meta else contextlib.nullcontext()):
+    ``meta=True`` builds the structure with meta parameters (no weights, no memory). With a checkpoint the
+    weights are not filled first (:func:`samft.model.sam.weights_left_unfilled`): the strict load replaces them."""
+    unfilled = weights_left_unfilled() if cfg.checkpoint and not meta else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), (meta_parameters() if meta else contextlib.nullcontext()), unfilled:
         torch.manual_seed(cfg.seed)
         parts = build_parts(cfg)
     if not meta:
