@@ -230,3 +230,29 @@ def test_a_build_from_a_checkpoint_skips_the_random_init_and_equals_the_initiali
             raise RuntimeError("an error inside")
     assert all(getattr(torch.nn.init, n) is fn for n, fn in before.items())
     assert torch.nn.init.kaiming_uniform_ is real_kaiming
+
+
+def test_a_loaded_checkpoint_is_mapped_never_written_and_keeps_the_models_flags(tmp_path):
+    """load_checkpoint maps the file and assigns its tensors: the weights equal the file's, frozen flags and
+    dtypes are the model's, and writing into the model's weights in place (as merging adapters does) copies
+    on write: the user's file keeps every byte."""
+    import hashlib
+
+    cfg = tiny_config("decoder_only")
+    saved = build_tiny(cfg.model)
+    path = tmp_path / "base.pth"
+    torch.save(saved.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = build_tiny(cfg.model)
+    model.image_encoder.requires_grad_(False)
+    load_checkpoint(model, path, "tiny")
+    for (name, a), b in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b) and a.dtype == b.dtype, name
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+    assert all(p.requires_grad for p in model.mask_decoder.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert torch.equal(torch.load(path, weights_only=True)["image_encoder.pos_embed"],
+                       saved.state_dict()["image_encoder.pos_embed"])

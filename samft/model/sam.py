@@ -71,9 +71,16 @@ def build_tiny(cfg: ModelConfig) -> Sam:
     )
 
 
-def _read_state_dict(path: Path) -> dict:
+def _read_state_dict(path: Path, mmap: bool = False) -> dict:
+    """The state dict in ``path`` (``weights_only``); ``mmap``: its tensors map the file (copy on write) instead of
+    being read into memory, where the file's format allows it (torch.save's zip format), else read."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_failure(e)})") from None
     if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
@@ -84,11 +91,14 @@ def _read_state_dict(path: Path) -> dict:
 
 
 def load_checkpoint(sam: Sam, path: str | Path, model_type: str) -> None:
-    """Load an official SAM checkpoint strictly, naming the file and what is wrong on a mismatch."""
+    """Load an official SAM checkpoint strictly, naming the file and what is wrong on a mismatch.
+
+    The file is mapped, not read, and its tensors become the model's (``assign``): no second copy of the
+    weights in memory, and pages are read when first used (ViT-H 2.6 GB: ``scripts/bench_load.py``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
-    state = _read_state_dict(path)
+    state = _read_state_dict(path, mmap=True)
     pos = state.get("image_encoder.pos_embed")
     if pos is not None and pos.dim() == 4:
         width = pos.shape[-1]
@@ -101,7 +111,9 @@ def load_checkpoint(sam: Sam, path: str | Path, model_type: str) -> None:
                 f"{model_type} (width {expected_width}, {len(sam.image_encoder.blocks)} blocks)"
             )
     check_state(sam.state_dict(), state, path, f"SAM {model_type}")
-    sam.load_state_dict(state, strict=True)
+    dtypes = {k: v.dtype for k, v in sam.state_dict().items()}
+    sam.load_state_dict({k: v if v.dtype == dtypes[k] else v.to(dtypes[k]) for k, v in state.items()},
+                        strict=True, assign=True)
 
 
 def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str | Path, model: str,
