@@ -71,18 +71,32 @@ def build_tiny(cfg: ModelConfig) -> Sam:
     )
 
 
-def _read_state_dict(path: Path, mmap: bool = False) -> dict:
-    """The state dict in ``path`` (``weights_only``); ``mmap``: its tensors map the file (copy on write) instead of
-    being read into memory, where the file's format allows it (torch.save's zip format), else read."""
+def load_mapped(path: Path, mmap: bool = True) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``mmap``: the tensors map the file (copy on write: the
+    file is never written) instead of being read into memory, where its format allows (torch.save's zip format;
+    an old file is read). A CheckpointError naming the file when it is not a readable checkpoint."""
     try:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError as e:
             if not mmap or "mmap" not in str(e):
                 raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file
+            return torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_failure(e)})") from None
+
+
+def assign_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` strictly by assigning its tensors to ``module`` (no copy; a mapped file stays mapped), each
+    in the dtype the module's own tensor has; the module's ``requires_grad`` flags are kept."""
+    dtypes = {k: v.dtype for k, v in module.state_dict().items()}
+    module.load_state_dict({k: v if k not in dtypes or v.dtype == dtypes[k] else v.to(dtypes[k])
+                            for k, v in state.items()}, strict=True, assign=True)
+
+
+def _read_state_dict(path: Path, mmap: bool = False) -> dict:
+    """The state dict in ``path`` (see :func:`load_mapped`), unwrapped from a one-key wrapper."""
+    state = load_mapped(path, mmap)
     if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
         state = next(iter(state.values()))  # {"model": {...}} / {"state_dict": {...}} wrappers
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -111,9 +125,7 @@ def load_checkpoint(sam: Sam, path: str | Path, model_type: str) -> None:
                 f"{model_type} (width {expected_width}, {len(sam.image_encoder.blocks)} blocks)"
             )
     check_state(sam.state_dict(), state, path, f"SAM {model_type}")
-    dtypes = {k: v.dtype for k, v in sam.state_dict().items()}
-    sam.load_state_dict({k: v if v.dtype == dtypes[k] else v.to(dtypes[k]) for k, v in state.items()},
-                        strict=True, assign=True)
+    assign_state(sam, state)
 
 
 def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str | Path, model: str,
