@@ -6,10 +6,9 @@ alternating.
 - plain: ``sam_model_registry[type](checkpoint=None)`` (every weight randomly initialised), ``torch.load`` of the
   file (read into memory), ``load_state_dict`` (copied into the model): what samft did before;
 - samft: ``samft.model.sam.build_sam`` with ``model.checkpoint`` set: the structure built without filling its
-  weights, the file mapped (``mmap``) and its tensors assigned to the model.
+  weights, the file read and its tensors assigned to the model (no second copy).
 
-Both then read every weight once (a sum over the state dict: what the first forward pass does), so the lazily
-mapped pages are counted. Writes a checkpoint of the official format (a flat state dict of random weights: the
+Both then read every weight once (a sum over the state dict: what the first forward pass does). Writes a checkpoint of the official format (a flat state dict of random weights: the
 timing does not depend on the values) to a temporary folder (the page cache holds it for both after round
 one), checks the two models are equal, and prints the medians, the ratio and each path's peak memory growth.
 """

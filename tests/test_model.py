@@ -232,10 +232,10 @@ def test_a_build_from_a_checkpoint_skips_the_random_init_and_equals_the_initiali
     assert torch.nn.init.kaiming_uniform_ is real_kaiming
 
 
-def test_a_loaded_checkpoint_is_mapped_never_written_and_keeps_the_models_flags(tmp_path):
-    """load_checkpoint maps the file and assigns its tensors: the weights equal the file's, frozen flags and
-    dtypes are the model's, and writing into the model's weights in place (as merging adapters does) copies
-    on write: the user's file keeps every byte."""
+def test_a_loaded_checkpoints_tensors_become_the_models_and_the_file_is_never_written(tmp_path):
+    """load_checkpoint assigns the tensors it read: the weights equal the file's, frozen flags and dtypes are the
+    model's, and writing into the model's weights in place (as merging adapters does) leaves the user's file
+    byte for byte."""
     import hashlib
 
     cfg = tiny_config("decoder_only")

@@ -27,7 +27,7 @@ from torch import nn
 from samft.config import ModelConfig
 from samft.config.names import SAM2_TYPES, check_registered
 from samft.errors import CheckpointError, ConfigError
-from samft.model.sam import assign_state, check_state, load_mapped, weights_left_unfilled
+from samft.model.sam import assign_state, check_state, read_checkpoint, weights_left_unfilled
 
 SAM2_NATIVE_SIZE = 1024
 SAM2_WIDTH = 256  # FPN neck = prompt encoder = mask decoder width of the official sizes
@@ -132,11 +132,10 @@ def build_parts(cfg: ModelConfig) -> Sam2Parts:
     return Sam2Parts(build_image_encoder(size, width), prompt, build_mask_decoder(width), width)
 
 
-def read_sam2_state(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The ``model`` state dict of a SAM 2.1 checkpoint, read with ``weights_only=True`` (``mmap``: mapped, see
-    :func:`samft.model.sam.load_mapped`)."""
+def read_sam2_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``model`` state dict of a SAM 2.1 checkpoint, read with ``weights_only=True``."""
     path = Path(path)
-    data = load_mapped(path, mmap)
+    data = read_checkpoint(path)
     state = data.get("model") if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a SAM 2.1 checkpoint (a dict with key 'model': name -> tensor)")
@@ -160,7 +159,7 @@ def load_sam2_checkpoint(parts: Sam2Parts, path: str | Path, model_type: str) ->
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
-    load_sam2_state(parts, read_sam2_state(path, mmap=True), path, model_type, assign=True)
+    load_sam2_state(parts, read_sam2_state(path), path, model_type, assign=True)
 
 
 def load_sam2_state(parts: Sam2Parts, state: dict[str, torch.Tensor], source: str | Path, model_type: str,

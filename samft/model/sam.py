@@ -71,32 +71,28 @@ def build_tiny(cfg: ModelConfig) -> Sam:
     )
 
 
-def load_mapped(path: Path, mmap: bool = True) -> object:
-    """``torch.load(path, weights_only=True)`` on the CPU; ``mmap``: the tensors map the file (copy on write: the
-    file is never written) instead of being read into memory, where its format allows (torch.save's zip format;
-    an old file is read). A CheckpointError naming the file when it is not a readable checkpoint."""
+def read_checkpoint(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, or a CheckpointError naming the file.
+
+    Read, not mapped (``mmap=True``): a mapped file that is replaced in place during a long CPU run (a new
+    download over the old one) would end that run with SIGBUS, and reading costs ViT-H about a second."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if not mmap or "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_failure(e)})") from None
 
 
 def assign_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load ``state`` strictly by assigning its tensors to ``module`` (no copy; a mapped file stays mapped), each
-    in the dtype the module's own tensor has; the module's ``requires_grad`` flags are kept."""
+    """Load ``state`` strictly by assigning its tensors to ``module`` (no second copy of the weights), each in the
+    dtype the module's own tensor has; the module's ``requires_grad`` flags are kept."""
     dtypes = {k: v.dtype for k, v in module.state_dict().items()}
     module.load_state_dict({k: v if k not in dtypes or v.dtype == dtypes[k] else v.to(dtypes[k])
                             for k, v in state.items()}, strict=True, assign=True)
 
 
-def _read_state_dict(path: Path, mmap: bool = False) -> dict:
-    """The state dict in ``path`` (see :func:`load_mapped`), unwrapped from a one-key wrapper."""
-    state = load_mapped(path, mmap)
+def _read_state_dict(path: Path) -> dict:
+    """The state dict in ``path`` (:func:`read_checkpoint`), unwrapped from a one-key wrapper."""
+    state = read_checkpoint(path)
     if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
         state = next(iter(state.values()))  # {"model": {...}} / {"state_dict": {...}} wrappers
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -107,12 +103,12 @@ def _read_state_dict(path: Path, mmap: bool = False) -> dict:
 def load_checkpoint(sam: Sam, path: str | Path, model_type: str) -> None:
     """Load an official SAM checkpoint strictly, naming the file and what is wrong on a mismatch.
 
-    The file is mapped, not read, and its tensors become the model's (``assign``): no second copy of the
-    weights in memory, and pages are read when first used (ViT-H 2.6 GB: ``scripts/bench_load.py``)."""
+    The tensors read become the model's (``assign``): no second copy of the weights in memory (the structure
+    was built without filling them, :func:`weights_left_unfilled`; ``scripts/bench_load.py``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
-    state = _read_state_dict(path, mmap=True)
+    state = _read_state_dict(path)
     pos = state.get("image_encoder.pos_embed")
     if pos is not None and pos.dim() == 4:
         width = pos.shape[-1]
