@@ -140,20 +140,50 @@ def _isolated_cache(tmp_path, monkeypatch):
     warnings.filterwarnings("ignore", message=".*random weights.*")
 
 
-def check_checkpointing_and_bf16(model, images) -> None:
-    """``model`` (training mode) gives the same gradients with and without gradient checkpointing (1e-5), and a
-    bf16-autocast step gives finite outputs and gradients."""
+def checkpointed_step(model, images, checkpointing: bool):
+    """One forward + backward of ``model`` (masks' mean square + its auxiliary loss), the gate noise seeded:
+    (loss, aux loss, gradients by parameter name)."""
     import torch
 
-    grads = []
-    for checkpointing in (False, True):
-        model.grad_checkpointing = checkpointing
-        model.zero_grad(set_to_none=True)
-        model(images).masks.square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    model.grad_checkpointing = checkpointing
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)  # same gate noise in both runs
+    out = model(images)
+    loss = out.masks.square().mean() + out.aux_loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), float(out.aux_loss.detach()), grads
+
+
+def check_checkpointing(model, images) -> tuple[float, dict]:
+    """``model`` (training mode) gives the same loss (1e-6), auxiliary loss and gradients (1e-5) with and without
+    gradient checkpointing, and with it each encoder block runs again in the backward pass (when anything in the
+    encoder needs gradients); returns the auxiliary loss and the gradients of the plain step."""
+    import pytest
+    import torch
+
+    loss0, aux0, grads0 = checkpointed_step(model, images, False)
+    calls = []
+    hooks = [blk.register_forward_pre_hook(lambda *a: calls.append(1)) for blk in model.image_encoder.blocks]
+    loss1, aux1, grads1 = checkpointed_step(model, images, True)
+    for h in hooks:
+        h.remove()
+    encoder_trains = any(p.requires_grad for p in model.image_encoder.parameters())
+    assert len(calls) == len(model.image_encoder.blocks) * (2 if encoder_trains else 1)
+    assert loss1 == pytest.approx(loss0, rel=1e-6, abs=1e-7)
+    assert aux1 == pytest.approx(aux0, rel=1e-6, abs=1e-9)
+    assert grads1.keys() == grads0.keys()
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    return aux0, grads0
+
+
+def check_checkpointing_and_bf16(model, images) -> None:
+    """``model`` (training mode) passes :func:`check_checkpointing`, and a bf16-autocast step gives finite
+    outputs and gradients."""
+    import torch
+
+    check_checkpointing(model, images)
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images).masks

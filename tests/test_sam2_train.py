@@ -14,8 +14,7 @@ from samft.engine.artifacts.state import load_resume_state
 from samft.engine.train.loop import TrainingInterrupted, train
 from samft.model import build_model
 
-from conftest import interrupt_after, perturb_trainable, tiny_config
-from test_checkpointing import _step as checkpointed_step
+from conftest import check_checkpointing, interrupt_after, perturb_trainable, tiny_config
 
 SAM2 = {"family": "sam2", "type": "tiny", "img_size": 64}
 
@@ -48,18 +47,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, synthetic_dir, 
 @pytest.mark.parametrize("method", ["conv_lora", "lora", "full"])
 def test_checkpointing_gives_the_same_loss_and_gradients(method):
     model = perturb_trainable(build_model(tiny_config(method, model=SAM2)).model.train())
-    images = torch.randn(2, 3, 64, 96)
-    loss0, aux0, grads0 = checkpointed_step(model, images, False)
-    calls = []
-    hooks = [blk.register_forward_pre_hook(lambda *a: calls.append(1)) for blk in model.image_encoder.blocks]
-    loss1, aux1, grads1 = checkpointed_step(model, images, True)
-    for h in hooks:
-        h.remove()
-    assert len(calls) == 2 * len(model.image_encoder.blocks)  # each block ran again in the backward pass
-    assert loss1 == pytest.approx(loss0, rel=1e-6, abs=1e-7) and aux1 == pytest.approx(aux0, rel=1e-6, abs=1e-9)
-    assert grads1.keys() == grads0.keys() and any(k.startswith("image_encoder.") for k in grads0)
-    for name, g in grads0.items():
-        torch.testing.assert_close(grads1[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    _, grads0 = check_checkpointing(model, torch.randn(2, 3, 64, 96))
+    assert any(k.startswith("image_encoder.") for k in grads0)  # the encoder trains: each block ran twice
 
 
 def test_bf16_checkpointed_training_on_cpu(tmp_path, synthetic_dir):
