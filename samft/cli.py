@@ -569,6 +569,11 @@ def cores_in_use(window: float = 0.2) -> tuple[float, str]:
             return cores * (1 - (idle1 - idle0) / (all1 - all0)), "now"
     except (OSError, ValueError, IndexError):
         pass
+    return _load_average()
+
+
+def _load_average() -> tuple[float, str]:
+    """The 1-minute load average (costs nothing, but lags: see :func:`cores_in_use`)."""
     try:
         return os.getloadavg()[0], "1-minute load"
     except OSError:
@@ -589,13 +594,7 @@ def quiet_openmp() -> None:
         return
     cores = os.cpu_count() or 1
     long_command = bool(set(sys.argv[1:2]) & LONG_COMMANDS) and not {"--help", "-h"} & set(sys.argv[2:])
-    if long_command:
-        used, how = cores_in_use()
-    else:
-        try:
-            used, how = os.getloadavg()[0], "1-minute load"
-        except OSError:
-            used, how = 0.0, "unknown"
+    used, how = cores_in_use() if long_command else _load_average()
     if used >= 0.5 * cores:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         if long_command:
