@@ -12,12 +12,13 @@ from samft.data.classes import ClassSpec
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 
 
-def png_bytes(image: np.ndarray | Any) -> bytes:
-    """A PNG file's bytes from an array or a PIL image."""
+def png_bytes(image: np.ndarray | Any, compress_level: int = 6) -> bytes:
+    """A PNG file's bytes from an array or a PIL image (``compress_level``: zlib's, 0-9; 6 is Pillow's default)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG",
+                                                                              compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -76,9 +77,12 @@ def class_overlay(image: np.ndarray, labels: np.ndarray, classes: ClassSpec, alp
     return canvas
 
 
+MASK_COMPRESSION = 1  # masks are mostly runs of one value: level 1 encodes them ~2x faster than 6, files ~1.3x larger
+
+
 def mask_png(labels: np.ndarray, classes: Optional[ClassSpec] = None) -> bytes:
     """The PNG file of a prediction: a 0/255 mask (binary, ``classes`` None) or a palette PNG of class ids."""
-    return png_bytes(labels.astype(np.uint8) * 255 if classes is None else label_image(labels, classes))
+    return png_bytes(labels.astype(np.uint8) * 255 if classes is None else label_image(labels, classes), MASK_COMPRESSION)
 
 
 def overlay_png(image: np.ndarray, labels: np.ndarray, classes: Optional[ClassSpec] = None) -> bytes:
