@@ -53,7 +53,9 @@ def _write_new(tmp: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _sync_dir(folder: Path) -> None:
+def sync_dir(folder: Path) -> None:
+    """fsync a folder: the renames into it become durable (what :func:`atomic_write_bytes` does after each file
+    unless told ``sync_dir=False``, for a caller that writes many files into few folders and syncs each once)."""
     try:  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -64,7 +66,10 @@ def _sync_dir(folder: Path) -> None:
         pass
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, sync_folder: bool = True) -> None:
+    """Write ``data`` to a new file beside ``path``, fsync it, rename it onto ``path`` (a reader sees the old file or
+    the whole new one, never a part), then fsync the folder (``sync_folder`` False: the caller does, once for
+    many files: :func:`sync_dir`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(tmp_name(path.name))
@@ -76,7 +81,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     finally:
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
-    _sync_dir(path.parent)
+    if sync_folder:
+        sync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

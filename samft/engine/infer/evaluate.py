@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -33,10 +34,16 @@ from samft.progress import progress
 from samft.tasks.task import Task, make_task
 
 
+def _scores_array(task: Task, out, j: int, img_size: int, valid_hw: list[int], size: list[int]) -> np.ndarray:
+    """Image ``j`` of a batch's outputs as the task's float32 scores at ``size`` (:func:`image_scores`)."""
+    with torch.no_grad():  # grad mode is per thread: a writer thread computes these too (``deferred``)
+        return image_scores(task, out, j, img_size, valid_hw, size).cpu().numpy().astype(np.float32, copy=False)
+
+
 @torch.no_grad()
 def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, device: torch.device, task: Task,
                      precision: str = "fp32", num_workers: int = 0, at_input_size: bool = False,
-                     resize: str = "pad", workers_option: Optional[str] = "data.num_workers"
+                     resize: str = "pad", workers_option: Optional[str] = "data.num_workers", deferred: bool = False
                      ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
     """Yield (pair, scores, ground truth or None) at each image's original size.
 
@@ -46,6 +53,8 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
     both stretched to the square input, the ground truth nearest as PIL). ``resize``: the input geometry
     (``data.resize``: pad or squash), the one the model was trained with. ``num_workers`` is capped by the CPUs
     and the batches (:func:`samft.data.workers.cap_workers`; ``workers_option`` names where it came from).
+    ``deferred``: yield, in place of the scores, a function of no argument that computes them (the same
+    array), so that a writer thread resizes them while the model computes the next batch (``samft predict``).
     """
     was_training = model.training
     model.eval()
@@ -59,11 +68,11 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
                 out = model(batch["image"].to(device, non_blocking=True))
             for j, index in enumerate(batch["index"].tolist()):
                 size = [model.img_size] * 2 if at_input_size else batch["orig_hw"][j].tolist()
-                scores = image_scores(task, out, j, model.img_size, batch["valid_hw"][j].tolist(), size)
+                scores = partial(_scores_array, task, out, j, model.img_size, batch["valid_hw"][j].tolist(), size)
                 gt = batch["gt"][j]
                 if at_input_size and gt is not None:
                     gt = squash_mask(gt, model.img_size)
-                yield pairs[index], scores.cpu().numpy().astype(np.float32), gt
+                yield pairs[index], scores if deferred else scores(), gt
     finally:
         batches.close()  # a consumer that stopped early stops the read-ahead thread too
         model.train(was_training)
@@ -71,18 +80,24 @@ def iter_predictions(model: SemanticSAM, pairs: list[Pair], batch_size: int, dev
 
 def predictions(model: SemanticSAM, pairs: list[Pair], cfg: Config, device: torch.device, task: Task,
                 precision: str, tiling: Optional[tuple[int, Optional[int]]] = None, num_workers: Optional[int] = None,
-                workers_option: Optional[str] = "data.num_workers", at_input_size: Optional[bool] = None
-                ) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
+                workers_option: Optional[str] = "data.num_workers", at_input_size: Optional[bool] = None,
+                deferred: bool = False) -> Iterator[tuple[Pair, np.ndarray, Optional[np.ndarray]]]:
     """The predictions evaluation scores: :func:`iter_predictions` with the run's settings, or by tiles at native
     resolution with ``tiling`` = (tile, overlap or None) (:func:`samft.engine.infer.tiling.iter_tiled_predictions`).
     ``num_workers`` None: ``data.num_workers``; ``at_input_size`` None: ``eval.resize_gt_to_input`` (prediction
-    passes False: masks at each image's own size)."""
+    passes False: masks at each image's own size). ``deferred``: functions that compute the scores in their place
+    (:func:`iter_predictions`)."""
     if tiling:
-        return iter_tiled_predictions(model, pairs, tiling[0], tiling[1], cfg.eval.batch_size, device, task, precision)
+        tiled = iter_tiled_predictions(model, pairs, tiling[0], tiling[1], cfg.eval.batch_size, device, task, precision)
+        return ((pair, partial(_identity, scores), gt) for pair, scores, gt in tiled) if deferred else tiled
     workers = cfg.data.num_workers if num_workers is None else num_workers
     at_input_size = cfg.eval.resize_gt_to_input if at_input_size is None else at_input_size
     return iter_predictions(model, pairs, cfg.eval.batch_size, device, task, precision, workers, at_input_size,
-                            cfg.data.resize, workers_option)
+                            cfg.data.resize, workers_option, deferred)
+
+
+def _identity(value):
+    return value
 
 
 TILED_SCORING = "original_resolution, tiles {} px overlapping {} px"  # eval.json's scoring of a tiled evaluation

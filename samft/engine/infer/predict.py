@@ -16,6 +16,7 @@ from samft.data import split_file
 from samft.data.paths import expand_glob
 from samft.engine import distributed as D
 from samft.engine.artifacts.fileio import atomic_write_bytes
+from samft.files import sync_dir
 from samft.engine.infer.evaluate import predictions
 from samft.engine.runtime import memory_advice, resolve_precision
 from samft.engine.artifacts.rundir import RunDir, is_run_file
@@ -194,22 +195,25 @@ def default_output(run: Path) -> Path:
     return run.with_name(run.stem + "-predictions") if run.is_file() else run / "predictions"
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes, folders: set[Path]) -> None:
+    """Write one prediction file atomically; its folder joins ``folders``, fsynced once each at the end
+    (:func:`_write_all`) rather than after every file."""
     try:
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, sync_folder=False)
     except OSError as e:
         raise SamftError(f"{path}: cannot write the prediction ({e.strerror or e})") from None
+    folders.add(path.parent)
 
 
 def _write_prediction(task: Task, target: Path, labels: np.ndarray, image_path: Path, overlays: Optional[Path],
-                      scores: Optional[np.ndarray] = None, probs: Optional[str] = None) -> None:
-    """Encode and write one mask (its overlay, its probability files); runs on a writer thread."""
-    _write(target, mask_png(labels, task.classes))
+                      scores: Optional[np.ndarray], probs: Optional[str], folders: set[Path]) -> None:
+    """Encode and write one mask (its overlay, its probability files)."""
+    _write(target, mask_png(labels, task.classes), folders)
     if overlays is not None:
-        _write(overlays / target.name, overlay_png(read_image(image_path), labels, task.classes))
+        _write(overlays / target.name, overlay_png(read_image(image_path), labels, task.classes), folders)
     if probs:
         for suffix, data in probability_files(scores, task, probs):
-            _write(target.parent / PROBS_FOLDER / f"{target.stem}{suffix}", data)
+            _write(target.parent / PROBS_FOLDER / f"{target.stem}{suffix}", data, folders)
 
 
 def predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str | Path] = None,
@@ -245,21 +249,61 @@ def _prepare_output(out: Path, with_overlay: bool, probs: Optional[str] = None) 
         raise SamftError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
 
 
+def _predict_one(task: Task, compute, target: Path, image_path: Path, overlays: Optional[Path],
+                 probs: Optional[str], folders: set[Path]) -> tuple[bool, Optional[np.ndarray]]:
+    """One image: its scores at its own size (``compute``), decided and written; returns whether the mask is
+    empty and (multi-class) the predicted pixels per class."""
+    scores = compute()
+    labels = task.labels(scores)
+    _write_prediction(task, target, labels, image_path, overlays, scores if probs else None, probs, folders)
+    if task.classes is None:
+        return task.is_empty(labels), None
+    return task.is_empty(labels), np.bincount(labels.ravel().astype(np.int64), minlength=task.num_classes)[
+        :task.num_classes]
+
+
+def _predict_chunk(jobs: list[tuple]) -> list[tuple[bool, Optional[np.ndarray]]]:
+    return [_predict_one(*job) for job in jobs]
+
+
+# Images per writer job, and jobs waiting at most: a job per image cost the model's thread a wake-up of a
+# writer each (200 demo images: 1.55-1.65x the bare forward instead of 1.48-1.52x); 4 jobs of 8 hold the
+# outputs of at most two batches of 16.
+CHUNK, PENDING = 8, 4
+
+
 def _write_all(source, task: Task, out: Path, with_overlay: bool, total: int, show: bool,
                write_threads: int, probs: Optional[str] = None) -> tuple[int, np.ndarray]:
-    """Decide and write every prediction of ``source`` (in background threads; ``probs``: its probability files
-    too); returns how many were empty and the predicted pixels per class (multi-class; empty for binary)."""
-    empty, counts = 0, np.zeros(task.num_classes if task.classes is not None else 0, dtype=np.int64)
-    with progress("predict", total, show) as advance, BackgroundWriter(write_threads) as writer:
-        for pair, scores, _ in source:
-            labels = task.labels(scores)
-            writer.submit(_write_prediction, task, out / f"{pair.name}.png", labels, pair.image,
-                          out / "overlays" if with_overlay else None, scores if probs else None, probs)
-            empty += int(task.is_empty(labels))
-            if len(counts):
-                counts += np.bincount(labels.ravel().astype(np.int64), minlength=len(counts))[:len(counts)]
-            advance()
-    return empty, counts
+    """Resize, decide and write every prediction of ``source`` (deferred scores, :func:`predictions`) on writer
+    threads while the model computes the next batch (``probs``: the probability files too); then fsync the
+    folders written. Returns how many masks were empty and the predicted pixels per class (multi-class; empty
+    for binary)."""
+    done, chunk, folders = [], [], set()
+    try:
+        with progress("predict", total, show) as advance, BackgroundWriter(write_threads, PENDING) as writer:
+            try:
+                for pair, compute, _ in source:
+                    chunk.append((task, compute, out / f"{pair.name}.png", pair.image,
+                                  out / "overlays" if with_overlay else None, probs, folders))
+                    if len(chunk) == CHUNK:
+                        done.append(writer.submit(_predict_chunk, chunk))
+                        chunk = []
+                    advance()
+            except KeyboardInterrupt:  # what the model computed before Ctrl-C is still written (the writer finishes it)
+                if chunk:
+                    writer.submit(_predict_chunk, chunk)
+                raise
+            if chunk:
+                done.append(writer.submit(_predict_chunk, chunk))
+    finally:
+        for folder in sorted(folders):
+            sync_dir(folder)
+    results = [r for d in done for r in d.result()]
+    counts = np.zeros(task.num_classes if task.classes is not None else 0, dtype=np.int64)
+    for _, c in results:
+        if c is not None:
+            counts += c
+    return sum(int(e) for e, _ in results), counts
 
 
 COLLAPSE_SHARE, COLLAPSE_IMAGES = 0.995, 3
@@ -294,7 +338,7 @@ def _predict_run(run_dir: str | Path, inputs: list[str], out_dir: Optional[str |
     mine = D.shard(pairs, info)
     precision = resolve_precision(run.cfg.train.precision, dev)
     source = predictions(run.model, mine, run.cfg, dev, task, precision, (tile, overlap) if tile else None, workers,
-                         "data.num_workers" if workers is None else "--workers", at_input_size=False)
+                         "data.num_workers" if workers is None else "--workers", at_input_size=False, deferred=True)
     started = time.perf_counter()
     empty, counts = _write_all(source, task, out, with_overlay, len(mine), show_progress and info.is_main,
                                write_threads, probs)
