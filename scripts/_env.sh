@@ -24,10 +24,13 @@ if ! _samft_installed "$EXTRAS" && ! _samft_installed "test,all"; then
   # SAM2_BUILD_CUDA=0: the sam2 extra builds without its CUDA extension (a CPU machine has no nvcc).
   # scripts/_install.py installs what pip resolves with both cores (~20 s less than one pip); should it fail,
   # the plain install below completes whatever it left.
+  _samft_plain_install() {
+    echo "note: the install with both cores failed (its output: $VENV/pip-install.log); installing with one pip"
+    SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install $COMPILE --disable-pip-version-check -c "$ROOT/constraints.txt" \
+      --config-settings editable_mode=compat -e "$ROOT${EXTRAS:+[$EXTRAS]}" >>"$VENV/pip-install.log" 2>&1
+  }
   if ! SAM2_BUILD_CUDA=0 "$VENV/bin/python" "$ROOT/scripts/_install.py" "$ROOT" "$ROOT/constraints.txt" "$EXTRAS" $COMPILE \
-       >"$VENV/pip-install.log" 2>&1 && ! { echo "the parallel install failed; installing with one pip"; \
-       SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install $COMPILE --disable-pip-version-check -c "$ROOT/constraints.txt" \
-       --config-settings editable_mode=compat -e "$ROOT${EXTRAS:+[$EXTRAS]}"; } >>"$VENV/pip-install.log" 2>&1; then
+       >"$VENV/pip-install.log" 2>&1 && ! _samft_plain_install; then
     grep -v "is ignored: it is neither a file nor a directory" "$VENV/pip-install.log" | tail -40
     echo "install failed; full log: $VENV/pip-install.log" >&2
     exit 1
