@@ -55,7 +55,7 @@ def _write_new(tmp: Path, data: bytes) -> None:
 
 def sync_dir(folder: Path) -> None:
     """fsync a folder: the renames into it become durable (what :func:`atomic_write_bytes` does after each file
-    unless told ``sync_dir=False``, for a caller that writes many files into few folders and syncs each once)."""
+    unless told ``sync_folder=False``, for a caller that writes many files into few folders and syncs each once)."""
     try:  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -6,7 +6,8 @@ unpacks every wheel in turn on one core (~30 s for the core install, most of it 
 
 1. pip resolves in a dry run (``--report``) while a second pip installs the pinned torch (the largest wheel);
 2. the wheels of the report not yet installed at the reported version are installed by two pips side by side,
-   split by size, each ``--no-deps`` with the reported URL and its sha256;
+   split by size plus a cost per package, each ``--no-deps --no-index`` as ``name==version`` from a links page
+   of exactly the reported files with their sha256 (:func:`links_page`);
 3. the rest (source distributions, built as pip builds them) and samft itself (editable), ``--no-deps``; then
    ``pip check``.
 
